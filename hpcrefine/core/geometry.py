@@ -1,0 +1,740 @@
+"""Stereochemical restraint energies and their analytic gradients.
+
+Every term contributes ((value - target) / sigma)^2: bond lengths in A, angles and torsions in
+degrees (sigma in degrees too), chiral volumes in A^3, plane distances in A. Gradients are with
+respect to Cartesian coordinates in A.
+
+The term functions take the term arrays, not a whole Restraints, so that they work on any subset
+of the terms (an MPI rank evaluates the terms it owns). Each returns (energy, grad) and can add into
+a caller's gradient array instead of allocating one:
+
+    e, g = bond_terms(xyz, idx, target, sigma)                 # new (n, 3) gradient
+    e, g = bond_terms(xyz, idx, target, sigma, grad_out=g)     # adds into g, returns g
+
+`weight` scales both the energy and the gradient contribution. Kernels are compiled with numba
+(no fastmath, no threads): sums run in term order, so results are bitwise reproducible.
+
+Conventions:
+  * torsions: the deviation is wrapped into [-180/p, 180/p) for period p (p <= 1: into
+    [-180, 180)); the torsion angle follows the IUPAC sign convention (trans = 180).
+  * chirality: the signed volume V = (a1 - c) . ((a2 - c) x (a3 - c)) against the target. A term
+    marked in the optional boolean `both` array (chirality 'both': either hand allowed) restrains
+    |V| to |target| instead, so its target should hold the typical magnitude (e.g. 2.5 A^3).
+    `restraint_energy` picks up such an array from an attribute `chir_both` of the Restraints
+    if it has one; without it every chirality term is signed.
+  * planes: the plane of each group is the least-squares plane with atom weights 1/sigma^2
+    (weighted centroid, normal = eigenvector of the smallest eigenvalue of the weighted scatter
+    matrix); the energy is sum_atoms (distance / sigma)^2, i.e. that smallest eigenvalue. Because
+    the plane minimises the energy, the gradient is taken with the plane held fixed (envelope
+    theorem): dE/dx_a = 2 (d_a / sigma_a^2) n. This is exact, not an approximation, as long as
+    the smallest eigenvalue is not degenerate.
+  * Angles at 0 or 180 degrees, torsions with collinear atoms and zero-length bonds have no
+    defined gradient direction; those terms add their energy but no gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..restraints import Restraints
+
+RAD2DEG = 180.0 / math.pi
+TERM_NAMES = ("bonds", "angles", "torsions", "chirals", "planes")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _coords(xyz) -> np.ndarray:
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
+    return xyz
+
+
+def _ints(a, ncol=None) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.int64 and a.dtype != np.int32:
+        a = a.astype(np.int64)
+    if ncol is not None:
+        a = a.reshape(-1, ncol)
+    return a
+
+
+def _floats(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _grad(xyz, grad_out) -> np.ndarray:
+    if grad_out is None:
+        return np.zeros(xyz.shape, dtype=np.float64)
+    if (grad_out.shape != xyz.shape or grad_out.dtype != np.float64
+            or not grad_out.flags.c_contiguous):
+        raise ValueError("grad_out must be a C-contiguous float64 array of the shape of xyz")
+    return grad_out
+
+
+@njit(cache=True)
+def _wrap(dev, width):
+    """dev wrapped into [-width/2, width/2)."""
+    h = 0.5 * width
+    return (dev + h) - width * math.floor((dev + h) / width) - h
+
+
+@njit(cache=True)
+def _period_width(p):
+    if p <= 1:
+        return 360.0
+    return 360.0 / p
+
+
+# ----------------------------------------------------------------------------------------------
+# bonds
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _bond_kernel(xyz, idx, target, sigma, weight, grad):
+    e = 0.0
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        dx = xyz[i, 0] - xyz[j, 0]
+        dy = xyz[i, 1] - xyz[j, 1]
+        dz = xyz[i, 2] - xyz[j, 2]
+        d = math.sqrt(dx * dx + dy * dy + dz * dz)
+        dev = d - target[t]
+        w = weight / (sigma[t] * sigma[t])
+        e += w * dev * dev
+        if d > 0.0:
+            c = 2.0 * w * dev / d
+            grad[i, 0] += c * dx
+            grad[i, 1] += c * dy
+            grad[i, 2] += c * dz
+            grad[j, 0] -= c * dx
+            grad[j, 1] -= c * dy
+            grad[j, 2] -= c * dz
+    return e
+
+
+@njit(cache=True)
+def _bond_values(xyz, idx):
+    out = np.empty(idx.shape[0])
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        dx = xyz[i, 0] - xyz[j, 0]
+        dy = xyz[i, 1] - xyz[j, 1]
+        dz = xyz[i, 2] - xyz[j, 2]
+        out[t] = math.sqrt(dx * dx + dy * dy + dz * dz)
+    return out
+
+
+def bond_terms(xyz, idx, target, sigma, grad_out=None, weight=1.0):
+    """Bond-length restraints: sum ((|x_i - x_j| - target) / sigma)^2. idx (t, 2)."""
+    xyz = _coords(xyz)
+    g = _grad(xyz, grad_out)
+    e = _bond_kernel(xyz, _ints(idx, 2), _floats(target), _floats(sigma), float(weight), g)
+    return float(e), g
+
+
+def bond_lengths(xyz, idx) -> np.ndarray:
+    return _bond_values(_coords(xyz), _ints(idx, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# angles
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _angle_kernel(xyz, idx, target, sigma, weight, grad):
+    e = 0.0
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        k = idx[t, 2]
+        ux = xyz[i, 0] - xyz[j, 0]
+        uy = xyz[i, 1] - xyz[j, 1]
+        uz = xyz[i, 2] - xyz[j, 2]
+        vx = xyz[k, 0] - xyz[j, 0]
+        vy = xyz[k, 1] - xyz[j, 1]
+        vz = xyz[k, 2] - xyz[j, 2]
+        # w = u x v
+        wx = uy * vz - uz * vy
+        wy = uz * vx - ux * vz
+        wz = ux * vy - uy * vx
+        wn = math.sqrt(wx * wx + wy * wy + wz * wz)
+        dot = ux * vx + uy * vy + uz * vz
+        theta = math.atan2(wn, dot) * RAD2DEG
+        dev = theta - target[t]
+        w = weight / (sigma[t] * sigma[t])
+        e += w * dev * dev
+        uu = ux * ux + uy * uy + uz * uz
+        vv = vx * vx + vy * vy + vz * vz
+        if wn > 1e-12 * math.sqrt(uu * vv):
+            gt = 2.0 * w * dev * RAD2DEG      # dE/dtheta, theta in radians
+            # dtheta/du = (u x w) / (|u|^2 |w|);  dtheta/dv = -(v x w) / (|v|^2 |w|)
+            cu = gt / (uu * wn)
+            cv = -gt / (vv * wn)
+            gix = cu * (uy * wz - uz * wy)
+            giy = cu * (uz * wx - ux * wz)
+            giz = cu * (ux * wy - uy * wx)
+            gkx = cv * (vy * wz - vz * wy)
+            gky = cv * (vz * wx - vx * wz)
+            gkz = cv * (vx * wy - vy * wx)
+            grad[i, 0] += gix
+            grad[i, 1] += giy
+            grad[i, 2] += giz
+            grad[k, 0] += gkx
+            grad[k, 1] += gky
+            grad[k, 2] += gkz
+            grad[j, 0] -= gix + gkx
+            grad[j, 1] -= giy + gky
+            grad[j, 2] -= giz + gkz
+    return e
+
+
+@njit(cache=True)
+def _angle_values(xyz, idx):
+    out = np.empty(idx.shape[0])
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        k = idx[t, 2]
+        ux = xyz[i, 0] - xyz[j, 0]
+        uy = xyz[i, 1] - xyz[j, 1]
+        uz = xyz[i, 2] - xyz[j, 2]
+        vx = xyz[k, 0] - xyz[j, 0]
+        vy = xyz[k, 1] - xyz[j, 1]
+        vz = xyz[k, 2] - xyz[j, 2]
+        wx = uy * vz - uz * vy
+        wy = uz * vx - ux * vz
+        wz = ux * vy - uy * vx
+        wn = math.sqrt(wx * wx + wy * wy + wz * wz)
+        out[t] = math.atan2(wn, ux * vx + uy * vy + uz * vz) * RAD2DEG
+    return out
+
+
+def angle_terms(xyz, idx, target, sigma, grad_out=None, weight=1.0):
+    """Bond-angle restraints i-j-k (vertex j), degrees: sum ((angle - target) / sigma)^2."""
+    xyz = _coords(xyz)
+    g = _grad(xyz, grad_out)
+    e = _angle_kernel(xyz, _ints(idx, 3), _floats(target), _floats(sigma), float(weight), g)
+    return float(e), g
+
+
+def angle_values(xyz, idx) -> np.ndarray:
+    """Angles i-j-k in degrees, in [0, 180]."""
+    return _angle_values(_coords(xyz), _ints(idx, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# torsions
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _torsion_kernel(xyz, idx, target, sigma, period, weight, grad):
+    e = 0.0
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        k = idx[t, 2]
+        m_ = idx[t, 3]
+        b1x = xyz[j, 0] - xyz[i, 0]
+        b1y = xyz[j, 1] - xyz[i, 1]
+        b1z = xyz[j, 2] - xyz[i, 2]
+        b2x = xyz[k, 0] - xyz[j, 0]
+        b2y = xyz[k, 1] - xyz[j, 1]
+        b2z = xyz[k, 2] - xyz[j, 2]
+        b3x = xyz[m_, 0] - xyz[k, 0]
+        b3y = xyz[m_, 1] - xyz[k, 1]
+        b3z = xyz[m_, 2] - xyz[k, 2]
+        # a = b1 x b2, b = b2 x b3
+        ax = b1y * b2z - b1z * b2y
+        ay = b1z * b2x - b1x * b2z
+        az = b1x * b2y - b1y * b2x
+        bx = b2y * b3z - b2z * b3y
+        by = b2z * b3x - b2x * b3z
+        bz = b2x * b3y - b2y * b3x
+        l2 = math.sqrt(b2x * b2x + b2y * b2y + b2z * b2z)
+        y = l2 * (b1x * bx + b1y * by + b1z * bz)
+        x = ax * bx + ay * by + az * bz
+        phi = math.atan2(y, x) * RAD2DEG
+        dev = _wrap(phi - target[t], _period_width(period[t]))
+        w = weight / (sigma[t] * sigma[t])
+        e += w * dev * dev
+        aa = ax * ax + ay * ay + az * az
+        bb = bx * bx + by * by + bz * bz
+        if aa > 1e-24 and bb > 1e-24 and l2 > 1e-12:
+            gp = 2.0 * w * dev * RAD2DEG      # dE/dphi, phi in radians
+            fi = -gp * l2 / aa                 # dphi/dx_i = -|b2| a / |a|^2
+            fl = gp * l2 / bb                  # dphi/dx_l = |b2| b / |b|^2
+            p12 = (b1x * b2x + b1y * b2y + b1z * b2z) / (l2 * l2)
+            p32 = (b3x * b2x + b3y * b2y + b3z * b2z) / (l2 * l2)
+            gix = fi * ax
+            giy = fi * ay
+            giz = fi * az
+            glx = fl * bx
+            gly = fl * by
+            glz = fl * bz
+            # dphi/dx_j = -(1 + p12) dphi/dx_i + p32 dphi/dx_l ; dphi/dx_k = -(sum of the others)
+            gjx = -(1.0 + p12) * gix + p32 * glx
+            gjy = -(1.0 + p12) * giy + p32 * gly
+            gjz = -(1.0 + p12) * giz + p32 * glz
+            grad[i, 0] += gix
+            grad[i, 1] += giy
+            grad[i, 2] += giz
+            grad[m_, 0] += glx
+            grad[m_, 1] += gly
+            grad[m_, 2] += glz
+            grad[j, 0] += gjx
+            grad[j, 1] += gjy
+            grad[j, 2] += gjz
+            grad[k, 0] -= gix + glx + gjx
+            grad[k, 1] -= giy + gly + gjy
+            grad[k, 2] -= giz + glz + gjz
+    return e
+
+
+@njit(cache=True)
+def _torsion_values(xyz, idx):
+    out = np.empty(idx.shape[0])
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        k = idx[t, 2]
+        m_ = idx[t, 3]
+        b1x = xyz[j, 0] - xyz[i, 0]
+        b1y = xyz[j, 1] - xyz[i, 1]
+        b1z = xyz[j, 2] - xyz[i, 2]
+        b2x = xyz[k, 0] - xyz[j, 0]
+        b2y = xyz[k, 1] - xyz[j, 1]
+        b2z = xyz[k, 2] - xyz[j, 2]
+        b3x = xyz[m_, 0] - xyz[k, 0]
+        b3y = xyz[m_, 1] - xyz[k, 1]
+        b3z = xyz[m_, 2] - xyz[k, 2]
+        ax = b1y * b2z - b1z * b2y
+        ay = b1z * b2x - b1x * b2z
+        az = b1x * b2y - b1y * b2x
+        bx = b2y * b3z - b2z * b3y
+        by = b2z * b3x - b2x * b3z
+        bz = b2x * b3y - b2y * b3x
+        l2 = math.sqrt(b2x * b2x + b2y * b2y + b2z * b2z)
+        out[t] = math.atan2(l2 * (b1x * bx + b1y * by + b1z * bz),
+                            ax * bx + ay * by + az * bz) * RAD2DEG
+    return out
+
+
+@njit(cache=True)
+def _torsion_devs(phi, target, period):
+    out = np.empty(phi.shape[0])
+    for t in range(phi.shape[0]):
+        out[t] = _wrap(phi[t] - target[t], _period_width(period[t]))
+    return out
+
+
+def torsion_terms(xyz, idx, target, sigma, period, grad_out=None, weight=1.0):
+    """Torsion restraints i-j-k-l, degrees, periodic: sum (wrap(phi - target, 360/p) / sigma)^2."""
+    xyz = _coords(xyz)
+    g = _grad(xyz, grad_out)
+    e = _torsion_kernel(xyz, _ints(idx, 4), _floats(target), _floats(sigma), _ints(period),
+                        float(weight), g)
+    return float(e), g
+
+
+def torsion_values(xyz, idx) -> np.ndarray:
+    """Torsion angles i-j-k-l in degrees, in [-180, 180] (IUPAC sign, trans = 180)."""
+    return _torsion_values(_coords(xyz), _ints(idx, 4))
+
+
+def torsion_deviations(xyz, idx, target, period) -> np.ndarray:
+    """Periodic deviations wrap(phi - target) in degrees, in [-180/p, 180/p)."""
+    return _torsion_devs(torsion_values(xyz, idx), _floats(target), _ints(period))
+
+
+# ----------------------------------------------------------------------------------------------
+# chirality
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _chiral_kernel(xyz, idx, target, sigma, both, weight, grad):
+    e = 0.0
+    has_both = both.shape[0] > 0
+    for t in range(idx.shape[0]):
+        c = idx[t, 0]
+        i1 = idx[t, 1]
+        i2 = idx[t, 2]
+        i3 = idx[t, 3]
+        ax = xyz[i1, 0] - xyz[c, 0]
+        ay = xyz[i1, 1] - xyz[c, 1]
+        az = xyz[i1, 2] - xyz[c, 2]
+        bx = xyz[i2, 0] - xyz[c, 0]
+        by = xyz[i2, 1] - xyz[c, 1]
+        bz = xyz[i2, 2] - xyz[c, 2]
+        cx = xyz[i3, 0] - xyz[c, 0]
+        cy = xyz[i3, 1] - xyz[c, 1]
+        cz = xyz[i3, 2] - xyz[c, 2]
+        # b x c, c x a, a x b
+        bcx = by * cz - bz * cy
+        bcy = bz * cx - bx * cz
+        bcz = bx * cy - by * cx
+        cax = cy * az - cz * ay
+        cay = cz * ax - cx * az
+        caz = cx * ay - cy * ax
+        abx = ay * bz - az * by
+        aby = az * bx - ax * bz
+        abz = ax * by - ay * bx
+        v = ax * bcx + ay * bcy + az * bcz
+        w = weight / (sigma[t] * sigma[t])
+        if has_both and both[t]:
+            dev = abs(v) - abs(target[t])
+            gv = 2.0 * w * dev * (1.0 if v >= 0.0 else -1.0)
+        else:
+            dev = v - target[t]
+            gv = 2.0 * w * dev
+        e += w * dev * dev
+        grad[i1, 0] += gv * bcx
+        grad[i1, 1] += gv * bcy
+        grad[i1, 2] += gv * bcz
+        grad[i2, 0] += gv * cax
+        grad[i2, 1] += gv * cay
+        grad[i2, 2] += gv * caz
+        grad[i3, 0] += gv * abx
+        grad[i3, 1] += gv * aby
+        grad[i3, 2] += gv * abz
+        grad[c, 0] -= gv * (bcx + cax + abx)
+        grad[c, 1] -= gv * (bcy + cay + aby)
+        grad[c, 2] -= gv * (bcz + caz + abz)
+    return e
+
+
+@njit(cache=True)
+def _chiral_values(xyz, idx):
+    out = np.empty(idx.shape[0])
+    for t in range(idx.shape[0]):
+        c = idx[t, 0]
+        ax = xyz[idx[t, 1], 0] - xyz[c, 0]
+        ay = xyz[idx[t, 1], 1] - xyz[c, 1]
+        az = xyz[idx[t, 1], 2] - xyz[c, 2]
+        bx = xyz[idx[t, 2], 0] - xyz[c, 0]
+        by = xyz[idx[t, 2], 1] - xyz[c, 1]
+        bz = xyz[idx[t, 2], 2] - xyz[c, 2]
+        cx = xyz[idx[t, 3], 0] - xyz[c, 0]
+        cy = xyz[idx[t, 3], 1] - xyz[c, 1]
+        cz = xyz[idx[t, 3], 2] - xyz[c, 2]
+        out[t] = ax * (by * cz - bz * cy) + ay * (bz * cx - bx * cz) + az * (bx * cy - by * cx)
+    return out
+
+
+def _both(both, n):
+    if both is None:
+        return np.zeros(0, dtype=np.bool_)
+    both = np.asarray(both, dtype=np.bool_)
+    if both.shape != (n,):
+        raise ValueError(f"chirality 'both' flags must have shape ({n},), got {both.shape}")
+    return both
+
+
+def chiral_terms(xyz, idx, target, sigma, both=None, grad_out=None, weight=1.0):
+    """Chiral-volume restraints (centre, a1, a2, a3): sum ((V - target) / sigma)^2 with
+    V = (a1 - c) . ((a2 - c) x (a3 - c)); terms flagged in `both` use (|V| - |target|)."""
+    xyz = _coords(xyz)
+    g = _grad(xyz, grad_out)
+    idx = _ints(idx, 4)
+    e = _chiral_kernel(xyz, idx, _floats(target), _floats(sigma), _both(both, len(idx)),
+                       float(weight), g)
+    return float(e), g
+
+
+def chiral_volumes(xyz, idx) -> np.ndarray:
+    return _chiral_values(_coords(xyz), _ints(idx, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# planes
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _smallest_eigvec(a, v):
+    """Eigenvector (returned as 3 floats) of the smallest eigenvalue of the symmetric 3x3 `a`
+    (overwritten), by cyclic Jacobi rotations; v is 3x3 work space. Slower than the closed form
+    but accurate for (near-)degenerate eigenvalues."""
+    for r in range(3):
+        for s in range(3):
+            v[r, s] = 1.0 if r == s else 0.0
+    scale = abs(a[0, 0]) + abs(a[1, 1]) + abs(a[2, 2])
+    for sweep in range(12):          # quadratic convergence: 4-6 sweeps reach rounding level
+        off = abs(a[0, 1]) + abs(a[0, 2]) + abs(a[1, 2])
+        if off <= 1e-300 or off <= 1e-15 * scale:
+            break
+        for p in range(2):
+            for q in range(p + 1, 3):
+                apq = a[p, q]
+                if apq == 0.0:
+                    continue
+                theta = (a[q, q] - a[p, p]) / (2.0 * apq)
+                tt = 1.0 / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                if theta < 0.0:
+                    tt = -tt
+                c = 1.0 / math.sqrt(tt * tt + 1.0)
+                s = tt * c
+                for r in range(3):           # columns p, q of a
+                    arp = a[r, p]
+                    arq = a[r, q]
+                    a[r, p] = c * arp - s * arq
+                    a[r, q] = s * arp + c * arq
+                for r in range(3):           # rows p, q of a
+                    apr = a[p, r]
+                    aqr = a[q, r]
+                    a[p, r] = c * apr - s * aqr
+                    a[q, r] = s * apr + c * aqr
+                a[p, q] = 0.0                # zero by construction of the rotation
+                a[q, p] = 0.0
+                for r in range(3):
+                    vrp = v[r, p]
+                    vrq = v[r, q]
+                    v[r, p] = c * vrp - s * vrq
+                    v[r, q] = s * vrp + c * vrq
+    best = 0
+    if a[1, 1] < a[best, best]:
+        best = 1
+    if a[2, 2] < a[best, best]:
+        best = 2
+    nx = v[0, best]
+    ny = v[1, best]
+    nz = v[2, best]
+    nn = math.sqrt(nx * nx + ny * ny + nz * nz)
+    return nx / nn, ny / nn, nz / nn
+
+
+@njit(cache=True)
+def _smallest_eigvec_closed(a00, a01, a02, a11, a12, a22):
+    """Unit eigenvector of the smallest eigenvalue of a symmetric 3x3 matrix in closed form
+    (trigonometric eigenvalue formula, then the largest cross product of two rows of A - lam I).
+    The last value is False when that eigenvalue is not well separated from the next one and the
+    vector should be computed iteratively instead."""
+    p1 = a01 * a01 + a02 * a02 + a12 * a12
+    q = (a00 + a11 + a22) / 3.0
+    b00 = a00 - q
+    b11 = a11 - q
+    b22 = a22 - q
+    p2 = b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * p1
+    if not p2 > 0.0:
+        return 0.0, 0.0, 1.0, False
+    p = math.sqrt(p2 / 6.0)
+    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
+    r = det / (2.0 * p * p * p)
+    if r < -1.0:
+        r = -1.0
+    elif r > 1.0:
+        r = 1.0
+    lam = q + 2.0 * p * math.cos(math.acos(r) / 3.0 + 2.0 * math.pi / 3.0)
+    m00 = a00 - lam
+    m11 = a11 - lam
+    m22 = a22 - lam
+    # rows r0 = (m00, a01, a02), r1 = (a01, m11, a12), r2 = (a02, a12, m22)
+    c0x = a01 * a12 - a02 * m11          # r0 x r1
+    c0y = a02 * a01 - m00 * a12
+    c0z = m00 * m11 - a01 * a01
+    c1x = a01 * m22 - a02 * a12          # r0 x r2
+    c1y = a02 * a02 - m00 * m22
+    c1z = m00 * a12 - a01 * a02
+    c2x = m11 * m22 - a12 * a12          # r1 x r2
+    c2y = a12 * a02 - a01 * m22
+    c2z = a01 * a12 - m11 * a02
+    n0 = c0x * c0x + c0y * c0y + c0z * c0z
+    n1 = c1x * c1x + c1y * c1y + c1z * c1z
+    n2 = c2x * c2x + c2y * c2y + c2z * c2z
+    if n0 >= n1 and n0 >= n2:
+        x, y, z, nn = c0x, c0y, c0z, n0
+    elif n1 >= n2:
+        x, y, z, nn = c1x, c1y, c1z, n1
+    else:
+        x, y, z, nn = c2x, c2y, c2z, n2
+    if not nn > 1e-12 * p2 * p2:          # |cross| <= 1e-6 scale^2: (near-)degenerate
+        return 0.0, 0.0, 1.0, False
+    s = 1.0 / math.sqrt(nn)
+    return x * s, y * s, z * s, True
+
+
+@njit(cache=True)
+def _plane_kernel(xyz, atoms, start, sigma, weight, grad, dist_out, want_grad):
+    """Energy of all planes; fills dist_out[a] with the signed distance of plane atom a (A)."""
+    a = np.empty((3, 3))
+    v = np.empty((3, 3))
+    e = 0.0
+    for p in range(start.shape[0] - 1):
+        s0 = start[p]
+        s1 = start[p + 1]
+        if s1 - s0 < 1:
+            continue
+        wsum = 0.0
+        cx = 0.0
+        cy = 0.0
+        cz = 0.0
+        for q in range(s0, s1):
+            w = 1.0 / (sigma[q] * sigma[q])
+            at = atoms[q]
+            wsum += w
+            cx += w * xyz[at, 0]
+            cy += w * xyz[at, 1]
+            cz += w * xyz[at, 2]
+        cx /= wsum
+        cy /= wsum
+        cz /= wsum
+        sxx = 0.0
+        sxy = 0.0
+        sxz = 0.0
+        syy = 0.0
+        syz = 0.0
+        szz = 0.0
+        for q in range(s0, s1):
+            w = 1.0 / (sigma[q] * sigma[q])
+            at = atoms[q]
+            dx = xyz[at, 0] - cx
+            dy = xyz[at, 1] - cy
+            dz = xyz[at, 2] - cz
+            sxx += w * dx * dx
+            sxy += w * dx * dy
+            sxz += w * dx * dz
+            syy += w * dy * dy
+            syz += w * dy * dz
+            szz += w * dz * dz
+        nx, ny, nz, ok = _smallest_eigvec_closed(sxx, sxy, sxz, syy, syz, szz)
+        if not ok:
+            a[0, 0] = sxx
+            a[0, 1] = sxy
+            a[0, 2] = sxz
+            a[1, 0] = sxy
+            a[1, 1] = syy
+            a[1, 2] = syz
+            a[2, 0] = sxz
+            a[2, 1] = syz
+            a[2, 2] = szz
+            nx, ny, nz = _smallest_eigvec(a, v)
+        for q in range(s0, s1):
+            w = 1.0 / (sigma[q] * sigma[q])
+            at = atoms[q]
+            d = (xyz[at, 0] - cx) * nx + (xyz[at, 1] - cy) * ny + (xyz[at, 2] - cz) * nz
+            dist_out[q] = d
+            e += weight * w * d * d
+            if want_grad:
+                gd = 2.0 * weight * w * d
+                grad[at, 0] += gd * nx
+                grad[at, 1] += gd * ny
+                grad[at, 2] += gd * nz
+    return e
+
+
+def _plane_args(atoms, start, sigma):
+    atoms = _ints(atoms)
+    start = _ints(start)
+    sigma = _floats(sigma)
+    if len(start) == 0:
+        start = np.zeros(1, dtype=np.int64)
+    return atoms, start, sigma
+
+
+def plane_terms(xyz, atoms, start, sigma, grad_out=None, weight=1.0):
+    """Planarity restraints: plane p holds atoms[start[p]:start[p+1]] with per-atom sigma (A);
+    energy sum (distance to the weighted least-squares plane / sigma)^2."""
+    xyz = _coords(xyz)
+    g = _grad(xyz, grad_out)
+    atoms, start, sigma = _plane_args(atoms, start, sigma)
+    dist = np.empty(len(atoms))
+    e = _plane_kernel(xyz, atoms, start, sigma, float(weight), g, dist, True)
+    return float(e), g
+
+
+def plane_distances(xyz, atoms, start, sigma) -> np.ndarray:
+    """Signed distance (A) of each plane atom (same order as `atoms`) to its group's plane."""
+    xyz = _coords(xyz)
+    atoms, start, sigma = _plane_args(atoms, start, sigma)
+    dist = np.zeros(len(atoms))
+    _plane_kernel(xyz, atoms, start, sigma, 1.0, np.zeros((0, 3)), dist, False)
+    return dist
+
+
+# ----------------------------------------------------------------------------------------------
+# all terms
+# ----------------------------------------------------------------------------------------------
+
+def _chir_both(r: Restraints):
+    both = getattr(r, "chir_both", None)
+    if both is None or len(both) == 0:
+        return None
+    return both
+
+
+def restraint_energy(xyz, r: Restraints, weights: dict | None = None, grad_out=None):
+    """All stereochemical terms of r: returns (total, grad, parts).
+
+    weights maps a term name ('bonds', 'angles', 'torsions', 'chirals', 'planes') to a factor
+    (default 1; a zero weight skips the term). parts holds each term's weighted energy, so
+    total == sum(parts.values()). With grad_out the gradient is added into it.
+    """
+    xyz = _coords(xyz)
+    w = {name: 1.0 for name in TERM_NAMES}
+    if weights:
+        unknown = set(weights) - set(TERM_NAMES)
+        if unknown:
+            raise ValueError(f"unknown restraint term(s) {sorted(unknown)}; known: {TERM_NAMES}")
+        w.update({k: float(v) for k, v in weights.items()})
+    g = _grad(xyz, grad_out)
+    parts = {name: 0.0 for name in TERM_NAMES}
+    if w["bonds"] != 0.0:
+        parts["bonds"] = bond_terms(xyz, r.bond_idx, r.bond_target, r.bond_sigma, g, w["bonds"])[0]
+    if w["angles"] != 0.0:
+        parts["angles"] = angle_terms(xyz, r.angle_idx, r.angle_target, r.angle_sigma, g,
+                                      w["angles"])[0]
+    if w["torsions"] != 0.0:
+        parts["torsions"] = torsion_terms(xyz, r.tors_idx, r.tors_target, r.tors_sigma,
+                                          r.tors_period, g, w["torsions"])[0]
+    if w["chirals"] != 0.0:
+        parts["chirals"] = chiral_terms(xyz, r.chir_idx, r.chir_target, r.chir_sigma,
+                                        _chir_both(r), g, w["chirals"])[0]
+    if w["planes"] != 0.0:
+        parts["planes"] = plane_terms(xyz, r.plane_atoms, r.plane_start, r.plane_sigma, g,
+                                      w["planes"])[0]
+    total = 0.0
+    for name in TERM_NAMES:
+        total += parts[name]
+    return total, g, parts
+
+
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(a * a))) if len(a) else 0.0
+
+
+def _amax(a: np.ndarray) -> float:
+    return float(np.max(np.abs(a))) if len(a) else 0.0
+
+
+def deviations(xyz, r: Restraints) -> dict:
+    """Geometry statistics: rmsd and largest absolute deviation from target of each term kind.
+
+    Keys: bond_rmsd/bond_max (A), angle_rmsd/angle_max (deg), torsion_rmsd (deg, periodic),
+    chiral_rmsd (A^3), planarity_rmsd/planarity_max (A, atom distances from their planes), and
+    n_bonds, n_angles, n_torsions, n_chirals, n_planes. Empty term sets give 0.
+    """
+    xyz = _coords(xyz)
+    db = bond_lengths(xyz, r.bond_idx) - _floats(r.bond_target)
+    da = angle_values(xyz, r.angle_idx) - _floats(r.angle_target)
+    dt = torsion_deviations(xyz, r.tors_idx, r.tors_target, r.tors_period)
+    v = chiral_volumes(xyz, r.chir_idx)
+    tc = _floats(r.chir_target)
+    dc = v - tc
+    both = _chir_both(r)
+    if both is not None:
+        both = _both(both, len(v))
+        dc[both] = np.abs(v[both]) - np.abs(tc[both])
+    dp = plane_distances(xyz, r.plane_atoms, r.plane_start, r.plane_sigma)
+    return {"bond_rmsd": _rms(db), "bond_max": _amax(db),
+            "angle_rmsd": _rms(da), "angle_max": _amax(da),
+            "torsion_rmsd": _rms(dt),
+            "chiral_rmsd": _rms(dc),
+            "planarity_rmsd": _rms(dp), "planarity_max": _amax(dp),
+            "n_bonds": len(db), "n_angles": len(da), "n_torsions": len(dt),
+            "n_chirals": len(dc), "n_planes": r.n_planes}

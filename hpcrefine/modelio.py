@@ -1,0 +1,187 @@
+"""Reading and writing atomic models (gemmi), as flat numpy arrays.
+
+The refinement core sees a model as arrays indexed by atom: coordinates, B, occupancy, element,
+atom name, residue name, chain, and a global residue index. The gemmi Structure is kept alongside
+so that the written model keeps everything the input had (chains, assemblies, metadata).
+Hydrogens are removed on reading (refinement is done without riding hydrogens); the log says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import gemmi
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+PDB_MAX_ATOMS = 99999
+
+
+@dataclass
+class Model:
+    """Flat per-atom view of a structure's first model (hydrogens removed)."""
+
+    st: gemmi.Structure
+    xyz: np.ndarray         # (n, 3) float64, Angstrom
+    b: np.ndarray           # (n,) float64
+    occ: np.ndarray         # (n,) float64
+    element: np.ndarray     # (n,) str, upper case ('C', 'N', 'FE', ...)
+    atom_name: np.ndarray   # (n,) str
+    res_name: np.ndarray    # (n,) str
+    chain: np.ndarray       # (n,) str
+    res_index: np.ndarray   # (n,) int64, global residue index 0..nres-1 in file order
+    altloc: np.ndarray      # (n,) str, '' when none
+    # per residue (length nres)
+    res_chain: np.ndarray   # (nres,) str
+    res_seqid: np.ndarray   # (nres,) str, e.g. '12' or '12A' (author numbering, for messages)
+    res_label_seq: np.ndarray  # (nres,) int64, position in the chain's polymer sequence, -1 if none
+    res_names: np.ndarray   # (nres,) str
+    res_is_polymer: np.ndarray  # (nres,) bool: part of the chain's polymer (peptide or nucleic acid)
+    res_first_atom: np.ndarray  # (nres+1,) int64: atoms of residue r are first[r]:first[r+1]
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.xyz)
+
+    @property
+    def n_residues(self) -> int:
+        return len(self.res_names)
+
+    def residue_label(self, r: int) -> str:
+        return f"{self.res_chain[r]}/{self.res_names[r]}{self.res_seqid[r]}"
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.exists(path):
+        raise InputError(f"model file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"model file is empty: {path}")
+
+
+def read_structure(path: str) -> gemmi.Structure:
+    """Read a PDB or mmCIF file with gemmi; a clear InputError when it cannot be read."""
+    _check_readable(path)
+    try:
+        st = gemmi.read_structure(path, merge_chain_parts=True)
+    except Exception as exc:  # gemmi raises RuntimeError/ValueError with a useful text
+        raise InputError(f"cannot read model {path}: {exc}") from None
+    if len(st) == 0 or st[0].count_atom_sites() == 0:
+        raise InputError(f"model file {path} holds no atoms (truncated or not a model file?)")
+    st.setup_entities()
+    return st
+
+
+def model_from_structure(st: gemmi.Structure) -> Model:
+    """Flatten the first model of st (hydrogens removed from st in place)."""
+    if len(st) > 1:
+        log.info("model file has %d models; refining the first", len(st))
+        while len(st) > 1:
+            del st[1]
+    n_h = sum(1 for cra in st[0].all() if cra.atom.is_hydrogen())
+    if n_h:
+        log.info("removing %d hydrogen atoms (refinement runs without hydrogens)", n_h)
+        st.remove_hydrogens()
+    st.remove_empty_chains()
+    model = st[0]
+    n = model.count_atom_sites()
+    xyz = np.empty((n, 3))
+    b = np.empty(n)
+    occ = np.empty(n)
+    element, atom_name, res_name, chain, altloc = [], [], [], [], []
+    res_index = np.empty(n, dtype=np.int64)
+    res_chain, res_seqid, res_label_seq, res_names, res_poly, first = [], [], [], [], [], [0]
+    i = 0
+    r = 0
+    for ch in model:
+        polymer = ch.get_polymer()
+        poly_ids = {id(res) for res in polymer} if len(polymer) else set()
+        poly_set = set()
+        for res in polymer:
+            poly_set.add((res.seqid.num, res.seqid.icode))
+        for res in ch:
+            res_chain.append(ch.name)
+            res_seqid.append(str(res.seqid).strip())
+            res_label_seq.append(res.label_seq if res.label_seq is not None else -1)
+            res_names.append(res.name)
+            res_poly.append((res.seqid.num, res.seqid.icode) in poly_set
+                            and res.entity_type == gemmi.EntityType.Polymer)
+            for at in res:
+                xyz[i] = (at.pos.x, at.pos.y, at.pos.z)
+                b[i] = at.b_iso
+                occ[i] = at.occ
+                element.append(at.element.name.upper())
+                atom_name.append(at.name)
+                res_name.append(res.name)
+                chain.append(ch.name)
+                altloc.append(at.altloc if at.altloc != "\0" else "")
+                res_index[i] = r
+                i += 1
+            first.append(i)
+            r += 1
+        del poly_ids
+    return Model(st=st, xyz=xyz, b=b, occ=occ, element=np.array(element), atom_name=np.array(atom_name),
+                 res_name=np.array(res_name), chain=np.array(chain), res_index=res_index,
+                 altloc=np.array(altloc), res_chain=np.array(res_chain), res_seqid=np.array(res_seqid),
+                 res_label_seq=np.array(res_label_seq, dtype=np.int64), res_names=np.array(res_names),
+                 res_is_polymer=np.array(res_poly, dtype=bool), res_first_atom=np.array(first, dtype=np.int64))
+
+
+def read_model(path: str) -> Model:
+    """Read a PDB/mmCIF model into a Model (hydrogens removed)."""
+    model = model_from_structure(read_structure(path))
+    if not np.all(np.isfinite(model.xyz)):
+        raise InputError(f"model {path} has non-finite coordinates")
+    return model
+
+
+def fits_pdb(st: gemmi.Structure) -> tuple[bool, str]:
+    """Whether st can be written as PDB; if not, the reason."""
+    n = st[0].count_atom_sites()
+    if n > PDB_MAX_ATOMS:
+        return False, f"{n} atoms exceed the PDB format's {PDB_MAX_ATOMS}"
+    long_ids = sorted({ch.name for ch in st[0] if len(ch.name) != 1})
+    if long_ids:
+        return False, f"chain ids longer than one character ({', '.join(long_ids[:5])}...)"
+    return True, ""
+
+
+def updated_structure(model: Model, xyz: np.ndarray, b: np.ndarray | None = None) -> gemmi.Structure:
+    """A copy of the model's structure with new coordinates (and B-factors)."""
+    st = model.st.clone()
+    i = 0
+    for ch in st[0]:
+        for res in ch:
+            for at in res:
+                at.pos = gemmi.Position(*xyz[i])
+                if b is not None:
+                    at.b_iso = float(b[i])
+                i += 1
+    assert i == len(xyz), "structure and coordinate array disagree"
+    return st
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_model(st: gemmi.Structure, stem: str) -> list[str]:
+    """Write stem.cif always and stem.pdb when the model fits PDB; returns the paths written."""
+    doc = st.make_mmcif_document()
+    paths = [stem + ".cif"]
+    atomic_write_text(paths[0], doc.as_string())
+    ok, why = fits_pdb(st)
+    if ok:
+        atomic_write_text(stem + ".pdb", st.make_pdb_string())
+        paths.append(stem + ".pdb")
+    else:
+        log.info("not writing PDB format (%s); the mmCIF file holds the model", why)
+    return paths

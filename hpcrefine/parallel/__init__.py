@@ -1,0 +1,1 @@
+"""The parallel layer: rank roles, work decomposition and reductions. Communicators are passed in."""

@@ -1,0 +1,79 @@
+"""Rank roles, decided once at start-up (RELION's gold-standard layout).
+
+With N ranks: rank 0 is the master (reads inputs, schedules, gathers, writes; no heavy numerics);
+the workers 1..N-1 are split by parity into half set 1 (odd ranks) and half set 2 (even ranks), each
+with its own communicator. With N = 1 the single process plays master and both half sets in turn;
+with N = 2 the one worker plays both half sets in turn. Nothing here reads MPI.COMM_WORLD: the
+world communicator is passed in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Context:
+    world: object                 # the world communicator
+    workers: object | None        # all workers (None on a pure master)
+    half_comm: object | None      # this rank's half-set communicator (None on a pure master)
+    half: int                     # 1 or 2 for a worker of one half set; 0 for the master / a both-halves worker
+    is_master: bool
+    plays_both_halves: bool       # one worker (or the lone process) refines half 1 then half 2
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.world.Get_size()
+
+    @property
+    def is_worker(self) -> bool:
+        return self.workers is not None
+
+    @property
+    def n_workers(self) -> int:
+        return max(self.size - 1, 1)
+
+    def halves_here(self) -> list[int]:
+        """The half sets this rank computes, in order."""
+        if not self.is_worker:
+            return []
+        return [1, 2] if self.plays_both_halves else [self.half]
+
+    def describe(self) -> str:
+        if self.size == 1:
+            return "1 rank: master and both half sets in one process"
+        if self.size == 2:
+            return "2 ranks: master (rank 0) and one worker playing both half sets in turn"
+        h1 = len(half_members(self.size, 1))
+        h2 = len(half_members(self.size, 2))
+        return f"{self.size} ranks: master (rank 0), half set 1 on {h1} worker(s), half set 2 on {h2}"
+
+
+def half_members(size: int, half: int) -> list[int]:
+    """World ranks of half set `half` (1: odd ranks, 2: even ranks > 0) for size >= 3."""
+    return [r for r in range(1, size) if (r % 2 == 1) == (half == 1)]
+
+
+def make_context(world) -> Context:
+    """Build every rank's role; collective over world."""
+    size = world.Get_size()
+    rank = world.Get_rank()
+    if size == 1:
+        return Context(world, world, world, 0, True, True)
+    colour_workers = 0 if rank == 0 else 1
+    workers = world.Split(colour_workers, rank)
+    if size == 2:
+        if rank == 0:
+            workers.Free()
+            return Context(world, None, None, 0, True, False)
+        return Context(world, workers, workers, 0, False, True)
+    half = 0 if rank == 0 else (1 if rank % 2 == 1 else 2)
+    half_comm = world.Split(half, rank)
+    if rank == 0:
+        workers.Free()
+        half_comm.Free()
+        return Context(world, None, None, 0, True, False)
+    return Context(world, workers, half_comm, half, False, False)

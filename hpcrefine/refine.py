@@ -1,0 +1,218 @@
+"""The `refine` and `idealize` drivers: check every input, then refine, then write outputs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import __version__
+from .engine import GeometryTerm, RealSpaceTerm, choose_weight, initial_weight, minimise
+from .errors import InputError
+from .log import Timer, run_header, setup_logging
+from .mapio import MapGrid, check_model_inside, check_same_grid, read_map
+from .mapstats import cc_mask, fsc_weighted
+from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
+from .monlib import MonomerLibrary, resolve_monlib_dir
+from .params import RefineParams
+from .restraints import Restraints
+from .topology import build_restraints
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("refined.cif", "refined.pdb", "report.json", "refine.log", "idealized.cif",
+                "idealized.pdb")
+
+
+@dataclass
+class Inputs:
+    model: Model
+    restraints: Restraints
+    map: MapGrid | None
+    data: np.ndarray | None          # map used for the data term (full, or mean of half maps)
+    half_maps: tuple | None
+    monlib_dir: str
+
+
+def check_output_dir(outdir: str, overwrite: bool) -> None:
+    """Refuse to overwrite earlier results unless asked (checked before any work starts)."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise InputError(f"output path {outdir} exists and is not a directory")
+    if os.path.isdir(outdir) and not overwrite:
+        present = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(outdir, n))]
+        if present:
+            raise InputError(f"output directory {outdir} already holds results ({', '.join(present)}); "
+                             "choose another --output or pass --overwrite")
+    parent = os.path.dirname(os.path.abspath(outdir))
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot create output directory {outdir}: {parent} is not writable")
+
+
+def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | None,
+                ligands: list[str], need_map: bool) -> Inputs:
+    """Read and check every input; raises InputError before anything is written."""
+    model = read_model(model_path)
+    grid = None
+    data = None
+    halves = None
+    if need_map and not map_path and not half_maps:
+        raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
+    if half_maps:
+        h1, h2 = read_map(half_maps[0]), read_map(half_maps[1])
+        check_same_grid(h1, h2)
+        halves = (h1, h2)
+    if map_path:
+        grid = read_map(map_path)
+        if halves:
+            check_same_grid(grid, halves[0])
+    elif halves:
+        grid = halves[0]
+    if grid is not None:
+        check_model_inside(model.xyz, grid)
+        if map_path:
+            data = np.asarray(grid.data, dtype=np.float32)
+        if halves:
+            h1 = np.asarray(halves[0].data, dtype=np.float32)
+            h2 = np.asarray(halves[1].data, dtype=np.float32)
+            if data is None:
+                data = (h1 + h2) / 2
+            # shells that hold mostly noise are damped by the half-map FSC (Rosenthal & Henderson)
+            data, _ = fsc_weighted(data, h1, h2, grid.voxel)
+    lib_dir = resolve_monlib_dir(monlib)
+    lib = MonomerLibrary(lib_dir)
+    examples = {model.res_names[r]: model.residue_label(r) for r in range(model.n_residues - 1, -1, -1)}
+    lib.load(set(model.res_names.tolist()), ligands or [], examples=examples)
+    restraints = build_restraints(model, lib)
+    return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
+                  monlib_dir=lib_dir)
+
+
+def atom_weights(model: Model) -> np.ndarray:
+    """Weights of atoms in the real-space target: 1 for all refined (non-hydrogen) atoms."""
+    return np.ones(model.n_atoms)
+
+
+def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: Inputs,
+                     resolution: float) -> dict:
+    stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in geom.statistics(xyz).items()}
+    if inputs.data is not None:
+        st = updated_structure(model, xyz)
+        stats["cc_mask"] = round(cc_mask(st, inputs.data, inputs.map.origin, inputs.map.voxel,
+                                         resolution, xyz), 4)
+    return stats
+
+
+def _format_stats(s: dict) -> str:
+    txt = f"bonds {s['bond_rmsd']:.4f} A  angles {s['angle_rmsd']:.2f} deg  clashes {s['clashes']}"
+    if "cc_mask" in s:
+        txt += f"  CC_mask {s['cc_mask']:.4f}"
+    return txt
+
+
+def run_refine(model_path: str, outdir: str, resolution: float, params: RefineParams,
+               map_path: str | None = None, half_maps=None, monlib: str | None = None,
+               ligands: list[str] | None = None, overwrite: bool = False, command: str = "",
+               idealize_only: bool = False) -> dict:
+    """Refine (or idealise) a model; returns the report written to outdir/report.json."""
+    t_start = time.perf_counter()
+    timer = Timer()
+    check_output_dir(outdir, overwrite)
+    with timer("read inputs"):
+        inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
+                             need_map=not idealize_only)
+    # every input is valid: from here on outputs may be written
+    os.makedirs(outdir, exist_ok=True)
+    logfile = os.path.join(outdir, "refine.log")
+    if os.path.exists(logfile):
+        os.remove(logfile)
+    setup_logging(0, logfile)
+    for line in run_header(command):
+        log.info(line)
+    log.info("parameters: %s", json.dumps(params.to_dict()))
+    model = inputs.model
+    r = inputs.restraints
+    log.info("model %s: %d atoms, %d residues, %d chains", model_path, model.n_atoms, model.n_residues,
+             len(set(model.res_chain.tolist())))
+    log.info("monomer library: %s", inputs.monlib_dir)
+    log.info("restraints: %s", ", ".join(f"{v} {k}" for k, v in r.counts().items()))
+    if inputs.map is not None:
+        g = inputs.map
+        log.info("map %s: grid %s, voxel %s A, origin %s A", g.path, g.shape_xyz,
+                 np.round(g.voxel, 3).tolist(), np.round(g.origin, 2).tolist())
+
+    geom = GeometryTerm(r, params)
+    xyz0 = model.xyz.copy()
+    with timer("statistics"):
+        before = model_statistics(model, xyz0, geom, inputs, resolution)
+    log.info("start: %s", _format_stats(before))
+
+    cycles = []
+    xyz = xyz0
+    weight = None
+    if idealize_only:
+        with timer("minimise"):
+            anchor = _Anchor(xyz0, sigma=params.idealize_anchor_sigma)
+            res = minimise(xyz, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
+        xyz = res.xyz
+        cycles.append({"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
+                       "seconds": round(res.seconds, 2)})
+    else:
+        data_term = RealSpaceTerm(inputs.data, inputs.map.origin, inputs.map.voxel, atom_weights(model))
+        for cycle in range(1, params.macro_cycles + 1):
+            blur = params.map_blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
+            term = data_term.blurred(blur) if blur > 0 else data_term
+            with timer("weight"):
+                if params.weight is not None:
+                    weight, trials = params.weight, []
+                else:
+                    w0 = weight if weight is not None else initial_weight(xyz, term, geom)
+                    log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
+                    weight, trials = choose_weight(xyz, term, geom, params, w0)
+            with timer("minimise"):
+                res = minimise(xyz, term, geom, weight, params.iterations, params)
+            xyz = res.xyz
+            st = geom.statistics(xyz)
+            cycles.append({"cycle": cycle, "map_blur": blur, "weight": weight, "iterations": res.iterations,
+                           "evaluations": res.evaluations, "seconds": round(res.seconds, 2),
+                           "bond_rmsd": round(st["bond_rmsd"], 4), "angle_rmsd": round(st["angle_rmsd"], 3),
+                           "weight_trials": [asdict(t) for t in trials]})
+            log.info("cycle %d: weight %.3f, %d iterations (%.1f s): bonds %.4f A, angles %.2f deg",
+                     cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
+
+    with timer("statistics"):
+        after = model_statistics(model, xyz, geom, inputs, resolution)
+    log.info("final: %s", _format_stats(after))
+    stem = os.path.join(outdir, "idealized" if idealize_only else "refined")
+    with timer("write"):
+        written = write_model(updated_structure(model, xyz), stem)
+    rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
+    report = {
+        "program": "hpcrefine", "version": __version__, "command": command,
+        "mode": "idealize" if idealize_only else "refine",
+        "model": os.path.abspath(model_path),
+        "maps": {"map": map_path, "half_maps": list(half_maps) if half_maps else None},
+        "resolution": resolution, "parameters": params.to_dict(),
+        "n_atoms": model.n_atoms, "restraints": r.counts(),
+        "before": before, "after": after, "rms_shift": round(rms_shift, 4),
+        "weight": weight, "cycles": cycles, "outputs": [os.path.basename(p) for p in written],
+        "timings": timer.as_dict(), "wall_seconds": round(time.perf_counter() - t_start, 2),
+    }
+    atomic_write_text(os.path.join(outdir, "report.json"), json.dumps(report, indent=1) + "\n")
+    log.info("wrote %s and report.json (%.1f s)", ", ".join(os.path.basename(p) for p in written),
+             report["wall_seconds"])
+    return report
+
+
+class _Anchor:
+    """The data term of idealisation: harmonic pull to the start, so atoms move as little as possible."""
+
+    def __init__(self, xyz0: np.ndarray, sigma: float):
+        self.xyz0 = xyz0.copy()
+        self.k = 1.0 / (sigma * sigma)
+
+    def target(self, xyz):
+        d = xyz - self.xyz0
+        return float(self.k * np.sum(d * d)), 2.0 * self.k * d

@@ -1,0 +1,157 @@
+"""Neighbour list against brute force; repulsion energies by hand and by finite differences."""
+import numpy as np
+import pytest
+
+from hpcrefine.core import nonbonded as NB
+from hpcrefine.restraints import Restraints
+
+
+def brute_pairs(xyz, rad, hb, excl, p14, skin):
+    n = len(xyz)
+    d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
+    d0 = rad[:, None] + rad[None]
+    don = (hb & 1) != 0
+    acc = (hb & 2) != 0
+    hbp = (don[:, None] & acc[None]) | (acc[:, None] & don[None])
+    d0 = np.where(hbp, np.minimum(d0, 2.7), d0)
+    is14 = np.zeros((n, n), bool)
+    ex = np.zeros((n, n), bool)
+    if len(p14):
+        is14[p14.min(1), p14.max(1)] = True
+    if len(excl):
+        ex[excl.min(1), excl.max(1)] = True
+    d0 = d0 - 0.5 * is14
+    ok = np.triu(d < d0 + skin, 1) & ~ex
+    return {(int(i), int(j)) for i, j in np.argwhere(ok)}, d0
+
+
+def system(n=400, box=16.0, seed=1):
+    """Random atoms at about protein density with bonded-like special pairs: most between
+    atoms close in index (the bit-mask path), some far apart (the overflow table)."""
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform(0, box, size=(n, 3))
+    rad = rng.choice([1.52, 1.55, 1.7, 1.8], n)
+    hb = rng.integers(0, 4, n)
+    d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
+    close = np.argwhere(np.triu(d < 3.2, 1))
+    near_idx = close[(close[:, 1] - close[:, 0]) <= 64]
+    far_idx = close[(close[:, 1] - close[:, 0]) > 64]
+    excl = np.concatenate([near_idx[::2], far_idx[::2]])
+    p14 = np.concatenate([near_idx[1::3], far_idx[1::3], near_idx[:6:2]])  # some also excluded
+    excl = np.concatenate([excl, [[i, i + 64] for i in range(0, 40, 7)]])  # offset exactly 64
+    excl = np.concatenate([excl, excl[:5, ::-1]])                          # j < i given
+    return xyz, rad, hb, excl, p14
+
+
+def test_pairs_match_brute_force():
+    xyz, rad, hb, excl, p14 = system()
+    r = Restraints(vdw_radius=rad, hbond_type=hb, excl_pairs=excl, pair14=p14)
+    nbl = NB.NeighbourList(xyz, r, cutoff_extra=1.0)
+    want, d0 = brute_pairs(xyz, rad, hb, excl, p14, 1.0)
+    got = {(int(i), int(j)) for i, j in nbl.pairs}
+    assert len(nbl) == len(got)            # no duplicates
+    assert got == want
+    assert nbl.i.dtype == np.int32 and nbl.j.dtype == np.int32 and nbl.kind.dtype == np.int8
+    assert np.all(nbl.i < nbl.j) and np.all(np.diff(nbl.i) >= 0)
+    # excluded pairs never listed; 1-4 pairs flagged with the reduced distance
+    ex = {(min(a, b), max(a, b)) for a, b in excl}
+    assert not (got & ex)
+    np.testing.assert_allclose(nbl.contact_distance(), d0[nbl.i, nbl.j])
+    p14set = {(min(a, b), max(a, b)) for a, b in p14} - ex
+    flagged = {(int(i), int(j)) for i, j, k in zip(nbl.i, nbl.j, nbl.kind) if k}
+    assert flagged == got & p14set and flagged
+
+
+def test_buffer_growth_and_skin():
+    xyz, rad, hb, excl, p14 = system(seed=2)
+    nbl = NB.NeighbourList(xyz, None, cutoff_extra=0.3, vdw_radius=rad, hbond_type=hb,
+                           excl_pairs=excl, pair14=p14)
+    nbl._cap_hint = 1                      # force the pair buffers to grow during the search
+    nbl.update(xyz)
+    want, _ = brute_pairs(xyz, rad, hb, excl, p14, 0.3)
+    assert {(int(i), int(j)) for i, j in nbl.pairs} == want
+
+
+def test_sparse_elongated_system():
+    """Atoms along a 2000 A line: the cells are widened, pairs stay exact."""
+    rng = np.random.default_rng(4)
+    xyz = np.stack([np.linspace(0, 2000, 3000), rng.normal(size=3000), rng.normal(size=3000)], 1)
+    rad = np.full(3000, 1.7)
+    nbl = NB.NeighbourList(xyz, None, vdw_radius=rad)
+    from scipy.spatial import cKDTree
+    cand = cKDTree(xyz).query_pairs(4.4, output_type="ndarray")
+    assert {tuple(p) for p in nbl.pairs} == {tuple(sorted(p)) for p in cand.tolist()}
+
+
+def test_repulsion_by_hand():
+    # 0-1 plain pair at 2.8 (d0 3.0); 2-3 donor/acceptor at 2.6 (d0 2.7);
+    # 4-5 1-4 pair at 2.4 (d0 2.5); 6-7 excluded at 1.5; 8-9 beyond contact (3.2 vs 3.0)
+    pos = [(0, 0), (2.8, 0), (0, 20), (2.6, 20), (0, 40), (2.4, 40), (0, 60), (1.5, 60),
+           (0, 80), (3.2, 80)]
+    xyz = np.array([[x, y, 0.0] for x, y in pos])
+    r = Restraints(vdw_radius=np.array([1.5, 1.5, 1.55, 1.52, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5]),
+                   hbond_type=np.array([0, 0, 1, 2, 0, 0, 0, 0, 0, 0]),
+                   excl_pairs=np.array([[6, 7]]), pair14=np.array([[4, 5]]))
+    nbl = NB.NeighbourList(xyz, r)
+    assert {tuple(p) for p in nbl.pairs} == {(0, 1), (2, 3), (4, 5), (8, 9)}
+    e, g = NB.repulsion(xyz, nbl, sigma=0.2)
+    assert e == pytest.approx(1.0 + 0.25 + 0.25)
+    # pair 0-1: dE/dd = -2 (d0 - d) / s^2 = -10, pushing the atoms apart
+    np.testing.assert_allclose(g[0], [10.0, 0, 0])
+    np.testing.assert_allclose(g[1], [-10.0, 0, 0])
+    assert not g[8:].any()
+    assert NB.clashes(xyz, nbl, overlap=0.15) == 1      # only 0-1 overlaps by more than 0.15
+    assert NB.clashes(xyz, nbl, overlap=0.05) == 3
+    # weight and accumulation into a given array
+    gout = np.ones_like(xyz)
+    e2, g2 = NB.repulsion(xyz, nbl, sigma=0.2, grad_out=gout, weight=2.0)
+    assert g2 is gout and e2 == pytest.approx(2 * e)
+    np.testing.assert_allclose(gout, 1 + 2 * g)
+
+
+def test_repulsion_gradient_finite_differences():
+    xyz, rad, hb, excl, p14 = system(n=150, box=11.0, seed=3)
+    nbl = NB.NeighbourList(xyz, None, vdw_radius=rad, hbond_type=hb, excl_pairs=excl, pair14=p14)
+    d = np.linalg.norm(xyz[nbl.i] - xyz[nbl.j], axis=1)
+    d0 = nbl.contact_distance()
+    inside = d < d0
+    assert inside.sum() > 20 and (~inside).sum() > 20
+    # keep pairs away from the kink of the second derivative at d = d0 and from d = 0
+    assert np.abs(d - d0).min() > 1e-4 and d.min() > 0.1
+    e, g = NB.repulsion(xyz, nbl)
+    assert e == pytest.approx(np.sum(((d0 - d)[inside] / 0.2) ** 2))
+    h = 1e-6
+    gn = np.zeros_like(xyz)
+    for a in range(len(xyz)):
+        for c in range(3):
+            xp = xyz.copy()
+            xm = xyz.copy()
+            xp[a, c] += h
+            xm[a, c] -= h
+            gn[a, c] = (NB.repulsion(xp, nbl)[0] - NB.repulsion(xm, nbl)[0]) / (2 * h)
+    assert np.abs(g - gn).max() <= 1e-6 * np.abs(gn).max()
+
+
+def test_needs_update():
+    xyz, rad, hb, excl, p14 = system(n=100, seed=5)
+    nbl = NB.NeighbourList(xyz, None, cutoff_extra=1.0, vdw_radius=rad)
+    moved = xyz.copy()
+    moved[17] += [0.49, 0, 0]
+    assert not nbl.needs_update(moved)
+    moved[17] += [0.02, 0, 0]
+    assert nbl.needs_update(moved)
+    assert nbl.needs_update(xyz[:50])
+    nbl.update(moved)
+    assert not nbl.needs_update(moved) and nbl.n_builds == 2
+
+
+def test_input_checks():
+    xyz = np.zeros((3, 3))
+    with pytest.raises(ValueError):
+        NB.NeighbourList(xyz, None, vdw_radius=np.ones(2))
+    with pytest.raises(ValueError):
+        NB.NeighbourList(xyz, None, vdw_radius=np.ones(3), excl_pairs=np.array([[0, 3]]))
+    with pytest.raises(ValueError):
+        NB.NeighbourList(np.full((3, 3), np.nan), None, vdw_radius=np.ones(3))
+    tiny = NB.NeighbourList(np.zeros((1, 3)), None, vdw_radius=np.ones(1))
+    assert len(tiny) == 0 and NB.repulsion(np.zeros((1, 3)), tiny)[0] == 0.0
