@@ -18,6 +18,7 @@ from .core.density import normalise_map, real_space_target
 from .core.lbfgs import lbfgs
 from .params import RefineParams
 from .restraints import Restraints
+from .topology import geometry_stats
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class GeometryTerm:
         return f, g
 
     def statistics(self, xyz: np.ndarray) -> dict:
-        dev = geometry.deviations(xyz, self.r)
+        dev = {k: v for k, v in geometry_stats(xyz, self.r).items() if not k.startswith("n_")}
         dev["clashes"] = int(nonbonded.clashes(xyz, self._neighbours(xyz)))
         return dev
 

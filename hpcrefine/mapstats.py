@@ -37,7 +37,7 @@ def lowpass(data: np.ndarray, voxel: np.ndarray, resolution: float) -> np.ndarra
     kx = np.fft.rfftfreq(data.shape[2], voxel[0])[None, None, :]
     s2 = kx * kx + ky * ky + kz * kz
     f[s2 > 1.0 / resolution**2] = 0
-    return np.fft.irfftn(f, s=data.shape).astype(np.float32)
+    return np.fft.irfftn(f, s=data.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def atom_mask(xyz: np.ndarray, shape_zyx: tuple, origin: np.ndarray, voxel: np.ndarray,
@@ -92,5 +92,5 @@ def fsc_weighted(full: np.ndarray, half1: np.ndarray, half2: np.ndarray, voxel) 
     index, _, _ = _shells(full.shape, voxel)
     w = np.where(index >= 0, c_ref[np.maximum(index, 0)], 0.0).astype(np.float32)
     ft = _rfftn(np.asarray(full, dtype=np.float32)) * w
-    out = np.fft.irfftn(ft, s=full.shape).astype(np.float32)
+    out = np.fft.irfftn(ft, s=full.shape, axes=(0, 1, 2)).astype(np.float32)
     return out, {"s": s.tolist(), "fsc_half": f.tolist(), "c_ref": c_ref.tolist()}

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real adenylate kinase model, its simulated 3.5 A maps and a shaken start."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpcrefine import datasets, simulate
+from hpcrefine.modelio import read_model, updated_structure, write_model
+
+
+@pytest.fixture(scope="session")
+def adk_truth():
+    return datasets.fetch(["adk_closed"])["adk_closed"]
+
+
+@pytest.fixture(scope="session")
+def adk_case(adk_truth, tmp_path_factory):
+    """Maps at 3.5 A (seed 1) and a start shaken by 0.8 A rms (seed 2), as in the README demo."""
+    d = tmp_path_factory.mktemp("adk35")
+    simulate.write_simulated(adk_truth, 3.5, str(d / "maps"), seed=1)
+    model = read_model(adk_truth)
+    xyz = simulate.shake(model.xyz, 0.8, seed=2)
+    write_model(updated_structure(model, xyz), str(d / "start"))
+    return {"dir": d, "truth": adk_truth, "start": str(d / "start.cif"),
+            "full": str(d / "maps" / "full.mrc"), "half1": str(d / "maps" / "half1.mrc"),
+            "half2": str(d / "maps" / "half2.mrc"), "shift": float(np.sqrt(np.mean(np.sum(
+                (xyz - model.xyz) ** 2, axis=1))))}
