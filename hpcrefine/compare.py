@@ -35,3 +35,17 @@ def per_residue_error(xyz_a: np.ndarray, xyz_b: np.ndarray, res_index: np.ndarra
     s = np.bincount(res_index, weights=d2, minlength=n_res)
     c = np.bincount(res_index, minlength=n_res)
     return np.sqrt(s / np.maximum(c, 1))
+
+
+def model_geometry(model_path: str, monlib: str | None = None) -> dict:
+    """Geometry of a model file measured with hpcrefine's restraints (the bundled library unless
+    monlib is given): the same yardstick for models from any program."""
+    from .core import nonbonded
+    from .monlib import MonomerLibrary, resolve_monlib_dir
+    from .topology import build_restraints, geometry_stats
+
+    model = read_model(model_path)
+    r = build_restraints(model, MonomerLibrary(resolve_monlib_dir(monlib)))
+    stats = {k: v for k, v in geometry_stats(model.xyz, r).items() if not k.startswith("n_")}
+    stats["clashes"] = int(nonbonded.clashes(model.xyz, nonbonded.NeighbourList(model.xyz, r)))
+    return stats

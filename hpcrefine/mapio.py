@@ -137,7 +137,7 @@ def _origin(header, order: tuple[int, int, int], voxel: np.ndarray, path: str) -
     if not np.all(np.isfinite(origin)):
         raise InputError(f"map {path} has a non-finite origin in its header: {origin.tolist()}")
     if np.any(origin != 0):
-        if np.any(nstart != 0):
+        if np.any(nstart != 0) and not np.allclose(nstart * voxel, origin, atol=1e-3):
             log.warning("map %s has both an origin (%s) and nstart (%s); using the origin",
                         path, origin.tolist(), nstart.astype(int).tolist())
         return origin
@@ -252,7 +252,8 @@ def write_map(path: str, data_zyx: np.ndarray, origin, voxel) -> None:
     """Write a float32 map (indexed [z, y, x]) as MRC, atomically (via path + '.part').
 
     Standard axis order (mapc, mapr, maps = 1, 2, 3), origin in the header origin field,
-    nxstart/nystart/nzstart = 0, cell = voxel * shape.
+    nxstart/nystart/nzstart = origin / voxel when that is a whole number of voxels (else 0),
+    cell = voxel * shape.
     """
     path = os.fspath(path)
     data = np.ascontiguousarray(data_zyx, dtype=np.float32)
@@ -266,7 +267,12 @@ def write_map(path: str, data_zyx: np.ndarray, origin, voxel) -> None:
             mrc.set_data(data)
             h = mrc.header
             h.mapc, h.mapr, h.maps = 1, 2, 3
-            h.nxstart = h.nystart = h.nzstart = 0
+            start = np.asarray(origin) / np.asarray(voxel)
+            if np.allclose(start, np.round(start), atol=1e-4):
+                # a whole number of voxels: write it as nstart too, for readers that ignore origin
+                h.nxstart, h.nystart, h.nzstart = (int(v) for v in np.round(start))
+            else:
+                h.nxstart = h.nystart = h.nzstart = 0
             nz, ny, nx = data.shape
             h.mx, h.my, h.mz = nx, ny, nz
             mrc.voxel_size = tuple(voxel)

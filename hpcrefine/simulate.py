@@ -68,11 +68,14 @@ def model_xyz(st: gemmi.Structure) -> np.ndarray:
 
 
 def simulation_box(xyz: np.ndarray, pixel: float, margin: float) -> tuple[int, np.ndarray]:
-    """Cubic box around the atoms: (voxels per side, origin), the model centred in the box."""
+    """Cubic box around the atoms: (voxels per side, origin), the model centred in the box.
+
+    The origin is a whole number of voxels from (0, 0, 0), so that programs that place a map by
+    its nxstart/nystart/nzstart and programs that use the header origin agree."""
     lo, hi = xyz.min(axis=0), xyz.max(axis=0)
     side = float((hi - lo).max()) + 2.0 * margin
     n = fft_friendly_size(int(np.ceil(side / pixel)))
-    origin = np.round((lo + hi) / 2.0 - n * pixel / 2.0, 3)
+    origin = np.round(((lo + hi) / 2.0 - n * pixel / 2.0) / pixel) * pixel
     return n, origin
 
 

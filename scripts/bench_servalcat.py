@@ -105,40 +105,19 @@ def rmsd_to_truth(model_path: str | os.PathLike, truth_path: str | os.PathLike) 
 
 
 def same_yardstick_geometry(model_path: str | os.PathLike) -> dict | None:
-    """Geometry of a model measured by hpcrefine's own statistics, or None without hpcrefine.
-
-    Uses ``hpcrefine.topology.geometry_stats`` (a function, or a module holding a function of that
-    name). It is given the model's path, or a gemmi.Structure if it does not take a path. Any
-    failure inside it is reported as ``{"error": ...}`` rather than losing the benchmark.
-    """
+    """Geometry measured by hpcrefine's own restraints (hpcrefine.compare.model_geometry), so that
+    both programs are judged with one yardstick; None when hpcrefine is not importable."""
     repo_root = str(Path(__file__).resolve().parents[1])
     if repo_root not in sys.path:
         sys.path.append(repo_root)
     try:
-        stats = importlib.import_module("hpcrefine.topology.geometry_stats")
+        from hpcrefine.compare import model_geometry
     except ImportError:
-        try:
-            stats = getattr(importlib.import_module("hpcrefine.topology"), "geometry_stats")
-        except (ImportError, AttributeError):
-            return None
-    fn = getattr(stats, "geometry_stats", stats)
-    if not callable(fn):
         return None
     try:
-        try:
-            result = fn(str(model_path))
-        except (TypeError, AttributeError):
-            st = gemmi.read_structure(str(model_path))
-            st.setup_entities()
-            result = fn(st)
-    except Exception as exc:  # a benchmark should keep its servalcat numbers regardless
+        return _jsonable(model_geometry(str(model_path)))
+    except Exception as exc:  # a benchmark keeps its servalcat numbers regardless
         return {"error": f"{type(exc).__name__}: {exc}"}
-    if hasattr(result, "_asdict"):
-        result = result._asdict()
-    elif hasattr(result, "__dataclass_fields__"):
-        import dataclasses
-        result = dataclasses.asdict(result)
-    return _jsonable(result)
 
 
 def _jsonable(obj):
