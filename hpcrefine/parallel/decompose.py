@@ -1,0 +1,135 @@
+"""Work decomposition by atom ownership: pure helpers over numpy arrays (no MPI).
+
+The model is cut into `n_parts` contiguous blocks of whole residues, balanced by atom count; each
+atom has exactly one owning part. A restraint term belongs to the part that owns its first atom
+(a plane: the first atom of the plane's list), and a non-bonded pair (i < j) to the owner of i, so
+summing the parts' energies and gradients gives every term exactly once.
+
+    bounds = atom_blocks(model.res_first_atom, n_parts)     # part p owns bounds[p]:bounds[p+1]
+    owner = owner_of_atoms(bounds, model.n_atoms)
+    mine = restraints_share(r, owner, part)                  # evaluate only these terms
+    pairs = pairs_share(nbl, owner, part)                    # and only these non-bonded pairs
+
+A part owns a block of atoms, but its terms reach atoms of the neighbouring blocks (a peptide bond,
+a contact across the boundary): the coordinates it reads form a halo around its block, and its
+gradient is non-zero on that halo too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..restraints import Restraints
+
+# term arrays of a Restraints selected row by row, keyed by the index array whose first column
+# names the owning atom
+_ROW_TERMS = {
+    "bond_idx": ("bond_target", "bond_sigma"),
+    "angle_idx": ("angle_target", "angle_sigma"),
+    "tors_idx": ("tors_target", "tors_sigma", "tors_period"),
+    "chir_idx": ("chir_target", "chir_sigma"),
+}
+
+
+def atom_blocks(res_first_atom, n_parts: int) -> np.ndarray:
+    """Boundaries (n_parts + 1,) of n_parts contiguous blocks of whole residues, balanced by atoms.
+
+    res_first_atom: (n_residues + 1,) non-decreasing, starting at 0 (atoms of residue r are
+    res_first_atom[r]:res_first_atom[r + 1]); the last entry is the number of atoms. Cut k is the
+    residue boundary nearest to k * n_atoms / n_parts, so no block differs from the ideal size by
+    more than the largest residue. Blocks are empty only when there are more parts than residues.
+    """
+    first = np.asarray(res_first_atom)
+    if first.ndim != 1 or len(first) < 1 or first[0] != 0 or np.any(np.diff(first) < 0):
+        raise ValueError("res_first_atom must be a non-decreasing 1-D array starting at 0")
+    if int(n_parts) != n_parts or n_parts < 1:
+        raise ValueError(f"the number of parts must be a positive integer, got {n_parts}")
+    first = first.astype(np.int64)
+    n_atoms = int(first[-1])
+    ideal = np.arange(1, n_parts) * (n_atoms / n_parts)
+    # nearest residue boundary to each ideal cut (ties go to the smaller block before the cut)
+    right = np.clip(np.searchsorted(first, ideal, side="left"), 0, len(first) - 1)
+    left = np.maximum(right - 1, 0)
+    pick = np.where(ideal - first[left] <= first[right] - ideal, first[left], first[right])
+    bounds = np.concatenate(([0], pick, [n_atoms])).astype(np.int64)
+    return np.maximum.accumulate(bounds)
+
+
+def owner_of_atoms(bounds, n_atoms: int) -> np.ndarray:
+    """(n_atoms,) int64: the part owning each atom, for blocks bounds[p]:bounds[p + 1]."""
+    bounds = np.asarray(bounds, dtype=np.int64)
+    if bounds.ndim != 1 or len(bounds) < 2 or bounds[0] != 0 or np.any(np.diff(bounds) < 0):
+        raise ValueError("bounds must be a non-decreasing 1-D array starting at 0")
+    if bounds[-1] != n_atoms:
+        raise ValueError(f"the blocks cover {bounds[-1]} atoms, the model has {n_atoms}")
+    # side='right' skips empty blocks: atom a goes to the last p with bounds[p] <= a
+    return np.searchsorted(bounds, np.arange(n_atoms, dtype=np.int64), side="right") - 1
+
+
+def term_owner(idx_first_col, atom_owner) -> np.ndarray:
+    """The owning part of each term: the owner of the term's first atom (idx[:, 0])."""
+    return np.asarray(atom_owner)[np.asarray(idx_first_col, dtype=np.int64)]
+
+
+def plane_owner(plane_atoms, plane_start, atom_owner) -> np.ndarray:
+    """The owning part of each plane: the owner of its first listed atom (part 0 for an empty
+    plane, which carries no energy)."""
+    start = np.asarray(plane_start, dtype=np.int64)
+    atoms = np.asarray(plane_atoms, dtype=np.int64)
+    owner = np.zeros(len(start) - 1, dtype=np.int64)
+    filled = start[1:] > start[:-1]
+    owner[filled] = np.asarray(atom_owner)[atoms[start[:-1][filled]]]
+    return owner
+
+
+def restraints_share(r: Restraints, atom_owner, part: int) -> Restraints:
+    """The terms of r that `part` evaluates: those whose first atom it owns (planes: the plane's
+    first atom). Atom indices keep their global numbering. The per-atom and non-bonded arrays
+    (vdw_radius, hbond_type, excl_pairs, pair14) are the same objects as r's, not copies: pair
+    ownership is decided on the neighbour list (pairs_share). A `chir_both` attribute, when r
+    has one, is selected with the chirality rows."""
+    atom_owner = np.asarray(atom_owner)
+    kept = {}
+    rows_of = {}
+    for idx_name, value_names in _ROW_TERMS.items():
+        idx = getattr(r, idx_name)
+        rows = rows_of[idx_name] = term_owner(idx[:, 0], atom_owner) == part
+        kept[idx_name] = idx[rows]
+        for name in value_names:
+            kept[name] = getattr(r, name)[rows]
+    mine = plane_owner(r.plane_atoms, r.plane_start, atom_owner) == part
+    sizes = np.diff(r.plane_start)
+    per_atom = np.repeat(mine, sizes)
+    kept["plane_atoms"] = r.plane_atoms[per_atom]
+    kept["plane_sigma"] = r.plane_sigma[per_atom]
+    kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[mine]))).astype(np.int64)
+    share = dataclasses.replace(r, **kept)
+    both = getattr(r, "chir_both", None)
+    if both is not None and len(both):
+        share.chir_both = np.asarray(both)[rows_of["chir_idx"]]
+    return share
+
+
+@dataclasses.dataclass
+class PairShare:
+    """The non-bonded pairs of a neighbour list whose first atom i belongs to one part.
+
+    Carries the attributes the repulsion and clash kernels read (i, j, kind, radius, hbond), so
+    it can stand in for the NeighbourList in nonbonded.repulsion and nonbonded.clashes."""
+
+    i: np.ndarray
+    j: np.ndarray
+    kind: np.ndarray
+    radius: np.ndarray
+    hbond: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.i)
+
+
+def pairs_share(nbl, atom_owner, part: int) -> PairShare:
+    """The pairs (i < j) of the neighbour list nbl with atom i owned by `part`."""
+    keep = np.asarray(atom_owner)[nbl.i] == part
+    return PairShare(i=nbl.i[keep], j=nbl.j[keep], kind=nbl.kind[keep], radius=nbl.radius,
+                     hbond=nbl.hbond)
