@@ -31,9 +31,9 @@ def test_two_character_chain_ids_give_mmcif_only(adk_truth, tmp_path, caplog):
 def test_too_many_atoms_for_pdb(adk_truth):
     st = gemmi.read_structure(adk_truth)
     model = st[0]
-    chain = model[0]
+    template = model[0].clone()                  # a copy: adding chains moves the originals
     for k in range(1, 61):                       # 61 copies of 1656 atoms: 101,016 atoms
-        c = chain.clone()
+        c = template.clone()
         c.name = f"C{k}"
         model.add_chain(c)
     ok, why = fits_pdb(st)
