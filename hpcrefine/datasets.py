@@ -22,7 +22,7 @@ import gemmi
 import numpy as np
 
 from .errors import InputError
-from .modelio import atomic_write_text
+from .modelio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,7 @@ def _extract(archive: str, wanted: dict, cache: str) -> None:
                              f"{', '.join(wanted[m] for m in missing)}")
         for name, member in found.items():
             data = tar.extractfile(member).read()
-            _atomic_write_bytes(_raw_path(cache, name), data)
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = path + ".part"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+            atomic_write_bytes(_raw_path(cache, name), data)
 
 
 def _download_raw(names: list[str], cache: str) -> None:

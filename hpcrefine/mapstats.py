@@ -4,37 +4,47 @@ from __future__ import annotations
 import gemmi
 import numpy as np
 
+from .core.density import rfft_freqs
 
-def model_density(st: gemmi.Structure, shape_zyx: tuple, origin: np.ndarray, voxel: np.ndarray,
+
+def model_density(st: gemmi.Structure, shape_zyx: tuple, origin, voxel,
                   b_extra: float = 0.0) -> np.ndarray:
-    """Electron-scattering model density of st's first model on the grid (nz, ny, nx), float32.
+    """Electron-scattering model density of st's first model on the grid (nz, ny, nx) with
+    voxel (x, y, z) in A whose voxel (0, 0, 0) sits at origin; float32 indexed [z, y, x].
 
-    The grid is treated as a P1 box with the map's origin at its corner; atoms must lie inside it.
+    gemmi DensityCalculatorE with the atoms' B-factors (and anisotropic ADPs) plus b_extra. The
+    grid is treated as a P1 box with origin at its corner, and the calculation is periodic in
+    it: atoms must lie inside, with a margin of several A to keep density from wrapping round.
     """
-    nz, ny, nx = shape_zyx
-    work = st.clone()
-    shift = gemmi.Position(*(-np.asarray(origin, dtype=float)))
-    for ch in work[0]:
-        for res in ch:
-            for at in res:
-                at.pos = at.pos + shift
-                if b_extra:
-                    at.b_iso = at.b_iso + b_extra
+    nz, ny, nx = (int(n) for n in shape_zyx)
+    voxel = [float(v) for v in voxel]
+    local = st.clone()
+    while len(local) > 1:
+        del local[1]
+    shift = gemmi.Transform()
+    shift.vec.fromlist([-float(c) for c in origin])
+    local[0].transform_pos_and_adp(shift)
+    local.cell = gemmi.UnitCell(nx * voxel[0], ny * voxel[1], nz * voxel[2], 90, 90, 90)
+    local.spacegroup_hm = "P 1"
+
     dc = gemmi.DensityCalculatorE()
-    dc.grid.unit_cell = gemmi.UnitCell(nx * voxel[0], ny * voxel[1], nz * voxel[2], 90, 90, 90)
+    dc.grid.set_unit_cell(local.cell)
     dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
     dc.grid.set_size(nx, ny, nz)
-    dc.grid.fill(0)
-    dc.add_model_density_to_grid(work[0])
-    return np.ascontiguousarray(np.array(dc.grid, copy=False).T)
+    # d_min = 0: keep the grid set above (a positive d_min would make gemmi choose its own size
+    # from d_min / (2 * rate), which can round up to a different FFT size)
+    dc.d_min = 0.0
+    dc.blur = b_extra  # added to every atom's B
+    dc.put_model_density_on_grid(local[0])
+    if dc.grid.shape != (nx, ny, nz):
+        raise RuntimeError(f"density grid {dc.grid.shape} does not match the box ({nx}, {ny}, {nz})")
+    return np.ascontiguousarray(np.asarray(dc.grid.array).transpose(2, 1, 0), dtype=np.float32)
 
 
 def lowpass(data: np.ndarray, voxel: np.ndarray, resolution: float) -> np.ndarray:
     """Sharp low-pass filter at 1/resolution (float32)."""
     f = np.fft.rfftn(data)
-    kz = np.fft.fftfreq(data.shape[0], voxel[2])[:, None, None]
-    ky = np.fft.fftfreq(data.shape[1], voxel[1])[None, :, None]
-    kx = np.fft.rfftfreq(data.shape[2], voxel[0])[None, None, :]
+    kz, ky, kx = rfft_freqs(data.shape, voxel)
     s2 = kx * kx + ky * ky + kz * kz
     f[s2 > 1.0 / resolution**2] = 0
     return np.fft.irfftn(f, s=data.shape, axes=(0, 1, 2)).astype(np.float32)

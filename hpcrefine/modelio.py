@@ -164,13 +164,23 @@ def updated_structure(model: Model, xyz: np.ndarray, b: np.ndarray | None = None
     return st
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def _atomic_write(path: str, data, mode: str) -> None:
+    """Write through path.part, synced, then renamed over path: a reader sees either the old
+    file or the whole new one, never a partial write."""
     tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(text)
+    with open(tmp, mode) as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    _atomic_write(path, data, "wb")
 
 
 def write_model(st: gemmi.Structure, stem: str) -> list[str]:

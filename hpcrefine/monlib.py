@@ -207,45 +207,43 @@ def _template_from_block(block: gemmi.cif.Block, code: str, group: str, source: 
             out.append(index[n])
         return out
 
+    def targets(rows, n: int, what: str, default_esd: float, key_of, seen: dict):
+        """Atom indices, targets and esds of the usable rows of a bond or angle loop (columns:
+        n atom names, the target, the optional esd), keyed by key_of(indices) into seen; a key
+        already seen (or None) is skipped."""
+        t_idx, t_val, t_esd = [], [], []
+        for row in rows:
+            names = [row.str(c) for c in range(n)]
+            ii = idx(names, what)
+            if ii is None:
+                continue
+            key = key_of(ii)
+            if key is None or key in seen:
+                continue
+            v = _num(row[n])
+            s = _num(row[n + 1], default_esd) if row.has(n + 1) else default_esd
+            if not (v > 0 and s > 0):
+                raise InputError(f"{where}: {what} {'-'.join(names)} has no usable target/sigma")
+            seen[key] = v
+            t_idx.append(ii), t_val.append(v), t_esd.append(s)
+        return t_idx, t_val, t_esd
+
     # bonds
     bonds: dict[frozenset, float] = {}
-    b_idx, b_val, b_esd = [], [], []
     tab = block.find("_chem_comp_bond.", ["atom_id_1", "atom_id_2", "value_dist", "?value_dist_esd"])
     if len(tab) == 0 and len(atoms) > 1:
         if block.find_values("_chem_comp_bond.value_order") or block.find_values("_chem_comp_bond.atom_id_1"):
             raise InputError(f"{where}: bonds have no target lengths (_chem_comp_bond.value_dist); this "
                              f"looks like a PDB chemical-component entry, not a restraint dictionary: "
                              f"make one with AceDRG or grade")
-    for row in tab:
-        ij = idx([row.str(0), row.str(1)], "bond")
-        if ij is None:
-            continue
-        key = frozenset(ij)
-        if key in bonds or len(key) != 2:
-            continue
-        d = _num(row[2])
-        s = _num(row[3], 0.02) if row.has(3) else 0.02
-        if not (d > 0 and s > 0):
-            raise InputError(f"{where}: bond {row.str(0)}-{row.str(1)} has no usable target/sigma")
-        bonds[key] = d
-        b_idx.append(ij), b_val.append(d), b_esd.append(s)
+    b_idx, b_val, b_esd = targets(tab, 2, "bond", 0.02,
+                                  lambda ij: frozenset(ij) if ij[0] != ij[1] else None, bonds)
     # angles
     angles: dict[tuple, float] = {}
-    a_idx, a_val, a_esd = [], [], []
-    for row in block.find("_chem_comp_angle.", ["atom_id_1", "atom_id_2", "atom_id_3", "value_angle",
-                                                "?value_angle_esd"]):
-        ijk = idx([row.str(0), row.str(1), row.str(2)], "angle")
-        if ijk is None:
-            continue
-        key = (min(ijk[0], ijk[2]), ijk[1], max(ijk[0], ijk[2]))
-        if key in angles:
-            continue
-        v = _num(row[3])
-        s = _num(row[4], 3.0) if row.has(4) else 3.0
-        if not (v > 0 and s > 0):
-            raise InputError(f"{where}: angle {row.str(0)}-{row.str(1)}-{row.str(2)} has no usable target/sigma")
-        angles[key] = v
-        a_idx.append(ijk), a_val.append(v), a_esd.append(s)
+    a_idx, a_val, a_esd = targets(
+        block.find("_chem_comp_angle.", ["atom_id_1", "atom_id_2", "atom_id_3", "value_angle",
+                                         "?value_angle_esd"]),
+        3, "angle", 3.0, lambda ijk: (min(ijk[0], ijk[2]), ijk[1], max(ijk[0], ijk[2])), angles)
     # torsions
     t_idx, t_val, t_esd, t_per, t_id = [], [], [], [], []
     for row in block.find("_chem_comp_tor.", ["atom_id_1", "atom_id_2", "atom_id_3", "atom_id_4",

@@ -15,7 +15,8 @@ import time
 import gemmi
 import numpy as np
 
-from . import mapio
+from . import mapio, mapstats
+from .core.density import rfft_freqs
 from .errors import InputError
 from .modelio import atomic_write_text, read_structure
 
@@ -87,28 +88,7 @@ def model_density(st: gemmi.Structure, origin: np.ndarray, n: int, pixel: float,
     Returns float32 indexed [z, y, x]. The calculation is periodic in the box, so the box needs
     a margin of several Angstrom around the atoms.
     """
-    local = st.clone()
-    while len(local) > 1:
-        del local[1]
-    shift = gemmi.Transform()
-    shift.vec.fromlist([-float(c) for c in origin])
-    local[0].transform_pos_and_adp(shift)
-    side = n * pixel
-    local.cell = gemmi.UnitCell(side, side, side, 90, 90, 90)
-    local.spacegroup_hm = "P 1"
-
-    dc = gemmi.DensityCalculatorE()
-    dc.grid.set_unit_cell(local.cell)
-    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
-    dc.grid.set_size(n, n, n)
-    # d_min = 0: keep the grid set above (a positive d_min would make gemmi choose its own size
-    # from d_min / (2 * rate), which can round up to a different FFT size)
-    dc.d_min = 0.0
-    dc.blur = extra_b  # added to every atom's B
-    dc.put_model_density_on_grid(local[0])
-    if dc.grid.shape != (n, n, n):
-        raise RuntimeError(f"density grid {dc.grid.shape} does not match the box ({n}^3)")
-    return np.ascontiguousarray(np.asarray(dc.grid.array).transpose(2, 1, 0), dtype=np.float32)
+    return mapstats.model_density(st, (n, n, n), origin, (pixel, pixel, pixel), extra_b)
 
 
 # ------------------------------------------------------------------------------------- FSC
@@ -121,9 +101,7 @@ def _shells(shape_zyx, voxel, nbins=None):
     """
     nz, ny, nx = shape_zyx
     vx, vy, vz = (float(v) for v in voxel)
-    fz = np.fft.fftfreq(nz, d=vz)[:, None, None]
-    fy = np.fft.fftfreq(ny, d=vy)[None, :, None]
-    fx = np.fft.rfftfreq(nx, d=vx)[None, None, :]
+    fz, fy, fx = rfft_freqs(shape_zyx, (vx, vy, vz))
     s = np.sqrt(fz**2 + fy**2 + fx**2)
     s_max = 0.5 / max(vx, vy, vz)
     if nbins:

@@ -171,6 +171,17 @@ def test_normalise_map(smooth_map):
         D.normalise_map(data, mask=np.zeros(data.shape, bool))
 
 
+def test_normalise_map_float64_leaves_input_alone(smooth_map):
+    data = smooth_map.astype(np.float64) * 3.0 + 7.0
+    before = data.copy()
+    mean, std = D.map_mean_std(data)
+    np.testing.assert_array_equal(data, before)
+    assert (mean, std) == pytest.approx((float(before.mean()), float(before.std())), rel=1e-9)
+    n = D.normalise_map(data)
+    np.testing.assert_array_equal(data, before)
+    np.testing.assert_allclose(n, D.normalise_map(before.astype(np.float32)), atol=1e-5)
+
+
 def test_blur_map_keeps_mean_and_smooths(smooth_map):
     rng = np.random.default_rng(7)
     noisy = rng.normal(size=(16, 16, 16)).astype(np.float32)

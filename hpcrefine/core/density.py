@@ -22,6 +22,9 @@ import math
 import numpy as np
 from numba import njit
 
+from .common import coords as _prep_xyz
+from .common import grad_array
+
 
 def _prep_map(data) -> np.ndarray:
     data = np.asarray(data)         # a plain ndarray view of np.memmap etc., no copy
@@ -33,13 +36,6 @@ def _prep_map(data) -> np.ndarray:
     elif not dt.isnative:                 # e.g. a big-endian MRC file: a native copy
         data = data.astype(dt.newbyteorder("="))
     return data
-
-
-def _prep_xyz(xyz) -> np.ndarray:
-    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
-    return xyz
 
 
 def _vec3(v, what) -> np.ndarray:
@@ -108,18 +104,23 @@ def _interp(data, ox, oy, oz, vx, vy, vz, x, y, z):
     return val, gx / vx, gy / vy, gz / vz
 
 
+@njit(cache=True, inline="always")
+def _interp_atom(data, ox, oy, oz, vx, vy, vz, xyz, a):
+    """_interp at atom a; NaN value and gradient for a non-finite position."""
+    x = xyz[a, 0]
+    y = xyz[a, 1]
+    z = xyz[a, 2]
+    if math.isfinite(x) and math.isfinite(y) and math.isfinite(z):
+        return _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)
+    return np.nan, np.nan, np.nan, np.nan
+
+
 @njit(cache=True)
 def _tricubic_kernel(data, origin, voxel, xyz, values, grad):
     ox, oy, oz = origin[0], origin[1], origin[2]
     vx, vy, vz = voxel[0], voxel[1], voxel[2]
     for a in range(xyz.shape[0]):
-        x = xyz[a, 0]
-        y = xyz[a, 1]
-        z = xyz[a, 2]
-        if math.isfinite(x) and math.isfinite(y) and math.isfinite(z):
-            v, gx, gy, gz = _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)
-        else:
-            v = gx = gy = gz = np.nan
+        v, gx, gy, gz = _interp_atom(data, ox, oy, oz, vx, vy, vz, xyz, a)
         values[a] = v
         grad[a, 0] = gx
         grad[a, 1] = gy
@@ -132,13 +133,7 @@ def _target_kernel(data, origin, voxel, xyz, weight, scale, grad):
     vx, vy, vz = voxel[0], voxel[1], voxel[2]
     t = 0.0
     for a in range(xyz.shape[0]):
-        x = xyz[a, 0]
-        y = xyz[a, 1]
-        z = xyz[a, 2]
-        if math.isfinite(x) and math.isfinite(y) and math.isfinite(z):
-            v, gx, gy, gz = _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)
-        else:
-            v = gx = gy = gz = np.nan
+        v, gx, gy, gz = _interp_atom(data, ox, oy, oz, vx, vy, vz, xyz, a)
         c = -scale * weight[a]
         t += c * v
         grad[a, 0] += c * gx
@@ -170,10 +165,7 @@ def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scal
         w = np.full(len(xyz), float(w))
     if w.shape != (len(xyz),):
         raise ValueError(f"atom_weight has shape {w.shape}, expected ({len(xyz)},)")
-    if grad_out is None:
-        grad_out = np.zeros(xyz.shape, dtype=np.float64)
-    elif grad_out.shape != xyz.shape or grad_out.dtype != np.float64 or not grad_out.flags.c_contiguous:
-        raise ValueError("grad_out must be a C-contiguous float64 array of the shape of xyz")
+    grad_out = grad_array(xyz, grad_out)
     t = _target_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, w,
                        float(scale), grad_out)
     return float(t), grad_out
@@ -200,6 +192,16 @@ def _chunks(n0: int, plane: int, chunk_voxels: int):
         yield slice(k0, min(n0, k0 + step))
 
 
+def _slabs(data, mask, chunk_voxels: int):
+    """The map (within mask, if given) in float64 slabs of about chunk_voxels voxels."""
+    plane = int(np.prod(data.shape[1:]))
+    for sl in _chunks(data.shape[0], plane, chunk_voxels):
+        block = np.asarray(data[sl], dtype=np.float64)
+        if mask is not None:
+            block = block[np.asarray(mask[sl], dtype=bool)]
+        yield block
+
+
 def map_mean_std(data, mask=None, chunk_voxels: int = 1 << 24) -> tuple[float, float]:
     """Mean and standard deviation of the map (over mask, if given), in float64, reading
     slabs of about chunk_voxels voxels (memory-mapped maps are never loaded whole)."""
@@ -208,24 +210,17 @@ def map_mean_std(data, mask=None, chunk_voxels: int = 1 << 24) -> tuple[float, f
         mask = np.asarray(mask)
         if mask.shape != data.shape:
             raise ValueError(f"mask shape {mask.shape} differs from map shape {data.shape}")
-    plane = int(np.prod(data.shape[1:]))
     count = 0
     total = 0.0
-    for sl in _chunks(data.shape[0], plane, chunk_voxels):
-        block = np.asarray(data[sl], dtype=np.float64)
-        if mask is not None:
-            block = block[np.asarray(mask[sl], dtype=bool)]
+    for block in _slabs(data, mask, chunk_voxels):
         count += block.size
         total += float(block.sum())
     if count == 0:
         raise ValueError("the mask selects no voxels")
     mean = total / count
     ss = 0.0
-    for sl in _chunks(data.shape[0], plane, chunk_voxels):
-        block = np.asarray(data[sl], dtype=np.float64)
-        if mask is not None:
-            block = block[np.asarray(mask[sl], dtype=bool)]
-        block -= mean
+    for block in _slabs(data, mask, chunk_voxels):
+        block = block - mean          # not in place: a float64 slab may be a view of data
         ss += float(np.dot(block.ravel(), block.ravel()))
     return mean, math.sqrt(ss / count)
 
@@ -244,6 +239,16 @@ def normalise_map(data, mask=None, chunk_voxels: int = 1 << 24) -> np.ndarray:
     return out
 
 
+def rfft_freqs(shape_zyx, voxel):
+    """Spatial frequencies (1/A) along z, y and x of the coefficients of an rfftn of a
+    (nz, ny, nx) map with voxel (x, y, z) in A, as arrays of shapes (nz, 1, 1), (1, ny, 1) and
+    (1, 1, nx // 2 + 1) that broadcast to the coefficient array."""
+    kz = np.fft.fftfreq(shape_zyx[0], voxel[2])[:, None, None]
+    ky = np.fft.fftfreq(shape_zyx[1], voxel[1])[None, :, None]
+    kx = np.fft.rfftfreq(shape_zyx[2], voxel[0])[None, None, :]
+    return kz, ky, kx
+
+
 def blur_map(data, voxel, b_extra: float) -> np.ndarray:
     """The map multiplied in Fourier space by exp(-b_extra s^2 / 4), float32: a B-factor blur, or
     sharpening when b_extra < 0 (then low-pass the result: sharpening amplifies noise)."""
@@ -251,11 +256,7 @@ def blur_map(data, voxel, b_extra: float) -> np.ndarray:
     if b_extra == 0:
         return data.copy()
     import scipy.fft
-    voxel = _vec3(voxel, "voxel")
     f = scipy.fft.rfftn(data)
-    kz = np.fft.fftfreq(data.shape[0], voxel[2])[:, None, None]
-    ky = np.fft.fftfreq(data.shape[1], voxel[1])[None, :, None]
-    kx = np.fft.rfftfreq(data.shape[2], voxel[0])[None, None, :]
-    for k in (kz, ky, kx):         # separable factors: no full-size temporary
+    for k in rfft_freqs(data.shape, _vec3(voxel, "voxel")):         # separable factors: no full-size temporary
         f *= np.exp(-0.25 * b_extra * k * k).astype(np.float32)
     return scipy.fft.irfftn(f, s=data.shape).astype(np.float32)

@@ -39,6 +39,9 @@ import numpy as np
 from numba import njit
 
 from ..restraints import Restraints
+from .common import add, add_at, cross, diff, dot, scale, sub_at
+from .common import coords as _coords
+from .common import grad_array as _grad
 
 RAD2DEG = 180.0 / math.pi
 TERM_NAMES = ("bonds", "angles", "torsions", "chirals", "planes")
@@ -47,13 +50,6 @@ TERM_NAMES = ("bonds", "angles", "torsions", "chirals", "planes")
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-def _coords(xyz) -> np.ndarray:
-    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
-    return xyz
-
 
 def _ints(a, ncol=None) -> np.ndarray:
     a = np.asarray(a)
@@ -68,13 +64,12 @@ def _floats(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def _grad(xyz, grad_out) -> np.ndarray:
-    if grad_out is None:
-        return np.zeros(xyz.shape, dtype=np.float64)
-    if (grad_out.shape != xyz.shape or grad_out.dtype != np.float64
-            or not grad_out.flags.c_contiguous):
-        raise ValueError("grad_out must be a C-contiguous float64 array of the shape of xyz")
-    return grad_out
+def _energy(kernel, xyz, grad_out, *args):
+    """kernel(xyz, *args, grad) on checked coordinates, adding into grad_out if given (else a new
+    zero gradient): returns (energy, grad)."""
+    xyz = _coords(xyz)
+    g = _grad(xyz, grad_out)
+    return float(kernel(xyz, *args, g)), g
 
 
 @njit(cache=True)
@@ -95,27 +90,27 @@ def _period_width(p):
 # bonds
 # ----------------------------------------------------------------------------------------------
 
+@njit(cache=True, inline="always")
+def _bond(xyz, i, j):
+    """d = x_i - x_j and |d|."""
+    d = diff(xyz, i, j)
+    return d, math.sqrt(dot(d, d))
+
+
 @njit(cache=True)
 def _bond_kernel(xyz, idx, target, sigma, weight, grad):
     e = 0.0
     for t in range(idx.shape[0]):
         i = idx[t, 0]
         j = idx[t, 1]
-        dx = xyz[i, 0] - xyz[j, 0]
-        dy = xyz[i, 1] - xyz[j, 1]
-        dz = xyz[i, 2] - xyz[j, 2]
-        d = math.sqrt(dx * dx + dy * dy + dz * dz)
+        dv, d = _bond(xyz, i, j)
         dev = d - target[t]
         w = weight / (sigma[t] * sigma[t])
         e += w * dev * dev
         if d > 0.0:
-            c = 2.0 * w * dev / d
-            grad[i, 0] += c * dx
-            grad[i, 1] += c * dy
-            grad[i, 2] += c * dz
-            grad[j, 0] -= c * dx
-            grad[j, 1] -= c * dy
-            grad[j, 2] -= c * dz
+            g = scale(2.0 * w * dev / d, dv)
+            add_at(grad, i, g)
+            sub_at(grad, j, g)
     return e
 
 
@@ -123,21 +118,14 @@ def _bond_kernel(xyz, idx, target, sigma, weight, grad):
 def _bond_values(xyz, idx):
     out = np.empty(idx.shape[0])
     for t in range(idx.shape[0]):
-        i = idx[t, 0]
-        j = idx[t, 1]
-        dx = xyz[i, 0] - xyz[j, 0]
-        dy = xyz[i, 1] - xyz[j, 1]
-        dz = xyz[i, 2] - xyz[j, 2]
-        out[t] = math.sqrt(dx * dx + dy * dy + dz * dz)
+        out[t] = _bond(xyz, idx[t, 0], idx[t, 1])[1]
     return out
 
 
 def bond_terms(xyz, idx, target, sigma, grad_out=None, weight=1.0):
     """Bond-length restraints: sum ((|x_i - x_j| - target) / sigma)^2. idx (t, 2)."""
-    xyz = _coords(xyz)
-    g = _grad(xyz, grad_out)
-    e = _bond_kernel(xyz, _ints(idx, 2), _floats(target), _floats(sigma), float(weight), g)
-    return float(e), g
+    return _energy(_bond_kernel, xyz, grad_out, _ints(idx, 2), _floats(target), _floats(sigma),
+                   float(weight))
 
 
 def bond_lengths(xyz, idx) -> np.ndarray:
@@ -148,6 +136,16 @@ def bond_lengths(xyz, idx) -> np.ndarray:
 # angles
 # ----------------------------------------------------------------------------------------------
 
+@njit(cache=True, inline="always")
+def _angle(xyz, i, j, k):
+    """u = x_i - x_j, v = x_k - x_j, w = u x v, |w| and the angle between u and v in degrees."""
+    u = diff(xyz, i, j)
+    v = diff(xyz, k, j)
+    w = cross(u, v)
+    wn = math.sqrt(dot(w, w))
+    return u, v, w, wn, math.atan2(wn, dot(u, v)) * RAD2DEG
+
+
 @njit(cache=True)
 def _angle_kernel(xyz, idx, target, sigma, weight, grad):
     e = 0.0
@@ -155,44 +153,20 @@ def _angle_kernel(xyz, idx, target, sigma, weight, grad):
         i = idx[t, 0]
         j = idx[t, 1]
         k = idx[t, 2]
-        ux = xyz[i, 0] - xyz[j, 0]
-        uy = xyz[i, 1] - xyz[j, 1]
-        uz = xyz[i, 2] - xyz[j, 2]
-        vx = xyz[k, 0] - xyz[j, 0]
-        vy = xyz[k, 1] - xyz[j, 1]
-        vz = xyz[k, 2] - xyz[j, 2]
-        # w = u x v
-        wx = uy * vz - uz * vy
-        wy = uz * vx - ux * vz
-        wz = ux * vy - uy * vx
-        wn = math.sqrt(wx * wx + wy * wy + wz * wz)
-        dot = ux * vx + uy * vy + uz * vz
-        theta = math.atan2(wn, dot) * RAD2DEG
+        u, v, wv, wn, theta = _angle(xyz, i, j, k)
         dev = theta - target[t]
         w = weight / (sigma[t] * sigma[t])
         e += w * dev * dev
-        uu = ux * ux + uy * uy + uz * uz
-        vv = vx * vx + vy * vy + vz * vz
+        uu = dot(u, u)
+        vv = dot(v, v)
         if wn > 1e-12 * math.sqrt(uu * vv):
             gt = 2.0 * w * dev * RAD2DEG      # dE/dtheta, theta in radians
             # dtheta/du = (u x w) / (|u|^2 |w|);  dtheta/dv = -(v x w) / (|v|^2 |w|)
-            cu = gt / (uu * wn)
-            cv = -gt / (vv * wn)
-            gix = cu * (uy * wz - uz * wy)
-            giy = cu * (uz * wx - ux * wz)
-            giz = cu * (ux * wy - uy * wx)
-            gkx = cv * (vy * wz - vz * wy)
-            gky = cv * (vz * wx - vx * wz)
-            gkz = cv * (vx * wy - vy * wx)
-            grad[i, 0] += gix
-            grad[i, 1] += giy
-            grad[i, 2] += giz
-            grad[k, 0] += gkx
-            grad[k, 1] += gky
-            grad[k, 2] += gkz
-            grad[j, 0] -= gix + gkx
-            grad[j, 1] -= giy + gky
-            grad[j, 2] -= giz + gkz
+            gi = scale(gt / (uu * wn), cross(u, wv))
+            gk = scale(-gt / (vv * wn), cross(v, wv))
+            add_at(grad, i, gi)
+            add_at(grad, k, gk)
+            sub_at(grad, j, add(gi, gk))
     return e
 
 
@@ -200,29 +174,14 @@ def _angle_kernel(xyz, idx, target, sigma, weight, grad):
 def _angle_values(xyz, idx):
     out = np.empty(idx.shape[0])
     for t in range(idx.shape[0]):
-        i = idx[t, 0]
-        j = idx[t, 1]
-        k = idx[t, 2]
-        ux = xyz[i, 0] - xyz[j, 0]
-        uy = xyz[i, 1] - xyz[j, 1]
-        uz = xyz[i, 2] - xyz[j, 2]
-        vx = xyz[k, 0] - xyz[j, 0]
-        vy = xyz[k, 1] - xyz[j, 1]
-        vz = xyz[k, 2] - xyz[j, 2]
-        wx = uy * vz - uz * vy
-        wy = uz * vx - ux * vz
-        wz = ux * vy - uy * vx
-        wn = math.sqrt(wx * wx + wy * wy + wz * wz)
-        out[t] = math.atan2(wn, ux * vx + uy * vy + uz * vz) * RAD2DEG
+        out[t] = _angle(xyz, idx[t, 0], idx[t, 1], idx[t, 2])[4]
     return out
 
 
 def angle_terms(xyz, idx, target, sigma, grad_out=None, weight=1.0):
     """Bond-angle restraints i-j-k (vertex j), degrees: sum ((angle - target) / sigma)^2."""
-    xyz = _coords(xyz)
-    g = _grad(xyz, grad_out)
-    e = _angle_kernel(xyz, _ints(idx, 3), _floats(target), _floats(sigma), float(weight), g)
-    return float(e), g
+    return _energy(_angle_kernel, xyz, grad_out, _ints(idx, 3), _floats(target), _floats(sigma),
+                   float(weight))
 
 
 def angle_values(xyz, idx) -> np.ndarray:
@@ -234,6 +193,20 @@ def angle_values(xyz, idx) -> np.ndarray:
 # torsions
 # ----------------------------------------------------------------------------------------------
 
+@njit(cache=True, inline="always")
+def _torsion(xyz, i, j, k, m):
+    """Bond vectors b1 = x_j - x_i, b2 = x_k - x_j, b3 = x_m - x_k, the normals a = b1 x b2 and
+    b = b2 x b3, |b2| and the torsion angle in degrees (IUPAC sign)."""
+    b1 = diff(xyz, j, i)
+    b2 = diff(xyz, k, j)
+    b3 = diff(xyz, m, k)
+    a = cross(b1, b2)
+    b = cross(b2, b3)
+    l2 = math.sqrt(dot(b2, b2))
+    phi = math.atan2(l2 * dot(b1, b), dot(a, b)) * RAD2DEG
+    return b1, b2, b3, a, b, l2, phi
+
+
 @njit(cache=True)
 def _torsion_kernel(xyz, idx, target, sigma, period, weight, grad):
     e = 0.0
@@ -242,59 +215,24 @@ def _torsion_kernel(xyz, idx, target, sigma, period, weight, grad):
         j = idx[t, 1]
         k = idx[t, 2]
         m_ = idx[t, 3]
-        b1x = xyz[j, 0] - xyz[i, 0]
-        b1y = xyz[j, 1] - xyz[i, 1]
-        b1z = xyz[j, 2] - xyz[i, 2]
-        b2x = xyz[k, 0] - xyz[j, 0]
-        b2y = xyz[k, 1] - xyz[j, 1]
-        b2z = xyz[k, 2] - xyz[j, 2]
-        b3x = xyz[m_, 0] - xyz[k, 0]
-        b3y = xyz[m_, 1] - xyz[k, 1]
-        b3z = xyz[m_, 2] - xyz[k, 2]
-        # a = b1 x b2, b = b2 x b3
-        ax = b1y * b2z - b1z * b2y
-        ay = b1z * b2x - b1x * b2z
-        az = b1x * b2y - b1y * b2x
-        bx = b2y * b3z - b2z * b3y
-        by = b2z * b3x - b2x * b3z
-        bz = b2x * b3y - b2y * b3x
-        l2 = math.sqrt(b2x * b2x + b2y * b2y + b2z * b2z)
-        y = l2 * (b1x * bx + b1y * by + b1z * bz)
-        x = ax * bx + ay * by + az * bz
-        phi = math.atan2(y, x) * RAD2DEG
+        b1, b2, b3, a, b, l2, phi = _torsion(xyz, i, j, k, m_)
         dev = _wrap(phi - target[t], _period_width(period[t]))
         w = weight / (sigma[t] * sigma[t])
         e += w * dev * dev
-        aa = ax * ax + ay * ay + az * az
-        bb = bx * bx + by * by + bz * bz
+        aa = dot(a, a)
+        bb = dot(b, b)
         if aa > 1e-24 and bb > 1e-24 and l2 > 1e-12:
             gp = 2.0 * w * dev * RAD2DEG      # dE/dphi, phi in radians
-            fi = -gp * l2 / aa                 # dphi/dx_i = -|b2| a / |a|^2
-            fl = gp * l2 / bb                  # dphi/dx_l = |b2| b / |b|^2
-            p12 = (b1x * b2x + b1y * b2y + b1z * b2z) / (l2 * l2)
-            p32 = (b3x * b2x + b3y * b2y + b3z * b2z) / (l2 * l2)
-            gix = fi * ax
-            giy = fi * ay
-            giz = fi * az
-            glx = fl * bx
-            gly = fl * by
-            glz = fl * bz
+            gi = scale(-gp * l2 / aa, a)       # dphi/dx_i = -|b2| a / |a|^2
+            gl = scale(gp * l2 / bb, b)        # dphi/dx_l = |b2| b / |b|^2
+            p12 = dot(b1, b2) / (l2 * l2)
+            p32 = dot(b3, b2) / (l2 * l2)
             # dphi/dx_j = -(1 + p12) dphi/dx_i + p32 dphi/dx_l ; dphi/dx_k = -(sum of the others)
-            gjx = -(1.0 + p12) * gix + p32 * glx
-            gjy = -(1.0 + p12) * giy + p32 * gly
-            gjz = -(1.0 + p12) * giz + p32 * glz
-            grad[i, 0] += gix
-            grad[i, 1] += giy
-            grad[i, 2] += giz
-            grad[m_, 0] += glx
-            grad[m_, 1] += gly
-            grad[m_, 2] += glz
-            grad[j, 0] += gjx
-            grad[j, 1] += gjy
-            grad[j, 2] += gjz
-            grad[k, 0] -= gix + glx + gjx
-            grad[k, 1] -= giy + gly + gjy
-            grad[k, 2] -= giz + glz + gjz
+            gj = add(scale(-(1.0 + p12), gi), scale(p32, gl))
+            add_at(grad, i, gi)
+            add_at(grad, m_, gl)
+            add_at(grad, j, gj)
+            sub_at(grad, k, add(add(gi, gl), gj))
     return e
 
 
@@ -302,28 +240,7 @@ def _torsion_kernel(xyz, idx, target, sigma, period, weight, grad):
 def _torsion_values(xyz, idx):
     out = np.empty(idx.shape[0])
     for t in range(idx.shape[0]):
-        i = idx[t, 0]
-        j = idx[t, 1]
-        k = idx[t, 2]
-        m_ = idx[t, 3]
-        b1x = xyz[j, 0] - xyz[i, 0]
-        b1y = xyz[j, 1] - xyz[i, 1]
-        b1z = xyz[j, 2] - xyz[i, 2]
-        b2x = xyz[k, 0] - xyz[j, 0]
-        b2y = xyz[k, 1] - xyz[j, 1]
-        b2z = xyz[k, 2] - xyz[j, 2]
-        b3x = xyz[m_, 0] - xyz[k, 0]
-        b3y = xyz[m_, 1] - xyz[k, 1]
-        b3z = xyz[m_, 2] - xyz[k, 2]
-        ax = b1y * b2z - b1z * b2y
-        ay = b1z * b2x - b1x * b2z
-        az = b1x * b2y - b1y * b2x
-        bx = b2y * b3z - b2z * b3y
-        by = b2z * b3x - b2x * b3z
-        bz = b2x * b3y - b2y * b3x
-        l2 = math.sqrt(b2x * b2x + b2y * b2y + b2z * b2z)
-        out[t] = math.atan2(l2 * (b1x * bx + b1y * by + b1z * bz),
-                            ax * bx + ay * by + az * bz) * RAD2DEG
+        out[t] = _torsion(xyz, idx[t, 0], idx[t, 1], idx[t, 2], idx[t, 3])[6]
     return out
 
 
@@ -337,11 +254,8 @@ def _torsion_devs(phi, target, period):
 
 def torsion_terms(xyz, idx, target, sigma, period, grad_out=None, weight=1.0):
     """Torsion restraints i-j-k-l, degrees, periodic: sum (wrap(phi - target, 360/p) / sigma)^2."""
-    xyz = _coords(xyz)
-    g = _grad(xyz, grad_out)
-    e = _torsion_kernel(xyz, _ints(idx, 4), _floats(target), _floats(sigma), _ints(period),
-                        float(weight), g)
-    return float(e), g
+    return _energy(_torsion_kernel, xyz, grad_out, _ints(idx, 4), _floats(target), _floats(sigma),
+                   _ints(period), float(weight))
 
 
 def torsion_values(xyz, idx) -> np.ndarray:
@@ -358,6 +272,16 @@ def torsion_deviations(xyz, idx, target, period) -> np.ndarray:
 # chirality
 # ----------------------------------------------------------------------------------------------
 
+@njit(cache=True, inline="always")
+def _chiral(xyz, c, i1, i2, i3):
+    """a = x_i1 - x_c, b = x_i2 - x_c, d = x_i3 - x_c, b x d and the volume a . (b x d)."""
+    a = diff(xyz, i1, c)
+    b = diff(xyz, i2, c)
+    d = diff(xyz, i3, c)
+    bd = cross(b, d)
+    return a, b, d, bd, dot(a, bd)
+
+
 @njit(cache=True)
 def _chiral_kernel(xyz, idx, target, sigma, both, weight, grad):
     e = 0.0
@@ -367,26 +291,10 @@ def _chiral_kernel(xyz, idx, target, sigma, both, weight, grad):
         i1 = idx[t, 1]
         i2 = idx[t, 2]
         i3 = idx[t, 3]
-        ax = xyz[i1, 0] - xyz[c, 0]
-        ay = xyz[i1, 1] - xyz[c, 1]
-        az = xyz[i1, 2] - xyz[c, 2]
-        bx = xyz[i2, 0] - xyz[c, 0]
-        by = xyz[i2, 1] - xyz[c, 1]
-        bz = xyz[i2, 2] - xyz[c, 2]
-        cx = xyz[i3, 0] - xyz[c, 0]
-        cy = xyz[i3, 1] - xyz[c, 1]
-        cz = xyz[i3, 2] - xyz[c, 2]
-        # b x c, c x a, a x b
-        bcx = by * cz - bz * cy
-        bcy = bz * cx - bx * cz
-        bcz = bx * cy - by * cx
-        cax = cy * az - cz * ay
-        cay = cz * ax - cx * az
-        caz = cx * ay - cy * ax
-        abx = ay * bz - az * by
-        aby = az * bx - ax * bz
-        abz = ax * by - ay * bx
-        v = ax * bcx + ay * bcy + az * bcz
+        a, b, d, bd, v = _chiral(xyz, c, i1, i2, i3)
+        # dV/dx_i1 = b x d, dV/dx_i2 = d x a, dV/dx_i3 = a x b
+        da = cross(d, a)
+        ab = cross(a, b)
         w = weight / (sigma[t] * sigma[t])
         if has_both and both[t]:
             dev = abs(v) - abs(target[t])
@@ -395,18 +303,10 @@ def _chiral_kernel(xyz, idx, target, sigma, both, weight, grad):
             dev = v - target[t]
             gv = 2.0 * w * dev
         e += w * dev * dev
-        grad[i1, 0] += gv * bcx
-        grad[i1, 1] += gv * bcy
-        grad[i1, 2] += gv * bcz
-        grad[i2, 0] += gv * cax
-        grad[i2, 1] += gv * cay
-        grad[i2, 2] += gv * caz
-        grad[i3, 0] += gv * abx
-        grad[i3, 1] += gv * aby
-        grad[i3, 2] += gv * abz
-        grad[c, 0] -= gv * (bcx + cax + abx)
-        grad[c, 1] -= gv * (bcy + cay + aby)
-        grad[c, 2] -= gv * (bcz + caz + abz)
+        add_at(grad, i1, scale(gv, bd))
+        add_at(grad, i2, scale(gv, da))
+        add_at(grad, i3, scale(gv, ab))
+        sub_at(grad, c, scale(gv, add(add(bd, da), ab)))
     return e
 
 
@@ -414,17 +314,7 @@ def _chiral_kernel(xyz, idx, target, sigma, both, weight, grad):
 def _chiral_values(xyz, idx):
     out = np.empty(idx.shape[0])
     for t in range(idx.shape[0]):
-        c = idx[t, 0]
-        ax = xyz[idx[t, 1], 0] - xyz[c, 0]
-        ay = xyz[idx[t, 1], 1] - xyz[c, 1]
-        az = xyz[idx[t, 1], 2] - xyz[c, 2]
-        bx = xyz[idx[t, 2], 0] - xyz[c, 0]
-        by = xyz[idx[t, 2], 1] - xyz[c, 1]
-        bz = xyz[idx[t, 2], 2] - xyz[c, 2]
-        cx = xyz[idx[t, 3], 0] - xyz[c, 0]
-        cy = xyz[idx[t, 3], 1] - xyz[c, 1]
-        cz = xyz[idx[t, 3], 2] - xyz[c, 2]
-        out[t] = ax * (by * cz - bz * cy) + ay * (bz * cx - bx * cz) + az * (bx * cy - by * cx)
+        out[t] = _chiral(xyz, idx[t, 0], idx[t, 1], idx[t, 2], idx[t, 3])[4]
     return out
 
 
@@ -440,12 +330,9 @@ def _both(both, n):
 def chiral_terms(xyz, idx, target, sigma, both=None, grad_out=None, weight=1.0):
     """Chiral-volume restraints (centre, a1, a2, a3): sum ((V - target) / sigma)^2 with
     V = (a1 - c) . ((a2 - c) x (a3 - c)); terms flagged in `both` use (|V| - |target|)."""
-    xyz = _coords(xyz)
-    g = _grad(xyz, grad_out)
     idx = _ints(idx, 4)
-    e = _chiral_kernel(xyz, idx, _floats(target), _floats(sigma), _both(both, len(idx)),
-                       float(weight), g)
-    return float(e), g
+    return _energy(_chiral_kernel, xyz, grad_out, idx, _floats(target), _floats(sigma),
+                   _both(both, len(idx)), float(weight))
 
 
 def chiral_volumes(xyz, idx) -> np.ndarray:

@@ -30,6 +30,9 @@ import math
 import numpy as np
 from numba import njit
 
+from .common import add_at, diff, dot, grad_array, row, scale, sub, sub_at
+from .common import coords as _coords
+
 HBOND_D0 = 2.7      # A, contact distance of an H-bond donor/acceptor pair
 D0_14_SHIFT = 0.5   # A, subtracted from the contact distance of 1-4 pairs
 
@@ -157,6 +160,27 @@ def _grow(a, cap):
     return b
 
 
+_STENCIL_ROWS = 5   # rows of cells (dz, dy) = (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)
+
+
+@njit(cache=True, inline="always")
+def _stencil_row(r, cx, cy, cz, nx, ny, nz):
+    """Cells e0 .. e1 (inclusive, consecutive; none when e0 > e1) of row r of the half-shell
+    stencil of cell (cx, cy, cz): the cell itself and the 13 of its 26 neighbours with a
+    lexicographically positive offset (dz, dy, dx). Rows come in increasing cell order."""
+    if r < 2:
+        ez = cz
+        ey = cy + r
+    else:
+        ez = cz + 1
+        ey = cy + r - 3
+    if ez >= nz or ey < 0 or ey >= ny:
+        return 0, -1
+    base = (ez * ny + ey) * nx
+    x0 = cx if r == 0 else max(cx - 1, 0)
+    return base + x0, base + min(cx + 1, nx - 1)
+
+
 @njit(cache=True)
 def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart,
                   tstart, tpart, tcode, out_i, out_j, out_k, npairs):
@@ -180,83 +204,64 @@ def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, c
         cz = c // (nx * ny)
         # worst case for this cell: every atom pairs with every atom of the stencil
         worst = 0
-        for dz in range(0, 2):
-            ez = cz + dz
-            if ez >= nz:
-                continue
-            for dy in range(-1, 2):
-                ey = cy + dy
-                if ey < 0 or ey >= ny:
-                    continue
-                e0 = (ez * ny + ey) * nx + max(cx - 1, 0)
-                e1 = (ez * ny + ey) * nx + min(cx + 1, nx - 1)
+        for r in range(_STENCIL_ROWS):
+            e0, e1 = _stencil_row(r, cx, cy, cz, nx, ny, nz)
+            if e0 <= e1:
                 worst += cstart[e1 + 1] - cstart[e0]
         if npairs + (a1 - a0) * worst > cap:
             return npairs, c, (a1 - a0) * worst
-        # 14 neighbour cells: self + 13 of the 26 (lexicographically positive offsets)
-        for dz in range(0, 2):
-            ez = cz + dz
-            if ez >= nz:
-                continue
-            for dy in range(-1, 2):
-                ey = cy + dy
-                if (dz == 0 and dy < 0) or ey < 0 or ey >= ny:
-                    continue
-                dx0 = 0 if (dz == 0 and dy == 0) else -1
-                for dx in range(dx0, 2):
-                    ex = cx + dx
-                    if ex < 0 or ex >= nx:
-                        continue
-                    e = (ez * ny + ey) * nx + ex
-                    same = e == c
-                    b0 = cstart[e]
-                    b1 = cstart[e + 1]
-                    for p in range(a0, a1):
-                        q0 = p + 1 if same else b0
-                        xi = xs[p, 0]
-                        yi = xs[p, 1]
-                        zi = xs[p, 2]
-                        ri = rs[p] + skin
-                        hi = np.int64(hs[p])
-                        oi = np.int64(order[p])
-                        for q in range(q0, b1):
-                            ddx = xs[q, 0] - xi
-                            ddy = xs[q, 1] - yi
-                            ddz = xs[q, 2] - zi
-                            d2 = ddx * ddx + ddy * ddy + ddz * ddz
-                            if d2 >= rc2:
-                                continue
-                            # contact distance + skin, H-bond pairs capped (as in _contact)
-                            hj = np.int64(hs[q])
-                            lim = ri + rs[q]
-                            if ((hi & (hj >> 1)) | (hj & (hi >> 1))) & 1:
-                                lim = min(lim, hb_lim)
-                            if d2 >= lim * lim:
-                                continue
-                            oj = np.int64(order[q])
-                            sw = oi > oj
-                            lo_ = oj if sw else oi
-                            hi_ = oi if sw else oj
-                            pp = q if sw else p
-                            off = hi_ - lo_
-                            if off <= MASK_SPAN:
-                                sh = np.uint64(off - 1)
-                                excl = np.int64((mex[pp] >> sh) & np.uint64(1))
-                                k14 = np.int64((m14[pp] >> sh) & np.uint64(1))
-                            else:
-                                excl = 0
-                                k14 = 0
-                                if mov[pp]:
-                                    code = _overflow_code(lo_, hi_, tstart, tpart, tcode)
-                                    excl = 1 if code == _EXCL else 0
-                                    k14 = 1 if code == _P14 else 0
-                            lim14 = max(lim - D0_14_SHIFT, 0.0)
-                            near14 = 1 if d2 < lim14 * lim14 else 0
-                            # write every candidate, advance only for accepted ones (no branch)
-                            out_i[npairs] = lo_
-                            out_j[npairs] = hi_
-                            out_k[npairs] = k14
-                            npairs += (1 - excl) * (1 - k14 + k14 * near14)
+        for r in range(_STENCIL_ROWS):
+            e0, e1 = _stencil_row(r, cx, cy, cz, nx, ny, nz)
+            for e in range(e0, e1 + 1):
+                same = e == c
+                b0 = cstart[e]
+                b1 = cstart[e + 1]
+                for p in range(a0, a1):
+                    q0 = p + 1 if same else b0
+                    xi = xs[p, 0]
+                    yi = xs[p, 1]
+                    zi = xs[p, 2]
+                    ri = rs[p] + skin
+                    hi = np.int64(hs[p])
+                    oi = np.int64(order[p])
+                    for q in range(q0, b1):
+                        ddx = xs[q, 0] - xi
+                        ddy = xs[q, 1] - yi
+                        ddz = xs[q, 2] - zi
+                        d2 = ddx * ddx + ddy * ddy + ddz * ddz
+                        if d2 >= rc2:
+                            continue
+                        # contact distance + skin, H-bond pairs capped (as in _contact)
+                        hj = np.int64(hs[q])
+                        lim = ri + rs[q]
+                        if ((hi & (hj >> 1)) | (hj & (hi >> 1))) & 1:
+                            lim = min(lim, hb_lim)
+                        if d2 >= lim * lim:
+                            continue
+                        oj = np.int64(order[q])
+                        sw = oi > oj
+                        lo_ = oj if sw else oi
+                        hi_ = oi if sw else oj
+                        pp = q if sw else p
+                        off = hi_ - lo_
+                        if off <= MASK_SPAN:
+                            sh = np.uint64(off - 1)
+                            excl = np.int64((mex[pp] >> sh) & np.uint64(1))
+                            k14 = np.int64((m14[pp] >> sh) & np.uint64(1))
+                        else:
+                            excl = 0
+                            k14 = 0
+                            if mov[pp]:
+                                code = _overflow_code(lo_, hi_, tstart, tpart, tcode)
+                                excl = 1 if code == _EXCL else 0
+                                k14 = 1 if code == _P14 else 0
+                        lim14 = max(lim - D0_14_SHIFT, 0.0)
+                        near14 = 1 if d2 < lim14 * lim14 else 0
+                        # write every candidate, advance only for accepted ones (no branch)
+                        out_i[npairs] = lo_
+                        out_j[npairs] = hi_
+                        out_k[npairs] = k14
+                        npairs += (1 - excl) * (1 - k14 + k14 * near14)
     return npairs, ncell, 0
 
 
@@ -333,10 +338,8 @@ def _gather(xyz, radius, hb, mask_ex, mask_14, has_over, order):
 @njit(cache=True)
 def _moved(xyz, ref, lim2):
     for a in range(xyz.shape[0]):
-        dx = xyz[a, 0] - ref[a, 0]
-        dy = xyz[a, 1] - ref[a, 1]
-        dz = xyz[a, 2] - ref[a, 2]
-        if dx * dx + dy * dy + dz * dz > lim2:
+        d = sub(row(xyz, a), row(ref, a))
+        if dot(d, d) > lim2:
             return True
     return False
 
@@ -349,23 +352,17 @@ def _repulsion_kernel(xyz, pi, pj, pk, radius, hb, sigma, weight, grad):
         i = pi[t]
         j = pj[t]
         d0 = _contact(radius[i], radius[j], hb[i], hb[j], pk[t])
-        dx = xyz[i, 0] - xyz[j, 0]
-        dy = xyz[i, 1] - xyz[j, 1]
-        dz = xyz[i, 2] - xyz[j, 2]
-        d2 = dx * dx + dy * dy + dz * dz
+        dv = diff(xyz, i, j)
+        d2 = dot(dv, dv)
         if d2 >= d0 * d0:
             continue
         d = math.sqrt(d2)
         dev = d0 - d
         e += weight * inv * dev * dev
         if d > 0.0:
-            c = -2.0 * weight * inv * dev / d
-            grad[i, 0] += c * dx
-            grad[i, 1] += c * dy
-            grad[i, 2] += c * dz
-            grad[j, 0] -= c * dx
-            grad[j, 1] -= c * dy
-            grad[j, 2] -= c * dz
+            g = scale(-2.0 * weight * inv * dev / d, dv)
+            add_at(grad, i, g)
+            sub_at(grad, j, g)
     return e
 
 
@@ -378,19 +375,10 @@ def _clash_kernel(xyz, pi, pj, pk, radius, hb, overlap):
         lim = _contact(radius[i], radius[j], hb[i], hb[j], pk[t]) - overlap
         if lim <= 0.0:
             continue
-        dx = xyz[i, 0] - xyz[j, 0]
-        dy = xyz[i, 1] - xyz[j, 1]
-        dz = xyz[i, 2] - xyz[j, 2]
-        if dx * dx + dy * dy + dz * dz < lim * lim:
+        dv = diff(xyz, i, j)
+        if dot(dv, dv) < lim * lim:
             n += 1
     return n
-
-
-def _coords(xyz) -> np.ndarray:
-    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
-    return xyz
 
 
 def _pairs(a, n, what) -> np.ndarray:
@@ -512,10 +500,7 @@ def repulsion(xyz, nbl: NeighbourList, sigma: float = 0.2, grad_out=None, weight
     """Repulsion energy sum_{d < d0} weight ((d0 - d) / sigma)^2 over the listed pairs, and its
     gradient (added into grad_out if given)."""
     xyz = _coords(xyz)
-    if grad_out is None:
-        grad_out = np.zeros(xyz.shape, dtype=np.float64)
-    elif grad_out.shape != xyz.shape or grad_out.dtype != np.float64 or not grad_out.flags.c_contiguous:
-        raise ValueError("grad_out must be a C-contiguous float64 array of the shape of xyz")
+    grad_out = grad_array(xyz, grad_out)
     e = _repulsion_kernel(xyz, nbl.i, nbl.j, nbl.kind, nbl.radius, nbl.hbond, float(sigma),
                           float(weight), grad_out)
     return float(e), grad_out

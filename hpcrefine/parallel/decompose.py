@@ -38,7 +38,8 @@ def atom_blocks(res_first_atom, n_parts: int) -> np.ndarray:
     res_first_atom: (n_residues + 1,) non-decreasing, starting at 0 (atoms of residue r are
     res_first_atom[r]:res_first_atom[r + 1]); the last entry is the number of atoms. Cut k is the
     residue boundary nearest to k * n_atoms / n_parts, so no block differs from the ideal size by
-    more than the largest residue. Blocks are empty only when there are more parts than residues.
+    more than the largest residue. A block is empty only when a residue is larger than the ideal
+    block (as when there are more parts than residues).
     """
     first = np.asarray(res_first_atom)
     if first.ndim != 1 or len(first) < 1 or first[0] != 0 or np.any(np.diff(first) < 0):

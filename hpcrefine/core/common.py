@@ -1,0 +1,93 @@
+"""Pieces shared by the core kernels: argument checks and 3-vector arithmetic for numba code.
+
+The 3-vectors are plain tuples (x, y, z); the helpers are inlined into the kernels that call them,
+so they cost nothing over writing the components out by hand, and each one evaluates its
+components in the same order as the written-out expression (results are bitwise the same).
+
+Numba's on-disk cache only notices changes to the file a cached function is defined in: after
+editing the numba helpers here, clear the __pycache__ folders of the modules that use them
+(geometry.py, nonbonded.py), or their cached kernels keep the old code.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (Python)
+# ----------------------------------------------------------------------------------------------
+
+def coords(xyz) -> np.ndarray:
+    """xyz as a C-contiguous float64 (n, 3) array (no copy when it already is one)."""
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
+    return xyz
+
+
+def grad_array(xyz: np.ndarray, grad_out) -> np.ndarray:
+    """A zero gradient of xyz's shape, or grad_out after checking that a kernel can add into it."""
+    if grad_out is None:
+        return np.zeros(xyz.shape, dtype=np.float64)
+    if (grad_out.shape != xyz.shape or grad_out.dtype != np.float64
+            or not grad_out.flags.c_contiguous):
+        raise ValueError("grad_out must be a C-contiguous float64 array of the shape of xyz")
+    return grad_out
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-vectors as tuples (numba)
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def row(a, i):
+    """Row i of an (n, 3) array."""
+    return a[i, 0], a[i, 1], a[i, 2]
+
+
+@njit(cache=True, inline="always")
+def sub(p, q):
+    return p[0] - q[0], p[1] - q[1], p[2] - q[2]
+
+
+@njit(cache=True, inline="always")
+def add(p, q):
+    return p[0] + q[0], p[1] + q[1], p[2] + q[2]
+
+
+@njit(cache=True, inline="always")
+def scale(s, p):
+    return s * p[0], s * p[1], s * p[2]
+
+
+@njit(cache=True, inline="always")
+def diff(a, i, j):
+    """a[i] - a[j] for rows of an (n, 3) array."""
+    return a[i, 0] - a[j, 0], a[i, 1] - a[j, 1], a[i, 2] - a[j, 2]
+
+
+@njit(cache=True, inline="always")
+def dot(p, q):
+    return p[0] * q[0] + p[1] * q[1] + p[2] * q[2]
+
+
+@njit(cache=True, inline="always")
+def cross(p, q):
+    return p[1] * q[2] - p[2] * q[1], p[2] * q[0] - p[0] * q[2], p[0] * q[1] - p[1] * q[0]
+
+
+@njit(cache=True, inline="always")
+def add_at(a, i, p):
+    """a[i] += p."""
+    a[i, 0] += p[0]
+    a[i, 1] += p[1]
+    a[i, 2] += p[2]
+
+
+@njit(cache=True, inline="always")
+def sub_at(a, i, p):
+    """a[i] -= p."""
+    a[i, 0] -= p[0]
+    a[i, 1] -= p[1]
+    a[i, 2] -= p[2]

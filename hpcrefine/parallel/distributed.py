@@ -1,0 +1,281 @@
+"""The refinement target evaluated by the ranks of one communicator, and how ranks wait and fail.
+
+Each rank of `comm` owns a block of atoms (decompose.atom_blocks) and evaluates its share of
+T = weight * T_data + T_restraints + nonbonded_weight * T_repulsion: the data term on its owned
+atoms, the restraint terms whose first atom it owns, the non-bonded pairs whose first atom it owns.
+Its gradient is full-size (zero except on the atoms its terms touch); gradient and energy go into
+one float64 buffer of 3n + 1 values that a single buffer-based Allreduce sums in place. Every rank
+then holds the same f and g, so the L-BFGS iterations (core.lbfgs, a pure function of the values
+returned) take the same steps everywhere and the coordinates stay identical on all ranks without
+being broadcast.
+
+Rank coordination:
+  * wait_quietly(comm, request): complete a nonblocking request by testing it and sleeping in
+    between, because MPICH busy-polls in blocking calls; master_wait_for(world) is the master's
+    side of the rendezvous that the workers enter with notify_master(world) when their work is done.
+  * install_abort_on_error(world): an uncaught exception on any rank prints its traceback and
+    aborts the whole job, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+from ..core import geometry, nonbonded
+from ..core.density import real_space_target
+from ..core.lbfgs import lbfgs
+from ..engine import MinimiseResult
+from ..params import RefineParams
+from ..restraints import Restraints
+from .decompose import PairShare, atom_blocks, owner_of_atoms, pairs_share, restraints_share
+
+POLL_SECONDS = 0.02
+
+
+# ------------------------------------------------------------------------------------- target
+
+class LocalRealSpaceTerm:
+    """The fast real-space target of a RealSpaceTerm restricted to a contiguous block of atoms.
+
+    accumulate(xyz, grad_out, scale) reads only xyz[atoms] and adds only into grad_out[atoms]:
+    its cost is proportional to the block, not to the model."""
+
+    def __init__(self, term, atoms: slice):
+        self.data = term.data
+        self.origin = term.origin
+        self.voxel = term.voxel
+        self.atoms = atoms
+        self.atom_weight = np.ascontiguousarray(term.atom_weight[atoms], dtype=np.float64)
+
+    def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:
+        """scale * T_data of the owned atoms; the gradient is added into grad_out (n, 3)."""
+        sl = self.atoms
+        f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
+                                 grad_out=grad_out[sl], scale=scale)
+        return f
+
+
+class DistributedTarget:
+    """f, g of weight * T_data + T_restraints + T_repulsion summed over the ranks of comm.
+
+    comm: the ranks sharing the work (a half set's communicator, or all workers); shape: (n, 3)
+    of the coordinates; data_term: this rank's LocalRealSpaceTerm (or anything with
+    accumulate(xyz, grad_out, scale) -> f); share: this rank's restraints (decompose.
+    restraints_share); restraints: the full set, whose radii and exclusions build the neighbour
+    list; atom_owner: (n,) owning rank of every atom in comm.
+
+    Calling it is collective over comm: every rank must call it with the same x.
+    """
+
+    def __init__(self, comm, shape, data_term, share: Restraints, restraints: Restraints,
+                 params: RefineParams, weight: float, atom_owner: np.ndarray):
+        n = int(shape[0])
+        if tuple(shape) != (n, 3):
+            raise ValueError(f"coordinates must have shape (n, 3), got {tuple(shape)}")
+        if len(atom_owner) != n:
+            raise ValueError(f"atom_owner has {len(atom_owner)} entries for {n} atoms")
+        self.comm = comm
+        self.part = comm.Get_rank()
+        self.shape = (n, 3)
+        self.data_term = data_term
+        self.share = share
+        self.restraints = restraints
+        self.atom_owner = np.asarray(atom_owner)
+        self.weight = float(weight)
+        self.nb_sigma = params.nonbonded_sigma
+        self.nb_weight = params.nonbonded_weight
+        self.nbl: nonbonded.NeighbourList | None = None
+        self.pairs: PairShare | None = None
+        self.n_nbl_builds = 0
+        self.n_evals = 0
+        self.seconds_local = 0.0          # this rank's own terms
+        self.seconds_reduce = 0.0         # the Allreduce, including waiting for slower ranks
+        # g (3n values) and f in one buffer: one Allreduce per evaluation
+        self._buf = np.zeros(3 * n + 1, dtype=np.float64)
+        self._grad = self._buf[:3 * n].reshape(n, 3)
+
+    def local_pairs(self, xyz: np.ndarray) -> PairShare:
+        """This rank's non-bonded pairs, the neighbour list rebuilt when an atom moved too far.
+        The decision depends only on xyz, so all ranks rebuild at the same evaluations."""
+        if self.nbl is None or self.nbl.needs_update(xyz):
+            self.nbl = nonbonded.NeighbourList(xyz, self.restraints)
+            self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
+            self.n_nbl_builds += 1
+        return self.pairs
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        t0 = time.perf_counter()
+        xyz = np.ascontiguousarray(x, dtype=np.float64).reshape(self.shape)
+        buf, g = self._buf, self._grad
+        buf[:] = 0.0
+        f = self.data_term.accumulate(xyz, g, self.weight)
+        f += geometry.restraint_energy(xyz, self.share, grad_out=g)[0]
+        if self.nb_weight > 0:
+            f += nonbonded.repulsion(xyz, self.local_pairs(xyz), sigma=self.nb_sigma, grad_out=g,
+                                     weight=self.nb_weight)[0]
+        buf[-1] = f
+        t1 = time.perf_counter()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self.seconds_reduce += time.perf_counter() - t1
+        self.seconds_local += t1 - t0
+        self.n_evals += 1
+        # the buffer is reused by the next call: the optimiser keeps a copy
+        return float(buf[-1]), buf[:-1].copy()
+
+    def statistics(self, xyz: np.ndarray) -> dict:
+        """Geometry statistics of the whole model (collective): see gather_statistics."""
+        xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+        return gather_statistics(self.comm, xyz, self.share, self.local_pairs(xyz))
+
+
+def _rms(sum_sq: float, count: float) -> float:
+    return math.sqrt(sum_sq / count) if count > 0 else float("nan")
+
+
+def gather_statistics(comm, xyz: np.ndarray, share: Restraints, pairs) -> dict:
+    """Geometry statistics of the whole model from each rank's share (collective over comm).
+
+    Keys as GeometryTerm.statistics: bond_rmsd, bond_rmsz, bond_max_dev (A), angle_rmsd,
+    angle_rmsz, angle_max_dev (deg), torsion_rmsd (deg, periodic), chiral_rmsd (A^3),
+    chiral_inversions, planarity_rmsd (A, plane atoms from their weighted least-squares plane) and
+    clashes (pairs closer than their contact distance - 0.4 A). An rmsd over no terms is NaN.
+    Chirality terms flagged 'both' (share.chir_both) use |V| - |target| and are never inversions.
+    Two buffer-based Allreduce calls (sums, maxima).
+    """
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    db = geometry.bond_lengths(xyz, share.bond_idx) - share.bond_target
+    da = geometry.angle_values(xyz, share.angle_idx) - share.angle_target
+    dt = geometry.torsion_deviations(xyz, share.tors_idx, share.tors_target, share.tors_period)
+    vol = geometry.chiral_volumes(xyz, share.chir_idx)
+    dc = vol - share.chir_target
+    inverted = np.sign(vol) * np.sign(share.chir_target) < 0
+    both = getattr(share, "chir_both", None)
+    if both is not None and len(both):
+        both = np.asarray(both, dtype=bool)
+        dc[both] = np.abs(vol[both]) - np.abs(share.chir_target[both])
+        inverted &= ~both
+    dp = geometry.plane_distances(xyz, share.plane_atoms, share.plane_start, share.plane_sigma)
+    sums = np.array([
+        len(db), db @ db, np.sum((db / share.bond_sigma) ** 2),
+        len(da), da @ da, np.sum((da / share.angle_sigma) ** 2),
+        len(dt), dt @ dt,
+        len(dc), dc @ dc, np.count_nonzero(inverted),
+        len(dp), dp @ dp,
+        nonbonded.clashes(xyz, pairs)], dtype=np.float64)
+    maxes = np.array([np.max(np.abs(db), initial=0.0), np.max(np.abs(da), initial=0.0)])
+    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, maxes, op=MPI.MAX)
+    (nb, ssb, szb, na, ssa, sza, nt, sst, nc, ssc, n_inv, npl, ssp, n_clash) = sums
+    return {"bond_rmsd": _rms(ssb, nb), "bond_rmsz": _rms(szb, nb), "bond_max_dev": float(maxes[0]),
+            "angle_rmsd": _rms(ssa, na), "angle_rmsz": _rms(sza, na), "angle_max_dev": float(maxes[1]),
+            "torsion_rmsd": _rms(sst, nt), "chiral_rmsd": _rms(ssc, nc),
+            "chiral_inversions": int(n_inv), "planarity_rmsd": _rms(ssp, npl),
+            "clashes": int(n_clash)}
+
+
+def same_on_all_ranks(comm, a: np.ndarray) -> bool:
+    """True when a holds the same bytes on every rank of comm (a CRC-32 compared with one
+    Allreduce; collective)."""
+    crc = zlib.crc32(np.ascontiguousarray(a).tobytes())
+    buf = np.array([crc, -crc], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return int(buf[0]) == -int(buf[1])
+
+
+def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
+                       weight: float, params: RefineParams) -> DistributedTarget:
+    """The DistributedTarget of this rank: atoms cut into comm.Get_size() blocks of whole residues
+    (rank p owns block p), the data term restricted to the block, the restraints to their share.
+    data_term: an engine.RealSpaceTerm over all atoms."""
+    n = len(xyz0)
+    bounds = atom_blocks(res_first_atom, comm.Get_size())
+    if bounds[-1] != n:
+        raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
+    owner = owner_of_atoms(bounds, n)
+    part = comm.Get_rank()
+    local = LocalRealSpaceTerm(data_term, slice(int(bounds[part]), int(bounds[part + 1])))
+    return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
+                             restraints, params, weight, owner)
+
+
+def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
+                         weight: float, iterations: int, params: RefineParams,
+                         callback=None) -> tuple[MinimiseResult, DistributedTarget]:
+    """engine.minimise shared by the ranks of comm (collective): L-BFGS on the coordinates of
+    T = weight * T_data + T_geometry, every evaluation summed over comm.
+
+    xyz0 must be the same on every rank (checked). A callback must return the same answer on
+    every rank. Returns the result, identical on every rank (checked), and the target (timings,
+    neighbour-list builds, statistics).
+    """
+    xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
+    if not same_on_all_ranks(comm, xyz0):
+        raise ValueError("the start coordinates differ between the ranks of the communicator")
+    target = distributed_target(comm, xyz0, data_term, restraints, res_first_atom, weight, params)
+    t0 = time.perf_counter()
+    x, f, state, _ = lbfgs(target, xyz0.ravel().copy(), maxiter=iterations, m=params.lbfgs_memory,
+                           max_step=params.max_step, callback=callback)
+    seconds = time.perf_counter() - t0
+    if not same_on_all_ranks(comm, x):
+        raise RuntimeError("the ranks' coordinates diverged: the reduced gradient differed "
+                           "between ranks")
+    result = MinimiseResult(xyz=x.reshape(xyz0.shape), f=f, iterations=state.iteration,
+                            evaluations=state.n_evals, seconds=seconds)
+    return result, target
+
+
+# ------------------------------------------------------------------------ waiting and failing
+
+def wait_quietly(comm, request, poll: float = POLL_SECONDS, timeout: float | None = None):
+    """Complete a nonblocking request without spinning a core: test it, sleep `poll` seconds,
+    repeat. Returns its MPI.Status. A blocking MPICH call would busy-poll the core for the whole
+    wait; this costs a few microseconds of CPU every poll interval and adds at most `poll` of
+    latency. With timeout (seconds), raises TimeoutError (the request stays pending)."""
+    status = MPI.Status()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not request.Test(status):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"rank {comm.Get_rank()}: request not complete after {timeout} s")
+        time.sleep(poll)
+    return status
+
+
+def master_wait_for(world, poll: float = POLL_SECONDS, timeout: float | None = None) -> float:
+    """The master's side of the rendezvous with the workers (collective over world): returns,
+    after the wall time in seconds it waited, once every worker has called notify_master(world).
+    The master sleeps while it waits. With one rank it returns at once."""
+    t0 = time.perf_counter()
+    wait_quietly(world, world.Ibarrier(), poll, timeout)
+    return time.perf_counter() - t0
+
+
+def notify_master(world) -> None:
+    """A worker's side of master_wait_for: tell the master this rank's work is done (collective
+    over world; a worker waits only for the other workers and the master's next poll)."""
+    world.Ibarrier().Wait()
+
+
+def install_abort_on_error(world):
+    """Make an uncaught exception on this rank print its traceback and abort every rank of world
+    (exit code 1), instead of leaving the others blocked in a collective. Returns the previous
+    sys.excepthook."""
+    previous = sys.excepthook
+
+    def abort_on_error(exc_type, exc, tb):
+        try:
+            sys.stdout.flush()
+            sys.stderr.write(f"rank {world.Get_rank()} of {world.Get_size()}: uncaught "
+                             f"{exc_type.__name__}, aborting all ranks\n")
+            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+            sys.stderr.flush()
+        finally:
+            world.Abort(1)
+
+    sys.excepthook = abort_on_error
+    return previous

@@ -1,0 +1,212 @@
+"""The distributed target and minimisation agree with the single-process engine, for any rank count.
+
+Run under MPI as `mpiexec -n K python -m pytest -q tests/mpi` (tests/test_mpi_launch.py does so for
+K = 1, 2, 3, 5). With K >= 2 rank 0 is the master: it runs the single-process reference and
+otherwise only waits (quietly) and gathers; the K - 1 workers share the distributed runs. Every
+assertion is made on numbers every rank holds, so all ranks pass or fail together.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from hpcrefine import datasets, simulate
+from hpcrefine.engine import GeometryTerm, RealSpaceTerm, minimise
+from hpcrefine.modelio import read_model, read_structure
+from hpcrefine.monlib import MonomerLibrary
+from hpcrefine.params import RefineParams
+from hpcrefine.parallel.context import make_context
+from hpcrefine.parallel.distributed import (distributed_minimise, distributed_target, master_wait_for,
+                                            notify_master, wait_quietly)
+from hpcrefine.topology import build_restraints
+
+WEIGHT = 15.0          # fixed data weight (the automatic first guess for this start is about 19)
+ITERATIONS = 40
+WORLD = MPI.COMM_WORLD
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return make_context(WORLD)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """adk, 3.5 A maps (seed 1, simulated on rank 0 and broadcast), start shaken by 0.8 A (seed 2)."""
+    if WORLD.Get_rank() == 0:
+        path = datasets.fetch(["adk_closed"])["adk_closed"]      # download once, before the others
+    WORLD.Barrier()
+    path = datasets.fetch(["adk_closed"])["adk_closed"]
+    model = read_model(path)
+    if WORLD.Get_rank() == 0:
+        full, _, _, origin, voxel, _ = simulate.simulate_maps(read_structure(path), 3.5, seed=1)
+        header = np.array([*full.shape, *origin, *voxel], dtype=np.float64)
+    else:
+        header = np.empty(9)
+    WORLD.Bcast(header, root=0)
+    shape = tuple(int(v) for v in header[:3])
+    if WORLD.Get_rank() != 0:
+        full = np.empty(shape, dtype=np.float32)
+    WORLD.Bcast(full, root=0)
+    params = RefineParams(resolution=3.5)
+    return {"model": model, "r": build_restraints(model, MonomerLibrary()),
+            "term": RealSpaceTerm(full, header[3:6], header[6:9], np.ones(model.n_atoms)),
+            "xyz0": simulate.shake(model.xyz, 0.8, seed=2), "params": params}
+
+
+def _engine_fun(case):
+    geom = GeometryTerm(case["r"], case["params"])
+    term = case["term"]
+
+    def fun(xyz):
+        fd, gd = term.target(xyz)
+        fg, gg = geom.target(xyz)
+        return WEIGHT * fd + fg, WEIGHT * gd + gg
+    return fun, geom
+
+
+def _world_max(values) -> np.ndarray:
+    """Element-wise maximum over world (a master without values contributes zeros)."""
+    buf = np.array(values, dtype=np.float64)
+    WORLD.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return buf
+
+
+def test_roles(ctx):
+    size = WORLD.Get_size()
+    assert ctx.size == size
+    if size == 1:
+        assert ctx.is_master and ctx.is_worker and ctx.workers.Get_size() == 1
+    elif WORLD.Get_rank() == 0:
+        assert ctx.is_master and not ctx.is_worker         # the master does not compute
+    else:
+        assert not ctx.is_master and ctx.workers.Get_size() == size - 1
+
+
+def test_one_evaluation_equals_the_engine(ctx, case):
+    """f and g summed over the workers equal the single-process target at the shaken start."""
+    rel_f = rel_g = 0.0
+    if ctx.is_worker:
+        xyz0 = case["xyz0"]
+        target = distributed_target(ctx.workers, xyz0, case["term"], case["r"],
+                                    case["model"].res_first_atom, WEIGHT, case["params"])
+        f, g = target(xyz0.ravel().copy())
+        f_ref, g_ref = _engine_fun(case)[0](xyz0)
+        rel_f = abs(f - f_ref) / abs(f_ref)
+        rel_g = np.max(np.abs(g - g_ref.ravel())) / np.max(np.abs(g_ref))
+        if ctx.workers.Get_size() > 1:       # each worker evaluates only part of the terms
+            assert len(target.share.bond_idx) < len(case["r"].bond_idx)
+    rel_f, rel_g = _world_max([rel_f, rel_g])
+    assert rel_f < 1e-12
+    assert rel_g < 1e-10
+
+
+def test_statistics_equal_the_engine(ctx, case):
+    keys = ("bond_rmsd", "bond_rmsz", "bond_max_dev", "angle_rmsd", "angle_rmsz", "angle_max_dev",
+            "torsion_rmsd", "chiral_rmsd", "chiral_inversions", "planarity_rmsd", "clashes")
+    worst = np.zeros(len(keys))
+    if ctx.is_worker:
+        xyz0 = case["xyz0"]
+        target = distributed_target(ctx.workers, xyz0, case["term"], case["r"],
+                                    case["model"].res_first_atom, WEIGHT, case["params"])
+        got = target.statistics(xyz0)
+        want = _engine_fun(case)[1].statistics(xyz0)
+        assert want["clashes"] > 0
+        worst = [abs(got[k] - want[k]) / max(abs(want[k]), 1e-12) for k in keys]
+    worst = _world_max(worst)
+    assert np.all(worst < 1e-9), dict(zip(keys, worst))
+
+
+def test_minimisation_agrees_with_a_single_process(ctx, case, measured):
+    """40 L-BFGS iterations shared by the workers end where the single-process engine ends."""
+    xyz0, params = case["xyz0"], case["params"]
+    n = len(xyz0)
+    mine = np.zeros((n, 3))
+    timing = np.zeros(3)
+    if ctx.is_worker:
+        res, target = distributed_minimise(ctx.workers, xyz0, case["term"], case["r"],
+                                           case["model"].res_first_atom, WEIGHT, ITERATIONS, params)
+        assert res.iterations == ITERATIONS
+        mine = res.xyz
+        timing = np.array([res.seconds / res.evaluations, target.seconds_local / target.n_evals,
+                           target.seconds_reduce / target.n_evals])
+    if ctx.is_master:
+        ref = minimise(xyz0, case["term"], GeometryTerm(case["r"], params), WEIGHT, ITERATIONS, params)
+        if not ctx.is_worker:
+            mine = ref.xyz
+    # the master sleeps until the workers are done, then gathers every rank's coordinates
+    if ctx.is_master:
+        master_wait_for(WORLD)
+    else:
+        notify_master(WORLD)
+    size = WORLD.Get_size()
+    every = np.empty((size, n, 3)) if ctx.is_master else None
+    WORLD.Gather(np.ascontiguousarray(mine), every, root=0)
+    times = np.empty((size, 3)) if ctx.is_master else None
+    WORLD.Gather(timing, times, root=0)
+    summary = np.zeros(4)
+    if ctx.is_master:
+        distributed = every[1:] if size > 1 else every
+        summary[0] = np.max(np.abs(distributed - ref.xyz[None]))
+        summary[1] = np.max(np.abs(distributed - distributed[0][None]))       # workers agree
+        truth = case["model"].xyz
+        summary[2] = np.sqrt(np.mean(np.sum((xyz0 - truth) ** 2, axis=1)))
+        summary[3] = np.sqrt(np.mean(np.sum((distributed[0] - truth) ** 2, axis=1)))
+        worker_times = times[1:] if size > 1 else times
+        measured["max coordinate difference distributed vs single process (A)"] = f"{summary[0]:.3g}"
+        measured["rmsd to the true model before / after (A)"] = f"{summary[2]:.3f} / {summary[3]:.3f}"
+        measured["seconds per evaluation (L-BFGS total, local terms, Allreduce), slowest worker"] = \
+            " ".join(f"{t * 1e3:.2f} ms" for t in worker_times.max(axis=0))
+    WORLD.Bcast(summary, root=0)
+    assert summary[0] < 1e-4
+    assert summary[1] == 0.0
+    assert summary[3] < summary[2] - 0.2          # the refinement did refine
+
+
+def test_master_sleeps_while_it_waits_for_the_workers(ctx, measured):
+    """With workers, the master's CPU time over a 3 s wait is < 0.3 s; alone it does not wait."""
+    cpu = wall = 0.0
+    if ctx.is_master:
+        c0 = time.process_time()
+        wall = master_wait_for(WORLD)
+        cpu = time.process_time() - c0
+    else:
+        time.sleep(3.0)
+        notify_master(WORLD)
+    cpu, wall = _world_max([cpu, wall])
+    if WORLD.Get_size() >= 2:
+        measured["master CPU seconds during a wait of"] = f"{wall:.2f} s: {cpu:.4f} s"
+        assert wall >= 2.9
+        assert cpu < 0.3
+    else:
+        assert wall < 0.1
+
+
+def test_wait_quietly_sleeps_until_the_request_completes():
+    """Every rank: a receive completed 1 s later by another thread costs well under 0.1 s CPU."""
+    assert MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    self_comm = MPI.COMM_SELF
+    got = np.zeros(1)
+    req = self_comm.Irecv(got, source=0, tag=11)
+    sender = threading.Timer(1.0, lambda: self_comm.Send(np.array([42.0]), dest=0, tag=11))
+    c0, t0 = time.process_time(), time.perf_counter()
+    sender.start()
+    wait_quietly(self_comm, req)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    sender.join()
+    assert got[0] == 42.0
+    assert wall >= 0.95
+    cpu, = _world_max([cpu])
+    assert cpu < 0.1
+
+
+def test_wait_quietly_times_out():
+    req = MPI.COMM_SELF.Irecv(np.zeros(1), source=0, tag=12)
+    with pytest.raises(TimeoutError):
+        wait_quietly(MPI.COMM_SELF, req, timeout=0.1)
+    MPI.COMM_SELF.Send(np.zeros(1), dest=0, tag=12)      # complete it: nothing left pending
+    req.Wait()

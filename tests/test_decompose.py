@@ -1,0 +1,168 @@
+"""Decomposition helpers: blocks of whole residues, ownership, and shares that count every term once."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from hpcrefine import datasets, simulate
+from hpcrefine.core import geometry, nonbonded
+from hpcrefine.modelio import read_model
+from hpcrefine.monlib import MonomerLibrary
+from hpcrefine.parallel.decompose import (atom_blocks, owner_of_atoms, pairs_share, plane_owner,
+                                          restraints_share, term_owner)
+from hpcrefine.topology import build_restraints
+
+PARTS = (1, 2, 3, 4, 5, 7, 16)
+
+
+@pytest.fixture(scope="module")
+def adk():
+    model = read_model(datasets.fetch(["adk_closed"])["adk_closed"])
+    r = build_restraints(model, MonomerLibrary())
+    xyz = simulate.shake(model.xyz, 0.8, seed=2)       # distorted: every term kind has energy
+    return model, r, xyz
+
+
+def test_blocks_are_whole_residues_covering_all_atoms():
+    sizes = np.array([5, 9, 1, 12, 7, 7, 3, 11, 8, 2, 10, 6])
+    first = np.concatenate(([0], np.cumsum(sizes)))
+    for n_parts in (1, 2, 3, 4, 5, 12):
+        b = atom_blocks(first, n_parts)
+        assert b.shape == (n_parts + 1,)
+        assert b[0] == 0 and b[-1] == first[-1]
+        assert np.all(np.diff(b) >= 0)
+        assert set(b.tolist()) <= set(first.tolist())       # cuts only between residues
+        # each cut is the residue boundary nearest to the ideal cut
+        ideal = np.arange(1, n_parts) * first[-1] / n_parts
+        for cut, want in zip(b[1:-1], ideal):
+            assert abs(cut - want) == np.min(np.abs(first - want))
+
+
+def test_blocks_balanced_on_a_real_model(adk):
+    model, _, _ = adk
+    first = model.res_first_atom
+    largest = int(np.diff(first).max())
+    for n_parts in PARTS:
+        b = atom_blocks(first, n_parts)
+        ideal = model.n_atoms / n_parts
+        assert np.all(np.abs(np.diff(b) - ideal) <= largest), (n_parts, np.diff(b))
+
+
+def test_blocks_with_more_parts_than_residues():
+    first = np.array([0, 4, 10])
+    b = atom_blocks(first, 5)
+    assert b[0] == 0 and b[-1] == 10 and np.all(np.diff(b) >= 0)
+    assert np.count_nonzero(np.diff(b)) == 2            # two residues, two non-empty blocks
+    owner = owner_of_atoms(b, 10)
+    assert len(set(owner[:4].tolist())) == 1 and len(set(owner[4:].tolist())) == 1
+    assert owner[0] != owner[4]
+    assert all(b[p] <= a < b[p + 1] for a, p in enumerate(owner))
+
+
+def test_blocks_reject_bad_input():
+    with pytest.raises(ValueError):
+        atom_blocks([0, 5, 3], 2)
+    with pytest.raises(ValueError):
+        atom_blocks([1, 5], 2)
+    with pytest.raises(ValueError):
+        atom_blocks([0, 5], 0)
+    with pytest.raises(ValueError):
+        owner_of_atoms([0, 4, 9], 10)
+    with pytest.raises(ValueError):
+        owner_of_atoms([0, 6, 4, 10], 10)
+
+
+def test_owner_of_atoms_matches_the_blocks():
+    b = np.array([0, 0, 3, 3, 3, 8, 10])                 # empty parts 0, 2 and 3
+    owner = owner_of_atoms(b, 10)
+    assert owner.tolist() == [1, 1, 1, 4, 4, 4, 4, 4, 5, 5]
+    assert term_owner(np.array([9, 0, 3]), owner).tolist() == [5, 1, 4]
+
+
+def test_plane_owner_uses_the_first_atom_and_part_0_for_an_empty_plane():
+    owner = np.array([0, 0, 1, 1, 2, 2])
+    atoms = np.array([2, 0, 1, 5, 4, 3])
+    start = np.array([0, 3, 3, 6])                       # plane 1 is empty
+    assert plane_owner(atoms, start, owner).tolist() == [1, 0, 2]
+
+
+def _rows(a):
+    return sorted(map(tuple, np.asarray(a).reshape(len(a), -1).tolist()))
+
+
+@pytest.mark.parametrize("n_parts", PARTS)
+def test_every_term_is_in_exactly_one_share(adk, n_parts):
+    model, r, _ = adk
+    owner = owner_of_atoms(atom_blocks(model.res_first_atom, n_parts), model.n_atoms)
+    shares = [restraints_share(r, owner, p) for p in range(n_parts)]
+    for name in ("bond_idx", "angle_idx", "tors_idx", "chir_idx"):
+        merged = np.concatenate([getattr(s, name) for s in shares])
+        assert _rows(merged) == _rows(getattr(r, name)), name
+    assert sum(s.n_planes for s in shares) == r.n_planes
+    planes = sorted(tuple(s.plane_atoms[s.plane_start[k]:s.plane_start[k + 1]].tolist())
+                    for s in shares for k in range(s.n_planes))
+    assert planes == sorted(tuple(r.plane_atoms[r.plane_start[k]:r.plane_start[k + 1]].tolist())
+                            for k in range(r.n_planes))
+    for p, s in enumerate(shares):
+        for name in ("bond_idx", "angle_idx", "tors_idx", "chir_idx"):
+            assert np.all(owner[getattr(s, name)[:, 0]] == p)
+        assert np.all(owner[s.plane_atoms[s.plane_start[:-1]]] == p)
+        # values travel with their rows
+        assert len(s.tors_period) == len(s.tors_idx) == len(s.tors_target) == len(s.tors_sigma)
+        assert len(s.plane_sigma) == len(s.plane_atoms) == s.plane_start[-1]
+
+
+@pytest.mark.parametrize("n_parts", PARTS)
+def test_shares_sum_to_the_whole_energy_and_gradient(adk, n_parts):
+    model, r, xyz = adk
+    owner = owner_of_atoms(atom_blocks(model.res_first_atom, n_parts), model.n_atoms)
+    e_all, g_all, parts_all = geometry.restraint_energy(xyz, r)
+    e_sum = 0.0
+    g_sum = np.zeros_like(g_all)
+    parts_sum = dict.fromkeys(parts_all, 0.0)
+    for p in range(n_parts):
+        e, g, parts = geometry.restraint_energy(xyz, restraints_share(r, owner, p))
+        e_sum += e
+        g_sum += g
+        for k, v in parts.items():
+            parts_sum[k] += v
+    assert all(v > 0 for v in parts_all.values())
+    assert abs(e_sum - e_all) <= 1e-9 * abs(e_all)
+    for k in parts_all:
+        assert abs(parts_sum[k] - parts_all[k]) <= 1e-9 * abs(parts_all[k]), k
+    assert np.max(np.abs(g_sum - g_all)) <= 1e-9 * np.max(np.abs(g_all))
+
+
+@pytest.mark.parametrize("n_parts", PARTS)
+def test_pair_shares_sum_to_the_whole_repulsion(adk, n_parts):
+    model, r, xyz = adk
+    owner = owner_of_atoms(atom_blocks(model.res_first_atom, n_parts), model.n_atoms)
+    nbl = nonbonded.NeighbourList(xyz, r)
+    e_all, g_all = nonbonded.repulsion(xyz, nbl)
+    assert e_all > 0
+    shares = [pairs_share(nbl, owner, p) for p in range(n_parts)]
+    assert sum(len(s) for s in shares) == len(nbl)
+    e_sum, g_sum = 0.0, np.zeros_like(g_all)
+    for s in shares:
+        e, g = nonbonded.repulsion(xyz, s)
+        e_sum += e
+        g_sum += g
+    assert abs(e_sum - e_all) <= 1e-9 * e_all
+    assert np.max(np.abs(g_sum - g_all)) <= 1e-9 * np.max(np.abs(g_all))
+    assert sum(nonbonded.clashes(xyz, s) for s in shares) == nonbonded.clashes(xyz, nbl)
+
+
+def test_share_keeps_both_chirality_flags_with_their_rows(adk):
+    model, r, xyz = adk
+    r2 = dataclasses.replace(r)
+    r2.chir_both = np.arange(len(r.chir_idx)) % 3 == 0
+    owner = owner_of_atoms(atom_blocks(model.res_first_atom, 3), model.n_atoms)
+    shares = [restraints_share(r2, owner, p) for p in range(3)]
+    for s in shares:
+        rows = [np.flatnonzero((r.chir_idx == row).all(axis=1))[0] for row in s.chir_idx]
+        assert np.array_equal(s.chir_both, r2.chir_both[rows])
+    e_all = geometry.restraint_energy(xyz, r2)[2]["chirals"]
+    e_sum = sum(geometry.restraint_energy(xyz, s)[2]["chirals"] for s in shares)
+    assert abs(e_sum - e_all) <= 1e-9 * e_all
