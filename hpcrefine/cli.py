@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _world():
+    """MPI.COMM_WORLD when started by an MPI launcher with more than one rank, else None."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    return world if world.Get_size() > 1 else None
+
+
+def _rank() -> int:
+    import os
+
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def _refine(args, command: str) -> int:
     from .params import build_params, positive_float
     from .refine import run_refine
@@ -82,7 +99,8 @@ def _refine(args, command: str) -> int:
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
     run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,
-               monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command)
+               monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command,
+               world=_world())
     return 0
 
 
@@ -92,7 +110,7 @@ def _idealize(args, command: str) -> int:
 
     params = build_params(3.0, args.params, {"iterations": args.iterations, "macro_cycles": 1})
     run_refine(args.model, args.output, 3.0, params, monlib=args.monlib, ligands=args.ligand,
-               overwrite=args.overwrite, command=command, idealize_only=True)
+               overwrite=args.overwrite, command=command, idealize_only=True, world=_world())
     return 0
 
 
@@ -156,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, command)
     except InputError as exc:
-        print(f"hpcrefine: error: {exc}", file=sys.stderr)
+        if _rank() == 0:             # every rank finds the same bad input; one message is enough
+            print(f"hpcrefine: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
 

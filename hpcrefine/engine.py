@@ -127,7 +127,7 @@ def geometry_ok(stats: dict, params: RefineParams, angle_limit: float | None = N
 
 
 def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: RefineParams,
-                  w_start: float) -> tuple[float, list[WeightTrial]]:
+                  w_start: float, minimiser=None) -> tuple[float, list[WeightTrial]]:
     """Largest weight (on a factor-of-2 ladder, then one bisection step) whose short minimisation
     from xyz keeps geometry within limits.
 
@@ -136,9 +136,10 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     restraint-dominated trial (weight / 16) reaches, plus 0.2 degrees, when that is higher.
     """
     trials: list[WeightTrial] = []
+    minimiser = minimiser or minimise
 
     def trial(w, limit):
-        res = minimise(xyz, data_term, geom, w, params.weight_trial_iterations, params)
+        res = minimiser(xyz, data_term, geom, w, params.weight_trial_iterations, params)
         st = geom.statistics(res.xyz)
         fd, _ = data_term.target(res.xyz)
         t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, geometry_ok(st, params, limit))

@@ -17,6 +17,9 @@ from .mapio import MapGrid, check_model_inside, check_same_grid, read_map
 from .mapstats import cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
 from .monlib import MonomerLibrary, resolve_monlib_dir
+from .parallel.context import make_context
+from .parallel.distributed import install_abort_on_error
+from .parallel.runner import RankMinimiser
 from .params import RefineParams
 from .restraints import Restraints
 from .topology import build_restraints
@@ -96,9 +99,9 @@ def atom_weights(model: Model) -> np.ndarray:
 
 
 def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: Inputs,
-                     resolution: float) -> dict:
+                     resolution: float, with_map: bool = True) -> dict:
     stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in geom.statistics(xyz).items()}
-    if inputs.data is not None:
+    if inputs.data is not None and with_map:
         st = updated_structure(model, xyz)
         stats["cc_mask"] = round(cc_mask(st, inputs.data, inputs.map.origin, inputs.map.voxel,
                                          resolution, xyz), 4)
@@ -115,22 +118,40 @@ def _format_stats(s: dict) -> str:
 def run_refine(model_path: str, outdir: str, resolution: float, params: RefineParams,
                map_path: str | None = None, half_maps=None, monlib: str | None = None,
                ligands: list[str] | None = None, overwrite: bool = False, command: str = "",
-               idealize_only: bool = False) -> dict:
-    """Refine (or idealise) a model; returns the report written to outdir/report.json."""
+               idealize_only: bool = False, world=None) -> dict:
+    """Refine (or idealise) a model; returns the report written to outdir/report.json.
+
+    With a world communicator of several ranks, every rank runs this driver: the workers share
+    each minimisation (RankMinimiser), rank 0 alone writes outputs and logs.
+    """
     t_start = time.perf_counter()
     timer = Timer()
+    ctx = make_context(world) if world is not None else None
+    is_master = ctx is None or ctx.is_master
     check_output_dir(outdir, overwrite)
     with timer("read inputs"):
         inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
                              need_map=not idealize_only)
+    if ctx is not None and ctx.size > 1:
+        ctx.world.Barrier()          # every rank has checked the inputs before rank 0 writes
+        install_abort_on_error(ctx.world)
+    minimiser = RankMinimiser(ctx, inputs.model.res_first_atom) if ctx is not None else minimise
     # every input is valid: from here on outputs may be written
-    os.makedirs(outdir, exist_ok=True)
     logfile = os.path.join(outdir, "refine.log")
-    if os.path.exists(logfile):
-        os.remove(logfile)
-    setup_logging(0, logfile)
-    for line in run_header(command):
+    if is_master:
+        os.makedirs(outdir, exist_ok=True)
+        if os.path.exists(logfile):
+            os.remove(logfile)
+    setup_logging(0 if is_master else ctx.rank, logfile if is_master else None)
+    mpi_lib = ""
+    if ctx is not None:
+        from mpi4py import MPI
+        mpi_lib = MPI.Get_library_version().splitlines()[0].strip()
+    for line in run_header(command, ctx.size if ctx else 1, mpi_lib):
         log.info(line)
+    if ctx is not None:
+        log.info("ranks: %d (rank 0 master without numerics, %d worker(s) sharing each minimisation)",
+                 ctx.size, ctx.n_workers)
     log.info("parameters: %s", json.dumps(params.to_dict()))
     model = inputs.model
     r = inputs.restraints
@@ -146,7 +167,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     geom = GeometryTerm(r, params)
     xyz0 = model.xyz.copy()
     with timer("statistics"):
-        before = model_statistics(model, xyz0, geom, inputs, resolution)
+        before = model_statistics(model, xyz0, geom, inputs, resolution, with_map=is_master)
     log.info("start: %s", _format_stats(before))
 
     cycles = []
@@ -155,7 +176,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if idealize_only:
         with timer("minimise"):
             anchor = _Anchor(xyz0, sigma=params.idealize_anchor_sigma)
-            res = minimise(xyz, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
+            res = minimiser(xyz, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
         xyz = res.xyz
         cycles.append({"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
                        "seconds": round(res.seconds, 2)})
@@ -170,9 +191,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                 else:
                     w0 = weight if weight is not None else initial_weight(xyz, term, geom)
                     log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
-                    weight, trials = choose_weight(xyz, term, geom, params, w0)
+                    weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser)
             with timer("minimise"):
-                res = minimise(xyz, term, geom, weight, params.iterations, params)
+                res = minimiser(xyz, term, geom, weight, params.iterations, params)
             xyz = res.xyz
             st = geom.statistics(xyz)
             cycles.append({"cycle": cycle, "map_blur": blur, "weight": weight, "iterations": res.iterations,
@@ -183,8 +204,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                      cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
 
     with timer("statistics"):
-        after = model_statistics(model, xyz, geom, inputs, resolution)
+        after = model_statistics(model, xyz, geom, inputs, resolution, with_map=is_master)
     log.info("final: %s", _format_stats(after))
+    if not is_master:
+        return {}
     stem = os.path.join(outdir, "idealized" if idealize_only else "refined")
     with timer("write"):
         written = write_model(updated_structure(model, xyz), stem)
@@ -197,8 +220,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         "resolution": resolution, "parameters": params.to_dict(),
         "n_atoms": model.n_atoms, "restraints": r.counts(),
         "before": before, "after": after, "rms_shift": round(rms_shift, 4),
-        "weight": weight, "cycles": cycles, "outputs": [os.path.basename(p) for p in written],
+        "weight": weight, "cycles": cycles, "ranks": ctx.size if ctx else 1, "outputs": [os.path.basename(p) for p in written],
         "timings": timer.as_dict(), "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "master_cpu_seconds": round(time.process_time(), 2),
     }
     atomic_write_text(os.path.join(outdir, "report.json"), json.dumps(report, indent=1) + "\n")
     log.info("wrote %s and report.json (%.1f s)", ", ".join(os.path.basename(p) for p in written),
@@ -216,3 +240,16 @@ class _Anchor:
     def target(self, xyz):
         d = xyz - self.xyz0
         return float(self.k * np.sum(d * d)), 2.0 * self.k * d
+
+    def local(self, atoms: slice) -> "_Anchor":
+        """The same pull restricted to a block of atoms (for the ranks of a distributed run)."""
+        part = _Anchor(self.xyz0, 1.0)
+        part.k = self.k
+        part.atoms = atoms
+        return part
+
+    def accumulate(self, xyz, grad_out, scale):
+        sl = self.atoms
+        d = xyz[sl] - self.xyz0[sl]
+        grad_out[sl] += (2.0 * self.k * scale) * d
+        return float(scale * self.k * np.sum(d * d))

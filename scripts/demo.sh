@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HPCREFINE_VENV:-.venv}
 OUT=${HPCREFINE_DEMO_DIR:-demo}
-NP=${HPCREFINE_DEMO_RANKS:-1}
+NP=${HPCREFINE_DEMO_RANKS:-3}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .

@@ -61,6 +61,14 @@ class LocalRealSpaceTerm:
         return f
 
 
+def _local_term(data_term, atoms: slice):
+    """The block-restricted form of a data term: its own `local(atoms)` when it has one (any data
+    term can plug in), else the fast real-space target."""
+    if hasattr(data_term, "local"):
+        return data_term.local(atoms)
+    return LocalRealSpaceTerm(data_term, atoms)
+
+
 class DistributedTarget:
     """f, g of weight * T_data + T_restraints + T_repulsion summed over the ranks of comm.
 
@@ -199,7 +207,7 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
         raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
     owner = owner_of_atoms(bounds, n)
     part = comm.Get_rank()
-    local = LocalRealSpaceTerm(data_term, slice(int(bounds[part]), int(bounds[part + 1])))
+    local = _local_term(data_term, slice(int(bounds[part]), int(bounds[part + 1])))
     return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
                              restraints, params, weight, owner)
 

@@ -1,0 +1,47 @@
+"""Coordinate minimisation shared by the MPI ranks of one run.
+
+Every rank runs the same driver (the same inputs give the same decisions). The workers minimise
+together over their communicator (each evaluates its block of atoms and terms; one buffer
+Allreduce per evaluation); the master does no numerics: it waits without spinning a core and
+receives the result from the first worker. With one rank, the plain engine.minimise runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine import MinimiseResult, minimise
+from .context import Context
+from .distributed import distributed_minimise, wait_quietly
+
+TAG_RESULT = 17
+
+
+class RankMinimiser:
+    """Callable with engine.minimise's signature, run collectively by every rank of ctx.world."""
+
+    def __init__(self, ctx: Context, res_first_atom: np.ndarray):
+        self.ctx = ctx
+        self.res_first_atom = res_first_atom
+        self.first_worker = 1 if ctx.size > 1 else 0
+
+    def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
+        ctx = self.ctx
+        if ctx.size == 1:
+            return minimise(xyz0, data_term, geom, weight, iterations, params)
+        from mpi4py import MPI
+
+        n = xyz0.size
+        buf = np.empty(n + 4)
+        if ctx.is_worker:
+            res, _ = distributed_minimise(ctx.workers, xyz0, data_term, geom.r, self.res_first_atom,
+                                          weight, iterations, params)
+            if ctx.rank == self.first_worker:
+                buf[:n] = res.xyz.ravel()
+                buf[n:] = (res.f, res.iterations, res.evaluations, res.seconds)
+                ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_RESULT)
+            return res
+        req = ctx.world.Irecv([buf, MPI.DOUBLE], source=self.first_worker, tag=TAG_RESULT)
+        wait_quietly(ctx.world, req)
+        return MinimiseResult(xyz=buf[:n].reshape(xyz0.shape).copy(), f=float(buf[n]),
+                              iterations=int(buf[n + 1]), evaluations=int(buf[n + 2]),
+                              seconds=float(buf[n + 3]))
