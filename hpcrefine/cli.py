@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, help="macro-cycles")
     p.add_argument("--iterations", type=int, help="L-BFGS iterations per macro-cycle")
     p.add_argument("--weight", type=float, help="fixed data weight (default: automatic)")
+    p.add_argument("--halfset-weight", action="store_true",
+                   help="with --half-maps and no --weight: refine the final model at the weight "
+                        "chosen by the half-set free residual (default: geometry-limit choice)")
     _add_common_model_args(p)
 
     p = sub.add_parser("idealize", help="fix geometry alone, moving atoms as little as possible")
@@ -100,7 +103,7 @@ def _refine(args, command: str) -> int:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
     run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,
                monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command,
-               world=_world())
+               world=_world(), halfset_weight=args.halfset_weight)
     return 0
 
 

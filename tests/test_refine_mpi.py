@@ -48,7 +48,7 @@ def test_three_ranks_refine_like_one(adk_case, runs):
 
 
 def test_only_the_master_writes(runs):
-    assert sorted(os.listdir(runs[3])) == ["refine.log", "refined.cif", "refined.pdb", "report.json"]
+    assert sorted(os.listdir(runs[3])) == ["fsc_halfset.png", "refine.log", "refined.cif", "refined.pdb", "report.json"]
     log = (runs[3] / "refine.log").read_text()
     assert log.count("final:") == 1 and "ranks: 3" in log
 

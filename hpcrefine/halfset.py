@@ -1,0 +1,232 @@
+"""Half-set validation (DESIGN.md section 4): refinement against each half map, free statistics.
+
+Each half set h refines its own copy of the start model against its own half map (low-passed at
+the resolution; the FSC weighting of the full map needs both halves, so it is not used) for a few
+candidate data weights. Half set h reads only half map h while it refines. The compare step then
+measures, for every half-set model, the FSC of its model map against its own half map (FSC_work)
+and against the other half map (FSC_free, data that model never saw). The free residual of a
+weight, 1 - mean(FSC_free avg), picks the weight among those whose geometry is within limits.
+
+The per-residue coordinate error estimate comes from the difference of the two half-set models at
+the chosen weight. Each half model has an independent error of variance sigma_h^2 per coordinate,
+so their difference has variance 2 sigma_h^2: a half model's error is diff / sqrt(2). The full
+model is refined against twice the data, halving the noise variance of its target, so its error
+is about sigma_h / sqrt(2) = diff / 2. The reported estimate is diff / 2 (ERROR_FACTOR).
+
+Parallel layout: the workers of half set h share each minimisation over ctx.half_comm
+(distributed_minimise); a worker that plays both halves does half 1 then half 2; with one process
+the plain engine.minimise runs. The first rank of each half set sends the half-set models'
+coordinates to the master (buffer Send; the master posts Irecv and waits quietly), and the master
+computes the FSCs, the choice and the report section.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from .engine import RealSpaceTerm, initial_weight, minimise
+from .mapstats import lowpass, model_density
+from .modelio import updated_structure
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FACTORS = (0.5, 1.0, 2.0)
+BLURS = (40.0, 0.0)                 # A^2 of extra blur in the two macro-cycles
+ERROR_FACTOR = 0.5                  # full-model error ~ (difference of the half models) / 2
+TAG_HALF = 40                       # + half (1 or 2)
+
+
+def half_term(half_map: np.ndarray, origin, voxel, resolution: float, atom_weight) -> RealSpaceTerm:
+    """The data term of one half set: its half map, low-passed at the resolution."""
+    data = lowpass(np.asarray(half_map, dtype=np.float32), np.asarray(voxel), resolution)
+    return RealSpaceTerm(data, origin, voxel, atom_weight)
+
+
+def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimiser=None,
+                blurs=BLURS) -> np.ndarray:
+    """Macro-cycles of blur 40 -> 0 A^2, params.iterations each, at a fixed weight."""
+    minimiser = minimiser or minimise
+    xyz = np.asarray(xyz0, dtype=np.float64)
+    for b in blurs:
+        t = term.blurred(b) if b > 0 else term
+        xyz = minimiser(xyz, t, geom, weight, params.iterations, params).xyz
+    return np.ascontiguousarray(xyz, dtype=np.float64)
+
+
+def shell_counts(shape_zyx, voxel) -> tuple[np.ndarray, np.ndarray]:
+    """(s, number of Fourier coefficients per shell), the shells of simulate.fsc."""
+    from .simulate import _shell_sum, _shells
+
+    index, weight, s = _shells(shape_zyx, voxel)
+    return s, _shell_sum(index, weight, np.ones(index.shape), len(s))
+
+
+def fsc_average(s: np.ndarray, f: np.ndarray, counts: np.ndarray, resolution: float) -> float:
+    """FSC averaged over the shells up to 1/resolution, weighted by their number of coefficients."""
+    keep = (s <= 1.0 / resolution) & (counts > 0)
+    return float(np.sum(f[keep] * counts[keep]) / np.sum(counts[keep]))
+
+
+def model_map(model, xyz, shape_zyx, origin, voxel, resolution: float) -> np.ndarray:
+    st = updated_structure(model, xyz)
+    return lowpass(model_density(st, shape_zyx, origin, voxel), np.asarray(voxel), resolution)
+
+
+def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution: float) -> dict:
+    """FSC_work and FSC_free of half-set models: models[h] = xyz refined against halves[h-1].
+
+    Returns {h: {"s", "work", "free", "work_avg", "free_avg"}}. This is the one step that reads
+    both half maps for one model."""
+    from .simulate import fsc
+
+    shape = halves[0].shape
+    s, counts = shell_counts(shape, voxel)
+    out = {}
+    for h, xyz in models.items():
+        calc = model_map(model, xyz, shape, origin, voxel, resolution)
+        _, work = fsc(calc, halves[h - 1], voxel)
+        _, free = fsc(calc, halves[2 - h], voxel)
+        out[h] = {"s": s, "work": work, "free": free,
+                  "work_avg": fsc_average(s, work, counts, resolution),
+                  "free_avg": fsc_average(s, free, counts, resolution)}
+    return out
+
+
+def _half_sources(ctx) -> dict:
+    """World rank that sends the models of each half set to the master."""
+    if ctx.size == 2:
+        return {1: 1, 2: 1}
+    from .parallel.context import half_members
+    return {h: half_members(ctx.size, h)[0] for h in (1, 2)}
+
+
+def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight, outdir: str,
+                res_first_atom) -> dict | None:
+    """Collective over ctx.world (ctx may be None: one process). Returns the report section on
+    the master (None elsewhere)."""
+    grid = inputs.map
+    origin, voxel = grid.origin, grid.voxel
+    full_term = RealSpaceTerm(inputs.data, origin, voxel, atom_weight)
+    w_ref = initial_weight(xyz0, full_term, geom)
+    weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
+    n = len(xyz0)
+    single = ctx is None or ctx.size == 1
+    is_master = single or ctx.is_master
+    halves_here = [1, 2] if single else ctx.halves_here()
+    models: dict[int, np.ndarray] = {}         # half -> (n_weights, n, 3)
+
+    if halves_here:
+        if single:
+            minimiser = minimise
+        else:
+            from .parallel.distributed import distributed_minimise
+
+            def minimiser(x, term, g, w, iterations, p):
+                return distributed_minimise(ctx.half_comm, x, term, g.r, res_first_atom, w,
+                                            iterations, p)[0]
+        for h in halves_here:
+            term = half_term(inputs.half_maps[h - 1].data, origin, voxel, resolution, atom_weight)
+            stack = np.empty((len(weights), n, 3))
+            for k, w in enumerate(weights):
+                stack[k] = refine_half(xyz0, term, geom, w, params, minimiser)
+                log.info("half set %d: weight %.3f refined", h, w)
+            models[h] = stack
+            if not single and ctx.half_comm.Get_rank() == 0:
+                from mpi4py import MPI
+                ctx.world.Send([stack, MPI.DOUBLE], dest=0, tag=TAG_HALF + h)
+    if not is_master:
+        return None
+    if not single:
+        from mpi4py import MPI
+
+        from .parallel.distributed import wait_quietly
+        src = _half_sources(ctx)
+        reqs = {}
+        for h in (1, 2):
+            models[h] = np.empty((len(weights), n, 3))
+            reqs[h] = ctx.world.Irecv([models[h], MPI.DOUBLE], source=src[h], tag=TAG_HALF + h)
+        for h in (1, 2):
+            wait_quietly(ctx.world, reqs[h])
+    return summarise(inputs, geom, params, resolution, weights, models, outdir)
+
+
+def summarise(inputs, geom, params, resolution, weights, models, outdir) -> dict:
+    """The compare step and the choice of weight (master only)."""
+    from .compare import per_residue_error
+
+    model = inputs.model
+    grid = inputs.map
+    halves = tuple(np.asarray(h.data, dtype=np.float32) for h in inputs.half_maps)
+    trials, curves = [], []
+    for k, w in enumerate(weights):
+        cmp = compare_models(model, {1: models[1][k], 2: models[2][k]}, halves, grid.origin,
+                             grid.voxel, resolution)
+        st = [geom.statistics(models[h][k]) for h in (1, 2)]
+        work = float(np.mean([cmp[h]["work_avg"] for h in (1, 2)]))
+        free = float(np.mean([cmp[h]["free_avg"] for h in (1, 2)]))
+        trials.append({"weight": round(w, 4), "fsc_work_avg": round(work, 4),
+                       "fsc_free_avg": round(free, 4), "free_residual": round(1 - free, 4),
+                       "bond_rmsd": round(float(np.mean([x["bond_rmsd"] for x in st])), 4),
+                       "angle_rmsd": round(float(np.mean([x["angle_rmsd"] for x in st])), 3)})
+        curves.append(cmp)
+        log.info("half sets, weight %.3f: FSC_work %.4f  FSC_free %.4f  bonds %.4f A  angles %.2f deg",
+                 w, work, free, trials[-1]["bond_rmsd"], trials[-1]["angle_rmsd"])
+    # the angle limit as in engine.choose_weight: raised when even the loosest weight is above it
+    angle_limit = max(params.angle_rmsd_max, min(t["angle_rmsd"] for t in trials) + 0.2)
+    ok = [k for k, t in enumerate(trials)
+          if t["bond_rmsd"] <= params.bond_rmsd_max and t["angle_rmsd"] <= angle_limit]
+    if ok:
+        best = min(ok, key=lambda k: trials[k]["free_residual"])
+    else:
+        best = 0
+        log.warning("no half-set weight met the geometry limits; using the lowest, %.3f", weights[0])
+    cmp = curves[best]
+    s = cmp[1]["s"]
+    keep = s <= 1.0 / resolution
+    work_curve = (cmp[1]["work"] + cmp[2]["work"]) / 2
+    free_curve = (cmp[1]["free"] + cmp[2]["free"]) / 2
+    t = trials[best]
+    ratio = (1 - t["fsc_free_avg"]) / max(1 - t["fsc_work_avg"], 1e-9)
+    diff = per_residue_error(models[1][best], models[2][best], model.res_index, model.n_residues)
+    err = ERROR_FACTOR * diff
+    log.info("half sets: chosen weight %.3f (free residual %.4f), FSC_work %.4f, FSC_free %.4f, "
+             "observed free/work ratio %.3f, mean per-residue error estimate %.3f A",
+             weights[best], t["free_residual"], t["fsc_work_avg"], t["fsc_free_avg"], ratio,
+             float(np.mean(err)))
+    section = {
+        "weights_tried": trials, "chosen_weight": weights[best],
+        "fsc": {"s": np.round(s[keep], 5).tolist(), "work": np.round(work_curve[keep], 4).tolist(),
+                "free": np.round(free_curve[keep], 4).tolist()},
+        "free_work_ratio_observed": round(float(ratio), 4),
+        "per_residue_error": {"chain": [str(c) for c in model.res_chain],
+                              "seqid": [int(x) if str(x).lstrip("-").isdigit() else str(x)
+                                        for x in model.res_seqid],
+                              "error": np.round(err, 4).tolist(),
+                              "factor": "error = difference of the two half-set models / 2"},
+    }
+    try:
+        plot_fsc(os.path.join(outdir, "fsc_halfset.png"), s[keep], work_curve[keep],
+                 free_curve[keep], resolution)
+    except ImportError:                           # pragma: no cover
+        log.warning("matplotlib not available: no fsc_halfset.png")
+    return section
+
+
+def plot_fsc(path, s, work, free, resolution):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(s, work, label="FSC_work (own half map)")
+    ax.plot(s, free, label="FSC_free (other half map)")
+    ax.axvline(1.0 / resolution, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("s (1/A)")
+    ax.set_ylabel("FSC model-map")
+    ax.set_ylim(min(0.0, float(np.min(free)) - 0.05), 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
