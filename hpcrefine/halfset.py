@@ -55,6 +55,17 @@ def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimise
     return np.ascontiguousarray(xyz, dtype=np.float64)
 
 
+def half_start(xyz0: np.ndarray, params, half: int) -> np.ndarray:
+    """The start of half set `half`: the model with its own small random displacements (rms
+    params.halfset_start_shake A, seeded by params.seed and the half), so that the two half-set
+    models do not share the start's errors and their difference measures coordinate error."""
+    rms = params.halfset_start_shake
+    if rms <= 0:
+        return xyz0
+    from .simulate import shake
+    return shake(xyz0, rms, seed=1000 * params.seed + half)
+
+
 def shell_counts(shape_zyx, voxel) -> tuple[np.ndarray, np.ndarray]:
     """(s, number of Fourier coefficients per shell), the shells of simulate.fsc."""
     from .simulate import _shell_sum, _shells
@@ -130,7 +141,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
             term = half_term(inputs.half_maps[h - 1].data, origin, voxel, resolution, atom_weight)
             stack = np.empty((len(weights), n, 3))
             for k, w in enumerate(weights):
-                stack[k] = refine_half(xyz0, term, geom, w, params, minimiser)
+                stack[k] = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
                 log.info("half set %d: weight %.3f refined", h, w)
             models[h] = stack
             if not single and ctx.half_comm.Get_rank() == 0:

@@ -37,6 +37,10 @@ class RefineParams:
     torsion_weight: float = 1.0
     idealize_anchor_sigma: float = 0.5  # A, pull towards the start in `idealize`
     seed: int = 0
+    # half-set validation: each half starts from the model displaced by this rms (A), independently,
+    # so the two half-set models do not share the start's errors (Spearman of the per-residue error
+    # estimate against the real error on adk: 0.27 without, 0.32 with 0.3 A)
+    halfset_start_shake: float = 0.3
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
