@@ -25,3 +25,15 @@ def adk_case(adk_truth, tmp_path_factory):
             "full": str(d / "maps" / "full.mrc"), "half1": str(d / "maps" / "half1.mrc"),
             "half2": str(d / "maps" / "half2.mrc"), "shift": float(np.sqrt(np.mean(np.sum(
                 (xyz - model.xyz) ** 2, axis=1))))}
+
+
+@pytest.fixture(scope="session")
+def adk_refined(adk_case, tmp_path_factory):
+    """`hpcrefine refine` of the shaken start against the half maps, as the README demo runs it."""
+    from hpcrefine.cli import main
+
+    out = tmp_path_factory.mktemp("refined") / "run"
+    rc = main(["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
+               "--resolution", "3.5", "--output", str(out)])
+    assert rc == 0
+    return out

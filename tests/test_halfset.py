@@ -8,7 +8,6 @@ import pytest
 from scipy.stats import spearmanr
 
 from hpcrefine import halfset
-from hpcrefine.cli import main
 from hpcrefine.compare import per_residue_error
 from hpcrefine.engine import GeometryTerm
 from hpcrefine.modelio import read_model
@@ -17,12 +16,8 @@ from hpcrefine.refine import atom_weights, load_inputs
 
 
 @pytest.fixture(scope="module")
-def run(adk_case, tmp_path_factory):
-    out = tmp_path_factory.mktemp("halfset") / "run"
-    rc = main(["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
-               "--resolution", "3.5", "--output", str(out)])
-    assert rc == 0
-    return out, json.loads((out / "report.json").read_text())
+def run(adk_refined):
+    return adk_refined, json.loads((adk_refined / "report.json").read_text())
 
 
 def test_report_has_the_halfset_section(run):

@@ -11,12 +11,8 @@ from hpcrefine.compare import rmsd
 
 
 @pytest.fixture(scope="module")
-def refined(adk_case, tmp_path_factory):
-    out = tmp_path_factory.mktemp("refined") / "run"
-    rc = main(["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
-               "--resolution", "3.5", "--output", str(out)])
-    assert rc == 0
-    return out
+def refined(adk_refined):
+    return adk_refined
 
 
 def test_refinement_recovers_the_true_model(adk_case, refined):
