@@ -101,6 +101,8 @@ def _refine(args, command: str) -> int:
                           {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
+    if args.halfset_weight and not args.half_maps:
+        raise InputError("--halfset-weight needs the half maps: give --half-maps H1 H2")
     run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,
                monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command,
                world=_world(), halfset_weight=args.halfset_weight)

@@ -54,6 +54,16 @@ def check_output_dir(outdir: str, overwrite: bool) -> None:
         raise InputError(f"cannot create output directory {outdir}: {parent} is not writable")
 
 
+def check_rank_count(ctx, model: Model) -> None:
+    """The workers share a model by blocks of whole residues: more workers than residues (in all,
+    or in one half set) leaves some without work. Stop before anything starts."""
+    largest_group = max(ctx.n_workers, 1)
+    if largest_group > model.n_residues:
+        raise InputError(f"{ctx.size} ranks give {ctx.n_workers} workers for a model of only "
+                         f"{model.n_residues} residues: each worker needs at least one residue; "
+                         f"run with at most {model.n_residues + 1} ranks")
+
+
 def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | None,
                 ligands: list[str], need_map: bool) -> Inputs:
     """Read and check every input; raises InputError before anything is written."""
@@ -138,6 +148,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
                              need_map=not idealize_only)
     if ctx is not None and ctx.size > 1:
+        check_rank_count(ctx, inputs.model)
         ctx.world.Barrier()          # every rank has checked the inputs before rank 0 writes
         install_abort_on_error(ctx.world)
     minimiser = RankMinimiser(ctx, inputs.model.res_first_atom) if ctx is not None else minimise

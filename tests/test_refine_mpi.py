@@ -59,3 +59,21 @@ def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):
     assert p.returncode != 0
     assert p.stderr.count("hpcrefine: error: model file not found") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_more_workers_than_residues_is_refused(tmp_path, adk_case):
+    """A two-residue model on five ranks (four workers): one clear message before any work."""
+    import gemmi
+
+    st = gemmi.read_structure(adk_case["start"])
+    chain = st[0][0]
+    while len(chain) > 2:
+        del chain[2]
+    small = tmp_path / "two.cif"
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(small))
+    p = mpirun(5, ["refine", str(small), "--map", adk_case["full"], "--resolution", "3.5",
+                   "--output", str(tmp_path / "out")], timeout=120)
+    assert p.returncode != 0
+    assert p.stderr.count("hpcrefine: error:") == 1 and "at most 3 ranks" in p.stderr
+    assert not (tmp_path / "out").exists()
