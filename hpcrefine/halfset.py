@@ -163,6 +163,29 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     return summarise(inputs, geom, params, resolution, weights, models, outdir)
 
 
+def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resolution: float) -> dict:
+    """The free/work residual ratio expected for a restrained refinement (Tickle, Laskowski & Moss
+    1998): sqrt((f + m_eff) / (f - m_eff)).
+
+    f, the independent observations: the real numbers of the Fourier terms to 1/resolution inside
+    the molecular mask (atoms within max(2.5, 0.8 d) A), (4/3) pi V_mask / d^3. m_eff, the effective
+    parameters: 3 per atom less one per stiff restraint (bonds, angles, chiral volumes, and n - 3
+    per plane of n atoms), at least 5% of 3N. This count of m_eff is an approximation: restraints
+    are not infinitely stiff, so it is a lower bound and the ratio it gives a lower bound too.
+    """
+    from .mapstats import atom_mask
+
+    mask = atom_mask(xyz, shape_zyx, origin, voxel, max(2.5, 0.8 * resolution))
+    v_mask = float(mask.sum()) * float(np.prod(voxel))
+    f = 4.0 / 3.0 * np.pi * v_mask / resolution ** 3
+    plane_sizes = np.diff(r.plane_start)
+    stiff = len(r.bond_idx) + len(r.angle_idx) + len(r.chir_idx) + int(np.maximum(plane_sizes - 3, 0).sum())
+    m_eff = max(3 * len(xyz) - stiff, 0.05 * 3 * len(xyz))
+    ratio = float(np.sqrt((f + m_eff) / (f - m_eff))) if f > m_eff else float("nan")
+    return {"observations": round(f, 1), "effective_parameters": round(float(m_eff), 1),
+            "ratio": round(ratio, 4)}
+
+
 def summarise(inputs, geom, params, resolution, weights, models, outdir) -> dict:
     """The compare step and the choice of weight (master only)."""
     from .compare import per_residue_error
@@ -200,17 +223,21 @@ def summarise(inputs, geom, params, resolution, weights, models, outdir) -> dict
     free_curve = (cmp[1]["free"] + cmp[2]["free"]) / 2
     t = trials[best]
     ratio = (1 - t["fsc_free_avg"]) / max(1 - t["fsc_work_avg"], 1e-9)
+    expected = expected_free_work_ratio(models[1][best], geom.r, halves[0].shape, grid.origin,
+                                        grid.voxel, resolution)
     diff = per_residue_error(models[1][best], models[2][best], model.res_index, model.n_residues)
     err = ERROR_FACTOR * diff
     log.info("half sets: chosen weight %.3f (free residual %.4f), FSC_work %.4f, FSC_free %.4f, "
-             "observed free/work ratio %.3f, mean per-residue error estimate %.3f A",
-             weights[best], t["free_residual"], t["fsc_work_avg"], t["fsc_free_avg"], ratio,
-             float(np.mean(err)))
+             "free/work ratio observed %.3f, expected %.3f (f %.0f, m_eff %.0f), mean per-residue "
+             "error estimate %.3f A", weights[best], t["free_residual"], t["fsc_work_avg"],
+             t["fsc_free_avg"], ratio, expected["ratio"], expected["observations"],
+             expected["effective_parameters"], float(np.mean(err)))
     section = {
         "weights_tried": trials, "chosen_weight": weights[best],
         "fsc": {"s": np.round(s[keep], 5).tolist(), "work": np.round(work_curve[keep], 4).tolist(),
                 "free": np.round(free_curve[keep], 4).tolist()},
         "free_work_ratio_observed": round(float(ratio), 4),
+        "free_work_ratio_expected": expected,
         "per_residue_error": {"chain": [str(c) for c in model.res_chain],
                               "seqid": [int(x) if str(x).lstrip("-").isdigit() else str(x)
                                         for x in model.res_seqid],

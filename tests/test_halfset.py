@@ -77,3 +77,11 @@ def test_free_statistics_use_unseen_data(adk_case):
         print(f"weight x{f}: FSC_work {res[f]['work_avg']:.4f} FSC_free {res[f]['free_avg']:.4f}")
     assert res[4]["work_avg"] > res[1]["work_avg"]
     assert res[4]["free_avg"] <= res[1]["free_avg"] + 0.005
+
+
+def test_expected_free_work_ratio_is_reported(run):
+    _, report = run
+    exp = report["halfset"]["free_work_ratio_expected"]
+    assert exp["observations"] > exp["effective_parameters"] > 0
+    assert 1.0 < exp["ratio"] < 2.0
+    assert report["halfset"]["free_work_ratio_observed"] > 1.0
