@@ -43,7 +43,8 @@ class Restraints:
     plane_sigma: np.ndarray = _f((0,))
     plane_start: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     # non-bonded: per-atom repulsion radius (A); pairs closer than r_i + r_j are pushed apart.
-    # Pairs listed in excl_pairs (1-2 and 1-3 neighbours, i < j) are never restrained;
+    # Pairs listed in excl_pairs (1-2 and 1-3 neighbours, and atoms of different alternative
+    # conformers, i < j) are never restrained;
     # pairs in pair14 (1-4 neighbours, i < j) use a reduced distance.
     vdw_radius: np.ndarray = _f((0,))
     hbond_type: np.ndarray = _i((0,))   # 0 none, 1 donor, 2 acceptor, 3 both (for H-bond distances)
