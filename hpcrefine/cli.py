@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, help="macro-cycles")
     p.add_argument("--iterations", type=int, help="L-BFGS iterations per macro-cycle")
     p.add_argument("--weight", type=float, help="fixed data weight (default: automatic)")
+    p.add_argument("--target", choices=["fast", "fit"],
+                   help="data term: fast (map values at atom centres, default) or fit (Gaussian-atom "
+                        "model map fitted voxel by voxel: less biased at low resolution, slower)")
     p.add_argument("--halfset-weight", action="store_true",
                    help="with --half-maps and no --weight: refine the final model at the weight "
                         "chosen by the half-set free residual (default: geometry-limit choice)")
@@ -98,7 +101,8 @@ def _refine(args, command: str) -> int:
 
     resolution = positive_float(args.resolution, "--resolution")
     params = build_params(resolution, args.params,
-                          {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight})
+                          {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight,
+                           "target": args.target})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
     if args.halfset_weight and not args.half_maps:

@@ -28,8 +28,13 @@ class RefineParams:
     bond_rmsd_max: float = 0.012
     angle_rmsd_max: float = 1.5        # degrees
     weight_trial_iterations: int = 60
-    # data term
+    # data term: "fast" (map values at atom centres) or "fit" (Gaussian-atom model map fitted to
+    # the map voxel by voxel: unbiased at low resolution, several times slower)
+    target: str = "fast"
     map_blur_start: float = 0.0        # A^2 extra B for the first macro-cycle (radius of convergence)
+    fit_b_blur: float = 15.0           # A^2 added to every atom's B in the "fit" model map
+    fit_blur_start: float = 105.0      # A^2 extra B of the "fit" model map in the first macro-cycle
+    fit_mask_radius: float = 3.5       # A around the start model's atoms
     # non-bonded repulsion
     nonbonded_sigma: float = 0.2
     nonbonded_weight: float = 1.0
@@ -74,6 +79,8 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
     """Resolve parameters: defaults < resolution defaults < TOML file < command line."""
     values: dict = {"resolution": resolution}
     values.update(resolution_defaults(resolution))
+    if (overrides or {}).get("target") not in (None, "fast", "fit"):
+        raise InputError(f"--target must be fast or fit, got {overrides['target']!r}")
     names = {f.name for f in dataclasses.fields(RefineParams)}
     if param_file:
         try:

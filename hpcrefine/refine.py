@@ -14,7 +14,9 @@ from .engine import GeometryTerm, RealSpaceTerm, choose_weight, initial_weight, 
 from .errors import InputError
 from .log import Timer, run_header, setup_logging
 from .mapio import MapGrid, check_model_inside, check_same_grid, read_map
-from .mapstats import cc_mask, fsc_weighted
+from .core.density import normalise_map
+from .core.modelmap import DensityFitTerm
+from .mapstats import atom_mask, cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
 from .monlib import MonomerLibrary, resolve_monlib_dir
 from .parallel.context import make_context
@@ -198,7 +200,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         cycles.append({"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
                        "seconds": round(res.seconds, 2)})
     else:
-        data_term = RealSpaceTerm(inputs.data, inputs.map.origin, inputs.map.voxel, atom_weights(model))
+        data_term, blur_start = _data_term(inputs, params, resolution)
         fixed_weight = params.weight
         if inputs.half_maps is not None:
             with timer("half sets"):
@@ -207,7 +209,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                 fixed_weight = w_half
                 log.info("final refinement at the half-set weight %.3f", w_half)
         for cycle in range(1, params.macro_cycles + 1):
-            blur = params.map_blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
+            blur = blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
             term = data_term.blurred(blur) if blur > 0 else data_term
             with timer("weight"):
                 if fixed_weight is not None:
@@ -253,6 +255,20 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     log.info("wrote %s and report.json (%.1f s)", ", ".join(os.path.basename(p) for p in written),
              report["wall_seconds"])
     return report
+
+
+def _data_term(inputs: Inputs, params: RefineParams, resolution: float):
+    """The data term of the final refinement and the blur of its first macro-cycle."""
+    model, grid = inputs.model, inputs.map
+    if params.target == "fit":
+        mask = atom_mask(model.xyz, inputs.data.shape, grid.origin, grid.voxel, params.fit_mask_radius)
+        term = DensityFitTerm(normalise_map(inputs.data), grid.origin, grid.voxel, mask, model.element,
+                              model.b, params.fit_b_blur)
+        log.info("data term: density fit of a Gaussian-atom model map (mask %.1f A around the atoms, "
+                 "%d voxels)", params.fit_mask_radius, int(mask.sum()))
+        return term, params.fit_blur_start
+    log.info("data term: fast real-space target (map values at atom centres)")
+    return RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weights(model)), params.map_blur_start
 
 
 def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, resolution: float,

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import gemmi
-import mrcfile
 import numpy as np
 import pytest
 

@@ -1,0 +1,131 @@
+"""The density-fit data term: a model map of Gaussian atoms compared with the map voxel by voxel.
+
+Each atom is a 3-D Gaussian of weight amp_i and variance (B_i + b_blur) / (8 pi^2) per axis, cut at
+3 sigma. The target is the masked least-squares residual  T = sum_mask (rho_obs - k rho_calc)^2 / sum_mask rho_obs^2
+(times 1000), with k the least-squares scale at every evaluation (its derivative drops out at the
+optimum). Unlike the fast target (map values at atom centres), it does not pull neighbouring atoms
+into their merged density peaks, so it is not biased at low resolution; it costs a few hundred
+voxels per atom per evaluation.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, inline="always")
+def _box(x, origin, voxel, r, n):
+    f = (x - origin) / voxel
+    lo = max(int(math.floor(f - r / voxel)), 0)
+    hi = min(int(math.ceil(f + r / voxel)), n - 1)
+    return f, lo, hi
+
+
+@njit(cache=True, inline="always")
+def _atom(xyz, a, amp, sig2, origin, voxel, shape):
+    """Atom a's variance, cut-off radius (3 sigma), normalisation, fractional position and the
+    index range of the voxels within the cut-off along each axis."""
+    nz, ny, nx = shape
+    s2 = sig2[a]
+    r = 3.0 * math.sqrt(s2)
+    norm = amp[a] / (2.0 * math.pi * s2) ** 1.5
+    fx, i0, i1 = _box(xyz[a, 0], origin[0], voxel[0], r, nx)
+    fy, j0, j1 = _box(xyz[a, 1], origin[1], voxel[1], r, ny)
+    fz, k0, k1 = _box(xyz[a, 2], origin[2], voxel[2], r, nz)
+    return s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1
+
+
+@njit(cache=True)
+def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, splat, grad):
+    """For atoms lo_atom..hi_atom-1, over the voxels within 3 sigma of each: with splat, add the
+    atom's Gaussian into grid; else add sum_v grid_v d rho_a(v) / d x_a into grad[a]."""
+    for a in range(lo_atom, hi_atom):
+        s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1 = _atom(xyz, a, amp, sig2, origin, voxel, grid.shape)
+        gx = 0.0
+        gy = 0.0
+        gz = 0.0
+        for k in range(k0, k1 + 1):
+            dz = (k - fz) * voxel[2]
+            for j in range(j0, j1 + 1):
+                dy = (j - fy) * voxel[1]
+                for i in range(i0, i1 + 1):
+                    dx = (i - fx) * voxel[0]
+                    d2 = dx * dx + dy * dy + dz * dz
+                    if d2 <= r * r:
+                        g = norm * math.exp(-0.5 * d2 / s2)
+                        if splat:
+                            grid[k, j, i] += g
+                        else:
+                            w = grid[k, j, i] * g / s2
+                            gx += w * dx
+                            gy += w * dy
+                            gz += w * dz
+        if not splat:
+            grad[a, 0] += gx
+            grad[a, 1] += gy
+            grad[a, 2] += gz
+
+
+def _splat(xyz, amp, sig2, origin, voxel, out):
+    _over_atoms(xyz, amp, sig2, origin, voxel, out, 0, len(xyz), True, np.zeros((1, 3)))
+
+
+def _gather(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, grad):
+    _over_atoms(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, False, grad)
+
+
+ELECTRONS = {"H": 1, "C": 6, "N": 7, "O": 8, "P": 15, "S": 16, "SE": 34}
+
+
+class DensityFitTerm:
+    """Data term: masked least-squares fit of a Gaussian-atom model map to the map."""
+
+    def __init__(self, data, origin, voxel, mask, elements, b, b_blur: float, atoms: slice | None = None):
+        self.data = np.ascontiguousarray(data, dtype=np.float64)
+        self.origin = np.asarray(origin, dtype=np.float64)
+        self.voxel = np.asarray(voxel, dtype=np.float64)
+        self.mask = np.ascontiguousarray(mask, dtype=np.float64)
+        self.elements = np.asarray(elements)
+        self.b = np.asarray(b, dtype=np.float64)
+        self.b_blur = float(b_blur)
+        self.amp = np.array([ELECTRONS.get(e, 6) for e in self.elements], dtype=np.float64)
+        self.sig2 = (np.maximum(self.b, 1.0) + self.b_blur) / (8.0 * math.pi ** 2)
+        masked = self.data * self.mask
+        self.scale = 1000.0 / max(float(np.sum(masked * masked)), 1e-30)
+        self.atoms = atoms
+
+    def blurred(self, b_extra: float) -> "DensityFitTerm":
+        """The same term with atoms blurred by b_extra more (a wider basin of attraction)."""
+        return DensityFitTerm(self.data, self.origin, self.voxel, self.mask, self.elements, self.b,
+                              self.b_blur + b_extra)
+
+    def _residual(self, xyz):
+        calc = np.zeros(self.data.shape)
+        _splat(np.ascontiguousarray(xyz, dtype=np.float64), self.amp, self.sig2, self.origin, self.voxel, calc)
+        calc *= self.mask
+        k = float(np.sum(self.data * calc) / max(float(np.sum(calc * calc)), 1e-30))
+        diff = (self.data - k * calc) * self.mask
+        return k, diff
+
+    def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
+        k, diff = self._residual(xyz)
+        grad = np.zeros((len(xyz), 3))
+        _gather(np.ascontiguousarray(xyz, dtype=np.float64), self.amp, self.sig2, self.origin, self.voxel,
+                (-2.0 * k * self.scale) * diff, 0, len(xyz), grad)
+        return float(np.sum(diff * diff)) * self.scale, grad
+
+    def local(self, atoms: slice) -> "DensityFitTerm":
+        """For a rank owning a block of atoms: the model map needs every atom, so each rank builds
+        it whole; the gradient is taken for the block only, and the target counted by the rank
+        whose block starts at atom 0, so that a sum over ranks counts it once."""
+        return DensityFitTerm(self.data, self.origin, self.voxel, self.mask, self.elements, self.b,
+                              self.b_blur, atoms)
+
+    def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:
+        sl = self.atoms
+        k, diff = self._residual(xyz)
+        _gather(np.ascontiguousarray(xyz, dtype=np.float64), self.amp, self.sig2, self.origin, self.voxel,
+                (-2.0 * k * self.scale * scale) * diff, sl.start, sl.stop, grad_out)
+        return float(np.sum(diff * diff)) * self.scale * scale if sl.start == 0 else 0.0
