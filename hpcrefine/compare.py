@@ -23,10 +23,13 @@ def rmsd(model_path: str, truth_path: str) -> dict:
     ib = np.array([kb[k] for k in common], dtype=np.int64)
     d2 = np.sum((a.xyz[ia] - b.xyz[ib]) ** 2, axis=1)
     ca = np.array([k[2] == "CA" for k in common], dtype=bool)
+    worst = common[int(np.argmax(d2))] if len(d2) else None
     return {"matched_atoms": int(len(common)), "model_atoms": a.n_atoms, "truth_atoms": b.n_atoms,
             "rmsd_all": float(np.sqrt(d2.mean())) if len(d2) else float("nan"),
             "rmsd_ca": float(np.sqrt(d2[ca].mean())) if ca.any() else float("nan"),
-            "max_deviation": float(np.sqrt(d2.max())) if len(d2) else float("nan")}
+            "max_deviation": float(np.sqrt(d2.max())) if len(d2) else float("nan"),
+            "max_deviation_atom": f"{worst[0]}/{worst[1]}/{worst[2]}" if worst else None,
+            "ca_atoms": int(ca.sum())}
 
 
 def per_residue_error(xyz_a: np.ndarray, xyz_b: np.ndarray, res_index: np.ndarray, n_res: int) -> np.ndarray:

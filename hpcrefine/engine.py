@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,14 +91,12 @@ class MinimiseResult:
     iterations: int
     evaluations: int
     seconds: float
-    history: list = field(default_factory=list)
 
 
 def minimise(xyz0: np.ndarray, data_term, geom: GeometryTerm, weight: float, iterations: int,
              params: RefineParams, callback=None) -> MinimiseResult:
     """L-BFGS on coordinates of T = weight * T_data + T_geometry."""
     shape = xyz0.shape
-    history: list = []
 
     def fun(x):
         xyz = x.reshape(shape)
@@ -110,7 +108,7 @@ def minimise(xyz0: np.ndarray, data_term, geom: GeometryTerm, weight: float, ite
     x, f, state, info = lbfgs(fun, xyz0.ravel().copy(), maxiter=iterations, m=params.lbfgs_memory,
                               max_step=params.max_step, callback=callback)
     return MinimiseResult(xyz=x.reshape(shape), f=f, iterations=state.iteration, evaluations=state.n_evals,
-                          seconds=time.perf_counter() - t0, history=history)
+                          seconds=time.perf_counter() - t0)
 
 
 def initial_weight(xyz: np.ndarray, data_term, geom: GeometryTerm) -> float:

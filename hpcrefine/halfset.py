@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from .engine import RealSpaceTerm, initial_weight, minimise
-from .mapstats import lowpass, model_density
+from .mapstats import lowpass, model_map_at
 from .modelio import updated_structure
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,7 @@ def fsc_average(s: np.ndarray, f: np.ndarray, counts: np.ndarray, resolution: fl
 
 
 def model_map(model, xyz, shape_zyx, origin, voxel, resolution: float) -> np.ndarray:
-    st = updated_structure(model, xyz)
-    return lowpass(model_density(st, shape_zyx, origin, voxel), np.asarray(voxel), resolution)
+    return model_map_at(updated_structure(model, xyz), shape_zyx, origin, voxel, resolution)
 
 
 def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution: float) -> dict:

@@ -82,10 +82,15 @@ def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) ->
     return float(np.dot(a, b) / den) if den > 0 else 0.0
 
 
+def model_map_at(st: gemmi.Structure, shape_zyx: tuple, origin, voxel, resolution: float) -> np.ndarray:
+    """The model's density on the map grid, low-passed at the resolution."""
+    return lowpass(model_density(st, shape_zyx, origin, voxel), np.asarray(voxel), resolution)
+
+
 def cc_mask(st: gemmi.Structure, exp_map: np.ndarray, origin, voxel, resolution: float,
             xyz: np.ndarray, radius: float | None = None) -> float:
     """Map-model correlation inside a mask around the atoms (model map low-passed at resolution)."""
-    calc = lowpass(model_density(st, exp_map.shape, origin, voxel), voxel, resolution)
+    calc = model_map_at(st, exp_map.shape, origin, voxel, resolution)
     mask = atom_mask(xyz, exp_map.shape, origin, voxel, radius or max(2.5, 0.8 * resolution))
     return correlation(np.asarray(exp_map), calc, mask)
 

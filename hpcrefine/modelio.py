@@ -98,7 +98,6 @@ def model_from_structure(st: gemmi.Structure) -> Model:
     r = 0
     for ch in model:
         polymer = ch.get_polymer()
-        poly_ids = {id(res) for res in polymer} if len(polymer) else set()
         poly_set = set()
         for res in polymer:
             poly_set.add((res.seqid.num, res.seqid.icode))
@@ -122,7 +121,6 @@ def model_from_structure(st: gemmi.Structure) -> Model:
                 i += 1
             first.append(i)
             r += 1
-        del poly_ids
     return Model(st=st, xyz=xyz, b=b, occ=occ, element=np.array(element), atom_name=np.array(atom_name),
                  res_name=np.array(res_name), chain=np.array(chain), res_index=res_index,
                  altloc=np.array(altloc), res_chain=np.array(res_chain), res_seqid=np.array(res_seqid),

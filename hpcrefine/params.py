@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InputError
 
@@ -24,7 +24,6 @@ class RefineParams:
     max_step: float = 0.5              # A, largest displacement of any atom in one line-search trial
     # data/restraint weight: None = automatic
     weight: float | None = None
-    bond_rmsd_target: float = 0.010    # A; automatic weight keeps bonds near this
     bond_rmsd_max: float = 0.012
     angle_rmsd_max: float = 1.5        # degrees
     weight_trial_iterations: int = 60
@@ -39,14 +38,12 @@ class RefineParams:
     nonbonded_sigma: float = 0.2
     nonbonded_weight: float = 1.0
     # restraint term weights
-    torsion_weight: float = 1.0
     idealize_anchor_sigma: float = 0.5  # A, pull towards the start in `idealize`
     seed: int = 0
     # half-set validation: each half starts from the model displaced by this rms (A), independently,
     # so the two half-set models do not share the start's errors (Spearman of the per-residue error
     # estimate against the real error on adk: 0.27 without, 0.32 with 0.3 A)
     halfset_start_shake: float = 0.3
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,7 +30,6 @@ hpcrefine does.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -57,59 +56,32 @@ _NUCLEIC_O3P_MAX = 1.5 * 1.6
 # Scoring against the truth
 # --------------------------------------------------------------------------------------------
 
-def _heavy_atom_table(path: str | os.PathLike) -> dict[tuple, np.ndarray]:
-    """Map (chain, residue number, insertion code, atom name) -> position for the first model.
-
-    Hydrogens are skipped; of alternative conformations only the first one met is kept.
-    """
-    st = gemmi.read_structure(str(path))
-    st.setup_entities()
-    table: dict[tuple, np.ndarray] = {}
-    for chain in st[0]:
-        for res in chain:
-            for atom in res:
-                if atom.is_hydrogen():
-                    continue
-                key = (chain.name, res.seqid.num, res.seqid.icode.strip(), atom.name)
-                if key not in table:
-                    table[key] = np.array(atom.pos.tolist())
-    return table
+def _hpcrefine():
+    """Make the repository's hpcrefine importable (the script runs from a checkout)."""
+    repo_root = str(Path(__file__).resolve().parents[1])
+    if repo_root not in sys.path:
+        sys.path.append(repo_root)
 
 
 def rmsd_to_truth(model_path: str | os.PathLike, truth_path: str | os.PathLike) -> dict:
-    """RMSD of a model to the true model, in place (no superposition), hydrogens ignored.
+    """RMSD of a model to the true model, in place (no superposition), hydrogens ignored, with
+    hpcrefine's own matching (chain, residue number and insertion code, atom name, altloc):
+    ``rmsd_all`` and ``rmsd_ca`` (A), the largest deviation ``max_dev`` and its atom, counts."""
+    _hpcrefine()
+    from hpcrefine.compare import rmsd
 
-    Atoms are matched by chain name, residue number, insertion code and atom name. Returns
-    ``rmsd_all`` and ``rmsd_ca`` (A), the largest single deviation ``max_dev`` and its atom, and the
-    counts ``n_truth`` (non-H atoms in the truth), ``n_matched`` and ``n_ca``.
-    """
-    model = _heavy_atom_table(model_path)
-    truth = _heavy_atom_table(truth_path)
-    keys = [k for k in truth if k in model]
-    if not keys:
+    r = rmsd(str(model_path), str(truth_path))
+    if r["matched_atoms"] == 0:
         raise ValueError(f"no atoms of {model_path} match {truth_path} by chain/residue/atom name")
-    d = np.array([model[k] for k in keys]) - np.array([truth[k] for k in keys])
-    d2 = (d * d).sum(axis=1)
-    ca = np.array([k[3] == "CA" for k in keys])
-    worst = int(np.argmax(d2))
-    chain, num, icode, name = keys[worst]
-    return {
-        "rmsd_all": float(math.sqrt(d2.mean())),
-        "rmsd_ca": float(math.sqrt(d2[ca].mean())) if ca.any() else None,
-        "max_dev": float(math.sqrt(d2[worst])),
-        "max_dev_atom": f"{chain}/{num}{icode}/{name}",
-        "n_truth": len(truth),
-        "n_matched": len(keys),
-        "n_ca": int(ca.sum()),
-    }
+    return {"rmsd_all": r["rmsd_all"], "rmsd_ca": r["rmsd_ca"], "max_dev": r["max_deviation"],
+            "max_dev_atom": r["max_deviation_atom"], "n_truth": r["truth_atoms"],
+            "n_matched": r["matched_atoms"], "n_ca": r["ca_atoms"]}
 
 
 def same_yardstick_geometry(model_path: str | os.PathLike) -> dict | None:
     """Geometry measured by hpcrefine's own restraints (hpcrefine.compare.model_geometry), so that
     both programs are judged with one yardstick; None when hpcrefine is not importable."""
-    repo_root = str(Path(__file__).resolve().parents[1])
-    if repo_root not in sys.path:
-        sys.path.append(repo_root)
+    _hpcrefine()
     try:
         from hpcrefine.compare import model_geometry
     except ImportError:
