@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["fast", "fit"],
                    help="data term: fast (map values at atom centres, default) or fit (Gaussian-atom "
                         "model map fitted voxel by voxel: less biased at low resolution, slower)")
-    p.add_argument("--halfset-weight", action="store_true",
-                   help="with --half-maps and no --weight: refine the final model at the weight "
-                        "chosen by the half-set free residual (default: geometry-limit choice)")
+    p.add_argument("--weight-by", choices=["halfset", "geometry"],
+                   help="with --half-maps and no --weight: the final refinement's weight from the "
+                        "half sets' free residual (halfset, default) or, in every macro-cycle, the "
+                        "largest within the geometry limits (geometry; always so without half maps)")
     _add_common_model_args(p)
 
     p = sub.add_parser("idealize", help="fix geometry alone, moving atoms as little as possible")
@@ -102,14 +103,12 @@ def _refine(args, command: str) -> int:
     resolution = positive_float(args.resolution, "--resolution")
     params = build_params(resolution, args.params,
                           {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight,
-                           "target": args.target})
+                           "target": args.target, "weight_by": args.weight_by})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
-    if args.halfset_weight and not args.half_maps:
-        raise InputError("--halfset-weight needs the half maps: give --half-maps H1 H2")
     run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,
                monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command,
-               world=_world(), halfset_weight=args.halfset_weight)
+               world=_world())
     return 0
 
 

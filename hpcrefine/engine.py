@@ -56,8 +56,11 @@ class GeometryTerm:
         self.n_nbl_builds = 0
 
     def _neighbours(self, xyz: np.ndarray) -> nonbonded.NeighbourList:
-        if self.nbl is None or self.nbl.needs_update(xyz):
+        if self.nbl is None:
             self.nbl = nonbonded.NeighbourList(xyz, self.r)
+            self.n_nbl_builds += 1
+        elif self.nbl.needs_update(xyz):
+            self.nbl.update(xyz)            # keeps the exclusion tables
             self.n_nbl_builds += 1
         return self.nbl
 
@@ -125,9 +128,11 @@ def geometry_ok(stats: dict, params: RefineParams, angle_limit: float | None = N
 
 
 def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: RefineParams,
-                  w_start: float, minimiser=None) -> tuple[float, list[WeightTrial]]:
+                  w_start: float, minimiser=None, w_max: float | None = None
+                  ) -> tuple[float, list[WeightTrial]]:
     """Largest weight (on a factor-of-2 ladder, then one bisection step) whose short minimisation
-    from xyz keeps geometry within limits.
+    from xyz keeps geometry within limits, and at most w_max when given (the ladder then starts
+    at w_max and only goes down).
 
     A few residues caught in a wrong local minimum (a ring threaded through itself, say) can hold
     the angle rmsd above the limit at every weight; so the angle limit is raised to what a
@@ -146,15 +151,19 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
                  t.angle_rmsd, fd, "ok" if t.accepted else "too loose")
         return t
 
+    if w_max is not None:
+        w_start = min(w_start, w_max)
     floor = trial(w_start / 16, None)
     limit = max(params.angle_rmsd_max, floor.angle_rmsd + 0.2)
     if limit > params.angle_rmsd_max:
         log.info("  angle limit raised to %.2f deg (restraint-dominated trial reaches %.2f)", limit,
                  floor.angle_rmsd)
     t = trial(w_start, limit)
+    if t.accepted and w_max is not None and w_start >= w_max:
+        return w_start, trials
     if t.accepted:
         lo, hi = w_start, None
-        for _ in range(4):
+        for _ in range(4 if w_max is None else 0):
             t = trial(lo * 2, limit)
             if not t.accepted:
                 hi = lo * 2

@@ -7,17 +7,22 @@ measures, for every half-set model, the FSC of its model map against its own hal
 and against the other half map (FSC_free, data that model never saw). The free residual of a
 weight, 1 - mean(FSC_free avg), picks the weight among those whose geometry is within limits.
 
-The per-residue coordinate error estimate comes from the difference of the two half-set models at
-the chosen weight. Each half model has an independent error of variance sigma_h^2 per coordinate,
+The chosen weight is the minimum of a parabola in log(weight) through the best tried weight and its
+neighbours; the final refinement on the full map runs at FULL_MAP_WEIGHT_FACTOR times it.
+
+The per-residue coordinate error estimate comes from the differences of the two half-set models
+(in quadrature over the weights tried). Each half model has an independent error of variance sigma_h^2 per coordinate,
 so their difference has variance 2 sigma_h^2: a half model's error is diff / sqrt(2). The full
 model is refined against twice the data, halving the noise variance of its target, so its error
 is about sigma_h / sqrt(2) = diff / 2. The reported estimate is diff / 2 (ERROR_FACTOR).
 
-Parallel layout: the workers of half set h share each minimisation over ctx.half_comm
-(distributed_minimise); a worker that plays both halves does half 1 then half 2; with one process
-the plain engine.minimise runs. The first rank of each half set sends the half-set models'
-coordinates to the master (buffer Send; the master posts Irecv and waits quietly), and the master
-computes the FSCs, the choice and the report section.
+Parallel layout: the workers of half set h are split into groups, up to one per weight
+(weight_layout), so the weights are tried in parallel when there are enough ranks; the ranks of a
+group share each minimisation (distributed_minimise); a worker that plays both halves does half 1
+then half 2; with one process the plain engine.minimise runs. After refining, the group computes
+its model's FSC curves against both half maps and its geometry (the compare step), and its first
+rank sends them with the coordinates to the master (buffer Send; the master posts Irecv and waits
+quietly), which only chooses the weight and writes the report section.
 """
 from __future__ import annotations
 
@@ -32,10 +37,15 @@ from .modelio import updated_structure
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FACTORS = (0.5, 1.0, 2.0)
+WEIGHT_FACTORS = (0.25, 0.5, 1.0, 2.0)    # x the initial weight of the full map
+# The final refinement's data weight is this factor times the half-set weight of least free
+# residual: the full map (mean of the halves) has half the noise variance of one half map, and the
+# weight of a least-squares data term scales as 1 / noise variance. Measured on adk (seeds 2-5):
+# twice the half-set weight agreed with the weight the geometry limits pick on the full map.
+FULL_MAP_WEIGHT_FACTOR = 2.0
 BLURS = (40.0, 0.0)                 # A^2 of extra blur in the two macro-cycles
 ERROR_FACTOR = 0.5                  # full-model error ~ (difference of the half models) / 2
-TAG_HALF = 40                       # + half (1 or 2)
+TAG_HALF = 40                       # + 10 * half + weight index
 
 
 def half_term(half_map: np.ndarray, origin, voxel, resolution: float, atom_weight) -> RealSpaceTerm:
@@ -104,62 +114,124 @@ def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution
     return out
 
 
-def _half_sources(ctx) -> dict:
-    """World rank that sends the models of each half set to the master."""
-    if ctx.size == 2:
-        return {1: 1, 2: 1}
+def weight_layout(size: int, n_weights: int) -> dict:
+    """(half, weight index) -> world rank that refines that half-set model and sends its results.
+
+    With N >= 3 ranks the workers of a half set are split into min(workers, n_weights) groups;
+    weight k goes to group k mod groups, whose first rank (half-set rank = group index) sends.
+    With 1 rank everything is local; with 2 ranks worker 1 does every task."""
     from .parallel.context import half_members
-    return {h: half_members(ctx.size, h)[0] for h in (1, 2)}
+
+    out = {}
+    for h in (1, 2):
+        members = [0] if size == 1 else [1] if size == 2 else half_members(size, h)
+        groups = min(len(members), n_weights)
+        for k in range(n_weights):
+            out[(h, k)] = members[k % groups]
+    return out
+
+
+def n_weight_groups(half_size: int, n_weights: int) -> int:
+    return max(1, min(half_size, n_weights))
+
+
+def _pack(work, free, stats: dict, xyz) -> np.ndarray:
+    return np.concatenate([work, free, [stats["bond_rmsd"], stats["angle_rmsd"]], xyz.ravel()])
+
+
+def _unpack(buf: np.ndarray, n_shells: int) -> dict:
+    ns = n_shells
+    return {"work": buf[:ns], "free": buf[ns:2 * ns], "bond_rmsd": float(buf[2 * ns]),
+            "angle_rmsd": float(buf[2 * ns + 1]), "xyz": buf[2 * ns + 2:].reshape(-1, 3)}
+
+
+def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimiser) -> np.ndarray:
+    """Refine half set h's model at weight w against half map h alone, then (the refinement done)
+    the compare step for that model: FSC against its own half map (work) and the other (free),
+    and its geometry. Returns the packed result."""
+    grid = inputs.map
+    term = half_term(inputs.half_maps[h - 1].data, grid.origin, grid.voxel, resolution,
+                     np.ones(len(xyz0)))
+    xyz = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
+    halves = tuple(np.asarray(m.data, dtype=np.float32) for m in inputs.half_maps)
+    c = compare_models(inputs.model, {h: xyz}, halves, grid.origin, grid.voxel, resolution)[h]
+    st = geom.statistics(xyz)
+    log.info("half set %d: weight %.3f refined: FSC_work %.4f, FSC_free %.4f", h, w, c["work_avg"],
+             c["free_avg"])
+    return _pack(c["work"], c["free"], st, xyz)
 
 
 def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight, outdir: str,
                 res_first_atom) -> dict | None:
     """Collective over ctx.world (ctx may be None: one process). Returns the report section on
-    the master (None elsewhere)."""
+    the master (None elsewhere).
+
+    Every (half, weight) task is refined by one group of that half set's workers (weight_layout:
+    the weights run in parallel when a half set has several workers), which also computes the
+    task's FSC curves and geometry; the group's first rank sends them with the coordinates to the
+    master, which only chooses and reports."""
     grid = inputs.map
-    origin, voxel = grid.origin, grid.voxel
-    full_term = RealSpaceTerm(inputs.data, origin, voxel, atom_weight)
+    full_term = RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weight)
     w_ref = initial_weight(xyz0, full_term, geom)
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
-    n = len(xyz0)
+    n_shells = len(shell_counts(inputs.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1
-    is_master = single or ctx.is_master
-    halves_here = [1, 2] if single else ctx.halves_here()
-    models: dict[int, np.ndarray] = {}         # half -> (n_weights, n, 3)
+    results: dict = {}
 
-    if halves_here:
-        if single:
-            minimiser = minimise
-        else:
-            from .parallel.distributed import distributed_minimise
-
-            def minimiser(x, term, g, w, iterations, p):
-                return distributed_minimise(ctx.half_comm, x, term, g.r, res_first_atom, w,
-                                            iterations, p)[0]
-        for h in halves_here:
-            term = half_term(inputs.half_maps[h - 1].data, origin, voxel, resolution, atom_weight)
-            stack = np.empty((len(weights), n, 3))
+    if single:
+        for h in (1, 2):
             for k, w in enumerate(weights):
-                stack[k] = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
-                log.info("half set %d: weight %.3f refined", h, w)
-            models[h] = stack
-            if not single and ctx.half_comm.Get_rank() == 0:
-                from mpi4py import MPI
-                ctx.world.Send([stack, MPI.DOUBLE], dest=0, tag=TAG_HALF + h)
-    if not is_master:
-        return None
-    if not single:
-        from mpi4py import MPI
+                results[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w, minimise)
+        return summarise(inputs, geom, params, resolution, weights,
+                         {key: _unpack(b, n_shells) for key, b in results.items()}, outdir)
+    from mpi4py import MPI
 
-        from .parallel.distributed import wait_quietly
-        src = _half_sources(ctx)
-        reqs = {}
-        for h in (1, 2):
-            models[h] = np.empty((len(weights), n, 3))
-            reqs[h] = ctx.world.Irecv([models[h], MPI.DOUBLE], source=src[h], tag=TAG_HALF + h)
-        for h in (1, 2):
-            wait_quietly(ctx.world, reqs[h])
-    return summarise(inputs, geom, params, resolution, weights, models, outdir)
+    from .parallel.distributed import distributed_minimise, wait_quietly
+
+    layout = weight_layout(ctx.size, len(weights))
+    if ctx.is_worker:
+        hc = ctx.half_comm
+        groups = n_weight_groups(hc.Get_size(), len(weights))
+        group = hc.Split(hc.Get_rank() % groups, hc.Get_rank())
+        mine = [k for k in range(len(weights)) if k % groups == hc.Get_rank() % groups]
+
+        def minimiser(x, term, g, w, iterations, p):
+            return distributed_minimise(group, x, term, g.r, res_first_atom, w, iterations, p)[0]
+        for h in ctx.halves_here():
+            for k in mine:
+                buf = _half_task(inputs, geom, params, resolution, xyz0, h, weights[k], minimiser)
+                if group.Get_rank() == 0:
+                    ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_HALF + 10 * h + k)
+        group.Free()
+        return None
+    size = 2 * n_shells + 2 + 3 * len(xyz0)
+    reqs = {}
+    for key, src in layout.items():
+        results[key] = np.empty(size)
+        h, k = key
+        reqs[key] = ctx.world.Irecv([results[key], MPI.DOUBLE], source=src, tag=TAG_HALF + 10 * h + k)
+    for key in layout:
+        wait_quietly(ctx.world, reqs[key])
+    return summarise(inputs, geom, params, resolution, weights,
+                     {key: _unpack(b, n_shells) for key, b in results.items()}, outdir)
+
+
+def free_minimum(weights, residuals, ok) -> tuple[float, int]:
+    """The weight of least free residual among the acceptable ones, refined by a parabola in
+    log(weight) through the best tried weight and its two neighbours on the grid (when both are
+    acceptable and the parabola opens upwards), kept between those neighbours.
+    Returns (weight, index of the best tried weight)."""
+    cand = [k for k in range(len(weights)) if ok[k]]
+    if not cand:
+        return float(weights[0]), 0
+    best = min(cand, key=lambda k: residuals[k])
+    if 0 < best < len(weights) - 1 and ok[best - 1] and ok[best + 1]:
+        x = np.log(np.asarray(weights[best - 1:best + 2], dtype=float))
+        y = np.asarray(residuals[best - 1:best + 2], dtype=float)
+        a, b, _ = np.polyfit(x, y, 2)
+        if a > 0:
+            return float(np.exp(np.clip(-b / (2 * a), x[0], x[2]))), best
+    return float(weights[best]), best
 
 
 def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resolution: float) -> dict:
@@ -185,44 +257,39 @@ def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resol
             "ratio": round(ratio, 4)}
 
 
-def summarise(inputs, geom, params, resolution, weights, models, outdir) -> dict:
-    """The compare step and the choice of weight (master only)."""
+def summarise(inputs, geom, params, resolution, weights, results, outdir) -> dict:
+    """The choice of weight and the report section (master only): results[(h, k)] holds half set
+    h's model at weights[k] with its FSC curves and geometry (computed by the workers)."""
     from .compare import per_residue_error
 
     model = inputs.model
     grid = inputs.map
-    halves = tuple(np.asarray(h.data, dtype=np.float32) for h in inputs.half_maps)
-    trials, curves = [], []
+    s, counts = shell_counts(inputs.data.shape, grid.voxel)
+    trials = []
     for k, w in enumerate(weights):
-        cmp = compare_models(model, {1: models[1][k], 2: models[2][k]}, halves, grid.origin,
-                             grid.voxel, resolution)
-        st = [geom.statistics(models[h][k]) for h in (1, 2)]
-        work = float(np.mean([cmp[h]["work_avg"] for h in (1, 2)]))
-        free = float(np.mean([cmp[h]["free_avg"] for h in (1, 2)]))
+        r = [results[(h, k)] for h in (1, 2)]
+        work = float(np.mean([fsc_average(s, x["work"], counts, resolution) for x in r]))
+        free = float(np.mean([fsc_average(s, x["free"], counts, resolution) for x in r]))
         trials.append({"weight": round(w, 4), "fsc_work_avg": round(work, 4),
                        "fsc_free_avg": round(free, 4), "free_residual": round(1 - free, 4),
-                       "bond_rmsd": round(float(np.mean([x["bond_rmsd"] for x in st])), 4),
-                       "angle_rmsd": round(float(np.mean([x["angle_rmsd"] for x in st])), 3)})
-        curves.append(cmp)
+                       "bond_rmsd": round(float(np.mean([x["bond_rmsd"] for x in r])), 4),
+                       "angle_rmsd": round(float(np.mean([x["angle_rmsd"] for x in r])), 3)})
         log.info("half sets, weight %.3f: FSC_work %.4f  FSC_free %.4f  bonds %.4f A  angles %.2f deg",
                  w, work, free, trials[-1]["bond_rmsd"], trials[-1]["angle_rmsd"])
     # the angle limit as in engine.choose_weight: raised when even the loosest weight is above it
     angle_limit = max(params.angle_rmsd_max, min(t["angle_rmsd"] for t in trials) + 0.2)
-    ok = [k for k, t in enumerate(trials)
-          if t["bond_rmsd"] <= params.bond_rmsd_max and t["angle_rmsd"] <= angle_limit]
-    if ok:
-        best = min(ok, key=lambda k: trials[k]["free_residual"])
-    else:
-        best = 0
+    ok = [t["bond_rmsd"] <= params.bond_rmsd_max and t["angle_rmsd"] <= angle_limit for t in trials]
+    if not any(ok):
         log.warning("no half-set weight met the geometry limits; using the lowest, %.3f", weights[0])
-    cmp = curves[best]
-    s = cmp[1]["s"]
+    w_free, best = free_minimum(weights, [t["free_residual"] for t in trials], ok)
+    curves = {h: results[(h, best)] for h in (1, 2)}
+    models = {h: np.array([results[(h, k)]["xyz"] for k in range(len(weights))]) for h in (1, 2)}
     keep = s <= 1.0 / resolution
-    work_curve = (cmp[1]["work"] + cmp[2]["work"]) / 2
-    free_curve = (cmp[1]["free"] + cmp[2]["free"]) / 2
+    work_curve = (curves[1]["work"] + curves[2]["work"]) / 2
+    free_curve = (curves[1]["free"] + curves[2]["free"]) / 2
     t = trials[best]
     ratio = (1 - t["fsc_free_avg"]) / max(1 - t["fsc_work_avg"], 1e-9)
-    expected = expected_free_work_ratio(models[1][best], geom.r, halves[0].shape, grid.origin,
+    expected = expected_free_work_ratio(models[1][best], geom.r, inputs.data.shape, grid.origin,
                                         grid.voxel, resolution)
     # every weight tried gives one pair of independent half-set models: their differences,
     # averaged in quadrature, estimate the error with less noise than one pair (Spearman against
@@ -230,13 +297,16 @@ def summarise(inputs, geom, params, resolution, weights, models, outdir) -> dict
     diff = np.sqrt(np.mean([per_residue_error(models[1][k], models[2][k], model.res_index,
                                               model.n_residues) ** 2 for k in range(len(weights))], axis=0))
     err = ERROR_FACTOR * diff
-    log.info("half sets: chosen weight %.3f (free residual %.4f), FSC_work %.4f, FSC_free %.4f, "
-             "free/work ratio observed %.3f, expected %.3f (f %.0f, m_eff %.0f), mean per-residue "
-             "error estimate %.3f A", weights[best], t["free_residual"], t["fsc_work_avg"],
-             t["fsc_free_avg"], ratio, expected["ratio"], expected["observations"],
+    w_final = FULL_MAP_WEIGHT_FACTOR * w_free
+    log.info("half sets: least free residual at weight %.3f (tried: %.3f, free residual %.4f, "
+             "FSC_work %.4f, FSC_free %.4f); final weight on the full map %.3f; free/work ratio "
+             "observed %.3f, expected %.3f (f %.0f, m_eff %.0f), mean per-residue error estimate "
+             "%.3f A", w_free, weights[best], t["free_residual"], t["fsc_work_avg"],
+             t["fsc_free_avg"], w_final, ratio, expected["ratio"], expected["observations"],
              expected["effective_parameters"], float(np.mean(err)))
     section = {
-        "weights_tried": trials, "chosen_weight": weights[best],
+        "weights_tried": trials, "chosen_weight": round(w_free, 4),
+        "nearest_weight_tried": weights[best], "final_weight": round(w_final, 4),
         "fsc": {"s": np.round(s[keep], 5).tolist(), "work": np.round(work_curve[keep], 4).tolist(),
                 "free": np.round(free_curve[keep], 4).tolist()},
         "free_work_ratio_observed": round(float(ratio), 4),

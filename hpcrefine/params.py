@@ -24,6 +24,10 @@ class RefineParams:
     max_step: float = 0.5              # A, largest displacement of any atom in one line-search trial
     # data/restraint weight: None = automatic
     weight: float | None = None
+    # with half maps and no fixed weight: "halfset" = the final refinement runs at the weight the
+    # half sets' free residual picks (halfset.FULL_MAP_WEIGHT_FACTOR x it); "geometry" = every
+    # macro-cycle picks the largest weight within the geometry limits below
+    weight_by: str = "halfset"
     bond_rmsd_max: float = 0.012
     angle_rmsd_max: float = 1.5        # degrees
     weight_trial_iterations: int = 60
@@ -78,6 +82,8 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
     values.update(resolution_defaults(resolution))
     if (overrides or {}).get("target") not in (None, "fast", "fit"):
         raise InputError(f"--target must be fast or fit, got {overrides['target']!r}")
+    if (overrides or {}).get("weight_by") not in (None, "halfset", "geometry"):
+        raise InputError(f"--weight-by must be halfset or geometry, got {overrides['weight_by']!r}")
     names = {f.name for f in dataclasses.fields(RefineParams)}
     if param_file:
         try:

@@ -130,16 +130,16 @@ def _format_stats(s: dict) -> str:
 def run_refine(model_path: str, outdir: str, resolution: float, params: RefineParams,
                map_path: str | None = None, half_maps=None, monlib: str | None = None,
                ligands: list[str] | None = None, overwrite: bool = False, command: str = "",
-               idealize_only: bool = False, world=None, halfset_weight: bool = False) -> dict:
+               idealize_only: bool = False, world=None) -> dict:
     """Refine (or idealise) a model; returns the report written to outdir/report.json.
 
     With a world communicator of several ranks, every rank runs this driver: the workers share
     each minimisation (RankMinimiser), rank 0 alone writes outputs and logs.
 
-    With half maps, the half-set validation stage (halfset.run_halfset) runs first and its
-    free-residual weight is reported. The final refinement keeps the geometry-limit weight choice
-    of every macro-cycle (on the adk test case it gave the lower RMSD to the true model); with
-    halfset_weight=True and no user weight, the half-set weight is its fixed weight instead.
+    With half maps, the half-set validation stage (halfset.run_halfset) runs first; unless a
+    weight is given or params.weight_by is "geometry", the final refinement runs at the weight
+    it derives from the free residual. Otherwise every macro-cycle chooses its weight by the
+    geometry limits (engine.choose_weight).
     """
     t_start = time.perf_counter()
     timer = Timer()
@@ -202,12 +202,17 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     else:
         data_term, blur_start = _data_term(inputs, params, resolution)
         fixed_weight = params.weight
+        w_cap = None            # the weight from the free residual, kept within the geometry limits
         if inputs.half_maps is not None:
             with timer("half sets"):
                 halfset, w_half = _half_sets(ctx, inputs, geom, params, resolution, xyz0, outdir)
-            if fixed_weight is None and halfset_weight:
-                fixed_weight = w_half
-                log.info("final refinement at the half-set weight %.3f", w_half)
+            if fixed_weight is None and params.weight_by == "halfset" and params.target == "fit":
+                log.info("the half sets refine with the fast target, whose weight does not carry "
+                         "over to the density-fit target: the final weight follows the geometry limits")
+            elif fixed_weight is None and params.weight_by == "halfset":
+                w_cap = w_half
+                log.info("final refinement at the weight from the free residual, %.3f, or lower "
+                         "where the geometry limits require", w_half)
         for cycle in range(1, params.macro_cycles + 1):
             blur = blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
             term = data_term.blurred(blur) if blur > 0 else data_term
@@ -215,9 +220,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                 if fixed_weight is not None:
                     weight, trials = fixed_weight, []
                 else:
-                    w0 = weight if weight is not None else initial_weight(xyz, term, geom)
+                    w0 = w_cap or weight or initial_weight(xyz, term, geom)
                     log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
-                    weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser)
+                    weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser, w_max=w_cap)
             with timer("minimise"):
                 res = minimiser(xyz, term, geom, weight, params.iterations, params)
             xyz = res.xyz
@@ -280,9 +285,9 @@ def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, re
     section = run_halfset(ctx, inputs, geom, params, resolution, xyz0, atom_weights(inputs.model),
                           outdir, inputs.model.res_first_atom)
     if ctx is None or ctx.size == 1:
-        return section, float(section["chosen_weight"])
+        return section, float(section["final_weight"])
     from .parallel.distributed import wait_quietly
-    buf = np.array([section["chosen_weight"] if ctx.is_master else 0.0])
+    buf = np.array([section["final_weight"] if ctx.is_master else 0.0])
     wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
     return section, float(buf[0])
 

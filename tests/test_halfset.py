@@ -28,7 +28,13 @@ def test_report_has_the_halfset_section(run):
         assert set(t) >= {"weight", "fsc_work_avg", "fsc_free_avg", "free_residual", "bond_rmsd",
                           "angle_rmsd"}
         assert t["free_residual"] == pytest.approx(1 - t["fsc_free_avg"], abs=1e-3)
-    assert h["chosen_weight"] in [pytest.approx(t["weight"], rel=1e-3) for t in h["weights_tried"]]
+    tried = [t["weight"] for t in h["weights_tried"]]
+    assert min(tried) <= h["chosen_weight"] <= max(tried)
+    assert h["nearest_weight_tried"] in [pytest.approx(w, rel=1e-3) for w in tried]
+    assert h["final_weight"] == pytest.approx(halfset.FULL_MAP_WEIGHT_FACTOR * h["chosen_weight"], rel=1e-3)
+    # the final refinement ran at that weight, or lower where the geometry limits required
+    assert all(c["weight"] <= h["final_weight"] * 1.001 for c in report["cycles"])
+    assert report["after"]["bond_rmsd"] <= 0.012
     assert len(h["fsc"]["s"]) == len(h["fsc"]["work"]) == len(h["fsc"]["free"]) > 5
     assert max(h["fsc"]["s"]) <= 1 / 3.5
     e = h["per_residue_error"]
@@ -39,7 +45,7 @@ def test_report_has_the_halfset_section(run):
 
 def test_free_below_work(run):
     h = run[1]["halfset"]
-    chosen = min(h["weights_tried"], key=lambda t: abs(t["weight"] - h["chosen_weight"]))
+    chosen = min(h["weights_tried"], key=lambda t: abs(t["weight"] - h["nearest_weight_tried"]))
     print("FSC_work avg", chosen["fsc_work_avg"], "FSC_free avg", chosen["fsc_free_avg"],
           "ratio", h["free_work_ratio_observed"])
     for t in h["weights_tried"]:
@@ -85,3 +91,30 @@ def test_expected_free_work_ratio_is_reported(run):
     assert exp["observations"] > exp["effective_parameters"] > 0
     assert 1.0 < exp["ratio"] < 2.0
     assert report["halfset"]["free_work_ratio_observed"] > 1.0
+
+
+def test_free_minimum_interpolates_between_neighbours():
+    w = [1.0, 2.0, 4.0, 8.0]
+    # a parabola in log2(w) with its minimum at log2(w) = 1.5
+    res = [(np.log2(x) - 1.5) ** 2 + 0.4 for x in w]
+    wf, best = halfset.free_minimum(w, res, [True] * 4)
+    assert best in (1, 2) and wf == pytest.approx(2 ** 1.5, rel=1e-6)
+    # the best weight at the edge of the grid, or a neighbour outside the limits: no extrapolation
+    assert halfset.free_minimum(w, [0.1, 0.2, 0.3, 0.4], [True] * 4) == (1.0, 0)
+    wf, best = halfset.free_minimum(w, res, [False, True, True, True])
+    assert best == 1 and wf == 2.0
+    # nothing acceptable: the lowest weight
+    assert halfset.free_minimum(w, res, [False] * 4) == (1.0, 0)
+
+
+def test_weight_layout_spreads_weights_over_the_workers_of_each_half():
+    n = len(halfset.WEIGHT_FACTORS)
+    assert set(halfset.weight_layout(1, n).values()) == {0}
+    assert set(halfset.weight_layout(2, n).values()) == {1}
+    lay3 = halfset.weight_layout(3, n)
+    assert {lay3[(1, k)] for k in range(n)} == {1} and {lay3[(2, k)] for k in range(n)} == {2}
+    lay9 = halfset.weight_layout(9, n)        # 4 workers per half: one weight each
+    assert [lay9[(1, k)] for k in range(n)] == [1, 3, 5, 7]
+    assert [lay9[(2, k)] for k in range(n)] == [2, 4, 6, 8]
+    lay5 = halfset.weight_layout(5, n)        # 2 workers per half: two weights each
+    assert [lay5[(1, k)] for k in range(n)] == [1, 3, 1, 3]

@@ -133,16 +133,28 @@ def test_repulsion_gradient_finite_differences():
 
 
 def test_needs_update():
+    """Rebuild when the two largest displacements add up to more than the skin: no pair can
+    have come within its contact distance unlisted before that."""
     xyz, rad, hb, excl, p14 = system(n=100, seed=5)
     nbl = NB.NeighbourList(xyz, None, cutoff_extra=1.0, vdw_radius=rad)
     moved = xyz.copy()
-    moved[17] += [0.49, 0, 0]
+    moved[17] += [0.99, 0, 0]
     assert not nbl.needs_update(moved)
-    moved[17] += [0.02, 0, 0]
+    moved[3] += [0, 0.02, 0]
     assert nbl.needs_update(moved)
     assert nbl.needs_update(xyz[:50])
     nbl.update(moved)
     assert not nbl.needs_update(moved) and nbl.n_builds == 2
+    # random moves that do not trigger a rebuild never lose a pair in contact
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        trial = xyz + rng.normal(scale=0.12, size=xyz.shape)
+        fresh = NB.NeighbourList(xyz, None, cutoff_extra=1.0, vdw_radius=rad)
+        if fresh.needs_update(trial):
+            continue
+        now = NB.NeighbourList(trial, None, cutoff_extra=0.0, vdw_radius=rad)
+        listed = {tuple(p) for p in fresh.pairs.tolist()}
+        assert all(tuple(p) in listed for p in now.pairs.tolist())
 
 
 def test_input_checks():
@@ -155,3 +167,25 @@ def test_input_checks():
         NB.NeighbourList(np.full((3, 3), np.nan), None, vdw_radius=np.ones(3))
     tiny = NB.NeighbourList(np.zeros((1, 3)), None, vdw_radius=np.ones(1))
     assert len(tiny) == 0 and NB.repulsion(np.zeros((1, 3)), tiny)[0] == 0.0
+
+
+def test_owned_lists_partition_the_full_list(adk_truth):
+    """Lists restricted to the atoms each rank owns hold exactly the full list's pairs, once."""
+    from hpcrefine.modelio import read_model
+    from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
+    from hpcrefine.parallel.decompose import atom_blocks, owner_of_atoms
+    from hpcrefine.topology import build_restraints
+
+    model = read_model(adk_truth)
+    r = build_restraints(model, MonomerLibrary(resolve_monlib_dir(None)))
+    full = NB.NeighbourList(model.xyz, r)
+    bounds = atom_blocks(model.res_first_atom, 3)
+    owner = owner_of_atoms(bounds, model.n_atoms)
+    parts = [NB.NeighbourList(model.xyz, r, owned=owner == p) for p in range(3)]
+    got = np.concatenate([pl.pairs for pl in parts])
+    assert len(got) == len(full) > 1000
+    assert {tuple(x) for x in got.tolist()} == {tuple(x) for x in full.pairs.tolist()}
+    for p, pl in enumerate(parts):
+        assert np.all(owner[pl.i] == p)
+        kind = dict(zip(map(tuple, full.pairs.tolist()), full.kind.tolist()))
+        assert all(kind[tuple(x)] == k for x, k in zip(pl.pairs.tolist(), pl.kind.tolist()))

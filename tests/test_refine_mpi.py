@@ -25,7 +25,7 @@ def mpirun(n, args, timeout=300):
 def runs(adk_case, tmp_path_factory):
     out = tmp_path_factory.mktemp("mpi")
     result = {}
-    for n in (1, 3):
+    for n in (1, 3, 5):
         p = mpirun(n, ["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
                        "--resolution", "3.5", "--output", str(out / f"n{n}")])
         assert p.returncode == 0, p.stderr[-3000:]
@@ -45,6 +45,20 @@ def test_three_ranks_refine_like_one(adk_case, runs):
     report = json.loads((runs[3] / "report.json").read_text())
     assert report["ranks"] == 3
     assert report["after"]["bond_rmsd"] <= 0.012
+
+
+def test_weights_tried_in_parallel_agree_with_one_process(runs):
+    """With 5 ranks each half set has two workers, which try the weights in two groups at once
+    (halfset.weight_layout); the half-set statistics are those of one process."""
+    h1 = json.loads((runs[1] / "report.json").read_text())["halfset"]
+    h5 = json.loads((runs[5] / "report.json").read_text())["halfset"]
+    for a, b in zip(h1["weights_tried"], h5["weights_tried"]):
+        assert a["weight"] == pytest.approx(b["weight"], rel=1e-9)
+        assert a["fsc_free_avg"] == pytest.approx(b["fsc_free_avg"], abs=2e-4)
+        assert a["bond_rmsd"] == pytest.approx(b["bond_rmsd"], abs=2e-4)
+    assert h5["chosen_weight"] == pytest.approx(h1["chosen_weight"], rel=0.02)
+    log = (runs[5] / "refine.log").read_text()
+    assert "ranks: 5" in log
 
 
 def test_only_the_master_writes(runs):

@@ -183,10 +183,13 @@ def _stencil_row(r, cx, cy, cz, nx, ny, nz):
 
 @njit(cache=True)
 def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart,
-                  tstart, tpart, tcode, out_i, out_j, out_k, npairs):
+                  tstart, tpart, tcode, owned, cell_owned, out_i, out_j, out_k, npairs):
     """Pairs of cells c_begin, c_begin + 1, ... (half-shell stencil) appended to out_* from
     position npairs. Stops before a cell whose candidates might not fit; returns (npairs, the
-    next cell to do, the room that cell needs)."""
+    next cell to do, the room that cell needs). With a non-empty owned (uint8 per atom), only
+    pairs whose lower index is owned are kept, and cells without owned atoms in their stencil
+    are skipped."""
+    use_own = owned.shape[0] > 0
     rc2 = rcut * rcut
     hb_lim = HBOND_D0 + skin
     cap = out_i.shape[0]
@@ -202,6 +205,14 @@ def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, c
         cx = c % nx
         cy = (c // nx) % ny
         cz = c // (nx * ny)
+        if use_own and cell_owned[c] == 0:
+            near = 0
+            for r in range(_STENCIL_ROWS):
+                e0, e1 = _stencil_row(r, cx, cy, cz, nx, ny, nz)
+                for e in range(e0, e1 + 1):
+                    near |= cell_owned[e]
+            if near == 0:
+                continue
         # worst case for this cell: every atom pairs with every atom of the stencil
         worst = 0
         for r in range(_STENCIL_ROWS):
@@ -261,13 +272,16 @@ def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, c
                         out_i[npairs] = lo_
                         out_j[npairs] = hi_
                         out_k[npairs] = k14
-                        npairs += (1 - excl) * (1 - k14 + k14 * near14)
+                        acc = (1 - excl) * (1 - k14 + k14 * near14)
+                        if use_own:
+                            acc *= np.int64(owned[lo_])
+                        npairs += acc
     return npairs, ncell, 0
 
 
 @njit(cache=True)
 def _search(xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart, tstart, tpart, tcode,
-            cap):
+            cap, owned):
     """All accepted pairs. xs, rs, hs, mex, m14, mov hold coordinates, radii, H-bond types and
     special-pair masks in cell order (xs[p] = xyz[order[p]]), so the loops read memory nearly
     sequentially. Returns (i, j, kind, npairs); the arrays may be longer than npairs. (The
@@ -276,12 +290,19 @@ def _search(xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart, tstart, 
     out_j = np.empty(cap, dtype=np.int32)
     out_k = np.empty(cap, dtype=np.int8)
     ncell = dims[0] * dims[1] * dims[2]
+    cell_owned = np.zeros(ncell if owned.shape[0] > 0 else 0, dtype=np.uint8)
+    if owned.shape[0] > 0:
+        for c in range(ncell):
+            for p in range(cstart[c], cstart[c + 1]):
+                if owned[order[p]]:
+                    cell_owned[c] = 1
+                    break
     npairs = 0
     c = 0
     while True:
         npairs, c, need = _search_cells(c, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims,
-                                        cstart, tstart, tpart, tcode, out_i, out_j, out_k,
-                                        npairs)
+                                        cstart, tstart, tpart, tcode, owned, cell_owned, out_i,
+                                        out_j, out_k, npairs)
         if c >= ncell:
             break
         cap = max(cap + cap // 2, npairs + need + 1024)
@@ -336,12 +357,20 @@ def _gather(xyz, radius, hb, mask_ex, mask_14, has_over, order):
 
 
 @njit(cache=True)
-def _moved(xyz, ref, lim2):
+def _two_largest_moves(xyz, ref):
+    """The two largest displacements (A) of any atom since ref."""
+    m1 = 0.0
+    m2 = 0.0
     for a in range(xyz.shape[0]):
         d = sub(row(xyz, a), row(ref, a))
-        if dot(d, d) > lim2:
-            return True
-    return False
+        d2 = dot(d, d)
+        if d2 > m2:
+            if d2 > m1:
+                m2 = m1
+                m1 = d2
+            else:
+                m2 = d2
+    return np.sqrt(m1), np.sqrt(m2)
 
 
 @njit(cache=True)
@@ -403,9 +432,11 @@ class NeighbourList:
     """
 
     def __init__(self, xyz, restraints=None, cutoff_extra: float = 1.0, *, vdw_radius=None,
-                 hbond_type=None, excl_pairs=None, pair14=None):
+                 hbond_type=None, excl_pairs=None, pair14=None, owned=None):
         """Build from xyz and a Restraints (vdw_radius, hbond_type, excl_pairs, pair14); any of
-        the four can be given as keyword arrays instead (they override the Restraints)."""
+        the four can be given as keyword arrays instead (they override the Restraints).
+        owned (bool per atom): list only the pairs whose lower index is owned (one rank's share
+        of a distributed list; the search skips the space far from owned atoms)."""
         xyz = _coords(xyz)
         n = len(xyz)
         if n >= 2**31 - 1:
@@ -436,6 +467,10 @@ class NeighbourList:
                                    _pairs(pair14, n, "pair14"))
         if len(self.radius) and not (self.radius.min() >= 0):
             raise ValueError("vdw_radius must be >= 0")
+        self.owned = (np.zeros(0, dtype=np.uint8) if owned is None
+                      else np.ascontiguousarray(owned, dtype=np.uint8))
+        if self.owned.size and self.owned.shape != (n,):
+            raise ValueError(f"owned has shape {self.owned.shape}, expected ({n},)")
         self.n_builds = 0
         self._cap_hint = 0
         self.update(xyz)
@@ -459,9 +494,10 @@ class NeighbourList:
             dims, cstart, order = _cells(xyz, self.rcut)
             mask_ex, mask_14, has_over, tstart, tpart, tcode = self._table
             cell_data = _gather(xyz, self.radius, self.hbond, mask_ex, mask_14, has_over, order)
-            cap = self._cap_hint if self._cap_hint else 6 * n + 1024
+            n_own = int(self.owned.sum()) if self.owned.size else n
+            cap = self._cap_hint if self._cap_hint else 6 * n_own + 1024
             bi, bj, bk, npairs = _search(*cell_data, order, self.skin, self.rcut, dims, cstart,
-                                         tstart, tpart, tcode, cap)
+                                         tstart, tpart, tcode, cap, self.owned)
             del cell_data, order, cstart
             self.i, self.j, self.kind = _sort_by_first(n, bi, bj, bk, npairs)
             self._cap_hint = int(npairs * 1.1) + 1024
@@ -485,11 +521,14 @@ class NeighbourList:
         return d0 - D0_14_SHIFT * (self.kind != 0)
 
     def needs_update(self, xyz) -> bool:
-        """True when some atom has moved more than skin / 2 since the build."""
+        """True when some pair may have come closer by more than the skin since the build: the
+        two largest atom displacements add up to more than the skin (a pair's distance changes by
+        at most the sum of its two atoms' displacements)."""
         xyz = _coords(xyz)
         if xyz.shape != self.xyz_ref.shape:
             return True
-        return bool(_moved(xyz, self.xyz_ref, (0.5 * self.skin) ** 2))
+        m1, m2 = _two_largest_moves(xyz, self.xyz_ref)
+        return bool(m1 + m2 > self.skin)
 
     def nbytes(self) -> int:
         return (self.i.nbytes + self.j.nbytes + self.kind.nbytes + self.radius.nbytes

@@ -111,10 +111,15 @@ class DistributedTarget:
     def local_pairs(self, xyz: np.ndarray) -> PairShare:
         """This rank's non-bonded pairs, the neighbour list rebuilt when an atom moved too far.
         The decision depends only on xyz, so all ranks rebuild at the same evaluations."""
-        if self.nbl is None or self.nbl.needs_update(xyz):
-            self.nbl = nonbonded.NeighbourList(xyz, self.restraints)
-            self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
-            self.n_nbl_builds += 1
+        if self.nbl is None:
+            # only this rank's pairs are searched for: the build costs ~1/ranks of the whole list
+            self.nbl = nonbonded.NeighbourList(xyz, self.restraints, owned=self.atom_owner == self.part)
+        elif self.nbl.needs_update(xyz):
+            self.nbl.update(xyz)
+        else:
+            return self.pairs
+        self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
+        self.n_nbl_builds += 1
         return self.pairs
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
