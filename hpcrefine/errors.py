@@ -5,3 +5,10 @@ class InputError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class Interrupted(Exception):
+    """SIGUSR1 or SIGTERM: every rank stopped after the step in flight and the master wrote a
+    checkpoint; the run continues with `--resume` (or `--restart CHECKPOINT`)."""
+
+    exit_code = 75

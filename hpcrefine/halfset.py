@@ -46,6 +46,7 @@ FULL_MAP_WEIGHT_FACTOR = 2.0
 BLURS = (40.0, 0.0)                 # A^2 of extra blur in the two macro-cycles
 ERROR_FACTOR = 0.5                  # full-model error ~ (difference of the half models) / 2
 TAG_HALF = 40                       # + 10 * half + weight index
+TAG_STOPPED = 39                    # a group of workers stopped on a signal
 
 
 def half_term(half_map: np.ndarray, origin, voxel, resolution: float, atom_weight) -> RealSpaceTerm:
@@ -162,31 +163,48 @@ def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimis
 
 
 def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight, outdir: str,
-                res_first_atom) -> dict | None:
+                res_first_atom, done: dict | None = None, on_task=None, interrupts=None) -> dict | None:
     """Collective over ctx.world (ctx may be None: one process). Returns the report section on
     the master (None elsewhere).
 
     Every (half, weight) task is refined by one group of that half set's workers (weight_layout:
     the weights run in parallel when a half set has several workers), which also computes the
     task's FSC curves and geometry; the group's first rank sends them with the coordinates to the
-    master, which only chooses and reports."""
+    master, which only chooses and reports.
+
+    Restart and interruption: tasks in `done` ((half, k) -> packed result, from a checkpoint) are
+    not run again; the master calls on_task(key, packed) as each task arrives (it checkpoints).
+    Before each task a group agrees on interrupts (parallel.interrupt); a group that stops tells
+    the master (TAG_STOPPED), which waits for the tasks in flight and raises errors.Interrupted.
+    """
+    from .errors import Interrupted
+
+    done = dict(done or {})
     grid = inputs.map
     full_term = RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weight)
     w_ref = initial_weight(xyz0, full_term, geom)
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
     n_shells = len(shell_counts(inputs.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1
-    results: dict = {}
+
+    def finish():
+        return summarise(inputs, geom, params, resolution, weights,
+                         {key: _unpack(b, n_shells) for key, b in done.items()}, outdir)
 
     if single:
         for h in (1, 2):
             for k, w in enumerate(weights):
-                results[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w, minimise)
-        return summarise(inputs, geom, params, resolution, weights,
-                         {key: _unpack(b, n_shells) for key, b in results.items()}, outdir)
+                if (h, k) in done:
+                    continue
+                if interrupts is not None and interrupts.poll():
+                    raise Interrupted
+                done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w, minimise)
+                if on_task is not None:
+                    on_task((h, k), done[(h, k)])
+        return finish()
     from mpi4py import MPI
 
-    from .parallel.distributed import distributed_minimise, wait_quietly
+    from .parallel.distributed import distributed_minimise
 
     layout = weight_layout(ctx.size, len(weights))
     if ctx.is_worker:
@@ -197,23 +215,69 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
 
         def minimiser(x, term, g, w, iterations, p):
             return distributed_minimise(group, x, term, g.r, res_first_atom, w, iterations, p)[0]
-        for h in ctx.halves_here():
-            for k in mine:
-                buf = _half_task(inputs, geom, params, resolution, xyz0, h, weights[k], minimiser)
-                if group.Get_rank() == 0:
-                    ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_HALF + 10 * h + k)
-        group.Free()
+        try:
+            for h in ctx.halves_here():
+                for k in mine:
+                    if (h, k) in done:
+                        continue
+                    if interrupts is not None and interrupts.agree(group):
+                        if group.Get_rank() == 0:
+                            ctx.world.Send([np.zeros(1), MPI.DOUBLE], dest=0, tag=TAG_STOPPED)
+                        raise Interrupted
+                    buf = _half_task(inputs, geom, params, resolution, xyz0, h, weights[k], minimiser)
+                    if group.Get_rank() == 0:
+                        ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_HALF + 10 * h + k)
+        finally:
+            group.Free()
         return None
-    size = 2 * n_shells + 2 + 3 * len(xyz0)
-    reqs = {}
+    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts)
+    return finish()
+
+
+def _master_gather(ctx, layout: dict, done: dict, size: int, on_task, interrupts) -> None:
+    """The master's side of the half-set stage: receive every task not yet done, sleeping
+    between polls; stop when each sending rank has either sent all its tasks or stopped."""
+    import time
+
+    from mpi4py import MPI
+
+    from .errors import Interrupted
+    from .parallel.distributed import POLL_SECONDS
+
+    pending = {}
     for key, src in layout.items():
-        results[key] = np.empty(size)
-        h, k = key
-        reqs[key] = ctx.world.Irecv([results[key], MPI.DOUBLE], source=src, tag=TAG_HALF + 10 * h + k)
-    for key in layout:
-        wait_quietly(ctx.world, reqs[key])
-    return summarise(inputs, geom, params, resolution, weights,
-                     {key: _unpack(b, n_shells) for key, b in results.items()}, outdir)
+        if key not in done:
+            buf = np.empty(size)
+            h, k = key
+            pending[key] = (buf, ctx.world.Irecv([buf, MPI.DOUBLE], source=src, tag=TAG_HALF + 10 * h + k))
+    stops = {}
+    for src in sorted({src for key, src in layout.items() if key in pending}):
+        buf = np.empty(1)
+        stops[src] = (buf, ctx.world.Irecv([buf, MPI.DOUBLE], source=src, tag=TAG_STOPPED))
+    stopped = set()
+    while True:
+        for key in list(pending):
+            buf, req = pending[key]
+            if req.Test():
+                del pending[key]
+                done[key] = buf
+                if on_task is not None:
+                    on_task(key, buf)
+        for src, (_, req) in list(stops.items()):
+            if req.Test():
+                stopped.add(src)
+                del stops[src]
+        waiting = {layout[key] for key in pending} - stopped
+        if not waiting:
+            break
+        if interrupts is not None:
+            interrupts.poll()
+        time.sleep(POLL_SECONDS)
+    for _, req in list(stops.values()) + [v[1] for v in pending.values()]:
+        req.Cancel()
+        req.Wait()
+    if stopped:
+        raise Interrupted
 
 
 def free_minimum(weights, residuals, ok) -> tuple[float, int]:

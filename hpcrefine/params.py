@@ -48,6 +48,11 @@ class RefineParams:
     # so the two half-set models do not share the start's errors (Spearman of the per-residue error
     # estimate against the real error on adk: 0.27 without, 0.32 with 0.3 A)
     halfset_start_shake: float = 0.3
+    # checkpoints (OUTPUT/checkpoint.h5) at step boundaries: when this many seconds have passed
+    # since the last one, or every checkpoint_steps steps (0: by time only); a signal always
+    # checkpoints. These two may change in a restart.
+    checkpoint_seconds: float = 120.0
+    checkpoint_steps: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

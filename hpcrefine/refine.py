@@ -29,7 +29,7 @@ from .topology import build_restraints
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("refined.cif", "refined.pdb", "report.json", "refine.log", "idealized.cif",
-                "idealized.pdb", "fsc_halfset.png")
+                "idealized.pdb", "fsc_halfset.png", "checkpoint.h5")
 
 
 @dataclass
@@ -130,7 +130,8 @@ def _format_stats(s: dict) -> str:
 def run_refine(model_path: str, outdir: str, resolution: float, params: RefineParams,
                map_path: str | None = None, half_maps=None, monlib: str | None = None,
                ligands: list[str] | None = None, overwrite: bool = False, command: str = "",
-               idealize_only: bool = False, world=None) -> dict:
+               idealize_only: bool = False, world=None, restart: str | None = None,
+               resume: bool = False, force: bool = False) -> dict:
     """Refine (or idealise) a model; returns the report written to outdir/report.json.
 
     With a world communicator of several ranks, every rank runs this driver: the workers share
@@ -140,25 +141,61 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     weight is given or params.weight_by is "geometry", the final refinement runs at the weight
     it derives from the free residual. Otherwise every macro-cycle chooses its weight by the
     geometry limits (engine.choose_weight).
+
+    Checkpoints (refine only): the master keeps outdir/checkpoint.h5 (checkpoint.py) current at
+    step boundaries (a half-set task, a minimisation of the final refinement) by wall time and
+    step count; SIGUSR1/SIGTERM stop every rank after the step in flight with a checkpoint
+    (errors.Interrupted, exit code 75). restart=PATH continues from a checkpoint; resume=True
+    continues from outdir's checkpoint when there is one. The driver is deterministic, so a
+    continued run replays the completed minimisations of the macro-cycle in progress from the
+    checkpoint and ends where an uninterrupted run ends.
     """
+    from . import checkpoint as ck
+    from .errors import Interrupted
+    from .parallel.interrupt import Interrupts
+
     t_start = time.perf_counter()
     timer = Timer()
     ctx = make_context(world) if world is not None else None
     is_master = ctx is None or ctx.is_master
-    check_output_dir(outdir, overwrite)
+    ckpt_path = os.path.join(outdir, ck.NAME)
+    if restart is None and resume and os.path.exists(ckpt_path):
+        restart = ckpt_path
+    if restart is not None and idealize_only:
+        raise InputError("idealize does not checkpoint: run it again instead of --restart")
+    if restart is not None:
+        meta = ck.read_meta(restart)
+        if resume and meta["state_stage"] == "done" and os.path.exists(os.path.join(outdir, "report.json")):
+            if is_master:
+                print(f"hpcrefine: the run in {outdir} has finished already; nothing to resume")
+            return json.loads(open(os.path.join(outdir, "report.json")).read())
+        if os.path.abspath(os.path.dirname(restart)) != os.path.abspath(outdir):
+            check_output_dir(outdir, overwrite)
+    else:
+        check_output_dir(outdir, overwrite)
     with timer("read inputs"):
         inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
                              need_map=not idealize_only)
+    ident = None
+    state = ck.RunState()
+    if not idealize_only:
+        maps = [p for p in [map_path, *(half_maps or [])] if p]
+        ident = ck.RunIdentity.of(model_path, maps, params.to_dict(), ctx.size if ctx else 1,
+                                  command, inputs.monlib_dir)
+        if restart is not None:
+            ck.check_compatible(restart, ident, force)
+            state = ck.load_state(restart, inputs.model.n_atoms)
     if ctx is not None and ctx.size > 1:
         check_rank_count(ctx, inputs.model)
         ctx.world.Barrier()          # every rank has checked the inputs before rank 0 writes
         install_abort_on_error(ctx.world)
-    minimiser = RankMinimiser(ctx, inputs.model.res_first_atom) if ctx is not None else minimise
+    interrupts = Interrupts(ctx.world if ctx is not None else None) if not idealize_only else None
+    minimiser = RankMinimiser(ctx, inputs.model.res_first_atom, interrupts) if ctx is not None else minimise
     # every input is valid: from here on outputs may be written
     logfile = os.path.join(outdir, "refine.log")
     if is_master:
         os.makedirs(outdir, exist_ok=True)
-        if os.path.exists(logfile):
+        if os.path.exists(logfile) and restart is None:
             os.remove(logfile)
     setup_logging(0 if is_master else ctx.rank, logfile if is_master else None)
     mpi_lib = ""
@@ -167,6 +204,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         mpi_lib = MPI.Get_library_version().splitlines()[0].strip()
     for line in run_header(command, ctx.size if ctx else 1, mpi_lib):
         log.info(line)
+    if restart is not None:
+        log.info("continuing from checkpoint %s (stage %s, macro-cycle %d, %d steps done, restart %d)",
+                 restart, state.stage, state.cycle, state.steps, state.restarts)
     if ctx is not None:
         log.info("ranks: %d (rank 0 master without numerics, %d worker(s) sharing each minimisation)",
                  ctx.size, ctx.n_workers)
@@ -188,51 +228,34 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         before = model_statistics(model, xyz0, geom, inputs, resolution, with_map=is_master)
     log.info("start: %s", _format_stats(before))
 
-    cycles = []
-    xyz = xyz0
-    weight = None
-    halfset = None
-    if idealize_only:
-        with timer("minimise"):
-            anchor = _Anchor(xyz0, sigma=params.idealize_anchor_sigma)
-            res = minimiser(xyz, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
-        xyz = res.xyz
-        cycles.append({"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
-                       "seconds": round(res.seconds, 2)})
-    else:
-        data_term, blur_start = _data_term(inputs, params, resolution)
-        fixed_weight = params.weight
-        w_cap = None            # the weight from the free residual, kept within the geometry limits
-        if inputs.half_maps is not None:
-            with timer("half sets"):
-                halfset, w_half = _half_sets(ctx, inputs, geom, params, resolution, xyz0, outdir)
-            if fixed_weight is None and params.weight_by == "halfset" and params.target == "fit":
-                log.info("the half sets refine with the fast target, whose weight does not carry "
-                         "over to the density-fit target: the final weight follows the geometry limits")
-            elif fixed_weight is None and params.weight_by == "halfset":
-                w_cap = w_half
-                log.info("final refinement at the weight from the free residual, %.3f, or lower "
-                         "where the geometry limits require", w_half)
-        for cycle in range(1, params.macro_cycles + 1):
-            blur = blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
-            term = data_term.blurred(blur) if blur > 0 else data_term
-            with timer("weight"):
-                if fixed_weight is not None:
-                    weight, trials = fixed_weight, []
-                else:
-                    w0 = w_cap or weight or initial_weight(xyz, term, geom)
-                    log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
-                    weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser, w_max=w_cap)
+    writer = None
+    if is_master and not idealize_only:
+        from .parallel.decompose import atom_blocks
+        layout = {"workers": ctx.n_workers if ctx else 1,
+                  "block_bounds": atom_blocks(model.res_first_atom, ctx.n_workers if ctx else 1).tolist()}
+        writer = ck.CheckpointWriter(ckpt_path, ident, layout, model.b, params.seed, t_start,
+                                     source=restart)
+        if restart is None:
+            state.frames.append((xyz0, {"stage": "start"}))
+    steps = _Steps(ctx, state, writer, interrupts, params, minimiser, timer)
+    try:
+        if idealize_only:
             with timer("minimise"):
-                res = minimiser(xyz, term, geom, weight, params.iterations, params)
-            xyz = res.xyz
-            st = geom.statistics(xyz)
-            cycles.append({"cycle": cycle, "map_blur": blur, "weight": weight, "iterations": res.iterations,
-                           "evaluations": res.evaluations, "seconds": round(res.seconds, 2),
-                           "bond_rmsd": round(st["bond_rmsd"], 4), "angle_rmsd": round(st["angle_rmsd"], 3),
-                           "weight_trials": [asdict(t) for t in trials]})
-            log.info("cycle %d: weight %.3f, %d iterations (%.1f s): bonds %.4f A, angles %.2f deg",
-                     cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
+                anchor = _Anchor(xyz0, sigma=params.idealize_anchor_sigma)
+                res = minimiser(xyz0, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
+            xyz, weight, halfset = res.xyz, None, None
+            cycles = [{"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
+                       "seconds": round(res.seconds, 2)}]
+        else:
+            xyz, weight, halfset, cycles = _refine_stages(ctx, inputs, geom, params, resolution, xyz0,
+                                                          outdir, state, steps, timer)
+    except Interrupted:
+        log.warning("stopping on %s: checkpoint %s written after the step in flight; continue with "
+                    "--resume (exit code %d)", interrupts.describe(), ckpt_path, ck.INTERRUPTED_EXIT)
+        raise
+    finally:
+        if interrupts is not None:
+            interrupts.restore()
 
     with timer("statistics"):
         after = model_statistics(model, xyz, geom, inputs, resolution, with_map=is_master)
@@ -243,6 +266,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     with timer("write"):
         written = write_model(updated_structure(model, xyz), stem)
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
+    validation = {}
+    if not idealize_only:
+        with timer("validation"):
+            validation = _validate(model, {"start": xyz0, "final": xyz}, inputs, resolution, outdir)
     report = {
         "program": "hpcrefine", "version": __version__, "command": command,
         "mode": "idealize" if idealize_only else "refine",
@@ -252,14 +279,189 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         "n_atoms": model.n_atoms, "restraints": r.counts(),
         "before": before, "after": after, "rms_shift": round(rms_shift, 4),
         "weight": weight, "cycles": cycles, "ranks": ctx.size if ctx else 1, "outputs": [os.path.basename(p) for p in written],
-        "halfset": halfset,
+        "halfset": halfset, "validation": validation,
         "timings": timer.as_dict(), "wall_seconds": round(time.perf_counter() - t_start, 2),
         "master_cpu_seconds": round(time.process_time(), 2),
     }
+    if writer is not None:
+        state.stage = "done"
+        writer.write(state, "done")
+        report["restarts"] = state.restarts
+        report["elapsed_seconds_all_runs"] = round(writer.elapsed(state), 2)
+        report["checkpoint"] = {"file": ck.NAME, "writes": writer.n_writes,
+                                "seconds": round(writer.seconds, 3), "bytes": writer.bytes}
     atomic_write_text(os.path.join(outdir, "report.json"), json.dumps(report, indent=1) + "\n")
     log.info("wrote %s and report.json (%.1f s)", ", ".join(os.path.basename(p) for p in written),
              report["wall_seconds"])
     return report
+
+
+class _Steps:
+    """Step boundaries of a refinement: the minimiser that records (and, in a continued run,
+    replays) the minimisations of the macro-cycle in progress, the stop agreement of all ranks
+    after each step, and the master's checkpoint when one is due or a stop is agreed."""
+
+    def __init__(self, ctx, state, writer, interrupts, params, inner, timer):
+        self.ctx = ctx
+        self.state = state
+        self.writer = writer
+        self.interrupts = interrupts
+        self.params = params
+        self.inner = inner
+        self.timer = timer
+        self.i = 0                      # index of the next minimisation in the current cycle
+        self.since = 0                  # steps since the last checkpoint
+
+    def minimiser(self, xyz0, term, geom, weight, iterations, params):
+        from .checkpoint import CallRecord
+        from .engine import MinimiseResult
+
+        i, self.i = self.i, self.i + 1
+        if i < len(self.state.calls):
+            c = self.state.calls[i]
+            return MinimiseResult(xyz=c.xyz.copy(), f=c.f, iterations=c.iterations,
+                                  evaluations=c.evaluations, seconds=c.seconds)
+        res = self.inner(xyz0, term, geom, weight, iterations, params)
+        self.state.calls.append(CallRecord(res.xyz.copy(), float(res.f), int(res.iterations),
+                                           int(res.evaluations), float(res.seconds)))
+        self.boundary()
+        return res
+
+    def new_cycle(self) -> None:
+        self.state.calls = []
+        self.i = 0
+
+    def task_done(self, key, packed) -> None:
+        """The master's record of a finished half-set task (the workers hold no state)."""
+        self.state.tasks[key] = packed
+        if self.writer is not None:
+            n = len(self.writer.b)
+            self.state.frames.append((packed[len(packed) - 3 * n:].reshape(n, 3),
+                                      {"stage": "halfset", "half": key[0], "weight_index": key[1]}))
+        self.state.steps += 1
+        self.since += 1
+        self._write_if_due(False)
+
+    def boundary(self, force: bool = False) -> None:
+        """Collective over all ranks: after a step, stop everywhere if any rank got a signal."""
+        from .errors import Interrupted
+
+        self.state.steps += 1
+        self.since += 1
+        stop = self._agree()
+        self._write_if_due(force or stop, "interrupted" if stop else "running")
+        if stop:
+            raise Interrupted
+
+    def _agree(self) -> bool:
+        ctx = self.ctx
+        if ctx is None or ctx.size == 1:
+            return self.interrupts.poll()
+        from mpi4py import MPI
+
+        from .parallel.distributed import wait_quietly
+        buf = np.array([1 if self.interrupts.poll() else 0], dtype=np.int32)
+        req = ctx.world.Iallreduce(MPI.IN_PLACE, [buf, MPI.INT], op=MPI.MAX)
+        if ctx.is_master:
+            wait_quietly(ctx.world, req, on_poll=self.interrupts.poll)
+        else:
+            req.Wait()
+        return bool(buf[0])
+
+    def _write_if_due(self, force: bool, status: str = "running") -> None:
+        w = self.writer
+        if w is None:
+            return
+        p = self.params
+        due = (force or (p.checkpoint_steps > 0 and self.since >= p.checkpoint_steps)
+               or time.monotonic() - w.last_write >= p.checkpoint_seconds)
+        if due:
+            with self.timer("checkpoint"):
+                w.write(self.state, status)
+            self.since = 0
+
+    def interrupted(self) -> None:
+        """The half-set stage stopped on a signal: the master checkpoints what it has."""
+        self._write_if_due(True, "interrupted")
+
+
+def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, steps, timer):
+    """The half-set stage and the macro-cycles of the final refinement, continued from state.
+    Returns (xyz, weight, half-set report section, cycle records)."""
+    from .errors import Interrupted
+
+    data_term, blur_start = _data_term(inputs, params, resolution)
+    fixed_weight = params.weight
+    w_cap = None            # the weight from the free residual, kept within the geometry limits
+    halfset = state.halfset
+    if inputs.half_maps is not None:
+        if state.stage == "halfset":
+            with timer("half sets"):
+                try:
+                    halfset, w_half = _half_sets(ctx, inputs, geom, params, resolution, xyz0, outdir,
+                                                 state, steps)
+                except Interrupted:
+                    steps.interrupted()
+                    raise
+            state.halfset, state.w_half, state.stage = halfset, w_half, "final"
+            steps.boundary(force=True)
+        w_half = state.w_half
+        if fixed_weight is None and params.weight_by == "halfset" and params.target == "fit":
+            log.info("the half sets refine with the fast target, whose weight does not carry "
+                     "over to the density-fit target: the final weight follows the geometry limits")
+        elif fixed_weight is None and params.weight_by == "halfset":
+            w_cap = w_half
+            log.info("final refinement at the weight from the free residual, %.3f, or lower "
+                     "where the geometry limits require", w_half)
+    state.stage = "final"
+    if state.xyz is None:
+        state.xyz = xyz0.copy()
+    xyz, weight, cycles = state.xyz, state.weight, state.cycles
+    minimiser = steps.minimiser
+    for cycle in range(state.cycle, params.macro_cycles + 1):
+        blur = blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
+        term = data_term.blurred(blur) if blur > 0 else data_term
+        with timer("weight"):
+            if fixed_weight is not None:
+                weight, trials = fixed_weight, []
+            else:
+                w0 = w_cap or weight or initial_weight(xyz, term, geom)
+                log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
+                weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser, w_max=w_cap)
+        with timer("minimise"):
+            res = minimiser(xyz, term, geom, weight, params.iterations, params)
+        xyz = res.xyz
+        st = geom.statistics(xyz)
+        cycles.append({"cycle": cycle, "map_blur": blur, "weight": weight, "iterations": res.iterations,
+                       "evaluations": res.evaluations, "seconds": round(res.seconds, 2),
+                       "bond_rmsd": round(st["bond_rmsd"], 4), "angle_rmsd": round(st["angle_rmsd"], 3),
+                       "weight_trials": [asdict(t) for t in trials]})
+        log.info("cycle %d: weight %.3f, %d iterations (%.1f s): bonds %.4f A, angles %.2f deg",
+                 cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
+        state.cycle, state.xyz, state.weight = cycle + 1, xyz, weight
+        steps.new_cycle()
+        state.frames.append((xyz, {"stage": "final", "cycle": cycle, "weight": round(weight, 4),
+                                   "target": round(float(res.f), 4), "iterations": res.iterations,
+                                   "seconds": round(res.seconds, 2), "bond_rmsd": cycles[-1]["bond_rmsd"],
+                                   "angle_rmsd": cycles[-1]["angle_rmsd"]}))
+    return xyz, weight, halfset, cycles
+
+
+def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str) -> dict:
+    """The validation figures (hpcrefine.validation) of the start and final models against the
+    refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report."""
+    from .validation import format_summary, json_ready, validate_model, write_outputs
+
+    out = {}
+    for name, xyz in models.items():
+        res = validate_model(model, xyz, inputs.restraints, inputs.map, inputs.data,
+                             inputs.half_maps, resolution)
+        log.info("%s model:", name)
+        for line in format_summary(res):
+            log.info("  %s", line)
+        write_outputs(res, outdir, prefix=f"validation_{name}")
+        out[name] = json_ready(res)
+    return out
 
 
 def _data_term(inputs: Inputs, params: RefineParams, resolution: float):
@@ -277,13 +479,15 @@ def _data_term(inputs: Inputs, params: RefineParams, resolution: float):
 
 
 def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, resolution: float,
-               xyz0: np.ndarray, outdir: str) -> tuple[dict | None, float]:
-    """Run the half-set stage on every rank; returns (report section on the master, chosen weight
-    on every rank: the master sends it to the workers, who wait without spinning)."""
+               xyz0: np.ndarray, outdir: str, state, steps) -> tuple[dict | None, float]:
+    """Run the half-set stage on every rank (skipping the tasks a checkpoint holds); returns
+    (report section on the master, final weight on every rank: the master sends it to the
+    workers, who wait without spinning)."""
     from .halfset import run_halfset
 
     section = run_halfset(ctx, inputs, geom, params, resolution, xyz0, atom_weights(inputs.model),
-                          outdir, inputs.model.res_first_atom)
+                          outdir, inputs.model.res_first_atom, done=state.tasks,
+                          on_task=steps.task_done, interrupts=steps.interrupts)
     if ctx is None or ctx.size == 1:
         return section, float(section["final_weight"])
     from .parallel.distributed import wait_quietly

@@ -118,3 +118,15 @@ def test_weight_layout_spreads_weights_over_the_workers_of_each_half():
     assert [lay9[(2, k)] for k in range(n)] == [2, 4, 6, 8]
     lay5 = halfset.weight_layout(5, n)        # 2 workers per half: two weights each
     assert [lay5[(1, k)] for k in range(n)] == [1, 3, 1, 3]
+
+
+def test_refine_reports_validation_of_start_and_final(run):
+    out, report = run
+    v = report["validation"]
+    s, f = v["start"], v["final"]
+    print("Ramachandran outliers % start / final:", s["ramachandran"]["outlier_pct"], f["ramachandran"]["outlier_pct"])
+    assert f["ramachandran"]["outlier_pct"] < s["ramachandran"]["outlier_pct"] / 5
+    assert f["ramachandran"]["favoured_pct"] > 85
+    assert f["clashes"]["clashscore"] < s["clashes"]["clashscore"] / 10
+    assert f["map"]["cc_mask"] > s["map"]["cc_mask"]
+    assert (out / "validation_final.json").exists() and (out / "validation_final_ramachandran.png").exists()

@@ -314,7 +314,7 @@ def _search(xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart, tstart, 
 
 @njit(cache=True)
 def _sort_by_first(n, pi, pj, pk, npairs):
-    """Exact-size copies of the first npairs pairs, stably sorted by i (counting sort): the
+    """Exact-size copies of the first npairs pairs sorted by (i, j) (counting sort on i): the
     repulsion kernel then reads atom i's data sequentially."""
     start = np.zeros(n + 1, dtype=np.int64)
     for t in range(npairs):
@@ -331,6 +331,24 @@ def _sort_by_first(n, pi, pj, pk, npairs):
         oi[pos] = a
         oj[pos] = pj[t]
         ok[pos] = pk[t]
+    # then by j within each i (insertion sort of short runs): the list's order, and so the
+    # summation order of the repulsion gradient, does not depend on where the list was built
+    b = 0
+    while b < npairs:
+        e = b + 1
+        while e < npairs and oi[e] == oi[b]:
+            e += 1
+        for t in range(b + 1, e):
+            vj = oj[t]
+            vk = ok[t]
+            u = t - 1
+            while u >= b and oj[u] > vj:
+                oj[u + 1] = oj[u]
+                ok[u + 1] = ok[u]
+                u -= 1
+            oj[u + 1] = vj
+            ok[u + 1] = vk
+        b = e
     return oi, oj, ok
 
 

@@ -245,16 +245,21 @@ def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restrain
 
 # ------------------------------------------------------------------------ waiting and failing
 
-def wait_quietly(comm, request, poll: float = POLL_SECONDS, timeout: float | None = None):
+def wait_quietly(comm, request, poll: float = POLL_SECONDS, timeout: float | None = None,
+                 on_poll=None):
     """Complete a nonblocking request without spinning a core: test it, sleep `poll` seconds,
     repeat. Returns its MPI.Status. A blocking MPICH call would busy-poll the core for the whole
     wait; this costs a few microseconds of CPU every poll interval and adds at most `poll` of
-    latency. With timeout (seconds), raises TimeoutError (the request stays pending)."""
+    latency. With timeout (seconds), raises TimeoutError (the request stays pending). on_poll()
+    runs at every poll (the master passes Interrupts.poll, so a signal it gets reaches the
+    workers while it waits)."""
     status = MPI.Status()
     deadline = None if timeout is None else time.monotonic() + timeout
     while not request.Test(status):
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"rank {comm.Get_rank()}: request not complete after {timeout} s")
+        if on_poll is not None:
+            on_poll()
         time.sleep(poll)
     return status
 

@@ -19,10 +19,11 @@ TAG_RESULT = 17
 class RankMinimiser:
     """Callable with engine.minimise's signature, run collectively by every rank of ctx.world."""
 
-    def __init__(self, ctx: Context, res_first_atom: np.ndarray):
+    def __init__(self, ctx: Context, res_first_atom: np.ndarray, interrupts=None):
         self.ctx = ctx
         self.res_first_atom = res_first_atom
         self.first_worker = 1 if ctx.size > 1 else 0
+        self.on_poll = interrupts.poll if interrupts is not None else None
 
     def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
         ctx = self.ctx
@@ -41,7 +42,7 @@ class RankMinimiser:
                 ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_RESULT)
             return res
         req = ctx.world.Irecv([buf, MPI.DOUBLE], source=self.first_worker, tag=TAG_RESULT)
-        wait_quietly(ctx.world, req)
+        wait_quietly(ctx.world, req, on_poll=self.on_poll)
         return MinimiseResult(xyz=buf[:n].reshape(xyz0.shape).copy(), f=float(buf[n]),
                               iterations=int(buf[n + 1]), evaluations=int(buf[n + 2]),
                               seconds=float(buf[n + 3]))

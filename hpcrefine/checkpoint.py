@@ -1,0 +1,347 @@
+"""The run file: one HDF5 file per refinement (OUTPUT/checkpoint.h5) holding what was run, the
+trajectory, and the state a restart continues from. Only the master writes it.
+
+Layout (read it with plain h5py; every attribute is a number or a JSON string):
+  /                 attrs: format, program, version, command, created, updated, status
+                    ("running", "interrupted", "done"), stage, restarts, elapsed_seconds
+  /inputs           attrs: model, model_sha256, maps (JSON: path -> sha256), monlib
+  /params           attr json: the resolved parameters
+  /layout           attrs: ranks, workers, half_set_workers (JSON); dataset block_bounds (atom
+                    blocks of the workers sharing the final refinement)
+  /trajectory/xyz   (frames, atoms, 3) float32, chunked one frame per chunk, gzip
+  /trajectory/b     (frames, atoms) float32
+  /trajectory/info  JSON string per frame: stage, cycle, step, weight, target, iterations,
+                    seconds, and FSC averages for half-set frames
+  /state            the restart state: attrs stage, cycle (next macro-cycle), weight, w_half,
+                    cycles (JSON), halfset (JSON report section), seed; datasets xyz (coordinates
+                    at the start of the current macro-cycle, float64), tasks/<h>_<k> (half-set
+                    results, float64), calls/<i> (the current macro-cycle's completed
+                    minimisations: float64 coordinates, attrs f, iterations, evaluations, seconds),
+                    fftw_wisdom (bytes, when pyfftw has any)
+
+Atomic by construction: every checkpoint writes a complete new file next to the old one
+(NAME.part, with the unchanged trajectory copied chunk by chunk), flushes it to disk and renames
+it over the old one. A kill at any instant, SIGKILL during the write included, leaves the last
+complete checkpoint in place; a stale NAME.part is removed at the next start.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+
+FORMAT = 1
+NAME = "checkpoint.h5"
+INTERRUPTED_EXIT = 75                  # EX_TEMPFAIL: interrupted, checkpoint written, resume
+# parameters that may differ in a restart (they do not change the result)
+RESTART_FREE_PARAMS = ("checkpoint_seconds", "checkpoint_steps")
+
+
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(block)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass
+class CallRecord:
+    """One completed minimisation of the current macro-cycle, as the driver saw it."""
+    xyz: np.ndarray
+    f: float
+    iterations: int
+    evaluations: int
+    seconds: float
+
+
+@dataclass
+class RunState:
+    """Where a refinement is: everything a restart needs besides the inputs."""
+    stage: str = "halfset"                       # "halfset", "final", "done"
+    tasks: dict = field(default_factory=dict)    # (half, weight index) -> packed float64 result
+    halfset: dict | None = None                  # the report section, once the half sets are done
+    w_half: float | None = None
+    cycle: int = 1                               # the macro-cycle in progress (1-based)
+    xyz: np.ndarray | None = None                # coordinates at the start of that cycle
+    weight: float | None = None                  # the previous cycle's weight
+    cycles: list = field(default_factory=list)   # report records of the completed cycles
+    calls: list = field(default_factory=list)    # CallRecord of the cycle in progress
+    frames: list = field(default_factory=list)   # new trajectory frames: (xyz, info)
+    n_frames: int = 0                            # frames already in the file
+    elapsed: float = 0.0                         # wall seconds of earlier runs
+    restarts: int = 0
+    steps: int = 0                               # completed steps (tasks and minimisations)
+
+
+@dataclass
+class RunIdentity:
+    """What a checkpoint must match to be continued."""
+    model: str
+    model_sha256: str
+    maps: dict
+    params: dict
+    ranks: int
+    command: str
+    monlib: str = ""
+
+    @classmethod
+    def of(cls, model: str, maps: list[str], params: dict, ranks: int, command: str, monlib: str):
+        return cls(os.path.abspath(model), file_sha256(model),
+                   {os.path.abspath(p): file_sha256(p) for p in maps}, params, ranks, command, monlib)
+
+
+def check_compatible(path: str, ident: RunIdentity, force: bool) -> None:
+    """Refuse a checkpoint from other inputs, other parameters or another format (InputError);
+    with force, a different program version and different parameters are accepted (the inputs
+    never: the state would not belong to them)."""
+    meta = read_meta(path)
+    if meta["format"] != FORMAT:
+        raise InputError(f"checkpoint {path} has format {meta['format']}, this hpcrefine reads "
+                         f"format {FORMAT}: start a new run")
+    if meta["model_sha256"] != ident.model_sha256:
+        raise InputError(f"checkpoint {path} was made from another model ({meta['model']}); "
+                         "restart with the same inputs or start a new run")
+    old_maps = sorted(meta["maps"].values())
+    if old_maps != sorted(ident.maps.values()):
+        raise InputError(f"checkpoint {path} was made from other maps ({', '.join(meta['maps'])}); "
+                         "restart with the same inputs or start a new run")
+    if meta["state_stage"] == "done":
+        raise InputError(f"checkpoint {path} is of a finished run: nothing to continue")
+    problems = []
+    if meta["version"] != __version__:
+        problems.append(f"it was written by hpcrefine {meta['version']}, this is {__version__}")
+    old = {k: v for k, v in meta["params"].items() if k not in RESTART_FREE_PARAMS}
+    new = {k: v for k, v in ident.params.items() if k not in RESTART_FREE_PARAMS}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        problems.append("parameters differ: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+                                                          for k in diff))
+    if problems and not force:
+        raise InputError(f"checkpoint {path} does not match this run: {'; '.join(problems)}. "
+                         "Pass --force to continue anyway")
+
+
+def read_meta(path: str) -> dict:
+    """The identity and position of a checkpoint; InputError when it is not a readable one."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise InputError(f"checkpoint file not found: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("program") != "hpcrefine":
+                raise InputError(f"{path} is not an hpcrefine checkpoint")
+            inp = f["inputs"].attrs
+            st = f["state"].attrs
+            return {"format": int(f.attrs["format"]), "version": str(f.attrs["version"]),
+                    "status": str(f.attrs["status"]), "command": str(f.attrs["command"]),
+                    "model": str(inp["model"]), "model_sha256": str(inp["model_sha256"]),
+                    "maps": json.loads(inp["maps"]), "params": json.loads(f["params"].attrs["json"]),
+                    "ranks": int(f["layout"].attrs["ranks"]), "state_stage": str(st["stage"]),
+                    "cycle": int(st["cycle"]), "elapsed": float(f.attrs["elapsed_seconds"]),
+                    "restarts": int(f.attrs["restarts"]), "steps": int(st["steps"]),
+                    "updated": str(f.attrs["updated"]), "frames": int(f["trajectory/xyz"].shape[0])}
+    except InputError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"checkpoint {path} is damaged or incomplete ({exc}); use an earlier "
+                         "copy or start a new run") from None
+
+
+def load_state(path: str, n_atoms: int) -> RunState:
+    """The restart state of a checkpoint (after check_compatible)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        g = f["state"]
+        a = g.attrs
+        st = RunState(stage=str(a["stage"]), cycle=int(a["cycle"]),
+                      weight=_none(a["weight"]), w_half=_none(a["w_half"]),
+                      cycles=json.loads(a["cycles"]), halfset=json.loads(a["halfset"]),
+                      elapsed=float(f.attrs["elapsed_seconds"]), restarts=int(f.attrs["restarts"]) + 1,
+                      steps=int(a["steps"]), n_frames=int(f["trajectory/xyz"].shape[0]))
+        if "xyz" in g:
+            st.xyz = g["xyz"][()]
+        for key, ds in g["tasks"].items():
+            h, k = (int(x) for x in key.split("_"))
+            st.tasks[(h, k)] = ds[()]
+        for i in range(len(g["calls"])):
+            ds = g["calls"][str(i)]
+            st.calls.append(CallRecord(ds[()], float(ds.attrs["f"]), int(ds.attrs["iterations"]),
+                                       int(ds.attrs["evaluations"]), float(ds.attrs["seconds"])))
+        if "fftw_wisdom" in g:
+            _import_wisdom(g["fftw_wisdom"][()])
+    if st.xyz is not None and st.xyz.shape != (n_atoms, 3):
+        raise InputError(f"checkpoint {path} holds {len(st.xyz)} atoms, the model has {n_atoms}")
+    return st
+
+
+def _none(v):
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+def _export_wisdom():
+    try:
+        import pyfftw
+    except ImportError:                                     # pragma: no cover
+        return None
+    w = pyfftw.export_wisdom()
+    return np.frombuffer(b"\0".join(w), dtype=np.uint8) if any(w) else None
+
+
+def _import_wisdom(arr) -> None:
+    try:
+        import pyfftw
+    except ImportError:                                     # pragma: no cover
+        return
+    parts = bytes(np.asarray(arr, dtype=np.uint8)).split(b"\0")
+    if len(parts) == 3:
+        pyfftw.import_wisdom(tuple(parts))
+
+
+class CheckpointWriter:
+    """The master's writer of OUTPUT/checkpoint.h5: write(state) replaces the file atomically."""
+
+    def __init__(self, path: str, ident: RunIdentity, layout: dict, b_factors: np.ndarray,
+                 seed: int, t_start: float, source: str | None = None):
+        self.path = path
+        self.source = source            # the checkpoint continued from (its trajectory is copied)
+        self.ident = ident
+        self.layout = layout
+        self.b = np.asarray(b_factors, dtype=np.float32)
+        self.seed = seed
+        self.t_start = t_start
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.last_write = time.monotonic()
+        self.n_writes = 0
+        self.seconds = 0.0
+        self.bytes = 0
+        part = path + ".part"
+        if os.path.exists(part):
+            os.remove(part)                     # left by a run killed while writing
+
+    def elapsed(self, state: RunState) -> float:
+        return state.elapsed + time.perf_counter() - self.t_start
+
+    def write(self, state: RunState, status: str = "running") -> None:
+        import h5py
+
+        t0 = time.perf_counter()
+        part = self.path + ".part"
+        old = self.source or self.path
+        old = old if state.n_frames and os.path.exists(old) else None
+        with h5py.File(part, "w", libver="latest") as f:
+            f.attrs.update({"format": FORMAT, "program": "hpcrefine", "version": __version__,
+                            "command": self.ident.command, "created": self.created,
+                            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": status,
+                            "stage": state.stage, "restarts": state.restarts,
+                            "elapsed_seconds": self.elapsed(state)})
+            g = f.create_group("inputs")
+            g.attrs.update({"model": self.ident.model, "model_sha256": self.ident.model_sha256,
+                            "maps": json.dumps(self.ident.maps), "monlib": self.ident.monlib})
+            f.create_group("params").attrs["json"] = json.dumps(self.ident.params)
+            g = f.create_group("layout")
+            g.attrs.update({"ranks": self.ident.ranks, "workers": self.layout.get("workers", 1),
+                            "half_set_workers": json.dumps(self.layout.get("half_set_workers", []))})
+            g.create_dataset("block_bounds", data=np.asarray(self.layout.get("block_bounds", []),
+                                                             dtype=np.int64))
+            self._trajectory(f, old, state)
+            self._state(f, state)
+            f.flush()
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, self.path)
+        self.source = None
+        state.n_frames += len(state.frames)
+        state.frames.clear()
+        self.last_write = time.monotonic()
+        self.n_writes += 1
+        self.seconds += time.perf_counter() - t0
+        self.bytes = os.path.getsize(self.path)
+
+    def _trajectory(self, f, old: str | None, state: RunState) -> None:
+        import h5py
+
+        n = len(self.b)
+        t = f.create_group("trajectory")
+        total = state.n_frames + len(state.frames)
+        xyz = t.create_dataset("xyz", shape=(total, n, 3), maxshape=(None, n, 3), dtype=np.float32,
+                               chunks=(1, n, 3), compression="gzip", compression_opts=1, shuffle=True)
+        b = t.create_dataset("b", shape=(total, n), maxshape=(None, n), dtype=np.float32,
+                             chunks=(1, n), compression="gzip", compression_opts=1, shuffle=True)
+        info = t.create_dataset("info", shape=(total,), maxshape=(None,), dtype=h5py.string_dtype())
+        if old is not None and state.n_frames:
+            with h5py.File(old, "r") as src:
+                sx, sb, si = src["trajectory/xyz"], src["trajectory/b"], src["trajectory/info"]
+                for i in range(state.n_frames):
+                    # compressed chunks are copied as they are, without decompressing
+                    _, raw = sx.id.read_direct_chunk((i, 0, 0))
+                    xyz.id.write_direct_chunk((i, 0, 0), raw)
+                    _, raw = sb.id.read_direct_chunk((i, 0))
+                    b.id.write_direct_chunk((i, 0), raw)
+                info[:state.n_frames] = si[:state.n_frames]
+        for j, (x, meta) in enumerate(state.frames):
+            i = state.n_frames + j
+            xyz[i] = np.asarray(x, dtype=np.float32)
+            b[i] = self.b
+            info[i] = json.dumps(meta)
+
+    def _state(self, f, state: RunState) -> None:
+        g = f.create_group("state")
+        g.attrs.update({"stage": state.stage, "cycle": state.cycle,
+                        "weight": np.nan if state.weight is None else state.weight,
+                        "w_half": np.nan if state.w_half is None else state.w_half,
+                        "cycles": json.dumps(state.cycles), "halfset": json.dumps(state.halfset),
+                        "seed": self.seed, "steps": state.steps})
+        if state.xyz is not None:
+            g.create_dataset("xyz", data=np.asarray(state.xyz, dtype=np.float64))
+        tasks = g.create_group("tasks")
+        for (h, k), arr in sorted(state.tasks.items()):
+            tasks.create_dataset(f"{h}_{k}", data=np.asarray(arr, dtype=np.float64))
+        calls = g.create_group("calls")
+        for i, c in enumerate(state.calls):
+            ds = calls.create_dataset(str(i), data=np.asarray(c.xyz, dtype=np.float64))
+            ds.attrs.update({"f": c.f, "iterations": c.iterations, "evaluations": c.evaluations,
+                             "seconds": c.seconds})
+        w = _export_wisdom()
+        if w is not None:
+            g.create_dataset("fftw_wisdom", data=w)
+
+
+def status_lines(path: str) -> list[str]:
+    """`hpcrefine status RUN.h5`: where a run is."""
+    import h5py
+
+    meta = read_meta(path)
+    lines = [f"{path}: {meta['status']}, stage {meta['state_stage']}"
+             + (f", macro-cycle {meta['cycle']}" if meta["state_stage"] == "final" else "")
+             + f", {meta['steps']} steps done, {meta['frames']} trajectory frames",
+             f"  elapsed {meta['elapsed']:.1f} s over {meta['restarts'] + 1} run(s), last written "
+             f"{meta['updated']}, hpcrefine {meta['version']}, {meta['ranks']} ranks",
+             f"  model {meta['model']}"]
+    with h5py.File(path, "r") as f:
+        infos = f["trajectory/info"]
+        if len(infos):
+            last = json.loads(infos[-1])
+            lines.append("  last step: " + ", ".join(f"{k} {v}" for k, v in last.items()))
+        hs = json.loads(f["state"].attrs["halfset"])
+        if hs:
+            t = min(hs["weights_tried"], key=lambda t: abs(t["weight"] - hs["nearest_weight_tried"]))
+            lines.append(f"  half sets: FSC_work {t['fsc_work_avg']:.4f}, FSC_free {t['fsc_free_avg']:.4f}, "
+                         f"final weight {hs['final_weight']:.3f}")
+    return lines

@@ -1,0 +1,282 @@
+"""Map-model fit: CC_mask, CC_box, CC_volume, CC_peaks, the map-model FSC, per-residue and per-chain CC.
+
+The model map is the model's electron-scattering density (gemmi DensityCalculatorE with the atoms'
+B-factors) on the map's grid; its Fourier transform is taken once and used twice: for the
+map-model FSC (the unfiltered model density against the map) and, cut at 1/resolution, for the
+model map of the correlations, as phenix.map_model_cc does (Afonine et al. 2018, Acta Cryst D74,
+814). The correlations follow that paper's definitions:
+
+  CC_box     every voxel of the map box.
+  CC_mask    voxels inside the molecular mask: within r_vdW + 1.11 A of an atom, shrunk by 0.9 A
+             (the bulk-solvent mask of Jiang & Bruenger 1994 that cctbx uses; radii below).
+  CC_volume  the N voxels where the model map is highest, N = number of voxels in the mask.
+  CC_peaks   the union of the N highest voxels of the model map and the N highest of the map.
+
+FSC: shells one Fourier voxel wide up to Nyquist; FSC_avg is the average over the shells up to
+1/resolution weighted by their number of Fourier coefficients; d_FSC=0.5 is where the curve
+first falls below 0.5 (linear interpolation in 1/d).
+
+Per-residue and per-chain CC: every voxel within PER_RESIDUE_RADIUS(d) = max(2.5, 0.8 d) A of an
+atom is given to its nearest atom, so each voxel counts once; a residue's CC is over the voxels
+of its atoms, a chain's over those of its residues (map against the low-passed model map). The
+voxel ownership is computed in slabs of the map (numba kernels), so memory stays at a few slabs
+and per-residue sums, whatever the model size.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..core.density import rfft_freqs
+from ..mapstats import model_density
+from ..simulate import _rfftn, _shells, fsc_crossing
+
+MASK_PROBE = 1.11          # A, added to the van der Waals radius for the molecular mask
+MASK_SHRINK = 0.9          # A, erosion of the molecular mask
+MASK_RADII = {"C": 1.70, "N": 1.55, "O": 1.52, "S": 1.80, "P": 1.80, "SE": 1.90}   # Bondi (1964)
+MASK_DEFAULT_RADIUS = 1.70
+SLAB_VOXELS = 1 << 23
+
+
+def per_residue_radius(resolution: float) -> float:
+    return max(2.5, 0.8 * float(resolution))
+
+
+# ------------------------------------------------------------------------------- kernels
+
+@njit(cache=True)
+def _mark_spheres(xyz, radius, origin, voxel, mask):
+    """mask[k, j, i] = 1 for voxels within radius[a] of atom a (any a)."""
+    nz, ny, nx = mask.shape
+    for a in range(xyz.shape[0]):
+        r = radius[a]
+        r2 = r * r
+        x, y, z = xyz[a, 0], xyz[a, 1], xyz[a, 2]
+        i0 = max(0, int(math.ceil((x - r - origin[0]) / voxel[0])))
+        i1 = min(nx - 1, int(math.floor((x + r - origin[0]) / voxel[0])))
+        j0 = max(0, int(math.ceil((y - r - origin[1]) / voxel[1])))
+        j1 = min(ny - 1, int(math.floor((y + r - origin[1]) / voxel[1])))
+        k0 = max(0, int(math.ceil((z - r - origin[2]) / voxel[2])))
+        k1 = min(nz - 1, int(math.floor((z + r - origin[2]) / voxel[2])))
+        for k in range(k0, k1 + 1):
+            dz = origin[2] + k * voxel[2] - z
+            for j in range(j0, j1 + 1):
+                dy = origin[1] + j * voxel[1] - y
+                dyz = dy * dy + dz * dz
+                if dyz > r2:
+                    continue
+                for i in range(i0, i1 + 1):
+                    dx = origin[0] + i * voxel[0] - x
+                    if dx * dx + dyz <= r2:
+                        mask[k, j, i] = 1
+
+
+@njit(cache=True)
+def _cc_sums(a, b, mask, use_mask, ta, tb):
+    """Sums (n, sa, sb, saa, sbb, sab) over voxels selected by mask (use_mask) or else by
+    a >= ta or b >= tb (pass -inf, -inf for every voxel). a, b, mask: flat arrays."""
+    n = 0.0
+    sa = sb = saa = sbb = sab = 0.0
+    for v in range(a.shape[0]):
+        if use_mask:
+            if mask[v] == 0:
+                continue
+        elif not (a[v] >= ta or b[v] >= tb):
+            continue
+        x = float(a[v])
+        y = float(b[v])
+        n += 1.0
+        sa += x
+        sb += y
+        saa += x * x
+        sbb += y * y
+        sab += x * y
+    return np.array([n, sa, sb, saa, sbb, sab])
+
+
+@njit(cache=True)
+def _own_slab(xyz, atoms, origin, voxel, k0, best, owner, radius):
+    """Nearest atom (within radius) of every voxel of the slab best/owner[k - k0, j, i]."""
+    nk, ny, nx = best.shape
+    r2 = radius * radius
+    for t in range(atoms.shape[0]):
+        a = atoms[t]
+        x, y, z = xyz[a, 0], xyz[a, 1], xyz[a, 2]
+        i0 = max(0, int(math.ceil((x - radius - origin[0]) / voxel[0])))
+        i1 = min(nx - 1, int(math.floor((x + radius - origin[0]) / voxel[0])))
+        j0 = max(0, int(math.ceil((y - radius - origin[1]) / voxel[1])))
+        j1 = min(ny - 1, int(math.floor((y + radius - origin[1]) / voxel[1])))
+        ka = max(k0, int(math.ceil((z - radius - origin[2]) / voxel[2])))
+        kb = min(k0 + nk - 1, int(math.floor((z + radius - origin[2]) / voxel[2])))
+        for k in range(ka, kb + 1):
+            dz = origin[2] + k * voxel[2] - z
+            for j in range(j0, j1 + 1):
+                dy = origin[1] + j * voxel[1] - y
+                dyz = dy * dy + dz * dz
+                if dyz > r2:
+                    continue
+                for i in range(i0, i1 + 1):
+                    dx = origin[0] + i * voxel[0] - x
+                    d2 = dx * dx + dyz
+                    if d2 <= r2 and d2 < best[k - k0, j, i]:
+                        best[k - k0, j, i] = d2
+                        owner[k - k0, j, i] = a
+
+
+@njit(cache=True)
+def _accumulate(exp_slab, calc_slab, owner, res_index, sums):
+    nk, ny, nx = owner.shape
+    for k in range(nk):
+        for j in range(ny):
+            for i in range(nx):
+                a = owner[k, j, i]
+                if a < 0:
+                    continue
+                r = res_index[a]
+                x = float(exp_slab[k, j, i])
+                y = float(calc_slab[k, j, i])
+                sums[r, 0] += 1.0
+                sums[r, 1] += x
+                sums[r, 2] += y
+                sums[r, 3] += x * x
+                sums[r, 4] += y * y
+                sums[r, 5] += x * y
+
+
+def _cc_from_sums(s: np.ndarray) -> np.ndarray:
+    """Pearson CC from rows of (n, sa, sb, saa, sbb, sab); nan where undefined."""
+    s = np.atleast_2d(s)
+    n = s[:, 0]
+    cov = n * s[:, 5] - s[:, 1] * s[:, 2]
+    va = n * s[:, 3] - s[:, 1] ** 2
+    vb = n * s[:, 4] - s[:, 2] ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cc = cov / np.sqrt(va * vb)
+    cc[(n < 2) | ~(va > 0) | ~(vb > 0)] = np.nan
+    return cc
+
+
+# ------------------------------------------------------------------------------ pieces
+
+def molecular_mask(xyz, element, shape_zyx, origin, voxel) -> np.ndarray:
+    """The bulk-solvent style molecular mask (uint8, [z, y, x]): vdW + probe, eroded by MASK_SHRINK."""
+    from scipy import ndimage
+
+    r = np.full(len(xyz), MASK_DEFAULT_RADIUS)
+    for el, rad in MASK_RADII.items():
+        r[element == el] = rad
+    mask = np.zeros(shape_zyx, dtype=np.uint8)
+    _mark_spheres(np.ascontiguousarray(xyz, dtype=np.float64), r + MASK_PROBE,
+                  np.asarray(origin, dtype=np.float64), np.asarray(voxel, dtype=np.float64), mask)
+    rv = MASK_SHRINK / np.asarray(voxel, dtype=np.float64)        # (x, y, z) in voxels
+    n = np.floor(rv).astype(int)
+    if n.max() >= 1:
+        gz, gy, gx = np.meshgrid(*[np.arange(-m, m + 1) for m in n[::-1]], indexing="ij")
+        ball = (gx / rv[0]) ** 2 + (gy / rv[1]) ** 2 + (gz / rv[2]) ** 2 <= 1.0
+        mask = ndimage.binary_erosion(mask, structure=ball).astype(np.uint8)
+    return mask
+
+
+def _lowpass_inplace(f: np.ndarray, shape_zyx, voxel, resolution: float) -> None:
+    """Zero the Fourier coefficients beyond 1/resolution, slab by slab (no full-size s array)."""
+    kz, ky, kx = rfft_freqs(shape_zyx, voxel)
+    kz, ky, kx = kz.ravel(), ky.reshape(1, -1, 1), kx.reshape(1, 1, -1)
+    lim = 1.0 / resolution ** 2
+    step = max(1, SLAB_VOXELS // max(1, f.shape[1] * f.shape[2]))
+    for k in range(0, f.shape[0], step):
+        s2 = kz[k:k + step].reshape(-1, 1, 1) ** 2 + ky ** 2 + kx ** 2
+        f[k:k + step][s2 > lim] = 0
+
+
+def model_map_and_fsc(st, exp_map: np.ndarray, origin, voxel, resolution: float):
+    """(low-passed model map float32 [z, y, x], FSC dict) with one FFT of each map."""
+    voxel = np.asarray(voxel, dtype=np.float64)
+    density = model_density(st, exp_map.shape, origin, voxel)
+    f_calc = _rfftn(density)
+    del density
+    f_map = _rfftn(np.asarray(exp_map, dtype=np.float32))
+    index, weight, s = _shells(exp_map.shape, voxel)
+    keep = index >= 0
+    n = len(s)
+    idx = index[keep]
+    w = np.broadcast_to(weight, index.shape)[keep]
+    fc, fm = f_calc[keep], f_map[keep]
+    cross = np.bincount(idx, weights=w * (fc * fm.conj()).real, minlength=n)
+    pc = np.bincount(idx, weights=w * (fc.real ** 2 + fc.imag ** 2), minlength=n)
+    pm = np.bincount(idx, weights=w * (fm.real ** 2 + fm.imag ** 2), minlength=n)
+    count = np.bincount(idx, weights=w, minlength=n)
+    del fc, fm, idx, w, keep, index, f_map
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = np.where(pc * pm > 0, cross / np.sqrt(pc * pm), 0.0)
+    upto = (s <= 1.0 / resolution) & (s > 0)
+    fsc_avg = float(np.sum(curve[upto] * count[upto]) / np.sum(count[upto])) if upto.any() else float("nan")
+    _lowpass_inplace(f_calc, exp_map.shape, voxel, resolution)
+    calc = np.fft.irfftn(f_calc, s=exp_map.shape, axes=(0, 1, 2)).astype(np.float32)
+    del f_calc
+    info = {"s": s, "fsc": curve, "count": count, "fsc_avg": fsc_avg,
+            "d_fsc_05": fsc_crossing(s, curve, 0.5)}
+    return calc, info
+
+
+def correlations(exp_map: np.ndarray, calc: np.ndarray, mask: np.ndarray) -> dict:
+    """CC_box, CC_mask, CC_volume, CC_peaks (definitions in the module docstring)."""
+    a = np.ascontiguousarray(exp_map, dtype=np.float32).ravel()
+    b = calc.ravel()
+    m = mask.ravel()
+    n_in = int(np.count_nonzero(m))
+    ninf = -np.inf
+    out = {"cc_box": _cc_from_sums(_cc_sums(a, b, m, False, ninf, ninf))[0],
+           "cc_mask": _cc_from_sums(_cc_sums(a, b, m, True, ninf, ninf))[0]}
+    if 0 < n_in < len(b):
+        t_calc = np.partition(b, len(b) - n_in)[len(b) - n_in]
+        t_map = np.partition(a, len(a) - n_in)[len(a) - n_in]
+        out["cc_volume"] = _cc_from_sums(_cc_sums(a, b, m, False, np.inf, t_calc))[0]
+        out["cc_peaks"] = _cc_from_sums(_cc_sums(a, b, m, False, t_map, t_calc))[0]
+    else:
+        out["cc_volume"] = out["cc_peaks"] = out["cc_mask"]
+    out["mask_voxels"] = n_in
+    return {k: (float(v) if not isinstance(v, int) else v) for k, v in out.items()}
+
+
+def residue_sums(exp_map: np.ndarray, calc: np.ndarray, xyz: np.ndarray, res_index: np.ndarray,
+                 n_residues: int, origin, voxel, radius: float) -> np.ndarray:
+    """(n_residues, 6) correlation sums over the voxels owned by each residue's atoms."""
+    origin = np.asarray(origin, dtype=np.float64)
+    voxel = np.asarray(voxel, dtype=np.float64)
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    nz, ny, nx = exp_map.shape
+    sums = np.zeros((n_residues, 6))
+    order = np.argsort(xyz[:, 2], kind="stable")
+    zs = xyz[order, 2]
+    step = max(1, SLAB_VOXELS // (ny * nx))
+    res_index = np.ascontiguousarray(res_index, dtype=np.int64)
+    for k0 in range(0, nz, step):
+        k1 = min(nz, k0 + step)
+        lo = origin[2] + k0 * voxel[2] - radius
+        hi = origin[2] + (k1 - 1) * voxel[2] + radius
+        atoms = order[np.searchsorted(zs, lo, "left"):np.searchsorted(zs, hi, "right")]
+        if len(atoms) == 0:
+            continue
+        best = np.full((k1 - k0, ny, nx), np.inf, dtype=np.float32)
+        owner = np.full((k1 - k0, ny, nx), -1, dtype=np.int64)
+        _own_slab(xyz, np.ascontiguousarray(atoms), origin, voxel, k0, best, owner, float(radius))
+        _accumulate(np.ascontiguousarray(exp_map[k0:k1]), np.ascontiguousarray(calc[k0:k1]), owner,
+                    res_index, sums)
+    return sums
+
+
+def analyse(model, xyz: np.ndarray, st, exp_map: np.ndarray, origin, voxel, resolution: float) -> dict:
+    """All map-model figures; per-residue CC as an array (nan for residues owning no voxel)."""
+    calc, fsc_info = model_map_and_fsc(st, exp_map, origin, voxel, resolution)
+    mask = molecular_mask(xyz, model.element, exp_map.shape, origin, voxel)
+    cc = correlations(exp_map, calc, mask)
+    del mask
+    radius = per_residue_radius(resolution)
+    sums = residue_sums(exp_map, calc, xyz, model.res_index, model.n_residues, origin, voxel, radius)
+    chains, inverse = np.unique(model.res_chain, return_inverse=True)
+    chain_sums = np.zeros((len(chains), 6))
+    np.add.at(chain_sums, inverse, sums)
+    return {**cc, "fsc": fsc_info, "residue_cc": _cc_from_sums(sums), "chains": chains,
+            "chain_cc": _cc_from_sums(chain_sums), "per_residue_radius": radius}

@@ -1,0 +1,176 @@
+"""Checkpoints and restarts under mpiexec, as a user (or SLURM) interrupts a run: SIGUSR1 to one
+rank, SIGKILL of one rank, damaged and foreign checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcrefine import checkpoint as ck
+from hpcrefine.modelio import read_model
+
+BIN = Path(sys.executable).parent
+
+
+def refine_cmd(case, out, n, *extra):
+    return [str(BIN / "mpiexec"), "-n", str(n), str(BIN / "hpcrefine"), "refine", case["start"],
+            "--half-maps", case["half1"], case["half2"], "--resolution", "3.5", "--output", str(out),
+            "--iterations", "300", "--checkpoint-steps", "1", *extra]
+
+
+def ranks_of(out) -> list[int]:
+    """PIDs of the hpcrefine ranks writing to out (the mpiexec process excluded)."""
+    p = subprocess.run(["pgrep", "-f", f"python[0-9.]* [^ ]*bin/hpcrefine refine .*--output {out} "],
+                       capture_output=True, text=True)
+    return sorted(int(x) for x in p.stdout.split())
+
+
+def wait_for_stage(path, stage, min_steps=0, timeout=120):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            m = ck.read_meta(str(path))
+            if m["state_stage"] == stage and m["steps"] >= min_steps:
+                return m
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached stage {stage}")
+
+
+def coords(out):
+    return read_model(str(out / "refined.cif")).xyz
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(adk_case, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "plain"
+    p = subprocess.run(refine_cmd(adk_case, out, 3), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+def test_sigusr1_to_one_rank_then_resume_is_bit_identical(adk_case, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(refine_cmd(adk_case, out, 3, "--resume"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_stage(out / ck.NAME, "final", min_steps=12)
+    pids = ranks_of(out)
+    assert len(pids) == 3
+    os.kill(pids[-1], signal.SIGUSR1)              # one worker only: the others must hear of it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == ck.INTERRUPTED_EXIT, err[-2000:]
+    assert err.count("interrupted by a signal") == 1
+    meta = ck.read_meta(str(out / ck.NAME))
+    assert meta["status"] == "interrupted" and meta["state_stage"] == "final"
+    saved = tmp_path / "saved.h5"
+    shutil.copy(out / ck.NAME, saved)
+    # the same command line continues and ends exactly where the uninterrupted run ended
+    p = subprocess.run(refine_cmd(adk_case, out, 3, "--resume"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert np.array_equal(coords(out), coords(uninterrupted))
+    report = json.loads((out / "report.json").read_text())
+    assert report["restarts"] == 1 and report["checkpoint"]["writes"] > 1
+    with h5py.File(out / ck.NAME, "r") as f:           # the trajectory is readable with plain h5py
+        assert f.attrs["status"] == "done"
+        assert f["trajectory/xyz"].shape[0] == 1 + 8 + 4 == len(f["trajectory/info"])
+        assert np.allclose(f["trajectory/xyz"][-1], coords(out), atol=1e-3)
+    # another rank count continues the same checkpoint, within summation-order differences
+    other = tmp_path / "other"
+    p = subprocess.run(refine_cmd(adk_case, other, 2, "--restart", str(saved)), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = np.sqrt(np.mean(np.sum((coords(other) - coords(uninterrupted)) ** 2, axis=1)))
+    print(f"restart with 2 ranks instead of 3: rms difference {d:.2e} A")
+    assert d < 0.05
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_the_checkpoint_completes_it(adk_case, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(refine_cmd(adk_case, out, 3, "--resume"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_stage(out / ck.NAME, "halfset", min_steps=3)
+    os.kill(ranks_of(out)[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    proc.communicate(timeout=60)
+    print(f"job ended {time.monotonic() - t0:.1f} s after SIGKILL, exit code {proc.returncode}")
+    assert proc.returncode not in (0, ck.INTERRUPTED_EXIT)
+    assert not ranks_of(out)
+    ck.read_meta(str(out / ck.NAME))                    # the last checkpoint is whole
+    p = subprocess.run(refine_cmd(adk_case, out, 3, "--resume"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert np.array_equal(coords(out), coords(uninterrupted))
+
+
+def test_single_process_interrupt_and_resume(adk_case, uninterrupted, tmp_path):
+    out = tmp_path / "one"
+    cmd = [str(BIN / "hpcrefine"), *refine_cmd(adk_case, out, 1)[4:], "--resume"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_stage(out / ck.NAME, "final", min_steps=10)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == ck.INTERRUPTED_EXIT
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    plain = tmp_path / "plain1"
+    p = subprocess.run([str(BIN / "hpcrefine"), *refine_cmd(adk_case, plain, 1)[4:]], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert np.array_equal(coords(out), coords(plain))
+    # resuming a finished run does nothing and succeeds (the next job of a chain)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "finished already" in p.stdout
+
+
+def test_damaged_foreign_and_mismatched_checkpoints_are_refused(adk_case, uninterrupted, tmp_path):
+    from hpcrefine.cli import main
+
+    good = uninterrupted / ck.NAME
+    # a finished run cannot be restarted
+    base = ["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
+            "--resolution", "3.5", "--iterations", "300", "--output", str(tmp_path / "o")]
+    assert main(base + ["--restart", str(good)]) == 2
+    # an interrupted-looking copy with other parameters: refused, --force accepts it
+    mid = tmp_path / "mid.h5"
+    shutil.copy(good, mid)
+    with h5py.File(mid, "r+") as f:
+        f["state"].attrs["stage"] = "final"
+        f["state"].attrs["cycle"] = 5
+    rc = main(["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
+               "--resolution", "3.5", "--iterations", "200", "--output", str(tmp_path / "p"),
+               "--restart", str(mid)])
+    assert rc == 2
+    truncated = tmp_path / "truncated.h5"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    for path, words in ((truncated, "damaged or incomplete"), (foreign, "not an hpcrefine checkpoint"),
+                        (tmp_path / "missing.h5", "not found")):
+        with pytest.raises(Exception) as e:
+            ck.read_meta(str(path))
+        assert words in str(e.value)
+        assert main(base + ["--restart", str(path)]) == 2
+    assert not (tmp_path / "o").exists()
+    # other inputs: the shaken start is not the true model
+    with pytest.raises(Exception, match="another model"):
+        ident = ck.RunIdentity.of(adk_case["truth"], [adk_case["half1"], adk_case["half2"]], {}, 3, "", "")
+        ck.check_compatible(str(mid), ident, force=True)
+
+
+def test_status_prints_where_a_run_is(uninterrupted, capsys):
+    from hpcrefine.cli import main
+
+    assert main(["status", str(uninterrupted / ck.NAME)]) == 0
+    out = capsys.readouterr().out
+    assert "stage done" in out and "FSC_work" in out and "last step" in out
