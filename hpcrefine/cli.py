@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0, verbose=getattr(args, "verbose", False))
     command = "hpcrefine " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "refine":
+        from .parallel.interrupt import catch_early
+        catch_early()
     try:
         return COMMANDS[args.command](args, command)
     except InputError as exc:

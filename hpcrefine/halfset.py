@@ -273,7 +273,7 @@ def _master_gather(ctx, layout: dict, done: dict, size: int, on_task, interrupts
         if interrupts is not None:
             interrupts.poll()
         time.sleep(POLL_SECONDS)
-    for _, req in list(stops.values()) + [v[1] for v in pending.values()]:
+    for _, req in [*stops.values(), *pending.values()]:
         req.Cancel()
         req.Wait()
     if stopped:

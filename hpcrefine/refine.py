@@ -252,10 +252,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     except Interrupted:
         log.warning("stopping on %s: checkpoint %s written after the step in flight; continue with "
                     "--resume (exit code %d)", interrupts.describe(), ckpt_path, ck.INTERRUPTED_EXIT)
+        interrupts.finish()
         raise
     finally:
         if interrupts is not None:
-            interrupts.restore()
+            interrupts.finished()
 
     with timer("statistics"):
         after = model_statistics(model, xyz, geom, inputs, resolution, with_map=is_master)

@@ -94,6 +94,26 @@ def test_sigusr1_to_one_rank_then_resume_is_bit_identical(adk_case, uninterrupte
     assert d < 0.05
 
 
+def test_sigusr1_to_every_rank_in_the_half_set_stage_then_resume(adk_case, uninterrupted, tmp_path):
+    """As srun forwards a SLURM warning: every rank gets the signal, here while the half sets run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(refine_cmd(adk_case, out, 3, "--resume"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_stage(out / ck.NAME, "halfset", min_steps=2)
+    pids = ranks_of(out)
+    assert len(pids) == 3
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == ck.INTERRUPTED_EXIT, err[-2000:]
+    assert err.count("interrupted by a signal") == 1
+    meta = ck.read_meta(str(out / ck.NAME))
+    assert meta["status"] == "interrupted" and meta["state_stage"] in ("halfset", "final")
+    p = subprocess.run(refine_cmd(adk_case, out, 3, "--resume"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert np.array_equal(coords(out), coords(uninterrupted))
+
+
 def test_sigkill_of_one_rank_ends_the_job_and_the_checkpoint_completes_it(adk_case, uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(refine_cmd(adk_case, out, 3, "--resume"), stdout=subprocess.PIPE,
