@@ -13,7 +13,9 @@ Layout (read it with plain h5py; every attribute is a number or a JSON string):
   /trajectory/info  JSON string per frame: stage, cycle, step, weight, target, iterations,
                     seconds, and FSC averages for half-set frames
   /state            the restart state: attrs stage, cycle (next macro-cycle), weight, w_half,
-                    cycles (JSON), halfset (JSON report section), seed; datasets xyz (coordinates
+                    cycles (JSON), halfset (JSON report section), seed, protocol (JSON: the
+                    finished protocol steps of the "prepare" stage); datasets prepared (the start
+                    model after those steps), xyz (coordinates
                     at the start of the current macro-cycle, float64), tasks/<h>_<k> (half-set
                     results, float64), calls/<i> (the current macro-cycle's completed
                     minimisations: float64 coordinates, attrs f, iterations, evaluations, seconds),
@@ -68,7 +70,7 @@ class CallRecord:
 @dataclass
 class RunState:
     """Where a refinement is: everything a restart needs besides the inputs."""
-    stage: str = "halfset"                       # "halfset", "final", "done"
+    stage: str = "halfset"                       # ("prepare"), "halfset", "final", "done"
     tasks: dict = field(default_factory=dict)    # (half, weight index) -> packed float64 result
     halfset: dict | None = None                  # the report section, once the half sets are done
     w_half: float | None = None
@@ -82,6 +84,9 @@ class RunState:
     elapsed: float = 0.0                         # wall seconds of earlier runs
     restarts: int = 0
     steps: int = 0                               # completed steps (tasks and minimisations)
+    protocol: list = field(default_factory=list)  # report records of the finished protocol steps
+    b: np.ndarray | None = None                  # B after an ADP step (not stored: ADP ends a run)
+    prepared: np.ndarray | None = None           # the start after the "prepare" stage's steps
 
 
 @dataclass
@@ -170,9 +175,12 @@ def load_state(path: str, n_atoms: int) -> RunState:
                       weight=_none(a["weight"]), w_half=_none(a["w_half"]),
                       cycles=json.loads(a["cycles"]), halfset=json.loads(a["halfset"]),
                       elapsed=float(f.attrs["elapsed_seconds"]), restarts=int(f.attrs["restarts"]) + 1,
-                      steps=int(a["steps"]), n_frames=int(f["trajectory/xyz"].shape[0]))
+                      steps=int(a["steps"]), n_frames=int(f["trajectory/xyz"].shape[0]),
+                      protocol=json.loads(a["protocol"]) if "protocol" in a else [])
         if "xyz" in g:
             st.xyz = g["xyz"][()]
+        if "prepared" in g:
+            st.prepared = g["prepared"][()]
         for key, ds in g["tasks"].items():
             h, k = (int(x) for x in key.split("_"))
             st.tasks[(h, k)] = ds[()]
@@ -307,9 +315,12 @@ class CheckpointWriter:
                         "weight": np.nan if state.weight is None else state.weight,
                         "w_half": np.nan if state.w_half is None else state.w_half,
                         "cycles": json.dumps(state.cycles), "halfset": json.dumps(state.halfset),
-                        "seed": self.seed, "steps": state.steps})
+                        "seed": self.seed, "steps": state.steps,
+                        "protocol": json.dumps(state.protocol)})
         if state.xyz is not None:
             g.create_dataset("xyz", data=np.asarray(state.xyz, dtype=np.float64))
+        if state.prepared is not None:
+            g.create_dataset("prepared", data=np.asarray(state.prepared, dtype=np.float64))
         tasks = g.create_group("tasks")
         for (h, k), arr in sorted(state.tasks.items()):
             tasks.create_dataset(f"{h}_{k}", data=np.asarray(arr, dtype=np.float64))

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["fast", "fit"],
                    help="data term: fast (map values at atom centres, default) or fit (Gaussian-atom "
                         "model map fitted voxel by voxel: less biased at low resolution, slower)")
+    p.add_argument("--ncs", choices=["auto", "constraints", "restraints", "off"],
+                   help="NCS copies: constraints (refine one master copy and an operator per copy), "
+                        "restraints (copies pulled to their superposed average), off, or auto "
+                        "(default: constraints for near-identical copies, restraints for similar ones)")
     p.add_argument("--weight-by", choices=["halfset", "geometry"],
                    help="with --half-maps and no --weight: the final refinement's weight from the "
                         "half sets' free residual (halfset, default) or, in every macro-cycle, the "
@@ -56,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint when S seconds have passed since the last one (default 120)")
     p.add_argument("--checkpoint-steps", type=int, metavar="N",
                    help="checkpoint every N steps as well (default 0: by time only)")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="reference model: torsions restrained to its values (atoms matched by chain, "
+                        "residue number and name; topped out, so real differences are let go)")
+    p.add_argument("--ss-restraints", choices=["on", "off"],
+                   help="helix and strand H-bond restraints found in the start model (default: on at "
+                        "resolutions worse than 4 A)")
+    p.add_argument("--rama-restraints", choices=["on", "off"],
+                   help="Ramachandran restraints (Top8000) (default: on at resolutions worse than 4 A)")
+    p.add_argument("--protocol", metavar="STEPS",
+                   help="steps in order, comma-separated: rigid, morph, minimise (the macro-cycles), "
+                        "adp (default: minimise at 4.5 A or better, else rigid,morph,minimise,adp)")
+    p.add_argument("--rigid-groups", metavar="SPEC",
+                   help='rigid-body groups, e.g. "A:1-29,A:60-121|A:30-59|B" or a file holding that '
+                        "(default: each chain)")
     _add_common_model_args(p)
 
     p = sub.add_parser("idealize", help="fix geometry alone, moving atoms as little as possible")
@@ -125,6 +143,10 @@ def _rank() -> int:
     return 0
 
 
+def _on_off(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
 def _refine(args, command: str) -> int:
     from .params import build_params, positive_float
     from .refine import run_refine
@@ -133,8 +155,13 @@ def _refine(args, command: str) -> int:
     params = build_params(resolution, args.params,
                           {"macro_cycles": args.cycles, "iterations": args.iterations, "weight": args.weight,
                            "target": args.target, "weight_by": args.weight_by,
+                           "ncs": args.ncs,
                            "checkpoint_seconds": args.checkpoint_seconds,
-                           "checkpoint_steps": args.checkpoint_steps})
+                           "checkpoint_steps": args.checkpoint_steps,
+                           "reference_model": args.reference,
+                           "ss_restraints": _on_off(args.ss_restraints),
+                           "rama_restraints": _on_off(args.rama_restraints),
+                           "protocol": args.protocol, "rigid_groups": args.rigid_groups})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")
     run_refine(args.model, args.output, resolution, params, map_path=args.map, half_maps=args.half_maps,

@@ -79,10 +79,13 @@ def half_start(xyz0: np.ndarray, params, half: int) -> np.ndarray:
 
 def shell_counts(shape_zyx, voxel) -> tuple[np.ndarray, np.ndarray]:
     """(s, number of Fourier coefficients per shell), the shells of simulate.fsc."""
-    from .simulate import _shell_sum, _shells
+    from .simulate import _shell_centres, _shell_slabs, _shell_sum
 
-    index, weight, s = _shells(shape_zyx, voxel)
-    return s, _shell_sum(index, weight, np.ones(index.shape), len(s))
+    s = _shell_centres(shape_zyx, voxel)
+    counts = np.zeros(len(s))
+    for _, index, weight in _shell_slabs(shape_zyx, voxel):      # no map-sized temporaries
+        counts += _shell_sum(index, weight, np.ones(index.shape), len(s))
+    return s, counts
 
 
 def fsc_average(s: np.ndarray, f: np.ndarray, counts: np.ndarray, resolution: float) -> float:
@@ -154,10 +157,11 @@ def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimis
     term = half_term(inputs.half_maps[h - 1].data, grid.origin, grid.voxel, resolution,
                      np.ones(len(xyz0)))
     xyz = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
+    del term                    # its map (a full-grid copy) is not needed by the compare step
     halves = tuple(np.asarray(m.data, dtype=np.float32) for m in inputs.half_maps)
     c = compare_models(inputs.model, {h: xyz}, halves, grid.origin, grid.voxel, resolution)[h]
     st = geom.statistics(xyz)
-    log.info("half set %d: weight %.3f refined: FSC_work %.4f, FSC_free %.4f", h, w, c["work_avg"],
+    log.debug("half set %d: weight %.3f refined: FSC_work %.4f, FSC_free %.4f", h, w, c["work_avg"],
              c["free_avg"])
     return _pack(c["work"], c["free"], st, xyz)
 
@@ -181,8 +185,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
 
     done = dict(done or {})
     grid = inputs.map
-    full_term = RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weight)
-    w_ref = initial_weight(xyz0, full_term, geom)
+    # the normalised full map of this term is released as soon as the weight is known
+    w_ref = initial_weight(xyz0, RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weight), geom)
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
     n_shells = len(shell_counts(inputs.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1

@@ -53,6 +53,45 @@ class RefineParams:
     # checkpoints. These two may change in a restart.
     checkpoint_seconds: float = 120.0
     checkpoint_steps: int = 0
+    # NCS (hpcrefine.ncs): "constraints" (one master copy and a rigid operator per copy refined),
+    # "restraints" (copies pulled to their superposed average, sigma ncs_sigma A), "off", or
+    # "auto" (constraints when the copies agree within 0.5 A rmsd, restraints within 1.0 A)
+    ncs: str = "auto"
+    ncs_sigma: float = 0.25
+    # low-resolution restraints (hpcrefine.lowres); on/off defaults in resolution_defaults
+    ss_restraints: bool = False        # helix and strand H-bonds found in the start model
+    ss_helix_310_pi: bool = False      # also 3-10 (i -> i+3) and pi (i -> i+5) helices
+    ss_detect_cutoff: float = 4.0      # A, O..N of a candidate H-bond in the start model
+    hbond_target: float = 3.0          # A, O..N; zero within target +- flat
+    hbond_flat: float = 0.15
+    hbond_sigma: float = 0.1
+    hbond_limit: float = 1.0           # A beyond the flat bottom where the pull tops out
+    rama_restraints: bool = False
+    rama_weight: float = 3.0          # 1: 3.3%, 3: 0.47% outliers on adk at 6 A (bench_lowres.py)
+    reference_model: str | None = None  # --reference: torsions restrained to this model's
+    reference_sigma: float = 5.0       # degrees
+    reference_limit: float = 30.0      # degrees: the pull tops out beyond this deviation
+    # protocol steps (hpcrefine.protocol.steps): "rigid", "morph", "minimise" (the macro-cycles),
+    # "adp", comma-separated or a TOML list, in order; steps before minimise prepare the start
+    protocol: str = "minimise"
+    rigid_groups: str = ""             # "A:1-29,A:60-121|A:30-59" or a file; empty: each chain
+    prepare_target: str = "fit"        # data term of rigid and morph: "fit" (blurred model map
+                                       # fitted to the blurred map) or "fast" (biased when blurred)
+    rigid_blurs: list = dataclasses.field(default_factory=lambda: [400.0, 100.0])  # A^2, a round each
+    rigid_iterations: int = 100
+    morph_every: int = 2               # control point at the CA of every k-th residue
+    morph_blurs: list = dataclasses.field(default_factory=lambda: [300.0, 150.0, 60.0])  # A^2
+    morph_radii: list = dataclasses.field(default_factory=lambda: [12.0, 9.0, 6.0])      # A
+    morph_smooth: float = 0.03         # smoothness penalty, relative to the data term
+    morph_iterations: int = 100
+    adp_mode: str = "individual"       # or "group" (one B per residue)
+    adp_weight: float = 1.0            # data weight against the B restraints
+    adp_similarity_sigma: float = 10.0  # A^2, B of bonded atoms
+    adp_prior_sigma: float = 40.0      # A^2, pull towards the start B
+    adp_iterations: int = 100
+    adp_max_step: float = 20.0         # A^2 per line-search trial
+    adp_b_min: float = 1.0
+    adp_b_max: float = 500.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,13 +101,32 @@ def resolution_defaults(resolution: float) -> dict:
     """Defaults that depend on resolution, all written here.
 
     Lower resolution: more blur in the first macro-cycle (a wider basin of attraction) and a
-    tighter geometry target, since the map constrains the model less.
+    tighter geometry target, since the map constrains the model less. Secondary-structure and
+    Ramachandran restraints (hpcrefine.lowres) are on at resolutions worse than
+    LOWRES_RESTRAINTS_FROM (4.0 A).
+
+    Protocol: at 4.5 A or better the macro-cycles alone ("minimise"): models refined at such
+    resolutions are mostly placed already, and the rigid and morph steps neither help nor harm
+    there (adk shaken by 0.8 A, 3.5 A map: CA RMSD 0.265 A without, 0.266 A with
+    morph,rigid,morph). Worse than 4.5 A, "rigid,morph,minimise,adp": starts from homologues or
+    other states sit domains away from their density. Measured (scripts/bench_protocol.py, adk
+    open placed by its core in a 5 A map of adk closed, the three domains as rigid groups),
+    C-alpha RMSD in place from 7.66 A: minimise 6.90, rigid,minimise 0.44, morph,minimise 0.38,
+    morph,rigid,morph,minimise 0.38, rigid,morph,minimise 0.36 A (0.40 A without rigid groups).
+    ADP at the end refines the B against the map (Pearson r with the true B 0.82 at 5 A, 0.88 at
+    3.5 A).
     """
+    low = resolution > LOWRES_RESTRAINTS_FROM
+    lowres = {"ss_restraints": low, "rama_restraints": low}
     if resolution <= 3.0:
-        return {"map_blur_start": 0.0, "macro_cycles": 3}
+        return {"map_blur_start": 0.0, "macro_cycles": 3, **lowres}
     if resolution <= 4.5:
-        return {"map_blur_start": 40.0, "macro_cycles": 4}
-    return {"map_blur_start": 80.0, "macro_cycles": 4, "angle_rmsd_max": 1.3}
+        return {"map_blur_start": 40.0, "macro_cycles": 4, **lowres}
+    return {"map_blur_start": 80.0, "macro_cycles": 4, "angle_rmsd_max": 1.3, **lowres,
+            "protocol": "rigid,morph,minimise,adp"}
+
+
+LOWRES_RESTRAINTS_FROM = 4.0       # A: low-resolution restraints on at worse resolutions
 
 
 def positive_float(text: str, what: str) -> float:
@@ -87,6 +145,8 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
     values.update(resolution_defaults(resolution))
     if (overrides or {}).get("target") not in (None, "fast", "fit"):
         raise InputError(f"--target must be fast or fit, got {overrides['target']!r}")
+    if (overrides or {}).get("ncs") not in (None, "auto", "constraints", "restraints", "off"):
+        raise InputError(f"--ncs must be auto, constraints, restraints or off, got {overrides['ncs']!r}")
     if (overrides or {}).get("weight_by") not in (None, "halfset", "geometry"):
         raise InputError(f"--weight-by must be halfset or geometry, got {overrides['weight_by']!r}")
     names = {f.name for f in dataclasses.fields(RefineParams)}
@@ -107,4 +167,12 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = v
+    from .protocol.steps import parse_protocol
+    values["protocol"] = ",".join(parse_protocol(values.get("protocol", "minimise")))
+    if len(values.get("morph_blurs", [0] * 3)) != len(values.get("morph_radii", [0] * 3)):
+        raise InputError("morph_blurs and morph_radii must have one entry per morph round each")
+    if values.get("prepare_target", "fit") not in ("fit", "fast"):
+        raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
+    if values.get("adp_mode", "individual") not in ("individual", "group"):
+        raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
     return RefineParams(**values)

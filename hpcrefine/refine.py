@@ -67,8 +67,13 @@ def check_rank_count(ctx, model: Model) -> None:
 
 
 def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | None,
-                ligands: list[str], need_map: bool) -> Inputs:
-    """Read and check every input; raises InputError before anything is written."""
+                ligands: list[str], need_map: bool, params: RefineParams | None = None,
+                comm=None) -> Inputs:
+    """Read and check every input; raises InputError before anything is written. With params,
+    the low-resolution restraints they ask for are added (hpcrefine.lowres). With a
+    communicator of several ranks (collective over it), the FSC-weighted map of half maps is
+    computed by its rank 0 alone and broadcast: its FFTs need several map-sized temporaries,
+    which the other ranks then never hold (the workers wait without spinning)."""
     model = read_model(model_path)
     grid = None
     data = None
@@ -89,18 +94,28 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         check_model_inside(model.xyz, grid)
         if map_path:
             data = np.asarray(grid.data, dtype=np.float32)
-        if halves:
+        shared = comm is not None and comm.Get_size() > 1
+        if halves and shared and comm.Get_rank() > 0:
+            data = np.empty(halves[0].data.shape, dtype=np.float32)
+        elif halves:
             h1 = np.asarray(halves[0].data, dtype=np.float32)
             h2 = np.asarray(halves[1].data, dtype=np.float32)
             if data is None:
                 data = (h1 + h2) / 2
             # shells that hold mostly noise are damped by the half-map FSC (Rosenthal & Henderson)
             data, _ = fsc_weighted(data, h1, h2, grid.voxel)
+        if halves and shared:
+            from .parallel.distributed import wait_quietly
+            wait_quietly(comm, comm.Ibcast(data, root=0))
     lib_dir = resolve_monlib_dir(monlib)
     lib = MonomerLibrary(lib_dir)
     examples = {model.res_names[r]: model.residue_label(r) for r in range(model.n_residues - 1, -1, -1)}
     lib.load(set(model.res_names.tolist()), ligands or [], examples=examples)
     restraints = build_restraints(model, lib)
+    if params is not None:
+        from .lowres import add_lowres_restraints
+        reference = read_model(params.reference_model) if params.reference_model else None
+        restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
                   monlib_dir=lib_dir)
 
@@ -175,7 +190,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         check_output_dir(outdir, overwrite)
     with timer("read inputs"):
         inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
-                             need_map=not idealize_only)
+                             need_map=not idealize_only, params=params,
+                             comm=ctx.world if ctx is not None else None)
     ident = None
     state = ck.RunState()
     if not idealize_only:
@@ -221,6 +237,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         g = inputs.map
         log.info("map %s: grid %s, voxel %s A, origin %s A", g.path, g.shape_xyz,
                  np.round(g.voxel, 3).tolist(), np.round(g.origin, 2).tolist())
+    ncs_report = None
+    if not idealize_only:            # NCS: copies found, mode chosen and logged (hpcrefine.ncs)
+        from . import ncs
+        with timer("ncs"):
+            minimiser, ncs_report = ncs.setup(model, r, params, minimiser, ctx, interrupts)
 
     geom = GeometryTerm(r, params)
     xyz0 = model.xyz.copy()
@@ -237,7 +258,13 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                                      source=restart)
         if restart is None:
             state.frames.append((xyz0, {"stage": "start"}))
-    steps = _Steps(ctx, state, writer, interrupts, params, minimiser, timer)
+    progress = None
+    if is_master and not idealize_only:       # one line per step; a bar when stderr is a terminal
+        from .progress import Progress, StepFigures
+        g = inputs.map
+        progress = Progress(StepFigures(r, inputs.data, g.origin if g else None,
+                                        g.voxel if g else None)).start()
+    steps = _Steps(ctx, state, writer, interrupts, params, minimiser, timer, progress)
     try:
         if idealize_only:
             with timer("minimise"):
@@ -257,15 +284,18 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     finally:
         if interrupts is not None:
             interrupts.finished()
+        if progress is not None:
+            progress.close()
 
     with timer("statistics"):
         after = model_statistics(model, xyz, geom, inputs, resolution, with_map=is_master)
     log.info("final: %s", _format_stats(after))
+    resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if not is_master:
         return {}
     stem = os.path.join(outdir, "idealized" if idealize_only else "refined")
     with timer("write"):
-        written = write_model(updated_structure(model, xyz), stem)
+        written = write_model(updated_structure(model, xyz, None if idealize_only else state.b), stem)
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
     validation = {}
     if not idealize_only:
@@ -280,10 +310,12 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         "n_atoms": model.n_atoms, "restraints": r.counts(),
         "before": before, "after": after, "rms_shift": round(rms_shift, 4),
         "weight": weight, "cycles": cycles, "ranks": ctx.size if ctx else 1, "outputs": [os.path.basename(p) for p in written],
-        "halfset": halfset, "validation": validation,
+        "halfset": halfset, "validation": validation, "ncs": ncs_report, "protocol": state.protocol,
         "timings": timer.as_dict(), "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "master_cpu_seconds": round(time.process_time(), 2),
+        "master_cpu_seconds": round(time.process_time(), 2), "rank_resources": resources,
     }
+    if progress is not None:
+        report["progress"] = progress.as_dict()
     if writer is not None:
         state.stage = "done"
         writer.write(state, "done")
@@ -297,12 +329,28 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     return report
 
 
+def _rank_resources(ctx) -> list[dict]:
+    """Every rank's peak resident memory (getrusage maxrss, MB) and its share of the distributed
+    target's evaluations (parallel.distributed.EVALUATION_TOTALS), gathered on the master
+    (collective over ctx.world; one small pickled gather at the end of a run)."""
+    import resource
+
+    from .parallel.distributed import EVALUATION_TOTALS
+
+    row = {"rank": ctx.rank if ctx is not None else 0,
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+           **EVALUATION_TOTALS.as_dict()}
+    if ctx is None or ctx.size == 1:
+        return [row]
+    return ctx.world.gather(row, root=0) or []
+
+
 class _Steps:
     """Step boundaries of a refinement: the minimiser that records (and, in a continued run,
     replays) the minimisations of the macro-cycle in progress, the stop agreement of all ranks
     after each step, and the master's checkpoint when one is due or a stop is agreed."""
 
-    def __init__(self, ctx, state, writer, interrupts, params, inner, timer):
+    def __init__(self, ctx, state, writer, interrupts, params, inner, timer, progress=None):
         self.ctx = ctx
         self.state = state
         self.writer = writer
@@ -310,6 +358,8 @@ class _Steps:
         self.params = params
         self.inner = inner
         self.timer = timer
+        self.progress = progress        # the master's progress.Progress (None elsewhere)
+        self.label = ""                 # what the next minimisation is, for its progress line
         self.i = 0                      # index of the next minimisation in the current cycle
         self.since = 0                  # steps since the last checkpoint
 
@@ -322,7 +372,12 @@ class _Steps:
             c = self.state.calls[i]
             return MinimiseResult(xyz=c.xyz.copy(), f=c.f, iterations=c.iterations,
                                   evaluations=c.evaluations, seconds=c.seconds)
+        if self.progress is not None:
+            self.progress.begin(f"{self.label}, weight {weight:.4g}")
         res = self.inner(xyz0, term, geom, weight, iterations, params)
+        if self.progress is not None and self.label.endswith("trial"):
+            self.progress.step(f"{self.label}, weight {weight:.4g}", res.xyz, unit=False,
+                               seconds=res.seconds, target=float(res.f), iterations=int(res.iterations))
         self.state.calls.append(CallRecord(res.xyz.copy(), float(res.f), int(res.iterations),
                                            int(res.evaluations), float(res.seconds)))
         self.boundary()
@@ -335,6 +390,12 @@ class _Steps:
     def task_done(self, key, packed) -> None:
         """The master's record of a finished half-set task (the workers hold no state)."""
         self.state.tasks[key] = packed
+        if self.progress is not None and self.writer is not None:
+            from .halfset import WEIGHT_FACTORS        # packed: FSC curves, bonds, angles, xyz
+            n = 3 * len(self.writer.b)
+            self.progress.step(f"half {key[0]}, weight x{WEIGHT_FACTORS[key[1]]:g}",
+                               packed[len(packed) - n:].reshape(-1, 3), bond_rmsd=float(packed[-n - 2]),
+                               angle_rmsd=float(packed[-n - 1]))
         if self.writer is not None:
             n = len(self.writer.b)
             self.state.frames.append((packed[len(packed) - 3 * n:].reshape(n, 3),
@@ -387,17 +448,53 @@ class _Steps:
 
 
 def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, steps, timer):
-    """The half-set stage and the macro-cycles of the final refinement, continued from state.
-    Returns (xyz, weight, half-set report section, cycle records)."""
+    """The protocol steps before the macro-cycles (the "prepare" stage), the half-set stage, the
+    macro-cycles of the final refinement and the protocol steps after them, continued from state
+    (params.protocol, hpcrefine.protocol.steps). Returns (xyz, weight, half-set report section,
+    cycle records); refined B, when an adp step ran, in state.b."""
     from .errors import Interrupted
+    from .protocol.param import ParamRunner
+    from .protocol.steps import coordinate_term, run_steps, split_protocol
 
-    data_term, blur_start = _data_term(inputs, params, resolution)
+    pre, do_minimise, post = split_protocol(params.protocol)
+    runner = ParamRunner(ctx, steps.interrupts)
+    # the rigid and morph steps' own data term (params.prepare_target)
+    coord_term = coordinate_term(inputs, params) if {"rigid", "morph"} & set(pre + post) else None
+
+    progress = steps.progress
+
+    def step_line(name, xyz, record):
+        if progress is not None:
+            rounds = record.get("rounds", [record])
+            progress.step(name, xyz, seconds=sum(r["seconds"] for r in rounds),
+                          target=rounds[-1].get("target"), iterations=sum(r["iterations"] for r in rounds))
+
+    def frame(name, xyz, record):
+        state.protocol.append(record)
+        state.frames.append((xyz, {"stage": "prepare", "step": name}))
+        step_line(name, xyz, record)
+    if pre and state.stage == "halfset" and state.prepared is None and not state.tasks:
+        state.stage = "prepare"
+    if state.stage == "prepare":            # one stage: a continued run restarts it or skips it
+        with timer("prepare"):
+            state.protocol = []
+            if progress is not None:
+                progress.stage("prepare", len(pre))
+            state.prepared, _, _ = run_steps(pre, runner, inputs, xyz0, inputs.model.b, coord_term, geom,
+                                             params, on_step=frame)
+        state.stage = "halfset"
+        steps.boundary(force=True)
+    if state.prepared is not None:          # the refinement starts from the prepared model
+        xyz0 = state.prepared
     fixed_weight = params.weight
     w_cap = None            # the weight from the free residual, kept within the geometry limits
     halfset = state.halfset
     if inputs.half_maps is not None:
         if state.stage == "halfset":
             with timer("half sets"):
+                if progress is not None:
+                    from .halfset import WEIGHT_FACTORS
+                    progress.stage("halfset", 2 * len(WEIGHT_FACTORS), len(state.tasks))
                 try:
                     halfset, w_half = _half_sets(ctx, inputs, geom, params, resolution, xyz0, outdir,
                                                  state, steps)
@@ -414,12 +511,16 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
             w_cap = w_half
             log.info("final refinement at the weight from the free residual, %.3f, or lower "
                      "where the geometry limits require", w_half)
+    # built after the half sets, which do not use it: its map (a full-grid copy) is not held then
+    data_term, blur_start = _data_term(inputs, params, resolution, xyz0)
     state.stage = "final"
     if state.xyz is None:
         state.xyz = xyz0.copy()
     xyz, weight, cycles = state.xyz, state.weight, state.cycles
     minimiser = steps.minimiser
-    for cycle in range(state.cycle, params.macro_cycles + 1):
+    if progress is not None:
+        progress.stage("final", params.macro_cycles if do_minimise else 0, state.cycle - 1)
+    for cycle in range(state.cycle, (params.macro_cycles if do_minimise else 0) + 1):
         blur = blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
         term = data_term.blurred(blur) if blur > 0 else data_term
         with timer("weight"):
@@ -428,8 +529,10 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
             else:
                 w0 = w_cap or weight or initial_weight(xyz, term, geom)
                 log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
+                steps.label = f"cycle {cycle} weight trial"
                 weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser, w_max=w_cap)
         with timer("minimise"):
+            steps.label = f"cycle {cycle} minimise"
             res = minimiser(xyz, term, geom, weight, params.iterations, params)
         xyz = res.xyz
         st = geom.statistics(xyz)
@@ -437,14 +540,26 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                        "evaluations": res.evaluations, "seconds": round(res.seconds, 2),
                        "bond_rmsd": round(st["bond_rmsd"], 4), "angle_rmsd": round(st["angle_rmsd"], 3),
                        "weight_trials": [asdict(t) for t in trials]})
-        log.info("cycle %d: weight %.3f, %d iterations (%.1f s): bonds %.4f A, angles %.2f deg",
-                 cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
+        if progress is not None:
+            progress.step(f"cycle {cycle} minimise, weight {weight:.4g}, map blur {blur:.0f}", xyz,
+                          seconds=res.seconds, target=float(res.f), iterations=int(res.iterations),
+                          bond_rmsd=st["bond_rmsd"], angle_rmsd=st["angle_rmsd"], clashes=st["clashes"])
+        else:
+            log.info("cycle %d: weight %.3f, %d iterations (%.1f s): bonds %.4f A, angles %.2f deg",
+                     cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
         state.cycle, state.xyz, state.weight = cycle + 1, xyz, weight
         steps.new_cycle()
         state.frames.append((xyz, {"stage": "final", "cycle": cycle, "weight": round(weight, 4),
                                    "target": round(float(res.f), 4), "iterations": res.iterations,
                                    "seconds": round(res.seconds, 2), "bond_rmsd": cycles[-1]["bond_rmsd"],
                                    "angle_rmsd": cycles[-1]["angle_rmsd"]}))
+    if post:
+        with timer("protocol"):
+            if progress is not None:
+                progress.stage("protocol", len(post))
+            xyz, state.b, records = run_steps(post, runner, inputs, xyz, inputs.model.b, coord_term, geom,
+                                              params, on_step=step_line)
+        state.protocol = state.protocol + records
     return xyz, weight, halfset, cycles
 
 
@@ -465,11 +580,12 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
     return out
 
 
-def _data_term(inputs: Inputs, params: RefineParams, resolution: float):
-    """The data term of the final refinement and the blur of its first macro-cycle."""
+def _data_term(inputs: Inputs, params: RefineParams, resolution: float, xyz=None):
+    """The data term of the final refinement and the blur of its first macro-cycle (the fit
+    target's mask around xyz, by default the start model)."""
     model, grid = inputs.model, inputs.map
     if params.target == "fit":
-        mask = atom_mask(model.xyz, inputs.data.shape, grid.origin, grid.voxel, params.fit_mask_radius)
+        mask = atom_mask(model.xyz if xyz is None else xyz, inputs.data.shape, grid.origin, grid.voxel, params.fit_mask_radius)
         term = DensityFitTerm(normalise_map(inputs.data), grid.origin, grid.voxel, mask, model.element,
                               model.b, params.fit_b_blur)
         log.info("data term: density fit of a Gaussian-atom model map (mask %.1f A around the atoms, "

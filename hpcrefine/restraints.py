@@ -50,6 +50,26 @@ class Restraints:
     hbond_type: np.ndarray = _i((0,))   # 0 none, 1 donor, 2 acceptor, 3 both (for H-bond distances)
     excl_pairs: np.ndarray = _i((0, 2))
     pair14: np.ndarray = _i((0, 2))
+    # low-resolution restraints (hpcrefine.lowres): robust distances |x_i - x_j| (secondary-
+    # structure H-bonds O..N), zero within target +- flat, then ((|dev| - flat) / sigma)^2 topped
+    # out at a deviation of about `limit` A beyond flat (limit <= 0: harmonic); kind 0 helix, 1 strand
+    dist_idx: np.ndarray = _i((0, 2))
+    dist_target: np.ndarray = _f((0,))
+    dist_sigma: np.ndarray = _f((0,))
+    dist_flat: np.ndarray = _f((0,))
+    dist_limit: np.ndarray = _f((0,))
+    dist_kind: np.ndarray = _i((0,))
+    # Ramachandran: atoms C(i-1) N CA C N(i+1); weight * rama_table[class] at (phi, psi), the table
+    # an (n_classes, m, m) potential on a periodic grid of bin centres -180 + (k + 0.5) 360/m deg
+    rama_idx: np.ndarray = _i((0, 5))
+    rama_class: np.ndarray = _i((0,))
+    rama_weight: np.ndarray = _f((0,))
+    rama_table: np.ndarray = _f((0, 0, 0))
+    # reference-model torsions i-j-k-l (degrees, period 1), robust like the distances (limit in deg)
+    reft_idx: np.ndarray = _i((0, 4))
+    reft_target: np.ndarray = _f((0,))
+    reft_sigma: np.ndarray = _f((0,))
+    reft_limit: np.ndarray = _f((0,))
 
     @property
     def n_planes(self) -> int:
@@ -58,7 +78,14 @@ class Restraints:
     def counts(self) -> dict:
         return {"bonds": len(self.bond_idx), "angles": len(self.angle_idx),
                 "torsions": len(self.tors_idx), "chirals": len(self.chir_idx),
-                "planes": self.n_planes}
+                "planes": self.n_planes, **self.lowres_counts()}
+
+    def lowres_counts(self) -> dict:
+        """Counts of the low-resolution terms that are present (none: an empty dict)."""
+        c = {"helix_hbonds": int(np.sum(self.dist_kind == 0)),
+             "strand_hbonds": int(np.sum(self.dist_kind == 1)),
+             "ramachandran": len(self.rama_idx), "reference_torsions": len(self.reft_idx)}
+        return {k: v for k, v in c.items() if v}
 
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).nbytes for f in fields(self))

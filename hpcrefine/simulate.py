@@ -99,24 +99,44 @@ def _shells(shape_zyx, voxel, nbins=None):
     Returns (index, weight, s_centres): index is -1 beyond Nyquist; weight counts the Friedel
     mate that the half-complex layout leaves out; s_centres in 1/A.
     """
+    (_, index, weight), = _shell_slabs(shape_zyx, voxel, nbins, planes=shape_zyx[0])
+    return index, weight, _shell_centres(shape_zyx, voxel, nbins)
+
+
+def _shell_width(shape_zyx, voxel, nbins=None) -> tuple[float, int]:
     nz, ny, nx = shape_zyx
     vx, vy, vz = (float(v) for v in voxel)
-    fz, fy, fx = rfft_freqs(shape_zyx, (vx, vy, vz))
-    s = np.sqrt(fz**2 + fy**2 + fx**2)
     s_max = 0.5 / max(vx, vy, vz)
     if nbins:
         width = s_max / (nbins - 1)
     else:
         width = 1.0 / max(nx * vx, ny * vy, nz * vz)
-    n_shells = int(np.floor(s_max / width + 1e-9)) + 1
-    index = np.rint(s / width).astype(np.int32)
-    index[index >= n_shells] = -1
+    return width, int(np.floor(s_max / width + 1e-9)) + 1
+
+
+def _shell_centres(shape_zyx, voxel, nbins=None) -> np.ndarray:
+    width, n_shells = _shell_width(shape_zyx, voxel, nbins)
+    return np.arange(n_shells) * width
+
+
+def _shell_slabs(shape_zyx, voxel, nbins=None, planes: int = 16):
+    """The shells of _shells for slabs of `planes` z planes of the coefficient array at a time:
+    yields (z slice, index, weight) with the same values as the slab of _shells' arrays, so a
+    sum over the coefficients needs no map-sized temporaries."""
+    nz, ny, nx = shape_zyx
+    vx, vy, vz = (float(v) for v in voxel)
+    fz, fy, fx = rfft_freqs(shape_zyx, (vx, vy, vz))
+    width, n_shells = _shell_width(shape_zyx, voxel, nbins)
     weight = np.full(fx.shape, 2.0)
     weight[..., 0] = 1.0
     if nx % 2 == 0:
         weight[..., -1] = 1.0
-    weight = np.broadcast_to(weight, index.shape)
-    return index, weight, np.arange(n_shells) * width
+    for z0 in range(0, nz, max(1, int(planes))):
+        sl = slice(z0, min(nz, z0 + max(1, int(planes))))
+        s = np.sqrt(fz[sl]**2 + fy**2 + fx**2)
+        index = np.rint(s / width).astype(np.int32)
+        index[index >= n_shells] = -1
+        yield sl, index, np.broadcast_to(weight, index.shape)
 
 
 def _shell_sum(index, weight, values, n_shells):
@@ -141,13 +161,17 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel, nbins=None) -> tuple[np.ndarray, np
     """
     if a.shape != b.shape:
         raise ValueError(f"fsc needs maps of the same shape, got {a.shape} and {b.shape}")
-    index, weight, s = _shells(a.shape, voxel, nbins)
+    s = _shell_centres(a.shape, voxel, nbins)
     fa = _rfftn(np.asarray(a, dtype=np.float32))
     fb = _rfftn(np.asarray(b, dtype=np.float32))
     n = len(s)
-    cross = _shell_sum(index, weight, (fa * fb.conj()).real, n)
-    pa = _shell_sum(index, weight, np.abs(fa) ** 2, n)
-    pb = _shell_sum(index, weight, np.abs(fb) ** 2, n)
+    cross, pa, pb = np.zeros(n), np.zeros(n), np.zeros(n)
+    # slab by slab: the only map-sized arrays are the two transforms
+    for sl, index, weight in _shell_slabs(a.shape, voxel, nbins):
+        ca, cb = fa[sl], fb[sl]
+        cross += _shell_sum(index, weight, (ca * cb.conj()).real, n)
+        pa += _shell_sum(index, weight, np.abs(ca) ** 2, n)
+        pb += _shell_sum(index, weight, np.abs(cb) ** 2, n)
     denom = np.sqrt(pa * pb)
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where(denom > 0, cross / denom, 0.0)

@@ -45,6 +45,8 @@ from .common import grad_array as _grad
 
 RAD2DEG = 180.0 / math.pi
 TERM_NAMES = ("bonds", "angles", "torsions", "chirals", "planes")
+# low-resolution terms (hpcrefine.lowres): in restraint_energy's parts only when present
+LOWRES_TERM_NAMES = ("hbonds", "ramachandran", "reference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +209,26 @@ def _torsion(xyz, i, j, k, m):
     return b1, b2, b3, a, b, l2, phi
 
 
+@njit(cache=True, inline="always")
+def _torsion_grad(grad, i, j, k, m_, gp, b1, b2, b3, a, b, l2):
+    """Adds gp * dphi/dx (phi in radians) of torsion i-j-k-m_ into grad; False when undefined."""
+    aa = dot(a, a)
+    bb = dot(b, b)
+    if not (aa > 1e-24 and bb > 1e-24 and l2 > 1e-12):
+        return False
+    gi = scale(-gp * l2 / aa, a)       # dphi/dx_i = -|b2| a / |a|^2
+    gl = scale(gp * l2 / bb, b)        # dphi/dx_l = |b2| b / |b|^2
+    p12 = dot(b1, b2) / (l2 * l2)
+    p32 = dot(b3, b2) / (l2 * l2)
+    # dphi/dx_j = -(1 + p12) dphi/dx_i + p32 dphi/dx_l ; dphi/dx_k = -(sum of the others)
+    gj = add(scale(-(1.0 + p12), gi), scale(p32, gl))
+    add_at(grad, i, gi)
+    add_at(grad, m_, gl)
+    add_at(grad, j, gj)
+    sub_at(grad, k, add(add(gi, gl), gj))
+    return True
+
+
 @njit(cache=True)
 def _torsion_kernel(xyz, idx, target, sigma, period, weight, grad):
     e = 0.0
@@ -219,20 +241,7 @@ def _torsion_kernel(xyz, idx, target, sigma, period, weight, grad):
         dev = _wrap(phi - target[t], _period_width(period[t]))
         w = weight / (sigma[t] * sigma[t])
         e += w * dev * dev
-        aa = dot(a, a)
-        bb = dot(b, b)
-        if aa > 1e-24 and bb > 1e-24 and l2 > 1e-12:
-            gp = 2.0 * w * dev * RAD2DEG      # dE/dphi, phi in radians
-            gi = scale(-gp * l2 / aa, a)       # dphi/dx_i = -|b2| a / |a|^2
-            gl = scale(gp * l2 / bb, b)        # dphi/dx_l = |b2| b / |b|^2
-            p12 = dot(b1, b2) / (l2 * l2)
-            p32 = dot(b3, b2) / (l2 * l2)
-            # dphi/dx_j = -(1 + p12) dphi/dx_i + p32 dphi/dx_l ; dphi/dx_k = -(sum of the others)
-            gj = add(scale(-(1.0 + p12), gi), scale(p32, gl))
-            add_at(grad, i, gi)
-            add_at(grad, m_, gl)
-            add_at(grad, j, gj)
-            sub_at(grad, k, add(add(gi, gl), gj))
+        _torsion_grad(grad, i, j, k, m_, 2.0 * w * dev * RAD2DEG, b1, b2, b3, a, b, l2)
     return e
 
 
@@ -545,6 +554,152 @@ def plane_distances(xyz, atoms, start, sigma) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# low-resolution terms: robust distances, reference torsions, Ramachandran (hpcrefine.lowres)
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _robust(a, sigma, limit):
+    """Energy and dE/da of a deviation a >= 0 beyond a flat bottom: (a / sigma)^2 for limit <= 0,
+    else the top-out form L^2 (1 - exp(-(a / sigma)^2 / L^2)) with L = limit / sigma, which is
+    (a / sigma)^2 for a << limit and levels off at L^2 beyond it (its pull fades there)."""
+    x = a / sigma
+    if limit <= 0.0:
+        return x * x, 2.0 * x / sigma
+    big = limit / sigma
+    ex = math.exp(-(x * x) / (big * big))
+    return big * big * (1.0 - ex), 2.0 * x * ex / sigma
+
+
+@njit(cache=True)
+def _robust_dist_kernel(xyz, idx, target, sigma, flat, limit, weight, grad):
+    e = 0.0
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        dv, d = _bond(xyz, i, j)
+        dev = d - target[t]
+        a = abs(dev) - flat[t]
+        if a <= 0.0:
+            continue
+        et, ga = _robust(a, sigma[t], limit[t])
+        e += weight * et
+        if d > 0.0:
+            g = scale(weight * ga * (1.0 if dev > 0.0 else -1.0) / d, dv)
+            add_at(grad, i, g)
+            sub_at(grad, j, g)
+    return e
+
+
+def robust_distance_terms(xyz, idx, target, sigma, flat, limit, grad_out=None, weight=1.0):
+    """Flat-bottomed, topped-out distance restraints (H-bonds): zero for |d - target| <= flat,
+    else the top-out of ((|d - target| - flat) / sigma)^2 at `limit` A (limit <= 0: harmonic)."""
+    return _energy(_robust_dist_kernel, xyz, grad_out, _ints(idx, 2), _floats(target),
+                   _floats(sigma), _floats(flat), _floats(limit), float(weight))
+
+
+@njit(cache=True)
+def _robust_torsion_kernel(xyz, idx, target, sigma, limit, weight, grad):
+    e = 0.0
+    for t in range(idx.shape[0]):
+        i = idx[t, 0]
+        j = idx[t, 1]
+        k = idx[t, 2]
+        m_ = idx[t, 3]
+        b1, b2, b3, a, b, l2, phi = _torsion(xyz, i, j, k, m_)
+        dev = _wrap(phi - target[t], 360.0)
+        et, ga = _robust(abs(dev), sigma[t], limit[t])
+        e += weight * et
+        gp = weight * ga * (1.0 if dev > 0.0 else -1.0) * RAD2DEG
+        _torsion_grad(grad, i, j, k, m_, gp, b1, b2, b3, a, b, l2)
+    return e
+
+
+def robust_torsion_terms(xyz, idx, target, sigma, limit, grad_out=None, weight=1.0):
+    """Torsion restraints (degrees, period 1) with the top-out of (dev / sigma)^2 at `limit`
+    degrees (reference-model restraints: a torsion that really differs stops pulling)."""
+    return _energy(_robust_torsion_kernel, xyz, grad_out, _ints(idx, 4), _floats(target),
+                   _floats(sigma), _floats(limit), float(weight))
+
+
+@njit(cache=True, inline="always")
+def _catmull_rom(f):
+    """Weights of grid points -1, 0, 1, 2 at fraction f in [0, 1), and their derivatives in f."""
+    f2 = f * f
+    f3 = f2 * f
+    w = (0.5 * (-f3 + 2.0 * f2 - f), 0.5 * (3.0 * f3 - 5.0 * f2 + 2.0),
+         0.5 * (-3.0 * f3 + 4.0 * f2 + f), 0.5 * (f3 - f2))
+    dw = (0.5 * (-3.0 * f2 + 4.0 * f - 1.0), 0.5 * (9.0 * f2 - 10.0 * f),
+          0.5 * (-9.0 * f2 + 8.0 * f + 1.0), 0.5 * (3.0 * f2 - 2.0 * f))
+    return w, dw
+
+
+@njit(cache=True)
+def _periodic_bicubic(table, c, phi, psi):
+    """Value of table[c] (periodic m x m grid, bin centres -180 + (k + 0.5) 360/m degrees) at
+    (phi, psi) degrees by C1 Catmull-Rom interpolation, and its derivatives per degree."""
+    m = table.shape[1]
+    step = 360.0 / m
+    u = (phi + 180.0) / step - 0.5
+    v = (psi + 180.0) / step - 0.5
+    iu = math.floor(u)
+    iv = math.floor(v)
+    wu, du = _catmull_rom(u - iu)
+    wv, dv = _catmull_rom(v - iv)
+    val = 0.0
+    gu = 0.0
+    gv = 0.0
+    for p in range(4):
+        ip = (iu - 1 + p) % m
+        rv = 0.0
+        rd = 0.0
+        for q in range(4):
+            tq = table[c, ip, (iv - 1 + q) % m]
+            rv += wv[q] * tq
+            rd += dv[q] * tq
+        val += wu[p] * rv
+        gu += du[p] * rv
+        gv += wu[p] * rd
+    return val, gu / step, gv / step
+
+
+@njit(cache=True)
+def _rama_kernel(xyz, idx, cls, wt, table, weight, grad):
+    e = 0.0
+    for t in range(idx.shape[0]):
+        cp = idx[t, 0]
+        n = idx[t, 1]
+        ca = idx[t, 2]
+        c = idx[t, 3]
+        nn = idx[t, 4]
+        a1, a2, a3, aa, ab, al, phi = _torsion(xyz, cp, n, ca, c)
+        b1, b2, b3, ba, bb, bl, psi = _torsion(xyz, n, ca, c, nn)
+        val, dphi, dpsi = _periodic_bicubic(table, cls[t], phi, psi)
+        w = weight * wt[t]
+        e += w * val
+        _torsion_grad(grad, cp, n, ca, c, w * dphi * RAD2DEG, a1, a2, a3, aa, ab, al)
+        _torsion_grad(grad, n, ca, c, nn, w * dpsi * RAD2DEG, b1, b2, b3, ba, bb, bl)
+    return e
+
+
+def rama_terms(xyz, idx, cls, rama_weight, table, grad_out=None, weight=1.0):
+    """Ramachandran restraints: sum rama_weight * table[cls] at (phi, psi) of the atoms
+    C(i-1) N CA C N(i+1) (idx (t, 5)), interpolated periodically (C1 bicubic)."""
+    table = np.ascontiguousarray(table, dtype=np.float64)
+    idx = _ints(idx, 5)
+    if len(idx) and (table.ndim != 3 or table.shape[1] != table.shape[2] or table.shape[1] < 4):
+        raise ValueError(f"the Ramachandran table must have shape (classes, m, m), got {table.shape}")
+    return _energy(_rama_kernel, xyz, grad_out, idx, _ints(cls), _floats(rama_weight), table,
+                   float(weight))
+
+
+def rama_values(table, cls, phi, psi) -> np.ndarray:
+    """The table potential at (phi, psi) degrees for each class (as the restraint sees it)."""
+    table = np.ascontiguousarray(table, dtype=np.float64)
+    return np.array([_periodic_bicubic(table, int(c), float(a), float(b))[0]
+                     for c, a, b in zip(np.atleast_1d(cls), np.atleast_1d(phi), np.atleast_1d(psi))])
+
+
+# ----------------------------------------------------------------------------------------------
 # all terms
 # ----------------------------------------------------------------------------------------------
 
@@ -558,16 +713,18 @@ def _chir_both(r: Restraints):
 def restraint_energy(xyz, r: Restraints, weights: dict | None = None, grad_out=None):
     """All stereochemical terms of r: returns (total, grad, parts).
 
-    weights maps a term name ('bonds', 'angles', 'torsions', 'chirals', 'planes') to a factor
-    (default 1; a zero weight skips the term). parts holds each term's weighted energy, so
-    total == sum(parts.values()). With grad_out the gradient is added into it.
+    weights maps a term name ('bonds', 'angles', 'torsions', 'chirals', 'planes', and the
+    low-resolution 'hbonds', 'ramachandran', 'reference') to a factor (default 1; a zero weight
+    skips the term). parts holds each term's weighted energy, so total == sum(parts.values());
+    the low-resolution terms appear in it only when r has such terms. With grad_out the
+    gradient is added into it.
     """
     xyz = _coords(xyz)
-    w = {name: 1.0 for name in TERM_NAMES}
+    w = {name: 1.0 for name in TERM_NAMES + LOWRES_TERM_NAMES}
     if weights:
-        unknown = set(weights) - set(TERM_NAMES)
+        unknown = set(weights) - set(w)
         if unknown:
-            raise ValueError(f"unknown restraint term(s) {sorted(unknown)}; known: {TERM_NAMES}")
+            raise ValueError(f"unknown restraint term(s) {sorted(unknown)}; known: {tuple(w)}")
         w.update({k: float(v) for k, v in weights.items()})
     g = _grad(xyz, grad_out)
     parts = {name: 0.0 for name in TERM_NAMES}
@@ -585,10 +742,25 @@ def restraint_energy(xyz, r: Restraints, weights: dict | None = None, grad_out=N
     if w["planes"] != 0.0:
         parts["planes"] = plane_terms(xyz, r.plane_atoms, r.plane_start, r.plane_sigma, g,
                                       w["planes"])[0]
+    _lowres_energy(xyz, r, w, g, parts)
     total = 0.0
-    for name in TERM_NAMES:
+    for name in parts:
         total += parts[name]
     return total, g, parts
+
+
+def _lowres_energy(xyz, r: Restraints, w: dict, g, parts: dict) -> None:
+    """The low-resolution terms r holds (none for a Restraints without them) into g and parts."""
+    if len(r.dist_idx):
+        parts["hbonds"] = 0.0 if w["hbonds"] == 0.0 else robust_distance_terms(
+            xyz, r.dist_idx, r.dist_target, r.dist_sigma, r.dist_flat, r.dist_limit, g,
+            w["hbonds"])[0]
+    if len(r.rama_idx):
+        parts["ramachandran"] = 0.0 if w["ramachandran"] == 0.0 else rama_terms(
+            xyz, r.rama_idx, r.rama_class, r.rama_weight, r.rama_table, g, w["ramachandran"])[0]
+    if len(r.reft_idx):
+        parts["reference"] = 0.0 if w["reference"] == 0.0 else robust_torsion_terms(
+            xyz, r.reft_idx, r.reft_target, r.reft_sigma, r.reft_limit, g, w["reference"])[0]
 
 
 def _rms(a: np.ndarray) -> float:

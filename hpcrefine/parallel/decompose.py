@@ -29,6 +29,10 @@ _ROW_TERMS = {
     "angle_idx": ("angle_target", "angle_sigma"),
     "tors_idx": ("tors_target", "tors_sigma", "tors_period"),
     "chir_idx": ("chir_target", "chir_sigma"),
+    # low-resolution terms (hpcrefine.lowres); rama_table is shared, not selected
+    "dist_idx": ("dist_target", "dist_sigma", "dist_flat", "dist_limit", "dist_kind"),
+    "rama_idx": ("rama_class", "rama_weight"),
+    "reft_idx": ("reft_target", "reft_sigma", "reft_limit"),
 }
 
 

@@ -38,6 +38,39 @@ from .decompose import PairShare, atom_blocks, owner_of_atoms, pairs_share, rest
 POLL_SECONDS = 0.02
 
 
+class EvaluationTotals:
+    """What this process's DistributedTargets did, summed over every minimisation of a run (the
+    run report's per-rank resources): evaluations, seconds in its own terms and in the Allreduce,
+    atom-evaluations of its data term, the bytes of the Allreduce buffers it contributed on
+    communicators of more than one rank (on a one-rank communicator nothing is exchanged), and its
+    neighbour-list builds with their seconds (part of its own terms' time)."""
+
+    def __init__(self):
+        self.evaluations = 0
+        self.seconds_local = 0.0
+        self.seconds_reduce = 0.0
+        self.atom_evaluations = 0
+        self.reduce_bytes = 0
+        self.nbl_builds = 0
+        self.seconds_nbl = 0.0
+
+    def add(self, seconds_local: float, seconds_reduce: float, atoms: int, buffer_bytes: int) -> None:
+        self.evaluations += 1
+        self.seconds_local += seconds_local
+        self.seconds_reduce += seconds_reduce
+        self.atom_evaluations += atoms
+        self.reduce_bytes += buffer_bytes
+
+    def as_dict(self) -> dict:
+        return {"evaluations": self.evaluations, "seconds_local": round(self.seconds_local, 2),
+                "seconds_reduce": round(self.seconds_reduce, 2), "atom_evaluations": self.atom_evaluations,
+                "reduce_bytes": self.reduce_bytes, "nbl_builds": self.nbl_builds,
+                "seconds_nbl": round(self.seconds_nbl, 2)}
+
+
+EVALUATION_TOTALS = EvaluationTotals()     # this process's totals, read by the run report
+
+
 # ------------------------------------------------------------------------------------- target
 
 class LocalRealSpaceTerm:
@@ -102,6 +135,7 @@ class DistributedTarget:
         self.pairs: PairShare | None = None
         self.n_nbl_builds = 0
         self.n_evals = 0
+        self.n_owned = int(np.count_nonzero(self.atom_owner == self.part))
         self.seconds_local = 0.0          # this rank's own terms
         self.seconds_reduce = 0.0         # the Allreduce, including waiting for slower ranks
         # g (3n values) and f in one buffer: one Allreduce per evaluation
@@ -111,6 +145,7 @@ class DistributedTarget:
     def local_pairs(self, xyz: np.ndarray) -> PairShare:
         """This rank's non-bonded pairs, the neighbour list rebuilt when an atom moved too far.
         The decision depends only on xyz, so all ranks rebuild at the same evaluations."""
+        t0 = time.perf_counter()
         if self.nbl is None:
             # only this rank's pairs are searched for: the build costs ~1/ranks of the whole list
             self.nbl = nonbonded.NeighbourList(xyz, self.restraints, owned=self.atom_owner == self.part)
@@ -120,6 +155,8 @@ class DistributedTarget:
             return self.pairs
         self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
         self.n_nbl_builds += 1
+        EVALUATION_TOTALS.nbl_builds += 1
+        EVALUATION_TOTALS.seconds_nbl += time.perf_counter() - t0
         return self.pairs
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -135,9 +172,12 @@ class DistributedTarget:
         buf[-1] = f
         t1 = time.perf_counter()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        self.seconds_reduce += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.seconds_reduce += t2 - t1
         self.seconds_local += t1 - t0
         self.n_evals += 1
+        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, self.n_owned,
+                              buf.nbytes if self.comm.Get_size() > 1 else 0)
         # the buffer is reused by the next call: the optimiser keeps a copy
         return float(buf[-1]), buf[:-1].copy()
 

@@ -1,0 +1,1133 @@
+"""Non-crystallographic symmetry (NCS): finding copies, and refining with NCS constraints or
+restraints.
+
+Finding copies (`find_ncs`):
+  * Chains are put in classes by what they hold: the entity of their polymer (gemmi's
+    setup_entities groups chains by sequence) and the names of their other residues.
+  * Candidate operators superpose one reference chain (from the smallest class with copies) onto
+    every chain of its class; each candidate's support is the number of chains it carries onto
+    chains of their own class (chain centres within CENTRE_TOL). A true copy operator moves a
+    whole copy along, a quasi-equivalence between two different chains of one copy (the D, E, F
+    chains of the 7cth capsid) carries few. Of the candidate sets {support >= s} the one that
+    places the most atoms in copies is taken: quasi-equivalences leave the other chains of their
+    copy without images, so they lose.
+  * Chains are then taken in file order: a chain not yet placed joins the master copy and its
+    images under the copy operators join the copies. Residues are matched by sequence number and
+    name and atoms by name, across all copies; what is not matched in every copy stays a free
+    atom, refined on its own.
+  * Each copy's operator (R, t, with x_copy ~ R x_master + t) is the least-squares superposition
+    of the master onto it (all matched atoms); its rmsd is reported.
+  With --ncs constraints, a model that is the asymmetric unit of its file's assembly records
+  (one generator of st.assemblies covering all its subchains, one operator the identity) is the
+  master and the other operators make virtual copies (`assembly_ncs`): the data term and the
+  contacts run over all copies, the operators stay fixed (the file's symmetry), and the model
+  written is the asymmetric unit with its records. Otherwise the records are only logged.
+
+Modes (RefineParams.ncs):
+  * constraints: parameters are the master coordinates, the free atoms and a rigid operator
+    per copy (`NcsParametrisation`: x_copy = Q(w) (R0 x_master + t0 - c) + c + tau, a rotation
+    about the copy's centre, written u = rho w in A at the master's radius of gyration rho so
+    that every parameter is a displacement). The target is the full model's target
+    (`ConstrainedTarget`): the data term over every atom of every copy, the restraints inside the
+    master counted once per copy, and every term that crosses copies or touches free atoms (links,
+    non-bonded contacts between copies) on the full coordinates. The gradient is reduced to the
+    parameters (g_master = sum_k A_k^T g_copy_k, operators by the chain rule). Copies are shared
+    among the ranks, each rank evaluates the data term of its copies, and one buffer-based
+    Allreduce of the parameter gradient (3 x master atoms + 6 per copy) sums the parts.
+  * restraints: coordinates stay free; `NcsRestraintTerm` adds
+    sum_copies sum_atoms |R_k^T (x_k - t_k) - mean|^2 / sigma^2 (operators from superposition at
+    the start of each minimisation), pulling each copy to the average of the superposed copies.
+  * auto: constraints when every copy is within NEAR_IDENTICAL_RMSD of the master after
+    superposition, restraints when within SIMILAR_RMSD, else off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from .core import geometry, nonbonded
+from .core.density import real_space_target
+from .core.lbfgs import lbfgs
+from .engine import MinimiseResult
+from .errors import InputError
+from .restraints import Restraints
+
+log = logging.getLogger(__name__)
+
+NEAR_IDENTICAL_RMSD = 0.5   # A: auto picks constraints below this (largest copy rmsd)
+SIMILAR_RMSD = 1.0          # A: auto picks restraints below this (above: genuinely different,
+                            # like the quasi-equivalent chains of a capsid's asymmetric unit)
+CROSS_SKIN = 2.5            # A, skin of the neighbour list of contacts between copies
+CENTRE_TOL = 3.0            # A: an operator carries a chain onto another when their centres agree
+MODES = ("auto", "constraints", "restraints", "off")
+
+
+# ------------------------------------------------------------------------------ superposition
+
+def superpose(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Least-squares rigid superposition of points a onto b (Kabsch): R, t, rmsd with
+    R a + t ~ b."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ca, cb = a.mean(axis=0), b.mean(axis=0)
+    h = (a - ca).T @ (b - cb)
+    u, _, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    t = cb - rot @ ca
+    rmsd = float(np.sqrt(np.mean(np.sum((a @ rot.T + t - b) ** 2, axis=1))))
+    return rot, t, rmsd
+
+
+def rotation_vector_matrix(w: np.ndarray) -> np.ndarray:
+    """exp([w]x): the rotation by |w| radians about w (Rodrigues)."""
+    theta = float(np.linalg.norm(w))
+    k = _skew(w)
+    if theta < 1e-8:
+        return np.eye(3) + k + 0.5 * k @ k
+    return np.eye(3) + math.sin(theta) / theta * k + (1 - math.cos(theta)) / theta**2 * k @ k
+
+
+def right_jacobian(w: np.ndarray) -> np.ndarray:
+    """J_r(w) with exp([w + d]x) ~ exp([w]x) exp([J_r d]x) to first order in d."""
+    theta = float(np.linalg.norm(w))
+    k = _skew(w)
+    if theta < 1e-5:
+        return np.eye(3) - 0.5 * k + k @ k / 6.0
+    return (np.eye(3) - (1 - math.cos(theta)) / theta**2 * k
+            + (theta - math.sin(theta)) / theta**3 * k @ k)
+
+
+def _skew(w) -> np.ndarray:
+    return np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+
+
+@njit(cache=True)
+def _expand_kernel(xm, a, b, atoms, x):
+    """x[atoms[i]] = a @ xm[i] + b."""
+    for i in range(atoms.shape[0]):
+        t = atoms[i]
+        for r in range(3):
+            x[t, r] = a[r, 0] * xm[i, 0] + a[r, 1] * xm[i, 1] + a[r, 2] * xm[i, 2] + b[r]
+
+
+@njit(cache=True)
+def _reduce_kernel(x, gx, atoms, rows, a, centre, gm, out):
+    """gm[rows[i]] += a.T @ gx[atoms[i]]; out[0:3] += sum of gx[atoms]; out[3:6] += sum of
+    (x[atoms] - centre) x gx[atoms]."""
+    f0 = f1 = f2 = t0 = t1 = t2 = 0.0
+    for i in range(atoms.shape[0]):
+        j = atoms[i]
+        g0, g1, g2 = gx[j, 0], gx[j, 1], gx[j, 2]
+        if g0 == 0.0 and g1 == 0.0 and g2 == 0.0:
+            continue
+        r = rows[i]
+        for c in range(3):
+            gm[r, c] += a[0, c] * g0 + a[1, c] * g1 + a[2, c] * g2
+        y0, y1, y2 = x[j, 0] - centre[0], x[j, 1] - centre[1], x[j, 2] - centre[2]
+        f0 += g0
+        f1 += g1
+        f2 += g2
+        t0 += y1 * g2 - y2 * g1
+        t1 += y2 * g0 - y0 * g2
+        t2 += y0 * g1 - y1 * g0
+    out[0] += f0
+    out[1] += f1
+    out[2] += f2
+    out[3] += t0
+    out[4] += t1
+    out[5] += t2
+
+
+# ---------------------------------------------------------------------------------- detection
+
+@dataclass
+class NcsGroup:
+    """One NCS group: copies[k] are the atom indices of copy k, matched atom for atom to the
+    master copies[0]; x[copies[k]] ~ x[master] @ rot[k].T + trans[k] (rot[0] = identity)."""
+
+    copies: np.ndarray            # (K, m) int64
+    rot: np.ndarray               # (K, 3, 3)
+    trans: np.ndarray             # (K, 3)
+    rmsd: np.ndarray              # (K,) A, of each copy to the transformed master
+    chains: list                  # chain names of each copy
+
+    @property
+    def master(self) -> np.ndarray:
+        return self.copies[0]
+
+    @property
+    def n_copies(self) -> int:
+        return len(self.copies)
+
+
+@dataclass
+class NcsInfo:
+    groups: list
+    n_atoms: int
+    source: str                   # how the copies were found
+    assembly: dict | None = None  # the file's assembly records, when the model is an ASU
+    notes: list = field(default_factory=list)
+    n_model: int | None = None    # atoms in the model; atoms n_model.. are virtual copies made by
+                                  # the file's assembly operators (fixed), None: all in the model
+
+    @property
+    def virtual(self) -> bool:
+        return self.n_model is not None and self.n_model < self.n_atoms
+
+    @property
+    def max_rmsd(self) -> float:
+        return max((float(g.rmsd.max()) for g in self.groups), default=0.0)
+
+    def free_atoms(self) -> np.ndarray:
+        used = np.zeros(self.n_atoms, dtype=bool)
+        for g in self.groups:
+            used[g.copies.ravel()] = True
+        return np.flatnonzero(~used)
+
+    def summary(self) -> dict:
+        return {"source": self.source, "groups": [
+            {"copies": g.n_copies, "atoms_per_copy": int(g.copies.shape[1]),
+             "master_chains": list(g.chains[0]),
+             "rmsd_max": round(float(g.rmsd.max()), 4), "rmsd_mean": round(float(g.rmsd[1:].mean()), 4)
+             if g.n_copies > 1 else 0.0} for g in self.groups],
+            "free_atoms": int(len(self.free_atoms())), "assembly": self.assembly}
+
+    def refit(self, xyz: np.ndarray) -> "NcsInfo":
+        """The same copies with operators and rmsds superposed anew at xyz."""
+        groups = []
+        for g in self.groups:
+            rot, trans, rmsd = _operators(xyz, g.copies)
+            groups.append(dataclasses.replace(g, rot=rot, trans=trans, rmsd=rmsd))
+        return dataclasses.replace(self, groups=groups)
+
+
+def _operators(xyz, copies):
+    k = len(copies)
+    rot = np.empty((k, 3, 3))
+    trans = np.empty((k, 3))
+    rmsd = np.empty(k)
+    master = xyz[copies[0]]
+    for c in range(k):
+        rot[c], trans[c], rmsd[c] = superpose(master, xyz[copies[c]])
+    rot[0], trans[0], rmsd[0] = np.eye(3), 0.0, 0.0
+    return rot, trans, rmsd
+
+
+@dataclass
+class _Chain:
+    name: str
+    key: tuple
+    atoms: np.ndarray             # atom indices
+    atom_keys: list               # (seqid, resname, atom name, altloc) per atom
+    centre: np.ndarray
+
+
+def _chains(model) -> list:
+    """The model's chains (runs of residues with one chain name) with class keys."""
+    entity_of = {}
+    for ch in model.st[0]:
+        poly = ch.get_polymer()
+        ent = model.st.get_entity_of(poly) if len(poly) else None
+        entity_of[ch.name] = ent.name if ent is not None else ""
+    out = []
+    first = model.res_first_atom
+    rc = model.res_chain
+    starts = np.flatnonzero(np.r_[True, rc[1:] != rc[:-1]])
+    ends = np.r_[starts[1:], len(rc)]
+    for r0, r1 in zip(starts, ends):
+        name = str(rc[r0])
+        poly = model.res_is_polymer[r0:r1]
+        other = tuple(sorted(str(n) for n, p in zip(model.res_names[r0:r1], poly) if not p))
+        seq = entity_of.get(name) or "".join(model.res_names[r0:r1][poly].tolist())
+        a0, a1 = int(first[r0]), int(first[r1])
+        atoms = np.arange(a0, a1)
+        keys = []
+        for r in range(r0, r1):
+            sid, rn = model.res_seqid[r], model.res_names[r]
+            for i in range(first[r], first[r + 1]):
+                keys.append((sid, rn, model.atom_name[i], model.altloc[i]))
+        out.append(_Chain(name, (seq, other), atoms, keys, model.xyz[atoms].mean(axis=0)))
+    return out
+
+
+def _pair_atoms(a: _Chain, b: _Chain):
+    """Matched atom indices of two chains of one class."""
+    kb = dict(zip(b.atom_keys, b.atoms))
+    ia, ib = [], []
+    for k, i in zip(a.atom_keys, a.atoms):
+        j = kb.get(k)
+        if j is not None:
+            ia.append(i)
+            ib.append(j)
+    return np.array(ia, dtype=np.int64), np.array(ib, dtype=np.int64)
+
+
+def find_ncs(model) -> NcsInfo | None:
+    """NCS copies among the chains of model (a modelio.Model); None when there are none."""
+    from scipy.spatial import cKDTree
+
+    xyz = model.xyz
+    assembly = _assembly_records(model)
+    chains = _chains(model)
+    classes: dict = {}
+    for c, ch in enumerate(chains):
+        classes.setdefault(ch.key, []).append(c)
+    multi = [v for v in classes.values() if len(v) > 1]
+    if not multi:
+        return None
+    # reference: the first chain of the smallest class with copies (fewest candidates)
+    ref_class = min(multi, key=lambda v: (len(v), v[0]))
+    a = ref_class[0]
+    centres = np.array([ch.centre for ch in chains])
+    trees = {k: (cKDTree(centres[v]), np.array(v)) for k, v in classes.items()}
+    key_of = [ch.key for ch in chains]
+    candidates = []
+    for x in ref_class:
+        ia, ix = _pair_atoms(chains[a], chains[x])
+        if len(ia) < 3:
+            continue
+        rot, t, _ = superpose(xyz[ia], xyz[ix])
+        image = centres @ rot.T + t
+        mapping = np.full(len(chains), -1)
+        for k, (tree, members) in trees.items():
+            idx = np.array([c for c in classes[k]])
+            d, j = tree.query(image[idx])
+            ok = d < CENTRE_TOL
+            mapping[idx[ok]] = members[j[ok]]
+        candidates.append((x, rot, t, mapping, int(np.count_nonzero(mapping >= 0))))
+    others = [c for c in candidates if c[0] != a]
+    if not others:
+        return None
+    identity = [c for c in candidates if c[0] == a]
+    sizes = np.array([len(ch.atoms) for ch in chains])
+
+    def place(ops):
+        """Chains in file order: an unplaced chain joins the master copy when every operator
+        carries it onto an unplaced chain of its class; its images join the copies."""
+        copy_of = np.full(len(chains), -1)
+        masters, imgs_of = [], []
+        for y in range(len(chains)):
+            if copy_of[y] >= 0:
+                continue
+            imgs = [op[3][y] if op[0] != a else y for op in ops]
+            if any(z < 0 or copy_of[z] >= 0 or key_of[z] != key_of[y] for z in imgs) \
+                    or len(set(imgs)) != len(imgs):
+                copy_of[y] = -2          # not placed: its atoms stay free
+                continue
+            for k, z in enumerate(imgs):
+                copy_of[z] = k
+            masters.append(y)
+            imgs_of.append(imgs)
+        return copy_of, masters, imgs_of
+
+    # which candidates are copy operators: of the sets {support >= s}, the one that places the
+    # most atoms in copies (a quasi-equivalence leaves the other chains of its copy unplaceable);
+    # at least 2 chains carried (1 when the model has only 2 chains)
+    floor = 1 if len(chains) == 2 else 2
+    best = None
+    for s in sorted({c[4] for c in others if c[4] >= floor}, reverse=True):
+        ops = identity + [c for c in others if c[4] >= s]
+        copy_of, master_chains, images = place(ops)
+        covered = int(sizes[copy_of >= 0].sum())
+        if best is None or covered > best[0]:
+            best = (covered, ops, copy_of, master_chains, images)
+    if best is None:
+        return None
+    _, ops, copy_of, master_chains, images = best
+    rejected = len(others) - (len(ops) - 1)
+    if not master_chains:
+        return None
+    n_copies = len(ops)
+    copies = [[] for _ in range(n_copies)]
+    for imgs in images:
+        # atoms matched in every copy of this chain
+        common = set(chains[imgs[0]].atom_keys)
+        for z in imgs[1:]:
+            common &= set(chains[z].atom_keys)
+        for k, z in enumerate(imgs):
+            ch = chains[z]
+            pos = {kk: i for kk, i in zip(ch.atom_keys, ch.atoms)}
+            sel = [pos[kk] for kk in chains[imgs[0]].atom_keys if kk in common]
+            copies[k].append(np.array(sel, dtype=np.int64))
+    copies = np.array([np.concatenate(c) for c in copies])
+    rot, trans, rmsd = _operators(xyz, copies)
+    group = NcsGroup(copies=copies, rot=rot, trans=trans, rmsd=rmsd,
+                     chains=[[chains[imgs[k]].name for imgs in images] for k in range(n_copies)])
+    info = NcsInfo(groups=[group], n_atoms=model.n_atoms, source="copies in the model", assembly=assembly)
+    if rejected:
+        info.notes.append(f"{rejected} superposition(s) of chain {chains[a].name} onto chains of its "
+                          f"class carried too few other chains along (quasi-equivalent chains, "
+                          f"not copies)")
+    n_unplaced = int(np.count_nonzero(copy_of == -2))
+    if n_unplaced:
+        info.notes.append(f"{n_unplaced} chain(s) without an image in every copy stay free")
+    return info
+
+
+def _assembly_records(model) -> dict | None:
+    """The file's assembly operators when the model is an asymmetric unit of an assembly."""
+    st = model.st
+    if not len(st.assemblies):
+        return None
+    a = st.assemblies[0]
+    ops = [op for gen in a.generators for op in gen.operators]
+    if len(ops) < 2:
+        return None
+    return {"name": a.name, "oligomeric_details": a.oligomeric_details, "operators": len(ops)}
+
+
+def assembly_ncs(model) -> NcsInfo | None:
+    """NCS from the file's assembly records for a model that is the asymmetric unit: the model is
+    the master and every other operator makes a virtual copy (atoms model.n_atoms + k n ...),
+    operators fixed. None unless one generator of the first assembly covers every subchain of
+    the model and one of its operators is the identity."""
+    st = model.st
+    if not len(st.assemblies):
+        return None
+    subchains = {res.subchain for ch in st[0] for res in ch}
+    gens = [g for g in st.assemblies[0].generators if subchains <= set(g.subchains)]
+    if len(gens) != 1 or len(gens[0].operators) < 2:
+        return None
+    rot = np.array([np.array(op.transform.mat.tolist()) for op in gens[0].operators])
+    trans = np.array([np.array(op.transform.vec.tolist()) for op in gens[0].operators])
+    ident = [k for k in range(len(rot)) if np.abs(rot[k] - np.eye(3)).max() < 1e-6
+             and np.abs(trans[k]).max() < 1e-3]
+    if not ident:
+        return None
+    order = ident[:1] + [k for k in range(len(rot)) if k != ident[0]]
+    n, kk = model.n_atoms, len(rot)
+    copies = np.arange(n * kk, dtype=np.int64).reshape(kk, n)
+    names = [op.name for op in gens[0].operators]
+    group = NcsGroup(copies=copies, rot=rot[order], trans=trans[order], rmsd=np.zeros(kk),
+                     chains=[[f"{ch.name} x operator {names[k]}" for ch in st[0]] if i else
+                             [ch.name for ch in st[0]] for i, k in enumerate(order)])
+    return NcsInfo(groups=[group], n_atoms=n * kk, source="the file's assembly records",
+                   assembly=_assembly_records(model), n_model=n)
+
+
+def expand_restraints(r: Restraints, n_model: int, n_copies: int) -> Restraints:
+    """The model's restraints with the per-atom non-bonded arrays repeated for virtual copies
+    (its bonded terms stay on the model's atoms: the master's)."""
+    out = dataclasses.replace(r)
+    out.vdw_radius = np.tile(r.vdw_radius, n_copies)
+    if len(r.hbond_type):
+        out.hbond_type = np.tile(r.hbond_type, n_copies)
+    for name in ("excl_pairs", "pair14"):
+        pairs = getattr(r, name)
+        if len(pairs):
+            setattr(out, name, (pairs[None] + (np.arange(n_copies) * n_model)[:, None, None]).reshape(-1, 2))
+    return out
+
+
+def assembly_operators(st) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation (K, 3, 3) and translation (K, 3) of the first assembly's operators, in order."""
+    ops = [op for gen in st.assemblies[0].generators for op in gen.operators]
+    rot = np.array([np.array(op.transform.mat.tolist()) for op in ops])
+    trans = np.array([np.array(op.transform.vec.tolist()) for op in ops])
+    return rot, trans
+
+
+def choose_mode(info: NcsInfo | None, requested: str) -> tuple[str, str]:
+    """The mode to use and why (for the log)."""
+    if requested not in MODES:
+        raise InputError(f"--ncs must be one of {', '.join(MODES)}, got {requested!r}")
+    if requested == "off":
+        return "off", "NCS off (requested)"
+    if info is None:
+        return "off", "no NCS copies found"
+    r = info.max_rmsd
+    if requested != "auto":
+        return requested, f"{requested} (requested); copies differ by up to {r:.3f} A rmsd"
+    if r < NEAR_IDENTICAL_RMSD:
+        return "constraints", (f"constraints (auto): every copy within {r:.3f} A rmsd of the master "
+                               f"(< {NEAR_IDENTICAL_RMSD} A)")
+    if r < SIMILAR_RMSD:
+        return "restraints", (f"restraints (auto): copies differ by up to {r:.3f} A rmsd "
+                              f"({NEAR_IDENTICAL_RMSD}-{SIMILAR_RMSD} A)")
+    return "off", f"off (auto): copies differ by up to {r:.3f} A rmsd (>= {SIMILAR_RMSD} A)"
+
+
+def describe(info: NcsInfo) -> list[str]:
+    lines = []
+    for gi, g in enumerate(info.groups):
+        lines.append(f"NCS group {gi + 1}: {g.n_copies} copies of {g.copies.shape[1]} atoms "
+                     f"(master chains {', '.join(g.chains[0][:12])}{'...' if len(g.chains[0]) > 12 else ''}); "
+                     f"rmsd to the transformed master: mean {g.rmsd[1:].mean():.3f} A, max "
+                     f"{g.rmsd.max():.3f} A")
+    lines.append(f"NCS: {len(info.free_atoms())} atoms outside the copies refined freely "
+                 f"(found from {info.source})")
+    if info.assembly:
+        lines.append(f"the file's assembly {info.assembly['name']} ({info.assembly['oligomeric_details']}) "
+                     f"has {info.assembly['operators']} operators")
+    lines.extend(info.notes)
+    return lines
+
+
+# --------------------------------------------------------------------- constrained parameters
+
+class NcsParametrisation:
+    """x = f(p) for p = [master coordinates of every group, free atoms, (u, tau) per copy k > 0].
+
+    Copy k of group g: x_k = Q(u/rho) (R0_k x_m + t0_k - c_k) + c_k + tau_k, with (R0, t0) the
+    operators at construction, c_k = R0_k centre(x_m) + t0_k the copy's centre and rho the
+    master's radius of gyration. p = 0 in the operator part reproduces R0, t0."""
+
+    def __init__(self, info: NcsInfo, xyz_master_frame: np.ndarray):
+        self.info = info
+        self.fixed_operators = info.virtual      # the file's symmetry: operators not refined
+        self.n = info.n_atoms
+        self.free = info.free_atoms()
+        self.m_off = []            # offset of each group's master in the master block (atoms)
+        self.copies = []           # per copy k > 0: (group, k, atoms)
+        off = 0
+        for g in info.groups:
+            self.m_off.append(off)
+            off += g.copies.shape[1]
+        self.n_master = off
+        self.n_free = len(self.free)
+        self.op_off = 3 * (self.n_master + self.n_free)
+        self.rho, self.centre = [], []
+        for gi, g in enumerate(info.groups):
+            xm = xyz_master_frame[g.master]
+            cm = xm.mean(axis=0)
+            self.rho.append(max(float(np.sqrt(np.mean(np.sum((xm - cm) ** 2, axis=1)))), 1.0))
+            for k in range(1, g.n_copies):
+                self.copies.append((gi, k, g.copies[k], g.rot[k] @ cm + g.trans[k]))
+        self.size = self.op_off + 6 * len(self.copies)
+        # every atom's copy (index into self.copies; -1 master, -2 free) for the reductions
+        self.copy_id = np.full(self.n, -2, dtype=np.int64)
+        for gi, g in enumerate(info.groups):
+            self.copy_id[g.master] = -1
+        for c, (_, _, atoms, _) in enumerate(self.copies):
+            self.copy_id[atoms] = c
+        self.master_pos = np.full(self.n, -1, dtype=np.int64)    # row in the master block
+        for gi, g in enumerate(info.groups):
+            for k in range(g.n_copies):
+                self.master_pos[g.copies[k]] = self.m_off[gi] + np.arange(g.copies.shape[1])
+
+    def group_master(self, p, gi) -> np.ndarray:
+        g = self.info.groups[gi]
+        o = self.m_off[gi]
+        return p[3 * o:3 * (o + g.copies.shape[1])].reshape(-1, 3)
+
+    def pack(self, xyz: np.ndarray) -> np.ndarray:
+        """p for coordinates xyz: each master the average of its copies brought back by the
+        operators of this parametrisation (p's operator part 0)."""
+        p = np.zeros(self.size)
+        for gi, g in enumerate(self.info.groups):
+            acc = np.zeros((g.copies.shape[1], 3))
+            for k in range(g.n_copies):
+                acc += (xyz[g.copies[k]] - g.trans[k]) @ g.rot[k]
+            o = self.m_off[gi]
+            p[3 * o:3 * (o + g.copies.shape[1])] = (acc / g.n_copies).ravel()
+        p[3 * self.n_master:self.op_off] = xyz[self.free].ravel()
+        return p
+
+    def copy_transform(self, p, c):
+        """A, b of copy c: x_copy = x_master @ A.T + b; also Q, w, centre + tau."""
+        gi, k, _, cen = self.copies[c]
+        g = self.info.groups[gi]
+        o = self.op_off + 6 * c
+        w = p[o:o + 3] / self.rho[gi]
+        tau = p[o + 3:o + 6]
+        q = rotation_vector_matrix(w)
+        a = q @ g.rot[k]
+        b = q @ (g.trans[k] - cen) + cen + tau
+        return a, b, q, w, cen + tau
+
+    def expand(self, p: np.ndarray, out: np.ndarray | None = None, copies=None) -> np.ndarray:
+        """Full coordinates (n, 3) for p (only the listed copies when copies is given; the
+        masters and free atoms always)."""
+        x = np.empty((self.n, 3)) if out is None else out
+        for gi, g in enumerate(self.info.groups):
+            x[g.master] = self.group_master(p, gi)
+        x[self.free] = p[3 * self.n_master:self.op_off].reshape(-1, 3)
+        for c in (range(len(self.copies)) if copies is None else copies):
+            a, b, *_ = self.copy_transform(p, c)
+            gi, _, atoms, _ = self.copies[c]
+            _expand_kernel(np.ascontiguousarray(self.group_master(p, gi)), a, b, atoms, x)
+        return x
+
+    def reduce(self, p, x, gx, gp, dense=None, sparse=None) -> None:
+        """Add J^T gx into gp. dense: copies whose every atom may carry gradient (default: all);
+        sparse: further atom indices with gradient (in copies not listed as dense). Master and
+        free atoms are always taken whole."""
+        for gi, g in enumerate(self.info.groups):
+            o = self.m_off[gi]
+            gp[3 * o:3 * (o + g.copies.shape[1])] += gx[g.master].ravel()
+        gp[3 * self.n_master:self.op_off] += gx[self.free].ravel()
+        dense = range(len(self.copies)) if dense is None else dense
+        for c in dense:
+            self._reduce_copy(p, x, gx, gp, c, None)
+        if sparse is not None and len(sparse):
+            cid = self.copy_id[sparse]
+            keep = cid >= 0
+            is_dense = np.zeros(len(self.copies) + 1, dtype=bool)
+            is_dense[list(dense)] = True
+            keep &= ~is_dense[np.where(cid >= 0, cid, len(self.copies))]
+            sparse, cid = sparse[keep], cid[keep]
+            if len(sparse) == 0:
+                return
+            order = np.argsort(cid, kind="stable")
+            sparse, cid = sparse[order], cid[order]
+            bounds = np.flatnonzero(np.r_[True, cid[1:] != cid[:-1], True])
+            for s0, s1 in zip(bounds[:-1], bounds[1:]):
+                self._reduce_copy(p, x, gx, gp, int(cid[s0]), sparse[s0:s1])
+
+    def _reduce_copy(self, p, x, gx, gp, c, atoms):
+        gi, _, all_atoms, _ = self.copies[c]
+        a, _, q, w, centre = self.copy_transform(p, c)
+        if atoms is None:
+            atoms = all_atoms
+        rows = self.master_pos[atoms]
+        gm = gp[:3 * self.n_master].reshape(-1, 3)
+        out = np.zeros(6)
+        _reduce_kernel(x, gx, atoms, rows, a, centre, gm, out)
+        if self.fixed_operators:
+            return
+        o = self.op_off + 6 * c
+        gp[o:o + 3] += right_jacobian(w).T @ (q.T @ out[3:]) / self.rho[gi]
+        gp[o + 3:o + 6] += out[:3]
+
+
+# ------------------------------------------------------------------- restraint bookkeeping
+
+def _select(r: Restraints, rows: dict, plane_keep: np.ndarray, remap=None) -> Restraints:
+    """Terms of r selected by rows[idx_name] (bool) and plane_keep (bool per plane), atom
+    indices mapped through remap when given."""
+    from .parallel.decompose import _ROW_TERMS
+    kept = {}
+    for idx_name, value_names in _ROW_TERMS.items():
+        idx = getattr(r, idx_name)[rows[idx_name]]
+        kept[idx_name] = remap[idx] if remap is not None else idx
+        for name in value_names:
+            kept[name] = getattr(r, name)[rows[idx_name]]
+    sizes = np.diff(r.plane_start)
+    per_atom = np.repeat(plane_keep, sizes)
+    pa = r.plane_atoms[per_atom]
+    kept["plane_atoms"] = remap[pa] if remap is not None else pa
+    kept["plane_sigma"] = r.plane_sigma[per_atom]
+    kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[plane_keep]))).astype(np.int64)
+    out = dataclasses.replace(r, **kept)
+    both = getattr(r, "chir_both", None)
+    if both is not None and len(both):
+        out.chir_both = np.asarray(both)[rows["chir_idx"]]
+    return out
+
+
+def split_restraints(r: Restraints, label: np.ndarray, masters: list):
+    """([terms inside each master, indices into that master's atoms], terms that cross labels or
+    touch a free atom, global indices). label: per atom, -2 free, else a copy label; masters:
+    the atom indices of each group's master. Terms inside one copy other than a master are
+    dropped (the master's own terms stand for them)."""
+    from .parallel.decompose import _ROW_TERMS
+    rows_same, rows_lab = {}, {}
+    for idx_name in _ROW_TERMS:
+        lab = label[getattr(r, idx_name)]
+        rows_same[idx_name] = np.all(lab == lab[:, :1], axis=1) & (lab[:, 0] != -2) \
+            if lab.shape[1] else np.zeros(len(lab), dtype=bool)
+        rows_lab[idx_name] = lab[:, 0] if lab.shape[1] else np.zeros(len(lab), dtype=np.int64)
+    n_planes = len(r.plane_start) - 1
+    plane_same = np.zeros(n_planes, dtype=bool)
+    plane_lab = np.full(n_planes, -2, dtype=np.int64)
+    for p in range(n_planes):
+        lab = label[r.plane_atoms[r.plane_start[p]:r.plane_start[p + 1]]]
+        if len(lab):
+            plane_same[p] = bool(np.all(lab == lab[0])) and lab[0] != -2
+            plane_lab[p] = lab[0]
+    out = []
+    for atoms in masters:
+        mlab = label[atoms[0]]
+        remap = np.full(len(label), -1, dtype=np.int64)
+        remap[atoms] = np.arange(len(atoms))
+        rows = {k: rows_same[k] & (rows_lab[k] == mlab) for k in rows_same}
+        mr = _select(r, rows, plane_same & (plane_lab == mlab), remap)
+        mr.vdw_radius = r.vdw_radius[atoms]
+        mr.hbond_type = r.hbond_type[atoms] if len(r.hbond_type) else r.hbond_type
+        for name in ("excl_pairs", "pair14"):
+            pairs = getattr(r, name)
+            if len(pairs):
+                inside = (remap[pairs[:, 0]] >= 0) & (remap[pairs[:, 1]] >= 0)
+                setattr(mr, name, remap[pairs[inside]])
+        out.append(mr)
+    cross = _select(r, {k: ~v for k, v in rows_same.items()}, ~plane_same & (np.diff(r.plane_start) > 0))
+    return out, cross
+
+
+def symmetrise_restraints(r: Restraints, info: NcsInfo) -> dict:
+    """Make every copy carry its master's internal terms (in place): under constraints the copies
+    are the master, so terms the start's topology gave one copy and not the master (a disulfide
+    or a cis peptide decided from a poor start's distances) could never be met. Terms that
+    cross copies or touch free atoms are kept as they are. Returns term counts before and after."""
+    from .parallel.decompose import _ROW_TERMS
+    label = np.full(info.n_atoms, -2, dtype=np.int64)
+    n_lab = 0
+    for g in info.groups:
+        for k in range(g.n_copies):
+            label[g.copies[k]] = n_lab
+            n_lab += 1
+    masters, cross = split_restraints(r, label, [g.master for g in info.groups])
+    before = r.counts()
+    parts = [cross]
+    for mr, g in zip(masters, info.groups):
+        for k in range(g.n_copies):
+            parts.append(_mapped(mr, g.copies[k]))
+    merged = {}
+    for name in list(_ROW_TERMS) + [v for vs in _ROW_TERMS.values() for v in vs] + ["plane_sigma"]:
+        merged[name] = np.concatenate([getattr(q, name) for q in parts])
+    merged["plane_atoms"] = np.concatenate([q.plane_atoms for q in parts]).astype(np.int64)
+    sizes = np.concatenate([np.diff(q.plane_start) for q in parts])
+    merged["plane_start"] = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    for name in ("excl_pairs", "pair14"):
+        pairs = getattr(r, name)
+        if len(pairs):
+            lab = label[pairs]
+            keep = (lab[:, 0] != lab[:, 1]) | (lab[:, 0] == -2)
+            new = [pairs[keep]]
+            for mr, g in zip(masters, info.groups):
+                for k in range(g.n_copies):
+                    new.append(g.copies[k][getattr(mr, name)])
+            merged[name] = np.sort(np.concatenate(new), axis=1)
+    both = [getattr(q, "chir_both", None) for q in parts]
+    for name, value in merged.items():
+        setattr(r, name, value)
+    if all(b is not None and len(b) == len(q.chir_idx) for b, q in zip(both, parts)):
+        r.chir_both = np.concatenate(both)
+    return {"before": before, "after": r.counts()}
+
+
+def _mapped(mr: Restraints, atoms: np.ndarray) -> Restraints:
+    """A master's terms (indices into the master) on the atoms of one copy."""
+    from .parallel.decompose import _ROW_TERMS
+    kept = {k: atoms[getattr(mr, k)] for k in _ROW_TERMS}
+    kept["plane_atoms"] = atoms[mr.plane_atoms]
+    out = dataclasses.replace(mr, **kept)
+    both = getattr(mr, "chir_both", None)
+    if both is not None:
+        out.chir_both = both
+    return out
+
+
+def _share_terms(r: Restraints, owner: np.ndarray, part: int) -> Restraints:
+    from .parallel.decompose import restraints_share
+    return restraints_share(r, owner, part)
+
+
+# ------------------------------------------------------------------------ constrained target
+
+class ConstrainedTarget:
+    """T(p) = weight * T_data(x) + sum_g K_g T_restraints(master_g) + T_cross(x), x = f(p),
+    shared by the ranks of comm (None: one process does everything).
+
+    Work of a rank: the data term of the copies it owns (copies dealt to ranks by size) and of its
+    block of free atoms; its block of the masters' internal terms; the terms crossing copies and
+    the non-bonded pairs whose first atom it owns. Each rank reduces its gradient to p; one
+    buffer Allreduce sums p's gradient and f."""
+
+    def __init__(self, par: NcsParametrisation, data_term, restraints: Restraints, params, weight: float,
+                 comm=None):
+        self.par = par
+        self.comm = comm
+        self.size = 1 if comm is None else comm.Get_size()
+        self.part = 0 if comm is None else comm.Get_rank()
+        self.weight = float(weight)
+        self.nb_sigma = params.nonbonded_sigma
+        self.nb_weight = params.nonbonded_weight
+        n = par.n
+        # ownership: copies by size to the least loaded rank, masters and free atoms by blocks
+        load = np.zeros(self.size)
+        owner = np.full(n, -1, dtype=np.int64)
+        for gi, g in enumerate(par.info.groups):
+            owner[g.master] = _blocks(len(g.master), self.size)
+            load += np.bincount(owner[g.master], minlength=self.size)
+        owner[par.free] = _blocks(len(par.free), self.size)
+        load += np.bincount(owner[par.free], minlength=self.size)
+        self.my_copies = []
+        for c in sorted(range(len(par.copies)), key=lambda c: -len(par.copies[c][2])):
+            r = int(np.argmin(load))
+            owner[par.copies[c][2]] = r
+            load[r] += len(par.copies[c][2])
+            if r == self.part:
+                self.my_copies.append(c)
+        self.my_copies.sort()
+        self.owner = owner
+        self.mine = np.flatnonzero(owner == self.part)
+        # data term: the fast real-space target on this rank's atoms, or any term on rank 0
+        self.generic = not all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))
+        self.data_term = data_term
+        if not self.generic:
+            self.atom_weight = np.ascontiguousarray(data_term.atom_weight[self.mine], dtype=np.float64)
+        # restraints: per group the master's own terms (x K), and the crossing terms
+        label = par.copy_id.copy()
+        for gi, g in enumerate(par.info.groups):
+            label[g.master] = -3 - gi          # each group's master its own label
+        self.master_r = []
+        masters, cross = split_restraints(restraints, label, [g.master for g in par.info.groups])
+        for mr, g in zip(masters, par.info.groups):
+            mo = owner[g.master]
+            self.master_r.append((mr, _share_terms(mr, mo, self.part), mo == self.part, g.n_copies))
+        self.cross = _share_terms(cross, owner, self.part)
+        self.restraints = restraints
+        self.label = label
+        self.master_nbl = [None] * len(self.master_r)
+        self.cross_nbl = None
+        self.cross_pairs = None
+        self.touched_terms = _term_atoms(self.cross)
+        self.touched = self.touched_terms
+        self._x = np.empty((n, 3))
+        self._gx = np.zeros((n, 3))
+        self._buf = np.zeros(par.size + 1)
+        self.n_evals = 0
+        self.seconds_local = 0.0
+        self.seconds_reduce = 0.0
+
+    # -- non-bonded lists
+    def _master_pairs(self, gi, xm):
+        mr, _, owned, _ = self.master_r[gi]
+        nbl = self.master_nbl[gi]
+        if nbl is None:
+            nbl = self.master_nbl[gi] = nonbonded.NeighbourList(xm, mr, owned=owned)
+        elif nbl.needs_update(xm):
+            nbl.update(xm)
+        return nbl
+
+    def _cross_pairs(self, x):
+        nbl = self.cross_nbl
+        if nbl is None:
+            owned = self.owner == self.part
+            # a wide skin: this list spans the whole model, so rebuilds are what it costs
+            nbl = self.cross_nbl = nonbonded.NeighbourList(x, self.restraints, owned=owned,
+                                                           cutoff_extra=CROSS_SKIN)
+        elif nbl.needs_update(x):
+            nbl.update(x)
+        else:
+            return self.cross_pairs
+        li, lj = self.label[nbl.i], self.label[nbl.j]
+        keep = (li != lj) | (li == -2)
+        from .parallel.decompose import PairShare
+        self.cross_pairs = PairShare(i=nbl.i[keep], j=nbl.j[keep], kind=nbl.kind[keep],
+                                     radius=nbl.radius, hbond=nbl.hbond)
+        self.touched = np.unique(np.concatenate([self.touched_terms, self.cross_pairs.i,
+                                                 self.cross_pairs.j]).astype(np.int64))
+        return self.cross_pairs
+
+    def local(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        """This rank's part of f and of the gradient with respect to p."""
+        par = self.par
+        gp = self._buf[:-1]
+        gp[:] = 0.0
+        x = par.expand(p, out=self._x)
+        gx = self._gx
+        gx[:] = 0.0
+        f = 0.0
+        if self.generic:
+            if self.part == 0:
+                fd, gd = self.data_term.target(x)
+                f += self.weight * fd
+                gx += self.weight * gd
+        else:
+            t = self.data_term
+            gm = np.zeros((len(self.mine), 3))
+            f += real_space_target(t.data, t.origin, t.voxel, x[self.mine], self.atom_weight,
+                                   grad_out=gm, scale=self.weight)[0]
+            gx[self.mine] = gm
+        for gi, (mr, share, owned, k) in enumerate(self.master_r):
+            xm = np.ascontiguousarray(par.group_master(p, gi))
+            gmr = np.zeros_like(xm)
+            fm = geometry.restraint_energy(xm, share, grad_out=gmr)[0]
+            if self.nb_weight > 0:
+                fm += nonbonded.repulsion(xm, self._master_pairs(gi, xm), sigma=self.nb_sigma,
+                                          grad_out=gmr, weight=self.nb_weight)[0]
+            f += k * fm
+            gx[par.info.groups[gi].master] += k * gmr
+        f += geometry.restraint_energy(x, self.cross, grad_out=gx)[0]
+        if self.nb_weight > 0:
+            f += nonbonded.repulsion(x, self._cross_pairs(x), sigma=self.nb_sigma, grad_out=gx,
+                                     weight=self.nb_weight)[0]
+        dense = list(range(len(par.copies))) if (self.generic and self.part == 0) else self.my_copies
+        par.reduce(p, x, gx, gp, dense=dense, sparse=self.touched)
+        self._buf[-1] = f
+        return f, gp
+
+    def __call__(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        t0 = time.perf_counter()
+        self.local(np.ascontiguousarray(p, dtype=np.float64))
+        t1 = time.perf_counter()
+        if self.comm is not None and self.size > 1:
+            from mpi4py import MPI
+            self.comm.Allreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
+        self.seconds_local += t1 - t0
+        self.seconds_reduce += time.perf_counter() - t1
+        self.n_evals += 1
+        return float(self._buf[-1]), self._buf[:-1].copy()
+
+
+def _blocks(n: int, parts: int) -> np.ndarray:
+    """Owner of each of n items cut into `parts` contiguous blocks."""
+    return (np.arange(n, dtype=np.int64) * parts) // max(n, 1)
+
+
+def _term_atoms(r: Restraints) -> np.ndarray:
+    """The atoms any term of r reads."""
+    from .parallel.decompose import _ROW_TERMS
+    parts = [getattr(r, k).ravel() for k in _ROW_TERMS] + [r.plane_atoms]
+    return np.unique(np.concatenate(parts).astype(np.int64))
+
+
+def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints, weight: float,
+                         iterations: int, params, comm=None) -> tuple[MinimiseResult, ConstrainedTarget]:
+    """L-BFGS over the NCS parameters from xyz0 (operators superposed at xyz0, masters the
+    average of their copies); collective over comm. Returns the full coordinates x = f(p)."""
+    xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
+    if info.virtual:
+        # the model is the master; its virtual copies come from the file's operators
+        k = info.groups[0].n_copies
+        g = info.groups[0]
+        full = np.concatenate([xyz0 @ g.rot[c].T + g.trans[c] for c in range(k)])
+        par = NcsParametrisation(info, full)
+        data_term = _TiledData(data_term, k)
+        restraints = expand_restraints(restraints, len(xyz0), k)
+    else:
+        full = xyz0
+        par = NcsParametrisation(info.refit(xyz0), xyz0)
+    p0 = par.pack(full)
+    target = ConstrainedTarget(par, data_term, restraints, params, weight, comm)
+    t0 = time.perf_counter()
+    p, f, state, _ = lbfgs(target, p0, maxiter=iterations, m=params.lbfgs_memory,
+                           max_step=params.max_step)
+    seconds = time.perf_counter() - t0
+    x = par.expand(p)[:len(xyz0)]
+    return MinimiseResult(xyz=x, f=f, iterations=state.iteration, evaluations=state.n_evals,
+                          seconds=seconds), target
+
+
+class _TiledData:
+    """The fast real-space data term over the model's atoms and its virtual copies."""
+
+    def __init__(self, term, n_copies: int):
+        if not all(hasattr(term, a) for a in ("data", "origin", "voxel", "atom_weight")):
+            raise InputError("NCS constraints from assembly records need the fast real-space "
+                             "target (--target fast)")
+        self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
+        self.atom_weight = np.tile(term.atom_weight, n_copies)
+
+
+class ConstrainedMinimiser:
+    """Callable with engine.minimise's signature that refines under NCS constraints; run by every
+    rank of ctx.world (ctx None: one process). The workers share each minimisation; the master
+    waits without spinning and receives the result from the first worker."""
+
+    TAG = 19
+
+    def __init__(self, info: NcsInfo, ctx=None, interrupts=None):
+        self.info = info
+        self.ctx = ctx
+        self.on_poll = interrupts.poll if interrupts is not None else None
+        self.last_target = None
+
+    def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
+        ctx = self.ctx
+        if ctx is None or ctx.size == 1:
+            res, self.last_target = constrained_minimise(self.info, xyz0, data_term, geom.r, weight,
+                                                         iterations, params)
+            return res
+        from mpi4py import MPI
+
+        from .parallel.distributed import wait_quietly
+        n = xyz0.size
+        buf = np.empty(n + 4)
+        if ctx.is_worker:
+            res, self.last_target = constrained_minimise(self.info, xyz0, data_term, geom.r, weight,
+                                                         iterations, params, comm=ctx.workers)
+            if ctx.rank == 1:
+                buf[:n] = res.xyz.ravel()
+                buf[n:] = (res.f, res.iterations, res.evaluations, res.seconds)
+                ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=self.TAG)
+            return res
+        req = ctx.world.Irecv([buf, MPI.DOUBLE], source=1, tag=self.TAG)
+        wait_quietly(ctx.world, req, on_poll=self.on_poll)
+        return MinimiseResult(xyz=buf[:n].reshape(xyz0.shape).copy(), f=float(buf[n]),
+                              iterations=int(buf[n + 1]), evaluations=int(buf[n + 2]),
+                              seconds=float(buf[n + 3]))
+
+
+# ------------------------------------------------------------------------- NCS restraints
+
+class NcsRestraintTerm:
+    """E = sum_groups sum_copies sum_atoms |R_k^T (x_k,i - t_k) - zbar_i|^2 / sigma^2, zbar_i the
+    mean over copies; operators fixed (superposed when the term is made)."""
+
+    def __init__(self, info: NcsInfo, xyz: np.ndarray, sigma: float):
+        self.info = info.refit(xyz)
+        self.k = 1.0 / (sigma * sigma)
+
+    def _parts(self, xyz):
+        for g in self.info.groups:
+            z = np.stack([(xyz[g.copies[k]] - g.trans[k]) @ g.rot[k] for k in range(g.n_copies)])
+            yield g, z - z.mean(axis=0)
+
+    def target(self, xyz) -> tuple[float, np.ndarray]:
+        grad = np.zeros_like(xyz)
+        return self.accumulate(xyz, grad, None), grad
+
+    def accumulate(self, xyz, grad_out, atoms: slice | None) -> float:
+        """Energy of the atoms in `atoms` (all when None); their gradient added into grad_out."""
+        f = 0.0
+        for g, d in self._parts(xyz):
+            for k in range(g.n_copies):
+                idx = g.copies[k]
+                dk = d[k]
+                if atoms is not None:
+                    sel = (idx >= atoms.start) & (idx < atoms.stop)
+                    idx, dk = idx[sel], dk[sel]
+                f += self.k * float(np.sum(dk * dk))
+                grad_out[idx] += (2.0 * self.k) * (dk @ g.rot[k].T)
+        return f
+
+
+class _RestrainedData:
+    """A data term whose block-restricted form (for the ranks of a distributed run) also carries
+    the NCS restraint of the block's atoms, unscaled by the data weight. target() is the data
+    term alone (reports and the weight's first guess use it)."""
+
+    def __init__(self, inner, term: NcsRestraintTerm):
+        self.inner = inner
+        self.term = term
+        self.atoms = None
+        self.part = None
+
+    def target(self, xyz):
+        return self.inner.target(xyz)
+
+    def blurred(self, b_extra):
+        return _RestrainedData(self.inner.blurred(b_extra), self.term)
+
+    def local(self, atoms: slice):
+        from .parallel.distributed import _local_term
+        out = _RestrainedData(self.inner, self.term)
+        out.atoms = atoms
+        out.part = _local_term(self.inner, atoms)
+        return out
+
+    def accumulate(self, xyz, grad_out, scale):
+        return self.part.accumulate(xyz, grad_out, scale) + self.term.accumulate(xyz, grad_out, self.atoms)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["inner"], name)
+
+
+class _RestrainedGeometry:
+    """A GeometryTerm with the NCS restraint added to its target (the one-process path)."""
+
+    def __init__(self, geom, term: NcsRestraintTerm):
+        self.geom = geom
+        self.term = term
+
+    def target(self, xyz):
+        f, g = self.geom.target(xyz)
+        fn, gn = self.term.target(xyz)
+        return f + fn, g + gn
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["geom"], name)
+
+
+class RestrainedMinimiser:
+    """Wraps a minimiser (engine.minimise or parallel RankMinimiser): every call restrains the
+    copies to their superposed average at the call's start."""
+
+    def __init__(self, info: NcsInfo, inner, sigma: float):
+        self.info = info
+        self.inner = inner
+        self.sigma = sigma
+
+    def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
+        term = NcsRestraintTerm(self.info, xyz0, self.sigma)
+        return self.inner(xyz0, _RestrainedData(data_term, term), _RestrainedGeometry(geom, term),
+                          weight, iterations, params)
+
+
+# ---------------------------------------------------------------------------------- driver
+
+def setup(model, restraints: Restraints, params, minimiser, ctx=None, interrupts=None):
+    """Find NCS in model, decide the mode from params.ncs, log the choice; returns
+    (the minimiser to use, a report dict). With constraints, restraints are made the same in
+    every copy (symmetrise_restraints, in place)."""
+    requested = getattr(params, "ncs", "off")
+    if requested == "off":
+        log.info("NCS: off (requested)")
+        return minimiser, {"mode": "off", "reason": "requested"}
+    t0 = time.perf_counter()
+    info = assembly_ncs(model) if requested == "constraints" else None
+    if info is not None:
+        log.info("NCS: the model is the asymmetric unit of assembly %s (%s): %d copies made by the "
+                 "file's operators, fixed; data term and contacts over all copies",
+                 info.assembly["name"], info.assembly["oligomeric_details"], info.groups[0].n_copies)
+    else:
+        info = find_ncs(model)
+    mode, why = choose_mode(info, requested)
+    if info is not None:
+        for line in describe(info):
+            log.info(line)
+    log.info("NCS mode: %s (search %.1f s)", why, time.perf_counter() - t0)
+    report = {"mode": mode, "reason": why, "found": info.summary() if info is not None else None}
+    if mode == "constraints":
+        counts = symmetrise_restraints(restraints, info) if not info.virtual else {"before": 0, "after": 0}
+        if counts["before"] != counts["after"]:
+            log.info("NCS constraints: every copy takes its master's restraints (%s before, %s after)",
+                     counts["before"], counts["after"])
+        return ConstrainedMinimiser(info, ctx, interrupts), report
+    if mode == "restraints":
+        sigma = getattr(params, "ncs_sigma", 0.25)
+        log.info("NCS restraints: copies pulled to their superposed average, sigma %.3f A", sigma)
+        return RestrainedMinimiser(info, minimiser, sigma), report
+    return minimiser, report
+
+
+# ------------------------------------------------------------------------- building copies
+
+def expand_by_operators(st, n_operators: int | None = None, chains=None):
+    """A new gemmi Structure holding the chains of st's first model (all, or those named in
+    chains) copied by the first n_operators operators of st's first assembly (all when None).
+    Copy k (from 1) of chain X is named Xk, its subchains likewise; the entities are st's, with
+    the copies' subchains."""
+    import gemmi
+
+    rot, trans = assembly_operators(st)
+    if n_operators is not None:
+        rot, trans = rot[:n_operators], trans[:n_operators]
+    model = gemmi.Model("1")
+    for k in range(len(rot)):
+        tr = gemmi.Transform(gemmi.Mat33(rot[k].tolist()), gemmi.Vec3(*trans[k]))
+        for ch in st[0]:
+            if chains is not None and ch.name not in chains:
+                continue
+            c = ch.clone()
+            c.name = f"{ch.name}{k + 1}"
+            for res in c:
+                res.subchain = f"{res.subchain}{k + 1}"
+                for at in res:
+                    at.pos = gemmi.Position(tr.apply(at.pos))
+            model.add_chain(c)
+    out = gemmi.Structure()
+    out.name = st.name
+    out.cell = gemmi.UnitCell()
+    out.add_model(model)
+    subchains = {res.subchain for ch in model for res in ch}
+    for ent in st.entities:
+        e = gemmi.Entity(ent.name)
+        e.entity_type = ent.entity_type
+        e.polymer_type = ent.polymer_type
+        e.full_sequence = list(ent.full_sequence)
+        e.subchains = [f"{s}{k + 1}" for k in range(len(rot)) for s in ent.subchains
+                       if f"{s}{k + 1}" in subchains]
+        if e.subchains:
+            out.entities.append(e)
+    return out

@@ -1,0 +1,366 @@
+"""NCS: copies and operators found on the real 7cth dengue virus assembly, the constrained
+parametrisation's gradient (masters, free atoms and operators) against finite differences, the
+distributed split of the constrained target, constrained refinement of a real case, the NCS
+restraint term, and mmCIF output of models that do not fit the PDB format."""
+from __future__ import annotations
+
+import logging
+import os
+
+import gemmi
+import numpy as np
+import pytest
+
+from hpcrefine import datasets, ncs, simulate
+from hpcrefine.engine import RealSpaceTerm
+from hpcrefine.mapio import read_map
+from hpcrefine.modelio import model_from_structure, read_model, updated_structure, write_model
+from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
+from hpcrefine.params import build_params
+from hpcrefine.topology import build_restraints
+
+
+@pytest.fixture(scope="module")
+def asu():
+    st = gemmi.read_structure(datasets.fetch(["7cth"])["7cth"])
+    st.setup_entities()
+    st.remove_hydrogens()
+    return st
+
+
+def _expanded(asu, n_ops, chains=None, path=None):
+    st = ncs.expand_by_operators(asu, n_ops, chains)
+    if path is not None:
+        st.make_mmcif_document().write_file(str(path))
+        return read_model(str(path))
+    return model_from_structure(st)
+
+
+def _file_operator_error(asu, group, xyz) -> float:
+    """Largest displacement (A) of a master atom between the found operator of each copy and the
+    file's (copy k of the expanded model was made by file operator k)."""
+    rot, trans = ncs.assembly_operators(asu)
+    xm = xyz[group.master]
+    worst = 0.0
+    for k in range(group.n_copies):
+        op = int(group.chains[k][0][1:]) - 1           # chain 'A7' came from operator 7
+        r = rot[op] @ rot[0].T
+        t = trans[op] - r @ trans[0]
+        d = xm @ r.T + t - (xm @ group.rot[k].T + group.trans[k])
+        worst = max(worst, float(np.sqrt((d * d).sum(axis=1)).max()))
+    return worst
+
+
+def test_operators_recovered_on_real_copies(asu, tmp_path):
+    model = _expanded(asu, 6, path=tmp_path / "six.cif")
+    info = ncs.find_ncs(model)
+    assert info is not None and len(info.groups) == 1
+    g = info.groups[0]
+    assert g.n_copies == 6 and g.copies.shape[1] == 16667
+    assert g.chains[0] == ["A1", "B1", "C1", "F1", "D1", "E1", "I1", "M1", "H1", "L1"]
+    assert len(info.free_atoms()) == 0
+    assert g.rmsd.max() < 1e-3                             # written to 3 decimals
+    assert _file_operator_error(asu, g, model.xyz) < 0.01
+    assert ncs.choose_mode(info, "auto")[0] == "constraints"
+    # copies shaken independently (0.5 A): same copies, operators still within 0.05 A
+    model.xyz = simulate.shake(model.xyz, 0.5, seed=3)
+    info = ncs.find_ncs(model)
+    g = info.groups[0]
+    assert g.n_copies == 6
+    assert 0.6 < g.rmsd[1:].min() and g.rmsd.max() < 0.8    # two 0.5 A shakes: ~0.71 A
+    assert _file_operator_error(asu, g, model.xyz) < 0.05
+    assert ncs.choose_mode(info, "auto")[0] == "restraints"
+
+
+def test_quasi_equivalent_chains_are_not_copies(asu):
+    # chains D, E, F are one entity in three quasi-equivalent positions: 3 operators give 3
+    # copies of the three chains, not 9 copies of one
+    model = _expanded(asu, 3, ["D", "E", "F"])
+    info = ncs.find_ncs(model)
+    g = info.groups[0]
+    assert g.n_copies == 3
+    assert sorted(g.chains[0]) == ["D1", "E1", "F1"]
+    assert any("quasi-equivalent" in n for n in info.notes)
+    assert ncs.find_ncs(_expanded(asu, 1, ["D"])) is None
+
+
+@pytest.fixture(scope="module")
+def small(asu, tmp_path_factory):
+    """Chains D, E, F of 7cth copied by three assembly operators (5,211 atoms), its 3.5 A map,
+    restraints, and a start shaken by 0.8 A."""
+    d = tmp_path_factory.mktemp("ncs_small")
+    truth = d / "truth.cif"
+    ncs.expand_by_operators(asu, 3, ["D", "E", "F"]).make_mmcif_document().write_file(str(truth))
+    simulate.write_simulated(str(truth), 3.5, str(d / "maps"), seed=1)
+    model = read_model(str(truth))
+    lib = MonomerLibrary(resolve_monlib_dir(None))
+    lib.load(set(model.res_names.tolist()), [])
+    r = build_restraints(model, lib)
+    start = simulate.shake(model.xyz, 0.8, seed=2)
+    write_model(updated_structure(model, start), str(d / "start"))
+    grid = read_map(str(d / "maps" / "full.mrc"))
+    term = RealSpaceTerm(np.asarray(grid.data, dtype=np.float32), grid.origin, grid.voxel,
+                         np.ones(model.n_atoms))
+    return {"dir": d, "truth": str(truth), "start": str(d / "start.cif"), "map": str(d / "maps" / "full.mrc"),
+            "model": model, "restraints": r, "xyz": start, "term": term}
+
+
+def _drop_atom_from_copy(info, k, n):
+    """The info with the n-th matched atom missing from copy k: that atom of every copy is free."""
+    g = info.groups[0]
+    keep = np.ones(g.copies.shape[1], dtype=bool)
+    keep[n] = False
+    g2 = ncs.NcsGroup(copies=g.copies[:, keep], rot=g.rot, trans=g.trans, rmsd=g.rmsd, chains=g.chains)
+    return ncs.NcsInfo(groups=[g2], n_atoms=info.n_atoms, source="test")
+
+
+def _fd_check(target, p, idx, h=1e-5):
+    f, g = target(p)
+    worst = 0.0
+    for i in idx:
+        pp, pm = p.copy(), p.copy()
+        pp[i] += h
+        pm[i] -= h
+        fd = (target(pp)[0] - target(pm)[0]) / (2 * h)
+        worst = max(worst, abs(fd - g[i]) / max(abs(fd), 1e-2))
+    return worst
+
+
+def test_constrained_gradient_matches_finite_differences(small):
+    model, xyz = small["model"], small["xyz"]
+    model = dataclass_copy(model, xyz)
+    info = _drop_atom_from_copy(ncs.find_ncs(model), 1, 40)     # some free atoms too
+    ref = info.refit(xyz)
+    par = ncs.NcsParametrisation(ref, xyz)
+    assert par.n_free == 3
+    p = par.pack(xyz)
+    rng = np.random.default_rng(0)
+    p[par.op_off:] = rng.normal(0.0, 0.5, len(p) - par.op_off)      # operators away from the start
+    target = ncs.ConstrainedTarget(par, small["term"], small["restraints"], build_params(3.5), 3.0)
+    idx = list(rng.choice(3 * par.n_master, 10, replace=False))
+    idx += list(range(3 * par.n_master, par.op_off)) + list(range(par.op_off, len(p)))
+    assert _fd_check(target, p, idx) < 1e-5
+    # any other data term (target(x) -> f, g, here a harmonic pull) is evaluated whole
+    generic = ncs.ConstrainedTarget(par, _Pull(small["model"].xyz), small["restraints"], build_params(3.5), 3.0)
+    assert generic.generic
+    assert _fd_check(generic, p, idx) < 1e-5
+    # x = f(p) holds every copy exactly NCS-related
+    x = par.expand(p)
+    g = ref.groups[0]
+    for k in range(1, g.n_copies):
+        a, b, *_ = par.copy_transform(p, k - 1)
+        assert np.abs(x[g.copies[k]] - (x[g.master] @ a.T + b)).max() < 1e-10
+
+
+class _Pull:
+    """A data term with only target(): a harmonic pull towards reference coordinates."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def target(self, xyz):
+        d = xyz - self.ref
+        return float(np.sum(d * d)), 2.0 * d
+
+
+class _Part:
+    """Stands in for a communicator's rank (size, rank) to evaluate one rank's share."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+
+def test_rank_shares_add_up_to_the_whole(small):
+    model = dataclass_copy(small["model"], small["xyz"])
+    info = _drop_atom_from_copy(ncs.find_ncs(model), 2, 7)
+    par = ncs.NcsParametrisation(info.refit(small["xyz"]), small["xyz"])
+    p = par.pack(small["xyz"])
+    p[par.op_off:] = 0.3
+    params = build_params(3.5)
+    whole = ncs.ConstrainedTarget(par, small["term"], small["restraints"], params, 2.0)
+    f, g = whole(p)
+    for size in (2, 3):
+        fs, gs = 0.0, np.zeros_like(g)
+        owned = []
+        for rank in range(size):
+            t = ncs.ConstrainedTarget(par, small["term"], small["restraints"], params, 2.0, _Part(rank, size))
+            fr, gr = t.local(p)
+            fs += fr
+            gs += gr
+            owned.append(t.my_copies)
+        assert sorted(c for o in owned for c in o) == list(range(len(par.copies)))
+        assert abs(fs - f) < 1e-8 * abs(f)
+        assert np.abs(gs - g).max() < 1e-8 * np.abs(g).max()
+
+
+def dataclass_copy(model, xyz):
+    import dataclasses
+    return dataclasses.replace(model, xyz=xyz.copy())
+
+
+def test_constrained_refinement_keeps_copies_related_and_lowers_rmsd(small, tmp_path):
+    from hpcrefine.compare import rmsd
+    from hpcrefine.refine import run_refine
+
+    out = {}
+    for mode in ("constraints", "off"):
+        params = build_params(3.5, overrides={"ncs": mode, "macro_cycles": 2})
+        report = run_refine(small["start"], str(tmp_path / mode), 3.5, params, map_path=small["map"])
+        assert report["ncs"]["mode"] == mode
+        out[mode] = rmsd(str(tmp_path / mode / "refined.cif"), small["truth"])["rmsd_all"]
+    refined = read_model(str(tmp_path / "constraints" / "refined.cif"))
+    info = ncs.find_ncs(refined)
+    assert info.groups[0].n_copies == 3
+    assert info.max_rmsd < 2e-3                          # exact NCS, up to the file's 3 decimals
+    assert out["constraints"] < 0.36                     # from 0.80
+    assert out["constraints"] < out["off"] - 0.02
+    # the same under mpiexec -n 3 (copies dealt to two workers): the same model up to summation order
+    import shutil
+    import subprocess
+    import sys
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine", small["start"], "--map",
+           small["map"], "--resolution", "3.5", "--output", str(tmp_path / "mpi"), "--ncs", "constraints",
+           "--cycles", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mpi = read_model(str(tmp_path / "mpi" / "refined.cif"))
+    assert ncs.find_ncs(mpi).max_rmsd < 2e-3
+    assert np.sqrt(np.mean(np.sum((mpi.xyz - refined.xyz) ** 2, axis=1))) < 0.02
+
+
+def test_ncs_restraint_gradient_and_pull(small):
+    model = dataclass_copy(small["model"], small["xyz"])
+    info = ncs.find_ncs(model)
+    term = ncs.NcsRestraintTerm(info, small["xyz"], sigma=0.1)
+    rng = np.random.default_rng(1)
+    x = small["xyz"] + rng.normal(0.0, 0.05, small["xyz"].shape)
+    flat = lambda v: (lambda f_g: (f_g[0], f_g[1].ravel()))(term.target(v.reshape(-1, 3)))  # noqa: E731
+    idx = list(rng.choice(x.size, 40, replace=False))
+    assert _fd_check(flat, x.ravel(), idx, h=1e-3) < 1e-6        # quadratic: central differences exact
+    # a block's accumulate adds up to the whole
+    f, g = term.target(x)
+    g2 = np.zeros_like(x)
+    n = len(x)
+    f2 = term.accumulate(x, g2, slice(0, n // 2)) + term.accumulate(x, g2, slice(n // 2, n))
+    assert abs(f2 - f) < 1e-9 * f and np.abs(g2 - g).max() < 1e-9 * np.abs(g).max()
+    # descending the term alone brings the copies together
+    y = x.copy()
+    for _ in range(50):
+        y -= 0.002 * term.target(y)[1]
+    before = info.refit(x).max_rmsd
+    after = info.refit(y).max_rmsd
+    assert after < 0.2 * before
+
+
+def test_auto_mode_thresholds():
+    g = ncs.NcsGroup(copies=np.zeros((2, 1), dtype=np.int64), rot=np.eye(3)[None].repeat(2, 0),
+                     trans=np.zeros((2, 3)), rmsd=np.array([0.0, 0.3]), chains=[["A"], ["B"]])
+    info = ncs.NcsInfo(groups=[g], n_atoms=2, source="test")
+    assert ncs.choose_mode(info, "auto")[0] == "constraints"
+    g.rmsd[1] = 0.8
+    assert ncs.choose_mode(info, "auto")[0] == "restraints"
+    g.rmsd[1] = 1.25                   # the quasi-equivalent chains of the 7cth asymmetric unit
+    assert ncs.choose_mode(info, "auto")[0] == "off"
+    assert ncs.choose_mode(None, "constraints")[0] == "off"
+    assert ncs.choose_mode(info, "constraints")[0] == "constraints"
+
+
+def test_mmcif_round_trip_of_a_model_too_big_for_pdb(asu, tmp_path, caplog):
+    # 7 operators of the 7cth asymmetric unit: 116,669 atoms in 70 chains with two-character ids
+    path = tmp_path / "seven.cif"
+    ncs.expand_by_operators(asu, 7).make_mmcif_document().write_file(str(path))
+    model = read_model(str(path))
+    assert model.n_atoms == 116669 and len(set(model.chain.tolist())) == 70
+    with caplog.at_level(logging.INFO):
+        paths = write_model(updated_structure(model, model.xyz + 0.25), str(tmp_path / "refined"))
+    assert [p[-4:] for p in paths] == [".cif"]
+    assert "not writing PDB format" in caplog.text
+    back = read_model(paths[0])
+    assert back.n_atoms == model.n_atoms
+    assert (back.chain == model.chain).all() and (back.atom_name == model.atom_name).all()
+    assert (back.res_seqid == model.res_seqid).all()
+    assert np.abs(back.xyz - model.xyz - 0.25).max() < 1e-3
+    st = gemmi.read_structure(paths[0])
+    assert sorted(e.name for e in st.entities if e.entity_type == gemmi.EntityType.Polymer) == ["1", "2", "3", "4"]
+
+
+def test_mmcif_keeps_assembly_and_entities(asu, tmp_path):
+    model = read_model(datasets.fetch(["7cth"])["7cth"])
+    paths = write_model(updated_structure(model, model.xyz), str(tmp_path / "asu"))
+    st = gemmi.read_structure(paths[0])
+    assert len(st.assemblies) == 1
+    rot, trans = ncs.assembly_operators(st)
+    rot0, trans0 = ncs.assembly_operators(asu)
+    assert len(rot) == 60 and np.abs(rot - rot0).max() < 1e-6 and np.abs(trans - trans0).max() < 1e-3
+    assert {e.name: list(e.subchains) for e in st.entities} == {e.name: list(e.subchains) for e in asu.entities}
+    assert [ch.name for ch in st[0]] == [ch.name for ch in asu[0]]
+
+
+def test_asymmetric_unit_with_assembly_records():
+    # the deposited 7cth asymmetric unit: its quasi-equivalent chains superpose at 1.25 A (not
+    # copies for auto), and the file's 60 assembly operators are reported
+    model = read_model(datasets.fetch(["7cth"])["7cth"])
+    info = ncs.find_ncs(model)
+    assert info.assembly["operators"] == 60
+    assert 1.0 < info.max_rmsd < 1.5
+    assert ncs.choose_mode(info, "auto")[0] == "off"
+
+
+def test_asymmetric_unit_constrained_by_its_assembly_operators(asu, small, tmp_path):
+    """Chains D, E, F of the 7cth asymmetric unit with the first three assembly operators: the
+    model is the master and the operators make two virtual copies, refined against the map of
+    all three copies."""
+    from hpcrefine.compare import rmsd
+    from hpcrefine.refine import run_refine
+
+    st = asu.clone()
+    for name in [ch.name for ch in st[0]]:
+        if name not in ("D", "E", "F"):
+            st[0].remove_chain(name)
+    gen = st.assemblies[0].generators[0]
+    while len(gen.operators) > 3:
+        gen.operators.pop()
+    truth = tmp_path / "asu_truth.cif"
+    st.make_mmcif_document().write_file(str(truth))
+    model = read_model(str(truth))
+    info = ncs.assembly_ncs(model)
+    assert info.virtual and info.n_model == 1737 and info.n_atoms == 3 * 1737
+    g = info.groups[0]
+    full = np.concatenate([model.xyz @ g.rot[k].T + g.trans[k] for k in range(3)])
+    assert np.abs(full - small["model"].xyz).max() < 1e-3        # the expanded model's atoms
+    # master gradient through the virtual copies against finite differences; operators fixed
+    par = ncs.NcsParametrisation(info, full)
+    r = ncs.expand_restraints(_asu_restraints(model), model.n_atoms, 3)
+    t = small["term"]
+    term = ncs._TiledData(RealSpaceTerm(t.data, t.origin, t.voxel, np.ones(model.n_atoms), normalise=False), 3)
+    target = ncs.ConstrainedTarget(par, term, r, build_params(3.5), 3.0)
+    p = par.pack(full)
+    p[:par.op_off] += np.random.default_rng(5).normal(0.0, 0.2, par.op_off)
+    f, grad = target(p)
+    assert np.all(grad[par.op_off:] == 0.0)
+    rng = np.random.default_rng(4)
+    assert _fd_check(target, p, list(rng.choice(par.op_off, 20, replace=False))) < 1e-5
+    # refinement: the asymmetric unit comes back with its assembly records
+    start = simulate.shake(model.xyz, 0.8, seed=2)
+    write_model(updated_structure(model, start), str(tmp_path / "asu_start"))
+    params = build_params(3.5, overrides={"ncs": "constraints", "macro_cycles": 2})
+    report = run_refine(str(tmp_path / "asu_start.cif"), str(tmp_path / "run"), 3.5, params,
+                        map_path=small["map"])
+    assert report["ncs"]["found"]["source"] == "the file's assembly records"
+    out = gemmi.read_structure(str(tmp_path / "run" / "refined.cif"))
+    assert out[0].count_atom_sites() == 1737 and len(out.assemblies) == 1
+    assert rmsd(str(tmp_path / "run" / "refined.cif"), str(truth))["rmsd_all"] < 0.5   # from 0.80
+
+
+def _asu_restraints(model):
+    lib = MonomerLibrary(resolve_monlib_dir(None))
+    lib.load(set(model.res_names.tolist()), [])
+    return build_restraints(model, lib)
+
