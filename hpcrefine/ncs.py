@@ -601,25 +601,9 @@ class NcsParametrisation:
 
 def _select(r: Restraints, rows: dict, plane_keep: np.ndarray, remap=None) -> Restraints:
     """Terms of r selected by rows[idx_name] (bool) and plane_keep (bool per plane), atom
-    indices mapped through remap when given."""
-    from .parallel.decompose import _ROW_TERMS
-    kept = {}
-    for idx_name, value_names in _ROW_TERMS.items():
-        idx = getattr(r, idx_name)[rows[idx_name]]
-        kept[idx_name] = remap[idx] if remap is not None else idx
-        for name in value_names:
-            kept[name] = getattr(r, name)[rows[idx_name]]
-    sizes = np.diff(r.plane_start)
-    per_atom = np.repeat(plane_keep, sizes)
-    pa = r.plane_atoms[per_atom]
-    kept["plane_atoms"] = remap[pa] if remap is not None else pa
-    kept["plane_sigma"] = r.plane_sigma[per_atom]
-    kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[plane_keep]))).astype(np.int64)
-    out = dataclasses.replace(r, **kept)
-    both = getattr(r, "chir_both", None)
-    if both is not None and len(both):
-        out.chir_both = np.asarray(both)[rows["chir_idx"]]
-    return out
+    indices mapped through remap when given (parallel.decompose.select_terms)."""
+    from .parallel.decompose import select_terms
+    return select_terms(r, rows, plane_keep, remap)
 
 
 def split_restraints(r: Restraints, label: np.ndarray, masters: list):

@@ -88,6 +88,30 @@ def plane_owner(plane_atoms, plane_start, atom_owner) -> np.ndarray:
     return owner
 
 
+def select_terms(r: Restraints, rows: dict, plane_keep: np.ndarray, remap=None) -> Restraints:
+    """The terms of r selected by rows[idx_name] (bool per term, for every index array of
+    _ROW_TERMS) and plane_keep (bool per plane), atom indices mapped through remap when given.
+    The per-atom and non-bonded arrays are r's own objects, not copies. A `chir_both` attribute,
+    when r has one, is selected with the chirality rows."""
+    kept = {}
+    for idx_name, value_names in _ROW_TERMS.items():
+        idx = getattr(r, idx_name)[rows[idx_name]]
+        kept[idx_name] = remap[idx] if remap is not None else idx
+        for name in value_names:
+            kept[name] = getattr(r, name)[rows[idx_name]]
+    sizes = np.diff(r.plane_start)
+    per_atom = np.repeat(plane_keep, sizes)
+    pa = r.plane_atoms[per_atom]
+    kept["plane_atoms"] = remap[pa] if remap is not None else pa
+    kept["plane_sigma"] = r.plane_sigma[per_atom]
+    kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[plane_keep]))).astype(np.int64)
+    out = dataclasses.replace(r, **kept)
+    both = getattr(r, "chir_both", None)
+    if both is not None and len(both):
+        out.chir_both = np.asarray(both)[rows["chir_idx"]]
+    return out
+
+
 def restraints_share(r: Restraints, atom_owner, part: int) -> Restraints:
     """The terms of r that `part` evaluates: those whose first atom it owns (planes: the plane's
     first atom). Atom indices keep their global numbering. The per-atom and non-bonded arrays
@@ -95,25 +119,9 @@ def restraints_share(r: Restraints, atom_owner, part: int) -> Restraints:
     ownership is decided on the neighbour list (pairs_share). A `chir_both` attribute, when r
     has one, is selected with the chirality rows."""
     atom_owner = np.asarray(atom_owner)
-    kept = {}
-    rows_of = {}
-    for idx_name, value_names in _ROW_TERMS.items():
-        idx = getattr(r, idx_name)
-        rows = rows_of[idx_name] = term_owner(idx[:, 0], atom_owner) == part
-        kept[idx_name] = idx[rows]
-        for name in value_names:
-            kept[name] = getattr(r, name)[rows]
+    rows = {name: term_owner(getattr(r, name)[:, 0], atom_owner) == part for name in _ROW_TERMS}
     mine = plane_owner(r.plane_atoms, r.plane_start, atom_owner) == part
-    sizes = np.diff(r.plane_start)
-    per_atom = np.repeat(mine, sizes)
-    kept["plane_atoms"] = r.plane_atoms[per_atom]
-    kept["plane_sigma"] = r.plane_sigma[per_atom]
-    kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[mine]))).astype(np.int64)
-    share = dataclasses.replace(r, **kept)
-    both = getattr(r, "chir_both", None)
-    if both is not None and len(both):
-        share.chir_both = np.asarray(both)[rows_of["chir_idx"]]
-    return share
+    return select_terms(r, rows, mine)
 
 
 @dataclasses.dataclass
