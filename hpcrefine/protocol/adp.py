@@ -19,29 +19,17 @@ import math
 import numpy as np
 from numba import njit
 
-from ..core.modelmap import ELECTRONS
+from ..core.modelmap import ELECTRONS, _atom, _splat
 
 B_FLOOR = 1.0
 
 
 @njit(cache=True)
-def _model_map(xyz, amp, sig2, origin, voxel, grid, dgrid, lo_atom, hi_atom, want_grad, grad_s2):
-    """With want_grad False: add every atom's Gaussian into grid. With want_grad True: for atoms
-    lo_atom..hi_atom-1, grad_s2[a] += sum_v dgrid[v] * d rho_a(v) / d s2_a."""
-    nz, ny, nx = grid.shape
+def _b_gradient(xyz, amp, sig2, origin, voxel, dgrid, lo_atom, hi_atom, grad_s2):
+    """For atoms lo_atom..hi_atom-1: grad_s2[a] += sum_v dgrid[v] * d rho_a(v) / d s2_a (the
+    model map itself is core.modelmap's splat, with the same Gaussians)."""
     for a in range(lo_atom, hi_atom):
-        s2 = sig2[a]
-        r = 3.0 * math.sqrt(s2)
-        norm = amp[a] / (2.0 * math.pi * s2) ** 1.5
-        fx = (xyz[a, 0] - origin[0]) / voxel[0]
-        fy = (xyz[a, 1] - origin[1]) / voxel[1]
-        fz = (xyz[a, 2] - origin[2]) / voxel[2]
-        i0 = max(int(math.floor(fx - r / voxel[0])), 0)
-        i1 = min(int(math.ceil(fx + r / voxel[0])), nx - 1)
-        j0 = max(int(math.floor(fy - r / voxel[1])), 0)
-        j1 = min(int(math.ceil(fy + r / voxel[1])), ny - 1)
-        k0 = max(int(math.floor(fz - r / voxel[2])), 0)
-        k1 = min(int(math.ceil(fz + r / voxel[2])), nz - 1)
+        s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1 = _atom(xyz, a, amp, sig2, origin, voxel, dgrid.shape)
         acc = 0.0
         for k in range(k0, k1 + 1):
             dz = (k - fz) * voxel[2]
@@ -52,12 +40,8 @@ def _model_map(xyz, amp, sig2, origin, voxel, grid, dgrid, lo_atom, hi_atom, wan
                     d2 = dx * dx + dy * dy + dz * dz
                     if d2 <= r * r:
                         g = norm * math.exp(-0.5 * d2 / s2)
-                        if want_grad:
-                            acc += dgrid[k, j, i] * g * (0.5 * d2 / (s2 * s2) - 1.5 / s2)
-                        else:
-                            grid[k, j, i] += g
-        if want_grad:
-            grad_s2[a] += acc
+                        acc += dgrid[k, j, i] * g * (0.5 * d2 / (s2 * s2) - 1.5 / s2)
+        grad_s2[a] += acc
 
 
 class ADPDataTerm:
@@ -83,16 +67,14 @@ class ADPDataTerm:
         atoms = atoms or slice(0, n)
         sig2 = self._sig2(b)
         calc = np.zeros(self.data.shape)
-        dummy = np.zeros(1)
-        _model_map(self.xyz, self.amp, sig2, self.origin, self.voxel, calc, calc, 0, n, False, dummy)
+        _splat(self.xyz, self.amp, sig2, self.origin, self.voxel, calc)
         calc *= self.mask
         k = float(np.sum(self.data * calc) / max(float(np.sum(calc * calc)), 1e-30))
         diff = (self.data - k * calc) * self.mask
         f = float(np.sum(diff * diff)) * self.scale
         dcalc = (-2.0 * k * self.scale) * diff
         g_s2 = np.zeros(n)
-        _model_map(self.xyz, self.amp, sig2, self.origin, self.voxel, calc, dcalc, atoms.start,
-                   atoms.stop, True, g_s2)
+        _b_gradient(self.xyz, self.amp, sig2, self.origin, self.voxel, dcalc, atoms.start, atoms.stop, g_s2)
         g = g_s2 / (8.0 * math.pi ** 2)
         g[np.asarray(b) < B_FLOOR] = 0.0
         return f, g
