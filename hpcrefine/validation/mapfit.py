@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit
 
 from ..core.density import rfft_freqs
-from ..mapstats import model_density
+from ..mapstats import _mark_spheres, model_density
 from ..simulate import _rfftn, _shells, fsc_crossing
 
 MASK_PROBE = 1.11          # A, added to the van der Waals radius for the molecular mask
@@ -45,33 +45,6 @@ def per_residue_radius(resolution: float) -> float:
 
 
 # ------------------------------------------------------------------------------- kernels
-
-@njit(cache=True)
-def _mark_spheres(xyz, radius, origin, voxel, mask):
-    """mask[k, j, i] = 1 for voxels within radius[a] of atom a (any a)."""
-    nz, ny, nx = mask.shape
-    for a in range(xyz.shape[0]):
-        r = radius[a]
-        r2 = r * r
-        x, y, z = xyz[a, 0], xyz[a, 1], xyz[a, 2]
-        i0 = max(0, int(math.ceil((x - r - origin[0]) / voxel[0])))
-        i1 = min(nx - 1, int(math.floor((x + r - origin[0]) / voxel[0])))
-        j0 = max(0, int(math.ceil((y - r - origin[1]) / voxel[1])))
-        j1 = min(ny - 1, int(math.floor((y + r - origin[1]) / voxel[1])))
-        k0 = max(0, int(math.ceil((z - r - origin[2]) / voxel[2])))
-        k1 = min(nz - 1, int(math.floor((z + r - origin[2]) / voxel[2])))
-        for k in range(k0, k1 + 1):
-            dz = origin[2] + k * voxel[2] - z
-            for j in range(j0, j1 + 1):
-                dy = origin[1] + j * voxel[1] - y
-                dyz = dy * dy + dz * dz
-                if dyz > r2:
-                    continue
-                for i in range(i0, i1 + 1):
-                    dx = origin[0] + i * voxel[0] - x
-                    if dx * dx + dyz <= r2:
-                        mask[k, j, i] = 1
-
 
 @njit(cache=True)
 def _cc_sums(a, b, mask, use_mask, ta, tb):
