@@ -53,6 +53,12 @@ def lowpass(data: np.ndarray, voxel: np.ndarray, resolution: float) -> np.ndarra
     return np.fft.irfftn(f, s=data.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
+@njit(cache=True, inline="always")
+def _span(c, r, o, v, lo, hi):
+    """Indices lo..hi of the grid points o + i v within [c - r, c + r] (an empty range when none)."""
+    return max(lo, int(math.ceil((c - r - o) / v))), min(hi, int(math.floor((c + r - o) / v)))
+
+
 @njit(cache=True)
 def _mark_spheres(xyz, radius, origin, voxel, mask):
     """mask[k, j, i] = 1 for voxels within radius[a] of atom a (any a)."""
@@ -61,12 +67,9 @@ def _mark_spheres(xyz, radius, origin, voxel, mask):
         r = radius[a]
         r2 = r * r
         x, y, z = xyz[a, 0], xyz[a, 1], xyz[a, 2]
-        i0 = max(0, int(math.ceil((x - r - origin[0]) / voxel[0])))
-        i1 = min(nx - 1, int(math.floor((x + r - origin[0]) / voxel[0])))
-        j0 = max(0, int(math.ceil((y - r - origin[1]) / voxel[1])))
-        j1 = min(ny - 1, int(math.floor((y + r - origin[1]) / voxel[1])))
-        k0 = max(0, int(math.ceil((z - r - origin[2]) / voxel[2])))
-        k1 = min(nz - 1, int(math.floor((z + r - origin[2]) / voxel[2])))
+        i0, i1 = _span(x, r, origin[0], voxel[0], 0, nx - 1)
+        j0, j1 = _span(y, r, origin[1], voxel[1], 0, ny - 1)
+        k0, k1 = _span(z, r, origin[2], voxel[2], 0, nz - 1)
         for k in range(k0, k1 + 1):
             dz = origin[2] + k * voxel[2] - z
             for j in range(j0, j1 + 1):

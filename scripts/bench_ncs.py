@@ -41,31 +41,33 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
 
-def build_truth(workdir: str, n_ops: int) -> str:
+def _asu():
+    """The 7cth asymmetric unit with its entities set up, hydrogens removed."""
     import gemmi
 
-    from hpcrefine import datasets, ncs
+    from hpcrefine import datasets
+
+    st = gemmi.read_structure(datasets.fetch(["7cth"])["7cth"])
+    st.setup_entities()
+    st.remove_hydrogens()
+    return st
+
+
+def build_truth(workdir: str, n_ops: int) -> str:
+    from hpcrefine import ncs
 
     path = os.path.join(workdir, f"truth_{n_ops}ops.cif")
     if not os.path.exists(path):
-        st = gemmi.read_structure(datasets.fetch(["7cth"])["7cth"])
-        st.setup_entities()
-        st.remove_hydrogens()
+        st = _asu()
         ncs.expand_by_operators(st, n_ops).make_mmcif_document().write_file(path + ".part")
         os.replace(path + ".part", path)
     return path
 
 
 def build_asu(workdir: str, n_ops: int) -> str:
-    import gemmi
-
-    from hpcrefine import datasets
-
     path = os.path.join(workdir, f"asu_truth_{n_ops}ops.cif")
     if not os.path.exists(path):
-        st = gemmi.read_structure(datasets.fetch(["7cth"])["7cth"])
-        st.setup_entities()
-        st.remove_hydrogens()
+        st = _asu()
         gen = st.assemblies[0].generators[0]
         while len(gen.operators) > n_ops:
             gen.operators.pop()

@@ -77,9 +77,9 @@ def _read_pss(pid: int) -> int:
             for line in fh:
                 if line.startswith("Pss:"):
                     return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    except OSError:          # the rank has exited between the listing and the read
+        return 0
+    return 0                 # a kernel without Pss in smaps_rollup
 
 
 def _descendants(root: int) -> list[int]:

@@ -24,13 +24,11 @@ and per-residue sums, whatever the model size.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 
 from ..core.density import rfft_freqs
-from ..mapstats import _mark_spheres, model_density
+from ..mapstats import _mark_spheres, _span, model_density
 from ..simulate import _rfftn, _shells, fsc_crossing
 
 MASK_PROBE = 1.11          # A, added to the van der Waals radius for the molecular mask
@@ -77,12 +75,9 @@ def _own_slab(xyz, atoms, origin, voxel, k0, best, owner, radius):
     for t in range(atoms.shape[0]):
         a = atoms[t]
         x, y, z = xyz[a, 0], xyz[a, 1], xyz[a, 2]
-        i0 = max(0, int(math.ceil((x - radius - origin[0]) / voxel[0])))
-        i1 = min(nx - 1, int(math.floor((x + radius - origin[0]) / voxel[0])))
-        j0 = max(0, int(math.ceil((y - radius - origin[1]) / voxel[1])))
-        j1 = min(ny - 1, int(math.floor((y + radius - origin[1]) / voxel[1])))
-        ka = max(k0, int(math.ceil((z - radius - origin[2]) / voxel[2])))
-        kb = min(k0 + nk - 1, int(math.floor((z + radius - origin[2]) / voxel[2])))
+        i0, i1 = _span(x, radius, origin[0], voxel[0], 0, nx - 1)
+        j0, j1 = _span(y, radius, origin[1], voxel[1], 0, ny - 1)
+        ka, kb = _span(z, radius, origin[2], voxel[2], k0, k0 + nk - 1)
         for k in range(ka, kb + 1):
             dz = origin[2] + k * voxel[2] - z
             for j in range(j0, j1 + 1):
