@@ -56,6 +56,7 @@ from .core.density import real_space_target
 from .core.lbfgs import lbfgs
 from .engine import MinimiseResult
 from .errors import InputError
+from .protocol.rigid import _skew, rotation
 from .restraints import Restraints
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,6 @@ def superpose(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, flo
     return rot, t, rmsd
 
 
-def rotation_vector_matrix(w: np.ndarray) -> np.ndarray:
-    """exp([w]x): the rotation by |w| radians about w (Rodrigues)."""
-    theta = float(np.linalg.norm(w))
-    k = _skew(w)
-    if theta < 1e-8:
-        return np.eye(3) + k + 0.5 * k @ k
-    return np.eye(3) + math.sin(theta) / theta * k + (1 - math.cos(theta)) / theta**2 * k @ k
-
-
 def right_jacobian(w: np.ndarray) -> np.ndarray:
     """J_r(w) with exp([w + d]x) ~ exp([w]x) exp([J_r d]x) to first order in d."""
     theta = float(np.linalg.norm(w))
@@ -102,10 +94,6 @@ def right_jacobian(w: np.ndarray) -> np.ndarray:
         return np.eye(3) - 0.5 * k + k @ k / 6.0
     return (np.eye(3) - (1 - math.cos(theta)) / theta**2 * k
             + (theta - math.sin(theta)) / theta**3 * k @ k)
-
-
-def _skew(w) -> np.ndarray:
-    return np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
 
 
 @njit(cache=True)
@@ -537,7 +525,7 @@ class NcsParametrisation:
         o = self.op_off + 6 * c
         w = p[o:o + 3] / self.rho[gi]
         tau = p[o + 3:o + 6]
-        q = rotation_vector_matrix(w)
+        q = rotation(w)
         a = q @ g.rot[k]
         b = q @ (g.trans[k] - cen) + cen + tau
         return a, b, q, w, cen + tau
