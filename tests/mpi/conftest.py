@@ -3,7 +3,10 @@ aborts every rank (instead of leaving the others blocked in a collective); measu
 printed at the end by world rank 0."""
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import mpi4py
 import pytest
@@ -42,3 +45,17 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def measured():
     return MEASURED
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With HPCREFINE_MPI_RESULTS set, each rank writes its own outcome to a file there: the ranks'
+    terminal lines share one stream and can interleave mid-line, so the launcher test reads these."""
+    where = os.environ.get("HPCREFINE_MPI_RESULTS")
+    if not where:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = reporter.stats if reporter is not None else {}
+    outcome = {"exitstatus": int(exitstatus), "size": MPI.COMM_WORLD.Get_size(),
+               "passed": len(stats.get("passed", [])), "failed": len(stats.get("failed", [])),
+               "errors": len(stats.get("error", []))}
+    Path(where, f"rank{MPI.COMM_WORLD.Get_rank()}.json").write_text(json.dumps(outcome))
