@@ -105,29 +105,40 @@ class ParamRunner:
         """build(comm) -> fun(p) -> (f, grad_p); comm is the workers' communicator (None with
         one process). Every rank calls this with the same p0; every rank gets the same result."""
         p0 = np.asarray(p0, dtype=np.float64)
+        n = p0.size
+
+        def work(comm):
+            res = minimise_params(build(comm), p0, iterations, memory, max_step, point_dim)
+            return np.concatenate((res.p, (res.f, res.iterations, res.evaluations, res.seconds)))
+        out = self.run(work, n + 4, what="parameters", same=n)
+        return ParamResult(p=out[:n].copy(), f=float(out[n]), iterations=int(out[n + 1]),
+                           evaluations=int(out[n + 2]), seconds=float(out[n + 3]))
+
+    def run(self, work, size: int, what: str = "results", same: int | None = None) -> np.ndarray:
+        """Any collective computation of the workers with the same answer on every worker:
+        work(comm) -> float64 array of `size` values (comm: the workers' communicator, None with
+        one process). The workers' answers (their first `same` values, all by default: timings may
+        differ) are checked to be identical; the master waits quietly
+        and receives the answer from the first worker. Every rank returns the answer."""
         if not self.parallel:
-            return minimise_params(build(None), p0, iterations, memory, max_step, point_dim)
+            return np.asarray(work(None), dtype=np.float64).reshape(size)
         from mpi4py import MPI
 
         from ..parallel.distributed import same_on_all_ranks, wait_quietly
         ctx = self.ctx
-        n = p0.size
-        buf = np.empty(n + 4)
         first_worker = 1
         if ctx.is_worker:
-            res = minimise_params(build(ctx.workers), p0, iterations, memory, max_step, point_dim)
-            if not same_on_all_ranks(ctx.workers, res.p):
-                raise RuntimeError("the workers' parameters diverged: the reduced gradient "
+            out = np.ascontiguousarray(work(ctx.workers), dtype=np.float64).reshape(size)
+            if not same_on_all_ranks(ctx.workers, out[:size if same is None else same]):
+                raise RuntimeError(f"the workers' {what} diverged: the reduced gradient "
                                    "differed between ranks")
             if ctx.rank == first_worker:
-                buf[:n] = res.p
-                buf[n:] = (res.f, res.iterations, res.evaluations, res.seconds)
-                ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_PARAMS)
-            return res
+                ctx.world.Send([out, MPI.DOUBLE], dest=0, tag=TAG_PARAMS)
+            return out
+        buf = np.empty(size)
         req = ctx.world.Irecv([buf, MPI.DOUBLE], source=first_worker, tag=TAG_PARAMS)
         wait_quietly(ctx.world, req, on_poll=self.on_poll)
-        return ParamResult(p=buf[:n].copy(), f=float(buf[n]), iterations=int(buf[n + 1]),
-                           evaluations=int(buf[n + 2]), seconds=float(buf[n + 3]))
+        return buf
 
 
 def check_gradient(fun, p, h: float = 1e-5, indices=None) -> float:
