@@ -59,8 +59,7 @@ class GeometryTerm:
         if self.nbl is None:
             self.nbl = nonbonded.NeighbourList(xyz, self.r)
             self.n_nbl_builds += 1
-        elif self.nbl.needs_update(xyz):
-            self.nbl.update(xyz)            # keeps the exclusion tables
+        elif self.nbl.refresh(xyz):         # around the atoms that moved far, when needed
             self.n_nbl_builds += 1
         return self.nbl
 

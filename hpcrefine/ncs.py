@@ -766,8 +766,8 @@ class ConstrainedTarget:
         nbl = self.master_nbl[gi]
         if nbl is None:
             nbl = self.master_nbl[gi] = nonbonded.NeighbourList(xm, mr, owned=owned)
-        elif nbl.needs_update(xm):
-            nbl.update(xm)
+        else:
+            nbl.refresh(xm)
         return nbl
 
     def _cross_pairs(self, x):
@@ -777,9 +777,7 @@ class ConstrainedTarget:
             # a wide skin: this list spans the whole model, so rebuilds are what it costs
             nbl = self.cross_nbl = nonbonded.NeighbourList(x, self.restraints, owned=owned,
                                                            cutoff_extra=CROSS_SKIN)
-        elif nbl.needs_update(x):
-            nbl.update(x)
-        else:
+        elif not nbl.refresh(x):
             return self.cross_pairs
         li, lj = self.label[nbl.i], self.label[nbl.j]
         keep = (li != lj) | (li == -2)

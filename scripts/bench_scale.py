@@ -294,7 +294,7 @@ def print_result(res: dict) -> None:
 
 def optimiser_seconds(n_atoms: int, iterations: int = 20, m: int = 10) -> float:
     """Seconds per evaluation that the L-BFGS optimiser itself spends on 3 n_atoms coordinates
-    (every rank runs it on the full vector): a separable quadratic whose own cost is timed and
+    (one process, the whole vector; split between workers it costs 1/workers of this): a separable quadratic whose own cost is timed and
     taken out."""
     import numpy as np
 
@@ -320,17 +320,24 @@ def optimiser_seconds(n_atoms: int, iterations: int = 20, m: int = 10) -> float:
     return (time.perf_counter() - t0 - spent[1]) / spent[0]
 
 
+# scalar Allreduce calls of the split L-BFGS per evaluation (m = 10: 2 m + 1 in the two-loop
+# recursion, the gradient maximum, the descent check, two for the step norms, the curvature pair,
+# the slope at the start and at each trial point, and f)
+SCALAR_REDUCTIONS = 29
+
+
 def project(res: dict, atoms: float = 1.44e6, nodes=(1, 8, 64), cores: int = 32,
             bandwidth: float = 10e9, latency: float = 2e-6, tasks_per_worker: int = 4) -> list[dict]:
     """Wall time of the same protocol on `atoms` atoms on clusters of `nodes` nodes of `cores`
     ranks, from a measured 3-rank run (res, bench_scale.json): every time measured here is taken
     per atom (or per voxel, the box assumed to grow with the atoms) and scaled by atoms / n.
 
-    t_eval(p workers) = c n / p + t_opt n + t_allreduce(p), with c the measured seconds per
+    t_eval(p workers) = c n / p + t_opt n / p + t_exchange(p), with c the measured seconds per
     atom-evaluation of a rank's own terms (data, restraints, repulsion, neighbour-list builds),
-    t_opt the measured seconds per coordinate of the L-BFGS step that every rank runs on the full
-    vector, and t_allreduce = 2 (p - 1) / p * 8 (3n + 1) / bandwidth + 2 log2(p) * latency
-    (reduce-scatter + allgather). Half sets: each half's workers split into up to 4 groups, one
+    t_opt the measured seconds per coordinate of the L-BFGS step (each worker runs it on its own
+    block: core.lbfgs with comm), and t_exchange = 2 (p - 1) / p * 8 (3n + 1) / bandwidth
+    + 2 log2(p) * latency (the Allgatherv of the coordinates and the Reduce_scatter of the
+    gradient) + SCALAR_REDUCTIONS * 2 log2(p) * latency (the optimiser's inner products). Half sets: each half's workers split into up to 4 groups, one
     weight each; a task = its evaluations at the group's t_eval + its map work (model map, FSCs,
     low-pass and blur of the full box: the measured half-set stage time less its evaluations, per
     task). Final stage: its evaluations at t_eval(all workers) plus the measured rest of the weight
@@ -357,9 +364,10 @@ def project(res: dict, atoms: float = 1.44e6, nodes=(1, 8, 64), cores: int = 32,
     N = atoms
     bytes_eval = 8 * (3 * N + 1)
 
-    def t_eval(p, split_optimiser=False):
-        comm = 0.0 if p <= 1 else 2 * (p - 1) / p * bytes_eval / bandwidth + 2 * math.ceil(math.log2(p)) * latency
-        return c * N / p + t_opt * N / (p if split_optimiser else 1) + comm, comm
+    def t_eval(p):
+        hops = 2 * math.ceil(math.log2(p)) * latency if p > 1 else 0.0
+        comm = 0.0 if p <= 1 else 2 * (p - 1) / p * bytes_eval / bandwidth + hops * (1 + SCALAR_REDUCTIONS)
+        return c * N / p + t_opt * N / p + comm, comm
 
     rows = []
     for nd in nodes:
@@ -372,15 +380,11 @@ def project(res: dict, atoms: float = 1.44e6, nodes=(1, 8, 64), cores: int = 32,
         half = tasks * (ev_half / tasks_per_worker * te_h + map_per_task * scale)
         te_f, comm_f = t_eval(W)
         final = ev_final * te_f + final_rest * scale
-        # the same with the optimiser's vector work shared by the workers (each its own block)
-        half_split = tasks * (ev_half / tasks_per_worker * t_eval(p_group, True)[0] + map_per_task * scale)
-        final_split = ev_final * t_eval(W, True)[0] + final_rest * scale
         rows.append({"nodes": nd, "workers": W, "workers_per_weight_group": p_group,
                      "seconds_per_eval_half": round(te_h, 4), "seconds_per_eval_final": round(te_f, 4),
                      "allreduce_seconds_per_eval_final": round(comm_f, 4),
                      "half_sets_s": round(half), "final_s": round(final), "serial_s": round(serial * scale),
-                     "total_s": round(half + final + serial * scale),
-                     "half_sets_s_split_optimiser": round(half_split), "final_s_split_optimiser": round(final_split)})
+                     "total_s": round(half + final + serial * scale)})
     return rows
 
 
@@ -410,7 +414,7 @@ def main(argv=None) -> int:
             with open(args.project, "w") as fh:
                 json.dump(res, fh, indent=1)
         print(f"measured at {res['atoms']:,} atoms: L-BFGS step {res['optimiser_seconds_per_evaluation']:.3f} s "
-              "per evaluation on every rank")
+              "per evaluation on one process (the runs measured before the split optimiser ran it on every rank)")
         for row in project(res):
             print(json.dumps(row))
         return 0

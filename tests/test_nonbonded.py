@@ -189,3 +189,60 @@ def test_owned_lists_partition_the_full_list(adk_truth):
         assert np.all(owner[pl.i] == p)
         kind = dict(zip(map(tuple, full.pairs.tolist()), full.kind.tolist()))
         assert all(kind[tuple(x)] == k for x, k in zip(pl.pairs.tolist(), pl.kind.tolist()))
+
+
+def _contacts(xyz, nbl):
+    """The listed pairs within their contact distance at xyz, with their 1-4 flag."""
+    d = np.linalg.norm(xyz[nbl.i] - xyz[nbl.j], axis=1)
+    keep = d < nbl.contact_distance()
+    return {(int(i), int(j), int(k)) for i, j, k in zip(nbl.i[keep], nbl.j[keep], nbl.kind[keep])}
+
+
+def test_refresh_around_the_movers_keeps_every_contact_and_the_fresh_energies():
+    """A trajectory where a few atoms move far and the rest a little: the list refreshed around
+    the movers holds the same contacts as one built afresh (against brute force too), with
+    bitwise the same repulsion energy and gradient, at a fraction of the full builds."""
+    xyz, rad, hb, excl, p14 = system(n=600, box=19.0, seed=7)
+    rng = np.random.default_rng(11)
+    nbl = NB.NeighbourList(xyz, None, cutoff_extra=1.0, vdw_radius=rad, hbond_type=hb,
+                           excl_pairs=excl, pair14=p14)
+    x = xyz.copy()
+    changed = 0
+    for step in range(40):
+        x = x + rng.normal(scale=0.03, size=x.shape)
+        far = rng.choice(len(x), size=4, replace=False)
+        x[far] += rng.normal(scale=0.4, size=(4, 3))
+        changed += nbl.refresh(x)
+        fresh = NB.NeighbourList(x, None, cutoff_extra=1.0, vdw_radius=rad, hbond_type=hb,
+                                 excl_pairs=excl, pair14=p14)
+        assert _contacts(x, nbl) == _contacts(x, fresh), step
+        e1, g1 = NB.repulsion(x, nbl, sigma=0.2)
+        e2, g2 = NB.repulsion(x, fresh, sigma=0.2)
+        assert e1 == e2 and np.array_equal(g1, g2), step
+        assert np.all(np.diff(nbl.i) >= 0)
+        if step % 10 == 9:
+            brute, d0 = brute_pairs(x, rad, hb, excl, p14, 0.0)
+            assert {(i, j) for i, j, _ in _contacts(x, nbl)} == brute
+    assert changed > 20 and nbl.n_partial == changed and nbl.n_builds == 1
+
+
+def test_refresh_rebuilds_when_many_atoms_move_and_respects_ownership(adk_truth):
+    from hpcrefine.modelio import read_model
+    from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
+    from hpcrefine.parallel.decompose import atom_blocks, owner_of_atoms
+    from hpcrefine.topology import build_restraints
+
+    model = read_model(adk_truth)
+    r = build_restraints(model, MonomerLibrary(resolve_monlib_dir(None)))
+    owner = owner_of_atoms(atom_blocks(model.res_first_atom, 2), model.n_atoms)
+    rng = np.random.default_rng(4)
+    x = model.xyz + rng.normal(scale=0.3, size=model.xyz.shape)
+    part = NB.NeighbourList(x, r, owned=owner == 1)
+    assert not part.refresh(x)
+    moved = x.copy()
+    moved[rng.choice(len(x), 30, replace=False)] += 0.8
+    assert part.refresh(moved) and part.n_partial == 1 and part.n_builds == 1
+    fresh = NB.NeighbourList(moved, r, owned=owner == 1)
+    assert _contacts(moved, part) == _contacts(moved, fresh) and np.all(owner[part.i] == 1)
+    everywhere = moved + rng.normal(scale=0.6, size=x.shape)
+    assert part.refresh(everywhere) and part.n_builds == 2 and part.n_partial == 1

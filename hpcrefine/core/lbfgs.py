@@ -140,6 +140,83 @@ def _point_norms(d, dim):
     return math.sqrt(mx), math.sqrt(ss / npt)
 
 
+def _global_sum(comm, *values) -> tuple:
+    """The sums over the ranks of comm of a few scalars (one buffer Allreduce; as given when
+    comm is None)."""
+    if comm is None:
+        return values
+    from mpi4py import MPI
+    buf = np.array(values, dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    return tuple(float(v) for v in buf)
+
+
+def _global_max(comm, value: float) -> float:
+    if comm is None:
+        return value
+    from mpi4py import MPI
+    buf = np.array([value], dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return float(buf[0])
+
+
+def _gdot(comm, a, b) -> float:
+    return _global_sum(comm, _dot(a, b))[0]
+
+
+@njit(cache=True)
+def _axpy(d, a, v):
+    """d += a v in place."""
+    for i in range(d.shape[0]):
+        d[i] += a * v[i]
+
+
+def _two_loop_split(comm, g, S, Y, rho, count, pos, alpha, d):
+    """_two_loop over a vector split between the ranks of comm: every inner product is summed
+    over the ranks, so each rank gets its own part of d = -H g."""
+    m = S.shape[0]
+    np.negative(g, out=d)
+    for c in range(count):
+        r = (pos - 1 - c) % m
+        a = rho[r] * _gdot(comm, S[r], d)
+        alpha[r] = a
+        _axpy(d, -a, Y[r])
+    if count > 0:
+        r = (pos - 1) % m
+        d *= 1.0 / (rho[r] * _gdot(comm, Y[r], Y[r]))
+    for c in range(count - 1, -1, -1):
+        r = (pos - 1 - c) % m
+        b = rho[r] * _gdot(comm, Y[r], d)
+        _axpy(d, alpha[r] - b, S[r])
+
+
+@njit(cache=True)
+def _point_sums(d, dim):
+    """(max squared norm, sum of squared norms, points) over points of `dim` components."""
+    npt = d.shape[0] // dim
+    mx = 0.0
+    ss = 0.0
+    for p in range(npt):
+        s = 0.0
+        for c in range(dim):
+            v = d[p * dim + c]
+            s += v * v
+        ss += s
+        if s > mx:
+            mx = s
+    return mx, ss, npt
+
+
+def _split_point_norms(comm, d, dim):
+    """_point_norms of a vector split between the ranks of comm."""
+    mx, ss, npt = _point_sums(d, dim)
+    mx = _global_max(comm, mx)
+    ss, npt = _global_sum(comm, ss, float(npt))
+    if npt == 0:
+        return 0.0, 0.0
+    return math.sqrt(mx), math.sqrt(ss / npt)
+
+
 @dataclass
 class LBFGSState:
     """Everything that determines the rest of a minimisation (with fun and the parameters).
@@ -212,10 +289,10 @@ def _cubic_min(a, fa, ga, b, fb, gb):
 class _LineSearch:
     """phi(a) = f(x + a d) along a descent direction d; remembers the best accepted point."""
 
-    def __init__(self, fun, x, f0, g0, d, state):
-        self.fun, self.x, self.d, self.state = fun, x, d, state
+    def __init__(self, fun, x, f0, g0, d, state, comm=None):
+        self.fun, self.x, self.d, self.state, self.comm = fun, x, d, state, comm
         self.f0 = f0
-        self.dphi0 = _dot(g0, d)
+        self.dphi0 = _gdot(comm, g0, d)
         self.evals = 0
 
     def eval(self, a):
@@ -225,7 +302,7 @@ class _LineSearch:
         self.evals += 1
         self.state.n_evals += 1
         f = float(f)
-        return xt, f, g, _dot(g, self.d)
+        return xt, f, g, _gdot(self.comm, g, self.d)
 
     def run(self, a_init, a_max, max_evals):
         """Returns (a, x, f, g) of an accepted step, or None."""
@@ -278,9 +355,14 @@ class _LineSearch:
 
 def lbfgs(fun, x0, maxiter: int, m: int = 10, gtol: float = 1e-5, ftol: float = 1e-9,
           state: LBFGSState | None = None, callback=None, max_step: float | None = 0.5,
-          first_step: float = 0.1, point_dim: int = 3, max_ls: int = 20):
+          first_step: float = 0.1, point_dim: int = 3, max_ls: int = 20, comm=None):
     """Minimise fun from x0; returns (x, f, state, info).
 
+    With comm (an MPI communicator of more than one rank; collective over it), the vector is
+    split between its ranks: x0, fun's x and g, the state and the result are this rank's part
+    (a whole number of points), f is the same on every rank, and every inner product and maximum
+    is reduced over comm, so the ranks take the same steps and each keeps only its part of the
+    history.
     fun(x) -> (f, g) with x a flat float64 vector. maxiter bounds state.iteration, which counts
     iterations since the state was created: resuming a stopped run with the same maxiter finishes
     the original run. With state given, x0 is ignored and the minimisation continues from the
@@ -296,6 +378,8 @@ def lbfgs(fun, x0, maxiter: int, m: int = 10, gtol: float = 1e-5, ftol: float = 
     """
     if m < 1:
         raise ValueError("m must be >= 1")
+    if comm is not None and comm.Get_size() == 1:
+        comm = None
     if state is None:
         x = np.array(x0, dtype=np.float64).reshape(-1)
         if point_dim < 1 or x.shape[0] % point_dim:
@@ -318,20 +402,23 @@ def lbfgs(fun, x0, maxiter: int, m: int = 10, gtol: float = 1e-5, ftol: float = 
     status = "maxiter"
     failed_once = False
     while True:
-        if n == 0 or _absmax(state.g) <= gtol:
+        if _global_max(comm, _absmax(state.g)) <= gtol:     # (also when there is no vector)
             status = "gtol"
             break
         if state.iteration >= maxiter:
             status = "maxiter"
             break
-        _two_loop(state.g, state.S, state.Y, state.rho, state.count, state.pos, alpha, d)
-        if not _dot(state.g, d) < 0.0:          # no descent (bad curvature information)
+        if comm is None:
+            _two_loop(state.g, state.S, state.Y, state.rho, state.count, state.pos, alpha, d)
+        else:
+            _two_loop_split(comm, state.g, state.S, state.Y, state.rho, state.count, state.pos, alpha, d)
+        if not _gdot(comm, state.g, d) < 0.0:          # no descent (bad curvature information)
             state.reset_history()
-            _two_loop(state.g, state.S, state.Y, state.rho, 0, 0, alpha, d)
-        dmax, drms = _point_norms(d, point_dim)
+            np.negative(state.g, out=d)
+        dmax, drms = _point_norms(d, point_dim) if comm is None else _split_point_norms(comm, d, point_dim)
         a_max = math.inf if max_step is None or dmax == 0.0 else max_step / dmax
         a_init = 1.0 if state.count > 0 else (first_step / drms if drms > 0 else 1.0)
-        ls = _LineSearch(fun, state.x, state.f, state.g, d, state)
+        ls = _LineSearch(fun, state.x, state.f, state.g, d, state, comm)
         res = ls.run(a_init, a_max, max_ls)
         if res is None:
             if failed_once or state.count == 0:
@@ -342,7 +429,7 @@ def lbfgs(fun, x0, maxiter: int, m: int = 10, gtol: float = 1e-5, ftol: float = 
             continue
         failed_once = False
         a, x_new, f_new, g_new = res
-        sy, yy = _curvature(x_new, state.x, g_new, state.g)
+        sy, yy = _global_sum(comm, *_curvature(x_new, state.x, g_new, state.g))
         if sy > CURV_EPS * yy:
             _store_diff(state.S[state.pos], x_new, state.x)
             _store_diff(state.Y[state.pos], g_new, state.g)

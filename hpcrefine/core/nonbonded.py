@@ -13,7 +13,8 @@ is continuous at d = d0.
 
 The list keeps every non-excluded pair with d < d0 + skin (skin = cutoff_extra), as two int32
 atom-index arrays (i < j, sorted by i) and an int8 1-4 flag: 9 bytes per pair. It stays valid until
-an atom has moved more than skin / 2 from where it was at the build (`needs_update`).
+an atom has moved more than skin / 2 from where it was at the build (`needs_update`); `refresh`
+searches again only around the atoms that moved that far.
 
 Search: a cell list (cells of edge max(d0) + skin, half-shell stencil of 14 cells) over copies of
 the coordinates, radii and flags in cell order, so the inner loop reads memory sequentially. The
@@ -150,7 +151,7 @@ def _cells(xyz, cell):
     for a in range(n):               # stable counting sort: atoms of a cell in index order
         order[fill[cid[a]]] = a
         fill[cid[a]] += 1
-    return dims, cstart, order
+    return dims, cstart, order, lo, cell
 
 
 @njit(cache=True)
@@ -392,6 +393,116 @@ def _two_largest_moves(xyz, ref):
 
 
 @njit(cache=True)
+def _movers(xyz, ref, limit):
+    """Indices of the atoms that moved more than `limit` (A) from ref."""
+    lim2 = limit * limit
+    count = 0
+    for a in range(xyz.shape[0]):
+        d = sub(row(xyz, a), row(ref, a))
+        if dot(d, d) > lim2:
+            count += 1
+    out = np.empty(count, dtype=np.int64)
+    count = 0
+    for a in range(xyz.shape[0]):
+        d = sub(row(xyz, a), row(ref, a))
+        if dot(d, d) > lim2:
+            out[count] = a
+            count += 1
+    return out
+
+
+@njit(cache=True)
+def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, tstart, tpart, tcode,
+                 skin, rcut, dims, cstart, order, lo, cell, owned, fill, out_i, out_j, out_k):
+    """The accepted pairs (as _search_cells accepts them, at the reference positions ref) that
+    involve a mover: every cell around each mover is scanned (27 cells); a pair of two movers
+    is taken from its lower atom's scan. With fill false, only counts; else writes out_*.
+    Returns the number of pairs."""
+    use_own = owned.shape[0] > 0
+    rc2 = rcut * rcut
+    hb_lim = HBOND_D0 + skin
+    nx = dims[0]
+    ny = dims[1]
+    nz = dims[2]
+    npairs = 0
+    for t in range(movers.shape[0]):
+        a = movers[t]
+        ix = min(max(int((ref[a, 0] - lo[0]) / cell), 0), nx - 1)
+        iy = min(max(int((ref[a, 1] - lo[1]) / cell), 0), ny - 1)
+        iz = min(max(int((ref[a, 2] - lo[2]) / cell), 0), nz - 1)
+        ra = radius[a] + skin
+        ha = np.int64(hb[a])
+        for ez in range(max(iz - 1, 0), min(iz + 2, nz)):
+            for ey in range(max(iy - 1, 0), min(iy + 2, ny)):
+                base = (ez * ny + ey) * nx
+                for e in range(base + max(ix - 1, 0), base + min(ix + 2, nx)):
+                    for q in range(cstart[e], cstart[e + 1]):
+                        b = np.int64(order[q])
+                        if b == a or (is_mover[b] and b < a):
+                            continue
+                        lo_ = min(a, b)
+                        hi_ = max(a, b)
+                        if use_own and owned[lo_] == 0:
+                            continue
+                        ddx = ref[b, 0] - ref[a, 0]
+                        ddy = ref[b, 1] - ref[a, 1]
+                        ddz = ref[b, 2] - ref[a, 2]
+                        d2 = ddx * ddx + ddy * ddy + ddz * ddz
+                        if d2 >= rc2:
+                            continue
+                        hb_b = np.int64(hb[b])
+                        lim = ra + radius[b]
+                        if ((ha & (hb_b >> 1)) | (hb_b & (ha >> 1))) & 1:
+                            lim = min(lim, hb_lim)
+                        if d2 >= lim * lim:
+                            continue
+                        off = hi_ - lo_
+                        if off <= MASK_SPAN:
+                            sh = np.uint64(off - 1)
+                            excl = np.int64((mask_ex[lo_] >> sh) & np.uint64(1))
+                            k14 = np.int64((mask_14[lo_] >> sh) & np.uint64(1))
+                        else:
+                            excl = 0
+                            k14 = 0
+                            if has_over[lo_]:
+                                code = _overflow_code(lo_, hi_, tstart, tpart, tcode)
+                                excl = 1 if code == _EXCL else 0
+                                k14 = 1 if code == _P14 else 0
+                        if excl:
+                            continue
+                        if k14:
+                            lim14 = max(lim - D0_14_SHIFT, 0.0)
+                            if d2 >= lim14 * lim14:
+                                continue
+                        if fill:
+                            out_i[npairs] = lo_
+                            out_j[npairs] = hi_
+                            out_k[npairs] = k14
+                        npairs += 1
+    return npairs
+
+
+@njit(cache=True)
+def _keep_unmoved(pi, pj, pk, is_mover):
+    """The pairs of which neither atom is a mover (order kept)."""
+    count = 0
+    for t in range(pi.shape[0]):
+        if not (is_mover[pi[t]] or is_mover[pj[t]]):
+            count += 1
+    oi = np.empty(count, dtype=np.int32)
+    oj = np.empty(count, dtype=np.int32)
+    ok = np.empty(count, dtype=np.int8)
+    count = 0
+    for t in range(pi.shape[0]):
+        if not (is_mover[pi[t]] or is_mover[pj[t]]):
+            oi[count] = pi[t]
+            oj[count] = pj[t]
+            ok[count] = pk[t]
+            count += 1
+    return oi, oj, ok
+
+
+@njit(cache=True)
 def _repulsion_kernel(xyz, pi, pj, pk, radius, hb, sigma, weight, grad):
     e = 0.0
     inv = 1.0 / (sigma * sigma)
@@ -445,8 +556,9 @@ class NeighbourList:
 
     Attributes: i, j (int32, i < j, sorted by i), kind (int8, 1 for a 1-4 pair), radius
     (float64 per atom), hbond (int8 per atom), skin, rcut (search radius), xyz_ref (coordinates
-    at the build), n_builds. `update(xyz)` rebuilds in place and reuses the exclusion masks,
-    which is a little cheaper than constructing a new list.
+    at the build, per atom: see refresh), n_builds, n_partial. `update(xyz)` rebuilds in place and
+    reuses the exclusion masks, which is a little cheaper than constructing a new list;
+    `refresh(xyz)` updates only around the atoms that moved far, and only when needed.
     """
 
     def __init__(self, xyz, restraints=None, cutoff_extra: float = 1.0, *, vdw_radius=None,
@@ -489,7 +601,8 @@ class NeighbourList:
                       else np.ascontiguousarray(owned, dtype=np.uint8))
         if self.owned.size and self.owned.shape != (n,):
             raise ValueError(f"owned has shape {self.owned.shape}, expected ({n},)")
-        self.n_builds = 0
+        self.n_builds = 0            # whole-list builds
+        self.n_partial = 0           # updates around the atoms that moved (refresh)
         self._cap_hint = 0
         self.update(xyz)
 
@@ -509,7 +622,7 @@ class NeighbourList:
         if n < 2 or self.rcut <= 0:
             self.i, self.j, self.kind = empty_i, empty_i.copy(), empty_k
         else:
-            dims, cstart, order = _cells(xyz, self.rcut)
+            dims, cstart, order, _, _ = _cells(xyz, self.rcut)
             mask_ex, mask_14, has_over, tstart, tpart, tcode = self._table
             cell_data = _gather(xyz, self.radius, self.hbond, mask_ex, mask_14, has_over, order)
             n_own = int(self.owned.sum()) if self.owned.size else n
@@ -547,6 +660,52 @@ class NeighbourList:
             return True
         m1, m2 = _two_largest_moves(xyz, self.xyz_ref)
         return bool(m1 + m2 > self.skin)
+
+    full_fraction = 0.2      # refresh rebuilds the whole list when more atoms than this moved far
+    mover_share = 0.5        # refresh searches again around the atoms that moved this share of the skin
+
+    def refresh(self, xyz) -> bool:
+        """Keep the list valid at xyz, doing as little as possible; True when the list changed.
+
+        Every atom keeps its own reference position, and the list holds every pair whose
+        reference positions are closer than contact + skin. While no two atoms have moved more
+        than the skin in all from their references, that list holds every pair in contact
+        (nothing to do). Otherwise only the atoms that moved more than skin / 2 (the movers) take
+        their present positions as references: their pairs are dropped and searched again around
+        them, which keeps the rule for every pair, and afterwards no atom is more than skin / 2
+        from its reference. When more than full_fraction of the atoms moved, the whole list is
+        rebuilt instead. Pairs beyond contact add nothing to the energy and the list stays
+        sorted by (i, j), so energies and gradients are bitwise those of a list built afresh."""
+        xyz = _coords(xyz)
+        if xyz.shape != self.xyz_ref.shape:
+            self.update(xyz)
+            return True
+        m1, m2 = _two_largest_moves(xyz, self.xyz_ref)
+        if m1 + m2 <= self.skin:
+            return False
+        n = len(xyz)
+        movers = _movers(xyz, self.xyz_ref, self.skin * self.mover_share)
+        if len(movers) > self.full_fraction * n or n < 2 or self.rcut <= 0:
+            self.update(xyz)
+            return True
+        if not np.isfinite(xyz[movers]).all():
+            raise ValueError("non-finite coordinates")
+        self.xyz_ref[movers] = xyz[movers]
+        is_mover = np.zeros(n, dtype=np.bool_)
+        is_mover[movers] = True
+        dims, cstart, order, lo, cell = _cells(self.xyz_ref, self.rcut)
+        mask_ex, mask_14, has_over, tstart, tpart, tcode = self._table
+        args = (self.xyz_ref, movers, is_mover, self.radius, self.hbond, mask_ex, mask_14, has_over,
+                tstart, tpart, tcode, self.skin, self.rcut, dims, cstart, order, lo, cell, self.owned)
+        empty_i, empty_k = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int8)
+        count = _mover_pairs(*args, False, empty_i, empty_i, empty_k)
+        ni, nj, nk = np.empty(count, np.int32), np.empty(count, np.int32), np.empty(count, np.int8)
+        _mover_pairs(*args, True, ni, nj, nk)
+        ki, kj, kk = _keep_unmoved(self.i, self.j, self.kind, is_mover)
+        self.i, self.j, self.kind = _sort_by_first(n, np.concatenate((ki, ni)), np.concatenate((kj, nj)),
+                                                   np.concatenate((kk, nk)), len(ki) + count)
+        self.n_partial += 1
+        return True
 
     def nbytes(self) -> int:
         return (self.i.nbytes + self.j.nbytes + self.kind.nbytes + self.radius.nbytes

@@ -3,11 +3,19 @@
 Each rank of `comm` owns a block of atoms (decompose.atom_blocks) and evaluates its share of
 T = weight * T_data + T_restraints + nonbonded_weight * T_repulsion: the data term on its owned
 atoms, the restraint terms whose first atom it owns, the non-bonded pairs whose first atom it owns.
-Its gradient is full-size (zero except on the atoms its terms touch); gradient and energy go into
-one float64 buffer of 3n + 1 values that a single buffer-based Allreduce sums in place. Every rank
-then holds the same f and g, so the L-BFGS iterations (core.lbfgs, a pure function of the values
-returned) take the same steps everywhere and the coordinates stay identical on all ranks without
-being broadcast.
+Its gradient is full-size (zero except on the atoms its terms touch).
+
+Two forms of the same target:
+  * called with the whole coordinate vector, gradient and energy go into one float64 buffer of
+    3n + 1 values that a single buffer-based Allreduce sums in place; every rank then holds the
+    same f and g (the parametrised steps of hpcrefine.protocol use this form);
+  * owned_call, the coordinate minimisation's form: each rank passes only the coordinates of its
+    own atoms, an Allgatherv assembles the whole model, and a Reduce_scatter of the gradients
+    gives each rank the gradient of its own atoms. The L-BFGS vectors and history are then split
+    between the ranks (core.lbfgs with comm: inner products and maxima reduced over comm), so each
+    rank holds and updates 1/ranks of them, and all ranks take the same steps.
+Either way the iterations are a pure function of the reduced values, so a run is reproducible
+bit for bit with the same number of ranks.
 
 Rank coordination:
   * wait_quietly(comm, request): complete a nonblocking request by testing it and sleeping in
@@ -141,17 +149,26 @@ class DistributedTarget:
         # g (3n values) and f in one buffer: one Allreduce per evaluation
         self._buf = np.zeros(3 * n + 1, dtype=np.float64)
         self._grad = self._buf[:3 * n].reshape(n, 3)
+        # the split form (owned_call): rank p's part of the flat vector is the coordinates of the
+        # atoms it owns, which must be one contiguous block
+        counts = np.bincount(self.atom_owner, minlength=comm.Get_size()).astype(np.int64)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        if np.any(self.atom_owner != np.repeat(np.arange(len(counts)), counts)):
+            raise ValueError("the atoms a rank owns must form one contiguous block, in rank order")
+        self.part_counts = (3 * counts).astype(np.int64)
+        self.part_starts = (3 * starts).astype(np.int64)
+        self.segment = slice(int(self.part_starts[self.part]),
+                             int(self.part_starts[self.part] + self.part_counts[self.part]))
+        self._xfull: np.ndarray | None = None
 
     def local_pairs(self, xyz: np.ndarray) -> PairShare:
-        """This rank's non-bonded pairs, the neighbour list rebuilt when an atom moved too far.
+        """This rank's non-bonded pairs, the neighbour list refreshed around the atoms that moved too far.
         The decision depends only on xyz, so all ranks rebuild at the same evaluations."""
         t0 = time.perf_counter()
         if self.nbl is None:
             # only this rank's pairs are searched for: the build costs ~1/ranks of the whole list
             self.nbl = nonbonded.NeighbourList(xyz, self.restraints, owned=self.atom_owner == self.part)
-        elif self.nbl.needs_update(xyz):
-            self.nbl.update(xyz)
-        else:
+        elif not self.nbl.refresh(xyz):
             return self.pairs
         self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
         self.n_nbl_builds += 1
@@ -162,14 +179,8 @@ class DistributedTarget:
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
         xyz = np.ascontiguousarray(x, dtype=np.float64).reshape(self.shape)
-        buf, g = self._buf, self._grad
-        buf[:] = 0.0
-        f = self.data_term.accumulate(xyz, g, self.weight)
-        f += geometry.restraint_energy(xyz, self.share, grad_out=g)[0]
-        if self.nb_weight > 0:
-            f += nonbonded.repulsion(xyz, self.local_pairs(xyz), sigma=self.nb_sigma, grad_out=g,
-                                     weight=self.nb_weight)[0]
-        buf[-1] = f
+        buf = self._buf
+        buf[-1] = self._local(xyz)
         t1 = time.perf_counter()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         t2 = time.perf_counter()
@@ -180,6 +191,53 @@ class DistributedTarget:
                               buf.nbytes if self.comm.Get_size() > 1 else 0)
         # the buffer is reused by the next call: the optimiser keeps a copy
         return float(buf[-1]), buf[:-1].copy()
+
+    def _local(self, xyz: np.ndarray) -> float:
+        """This rank's terms at xyz: f returned, the gradient left in self._grad (zeroed first)."""
+        self._buf[:] = 0.0
+        g = self._grad
+        f = self.data_term.accumulate(xyz, g, self.weight)
+        f += geometry.restraint_energy(xyz, self.share, grad_out=g)[0]
+        if self.nb_weight > 0:
+            f += nonbonded.repulsion(xyz, self.local_pairs(xyz), sigma=self.nb_sigma, grad_out=g,
+                                     weight=self.nb_weight)[0]
+        return f
+
+    def gather(self, x_part: np.ndarray) -> np.ndarray:
+        """The whole flat coordinate vector from every rank's part (collective, Allgatherv)."""
+        if self._xfull is None:
+            self._xfull = np.empty(3 * self.shape[0], dtype=np.float64)
+        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
+                             [self._xfull, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        return self._xfull
+
+    def owned_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
+        """f and this rank's part of g from this rank's part of x (the split form, for an L-BFGS
+        whose vectors are split between the ranks: core.lbfgs with comm). Collective: the parts
+        are gathered into the whole coordinates (Allgatherv), each rank evaluates its terms, and
+        a Reduce_scatter sums the gradients and gives each rank its own part; f is summed with
+        one more scalar Allreduce. The same data go over the wire as with one Allreduce of the
+        whole gradient, but nothing of the optimiser is held or computed for the whole vector."""
+        t0 = time.perf_counter()
+        xyz = self.gather(x_part).reshape(self.shape)
+        t1 = time.perf_counter()
+        f = self._local(xyz)
+        t2 = time.perf_counter()
+        g_part = np.empty(int(self.part_counts[self.part]), dtype=np.float64)
+        self.comm.Reduce_scatter([self._buf[:-1], MPI.DOUBLE], [g_part, MPI.DOUBLE],
+                                 self.part_counts, op=MPI.SUM)
+        fbuf = np.array([f])
+        self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
+        t3 = time.perf_counter()
+        exchange = (t1 - t0) + (t3 - t2)
+        self.seconds_reduce += exchange
+        self.seconds_local += t2 - t1
+        self.n_evals += 1
+        # counted as in __call__: the reduction's buffer (3n gradient values and f); the
+        # Allgatherv adds this rank's own 3 n_owned coordinates
+        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned,
+                              8 * (len(self._buf)) if self.comm.Get_size() > 1 else 0)
+        return float(fbuf[0]), g_part
 
     def statistics(self, xyz: np.ndarray) -> dict:
         """Geometry statistics of the whole model (collective): see gather_statistics."""
@@ -263,8 +321,9 @@ def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restrain
     """engine.minimise shared by the ranks of comm (collective): L-BFGS on the coordinates of
     T = weight * T_data + T_geometry, every evaluation summed over comm.
 
-    xyz0 must be the same on every rank (checked). A callback must return the same answer on
-    every rank. Returns the result, identical on every rank (checked), and the target (timings,
+    xyz0 must be the same on every rank (checked). The L-BFGS vectors are split between the
+    ranks by atom ownership (DistributedTarget.owned_call); a callback gets this rank's part of x
+    and must return the same answer on every rank. Returns the result, identical on every rank (checked), and the target (timings,
     neighbour-list builds, statistics).
     """
     xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
@@ -272,11 +331,15 @@ def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restrain
         raise ValueError("the start coordinates differ between the ranks of the communicator")
     target = distributed_target(comm, xyz0, data_term, restraints, res_first_atom, weight, params)
     t0 = time.perf_counter()
-    x, f, state, _ = lbfgs(target, xyz0.ravel().copy(), maxiter=iterations, m=params.lbfgs_memory,
-                           max_step=params.max_step, callback=callback)
+    # the optimiser's vectors are split between the ranks: each keeps and updates only the
+    # coordinates of its own atoms (core.lbfgs with comm)
+    x_part, f, state, _ = lbfgs(target.owned_call, xyz0.ravel()[target.segment].copy(),
+                                maxiter=iterations, m=params.lbfgs_memory, max_step=params.max_step,
+                                callback=callback, comm=comm)
+    x = target.gather(x_part).copy()
     seconds = time.perf_counter() - t0
-    if not same_on_all_ranks(comm, x):
-        raise RuntimeError("the ranks' coordinates diverged: the reduced gradient differed "
+    if not same_on_all_ranks(comm, np.array([f, state.iteration, state.n_evals])):
+        raise RuntimeError("the ranks' minimisations diverged: the reduced values differed "
                            "between ranks")
     result = MinimiseResult(xyz=x.reshape(xyz0.shape), f=f, iterations=state.iteration,
                             evaluations=state.n_evals, seconds=seconds)
