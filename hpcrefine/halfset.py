@@ -149,21 +149,51 @@ def _unpack(buf: np.ndarray, n_shells: int) -> dict:
             "angle_rmsd": float(buf[2 * ns + 1]), "xyz": buf[2 * ns + 2:].reshape(-1, 3)}
 
 
-def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimiser) -> np.ndarray:
-    """Refine half set h's model at weight w against half map h alone, then (the refinement done)
-    the compare step for that model: FSC against its own half map (work) and the other (free),
-    and its geometry. Returns the packed result."""
+def _half_terms(inputs, resolution: float, atom_weight) -> dict:
+    """The data terms of the two half sets, {h: term}: with a map store (several ranks), each
+    half map's low-passed, normalised map and its blurred copies are published by the master
+    (collective), so a worker maps the files and never transforms a whole box."""
+    from .refine import fast_term
+
     grid = inputs.map
-    term = half_term(inputs.half_maps[h - 1].data, grid.origin, grid.voxel, resolution,
-                     np.ones(len(xyz0)))
-    xyz = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
-    del term                    # its map (a full-grid copy) is not needed by the compare step
+    terms = {}
+    for h in (1, 2):
+        def raw(h=h):
+            return lowpass(np.asarray(inputs.half_maps[h - 1].data, dtype=np.float32),
+                           np.asarray(grid.voxel), resolution)
+        terms[h] = fast_term(inputs, f"half{h}", raw, atom_weight)
+        if inputs.store is not None:
+            for b in BLURS:
+                terms[h].blurred(b)          # published now, mapped again by the task
+    return terms
+
+
+def compare_task(inputs, resolution: float, h: int, buf: np.ndarray) -> np.ndarray:
+    """Fill the FSC curves of a packed half-set result (the compare step, on the master when
+    there is a map store: it holds the half maps; the workers never transform a whole box)."""
+    grid = inputs.map
+    n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
     halves = tuple(np.asarray(m.data, dtype=np.float32) for m in inputs.half_maps)
+    xyz = buf[2 * n_shells + 2:].reshape(-1, 3)
     c = compare_models(inputs.model, {h: xyz}, halves, grid.origin, grid.voxel, resolution)[h]
+    buf[:n_shells] = c["work"]
+    buf[n_shells:2 * n_shells] = c["free"]
+    log.debug("half set %d refined: FSC_work %.4f, FSC_free %.4f", h, c["work_avg"], c["free_avg"])
+    return buf
+
+
+def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimiser, term) -> np.ndarray:
+    """Refine half set h's model at weight w against half map h alone (term: _half_terms), then
+    (the refinement done) its geometry and, without a map store, the compare step for that model:
+    FSC against its own half map (work) and the other (free). Returns the packed result (with a
+    store, the master fills in the curves: compare_task)."""
+    xyz = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
     st = geom.statistics(xyz)
-    log.debug("half set %d: weight %.3f refined: FSC_work %.4f, FSC_free %.4f", h, w, c["work_avg"],
-             c["free_avg"])
-    return _pack(c["work"], c["free"], st, xyz)
+    n_shells = len(shell_counts(inputs.map.data.shape, inputs.map.voxel)[0])
+    buf = _pack(np.full(n_shells, np.nan), np.full(n_shells, np.nan), st, xyz)
+    if inputs.store is None:
+        compare_task(inputs, resolution, h, buf)
+    return buf
 
 
 def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight, outdir: str,
@@ -183,13 +213,24 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     """
     from .errors import Interrupted
 
+    from .refine import fast_term
+
     done = dict(done or {})
     grid = inputs.map
-    # the normalised full map of this term is released as soon as the weight is known
-    w_ref = initial_weight(xyz0, RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weight), geom)
+    # the normalised full map (the final stage's data term, kept when there is a map store;
+    # otherwise released as soon as the weight is known)
+    w_ref = initial_weight(xyz0, fast_term(inputs, "final", lambda: inputs.data, atom_weight), geom)
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
-    n_shells = len(shell_counts(inputs.data.shape, grid.voxel)[0])
+    n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1
+    # the half maps' terms: made here when there is a map store (collective), else by each task
+    stored = _half_terms(inputs, resolution, atom_weight) if inputs.store is not None else None
+
+    def term_of(h):
+        if stored is not None:
+            return stored[h]
+        return half_term(inputs.half_maps[h - 1].data, grid.origin, grid.voxel, resolution,
+                         np.ones(len(xyz0)))
 
     def finish():
         return summarise(inputs, geom, params, resolution, weights,
@@ -202,7 +243,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                     continue
                 if interrupts is not None and interrupts.poll():
                     raise Interrupted
-                done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w, minimise)
+                done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w, minimise,
+                                          term_of(h))
                 if on_task is not None:
                     on_task((h, k), done[(h, k)])
         return finish()
@@ -228,19 +270,24 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                         if group.Get_rank() == 0:
                             ctx.world.Send([np.zeros(1), MPI.DOUBLE], dest=0, tag=TAG_STOPPED)
                         raise Interrupted
-                    buf = _half_task(inputs, geom, params, resolution, xyz0, h, weights[k], minimiser)
+                    buf = _half_task(inputs, geom, params, resolution, xyz0, h, weights[k], minimiser,
+                                     term_of(h))
                     if group.Get_rank() == 0:
                         ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_HALF + 10 * h + k)
         finally:
             group.Free()
         return None
-    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts)
+    def fill_curves(key, buf):
+        return compare_task(inputs, resolution, key[0], buf)
+    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,
+                   fill_curves if inputs.store is not None else None)
     return finish()
 
 
-def _master_gather(ctx, layout: dict, done: dict, size: int, on_task, interrupts) -> None:
+def _master_gather(ctx, layout: dict, done: dict, size: int, on_task, interrupts, complete=None) -> None:
     """The master's side of the half-set stage: receive every task not yet done, sleeping
-    between polls; stop when each sending rank has either sent all its tasks or stopped."""
+    between polls; stop when each sending rank has either sent all its tasks or stopped.
+    complete(key, buf), when given, finishes a received result in place (compare_task)."""
     import time
 
     from mpi4py import MPI
@@ -264,6 +311,8 @@ def _master_gather(ctx, layout: dict, done: dict, size: int, on_task, interrupts
             buf, req = pending[key]
             if req.Test():
                 del pending[key]
+                if complete is not None:
+                    complete(key, buf)
                 done[key] = buf
                 if on_task is not None:
                     on_task(key, buf)

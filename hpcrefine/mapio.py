@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 GRID_VOXEL_TOL = 1e-4   # Angstrom
 GRID_ORIGIN_TOL = 1e-3  # Angstrom
-_CHECK_CHUNK_BYTES = 64 * 2**20  # non-finite check reads the map in pieces of about this size
+_CHECK_CHUNK_BYTES = 16 * 2**20  # non-finite check reads the map in pieces of about this size
 
 
 @dataclass
@@ -151,15 +151,33 @@ def _to_zyx(file_data: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
     return file_data if perm == (0, 1, 2) else file_data.transpose(perm)
 
 
+def _file_chunks(file_data: np.ndarray, step: int):
+    """The sections of the array in chunks of `step`: for a memory-mapped array, read from its
+    file with ordinary reads, so that checking a map does not leave all its pages mapped into
+    this process (each rank checks its inputs; a worker then maps only what it uses)."""
+    if isinstance(file_data, np.memmap) and file_data.filename and file_data.flags.c_contiguous:
+        per_section = file_data[0].size
+        with open(file_data.filename, "rb") as fh:
+            fh.seek(file_data.offset)
+            for k in range(0, file_data.shape[0], step):
+                n = min(step, file_data.shape[0] - k) * per_section
+                chunk = np.fromfile(fh, dtype=file_data.dtype, count=n)
+                if chunk.size != n:
+                    raise InputError(f"map {file_data.filename} is shorter than its header says")
+                yield chunk
+        return
+    for k in range(0, file_data.shape[0], step):
+        yield file_data[k:k + step]
+
+
 def _check_finite(file_data: np.ndarray, path: str) -> None:
-    """Raise InputError if the map holds NaN or Inf; reads the (memory-mapped) array in chunks."""
+    """Raise InputError if the map holds NaN or Inf; reads the array in chunks."""
     if not np.issubdtype(file_data.dtype, np.floating):
         return
     per_section = max(1, file_data[0].nbytes)
     step = max(1, _CHECK_CHUNK_BYTES // per_section)
     n_nan = n_inf = 0
-    for k in range(0, file_data.shape[0], step):
-        chunk = file_data[k:k + step]
+    for chunk in _file_chunks(file_data, step):
         bad = ~np.isfinite(chunk)
         if bad.any():
             nan = int(np.count_nonzero(np.isnan(chunk)))

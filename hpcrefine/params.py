@@ -42,7 +42,7 @@ class RefineParams:
     nonbonded_sigma: float = 0.2
     nonbonded_weight: float = 1.0
     # restraint term weights
-    idealize_anchor_sigma: float = 0.5  # A, pull towards the start in `idealize`
+    idealize_anchor_sigma: float = 0.5  # A, pull towards the start in `idealize` and the idealise step
     seed: int = 0
     # half-set validation: each half starts from the model displaced by this rms (A), independently,
     # so the two half-set models do not share the start's errors (Spearman of the per-residue error
@@ -92,6 +92,41 @@ class RefineParams:
     adp_max_step: float = 20.0         # A^2 per line-search trial
     adp_b_min: float = 1.0
     adp_b_max: float = 500.0
+    # simulated annealing (protocol step "anneal", hpcrefine.protocol.anneal): MD on
+    # weight * T_data + T_restraints + repulsion. kT is on the target's scale (each restraint
+    # term (d/sigma)^2 averages kT/2: kT 2 = rms z 1); time in tau, 1 Da A^2/tau^2 = 1 target unit
+    # Defaults measured (scripts/bench_anneal.py, adk, 4 A map, every third side chain turned
+    # 120 deg): anneal,minimise all-atom RMSD 0.94-1.00 A over 4 seeds against 1.12 A for minimise
+    # alone; hotter (kT 20-100) or at weight x1 it helps less or harms. From a 1.5 A random shake
+    # it neither helps nor harms (0.71-0.76 A against 0.72 A); at 3.5 and 6 A the gain on the
+    # turned side chains depends on the seed (0.91-1.05 A against 0.97 and 1.02 A).
+    anneal_kt_start: float = 5.0
+    anneal_kt_end: float = 0.1
+    anneal_steps: int = 1000           # MD steps
+    anneal_time_step: float = 0.01     # tau (a C-N bond vibrates in 0.23 tau)
+    anneal_schedule: str = "linear"    # or "plateaus" (anneal_plateaus equal steps of kT)
+    anneal_plateaus: int = 5
+    anneal_thermostat: str = "langevin"  # "rescale" (Berendsen), "none" (constant energy)
+    anneal_coupling: float = 10.0      # per tau: Langevin friction / inverse rescaling time
+    anneal_max_shift: float = 0.1      # A, largest move of any atom in one MD step
+    anneal_weight_scale: float = 3.0   # times the automatic data weight (unused with --weight)
+    anneal_map_blur: float = 0.0       # A^2 extra B of the map while annealing
+    anneal_seed: int = 1               # initial velocities and Langevin noise (same on all workers)
+    # model idealisation (protocol step "idealise", hpcrefine.protocol.idealise): the restraints
+    # without the map, every atom tethered to its start (idealize_anchor_sigma, as the `idealize`
+    # command; 0: the restraints alone, which let the model drift: adk shaken 0.4 A, CA 0.38 A
+    # from the truth after, 0.16 A at 0.5)
+    idealise_iterations: int = 500
+    # rotamer fitting (protocol step "rotamer", hpcrefine.protocol.rotamer_fit): each side chain's
+    # library rotamers scored by rho (electron-weighted mean normalised map at the atoms beyond CB,
+    # in map sd) - clash_weight * sum(overlap beyond 0.2 A)^2 + prior_weight * log p(chi); the
+    # best replaces the current side chain when it scores more than the margin above it
+    rotamer_sample_sigma: bool = True  # also each rotamer with one chi at mean +- 1 sigma
+    rotamer_map_blur: float = 20.0     # A^2 extra B of the map the side chains are scored in
+    rotamer_clash_weight: float = 1.0  # per A^2 of squared overlap
+    rotamer_prior_weight: float = 0.02  # per unit of log library density
+    rotamer_margin: float = 0.2        # map sd of rho (score units) the best must gain
+    rotamer_passes: int = 4            # searches against the updated model (stops when none change)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,4 +210,10 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
         raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
-    return RefineParams(**values)
+    params = RefineParams(**values)
+    from .protocol.anneal import check_anneal_params
+    from .protocol.idealise import check_idealise_params
+    from .protocol.rotamer_fit import check_rotamer_params
+    for check in (check_anneal_params, check_idealise_params, check_rotamer_params):
+        check(params)
+    return params

@@ -40,6 +40,20 @@ class Inputs:
     data: np.ndarray | None          # map used for the data term (full, or mean of half maps)
     half_maps: tuple | None
     monlib_dir: str
+    # with several ranks, the maps every rank reads, prepared by the master and memory-mapped
+    # (parallel.mapstore; None with one rank)
+    store: object | None = None
+
+
+def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight) -> RealSpaceTerm:
+    """The fast real-space target over the map compute_raw() returns (normalised): with a map
+    store, computed once by the master and memory-mapped by every rank under `key` (collective
+    unless published before); else in this process."""
+    grid = inputs.map
+    if inputs.store is not None:
+        from .parallel.mapstore import StoredRealSpaceTerm
+        return StoredRealSpaceTerm(inputs.store, key, compute_raw, grid.origin, grid.voxel, atom_weight)
+    return RealSpaceTerm(compute_raw(), grid.origin, grid.voxel, atom_weight)
 
 
 def check_output_dir(outdir: str, overwrite: bool) -> None:
@@ -68,12 +82,14 @@ def check_rank_count(ctx, model: Model) -> None:
 
 def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | None,
                 ligands: list[str], need_map: bool, params: RefineParams | None = None,
-                comm=None) -> Inputs:
+                comm=None, share_map: bool = True) -> Inputs:
     """Read and check every input; raises InputError before anything is written. With params,
     the low-resolution restraints they ask for are added (hpcrefine.lowres). With a
     communicator of several ranks (collective over it), the FSC-weighted map of half maps is
     computed by its rank 0 alone and broadcast: its FFTs need several map-sized temporaries,
-    which the other ranks then never hold (the workers wait without spinning)."""
+    which the other ranks then never hold (the workers wait without spinning). With
+    share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
+    in its MapStore once the inputs are checked)."""
     model = read_model(model_path)
     grid = None
     data = None
@@ -96,7 +112,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
             data = np.asarray(grid.data, dtype=np.float32)
         shared = comm is not None and comm.Get_size() > 1
         if halves and shared and comm.Get_rank() > 0:
-            data = np.empty(halves[0].data.shape, dtype=np.float32)
+            data = np.empty(halves[0].data.shape, dtype=np.float32) if share_map else None
         elif halves:
             h1 = np.asarray(halves[0].data, dtype=np.float32)
             h2 = np.asarray(halves[1].data, dtype=np.float32)
@@ -104,7 +120,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
                 data = (h1 + h2) / 2
             # shells that hold mostly noise are damped by the half-map FSC (Rosenthal & Henderson)
             data, _ = fsc_weighted(data, h1, h2, grid.voxel)
-        if halves and shared:
+        if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
     lib_dir = resolve_monlib_dir(monlib)
@@ -191,7 +207,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     with timer("read inputs"):
         inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
                              need_map=not idealize_only, params=params,
-                             comm=ctx.world if ctx is not None else None)
+                             comm=ctx.world if ctx is not None else None,
+                             share_map=ctx is None or ctx.size == 1)
     ident = None
     state = ck.RunState()
     if not idealize_only:
@@ -214,6 +231,14 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         if os.path.exists(logfile) and restart is None:
             os.remove(logfile)
     setup_logging(0 if is_master else ctx.rank, logfile if is_master else None)
+    if ctx is not None and ctx.size > 1 and inputs.map is not None:
+        # the map of the data term, prepared by the master and memory-mapped by every rank
+        from .parallel.mapstore import MapStore, store_dir
+        with timer("read inputs"):
+            inputs.store = MapStore(ctx, store_dir(outdir))
+            master_data = inputs.data
+            inputs.data = inputs.store.publish("map", lambda: master_data)
+            del master_data
     mpi_lib = ""
     if ctx is not None:
         from mpi4py import MPI
@@ -268,7 +293,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     try:
         if idealize_only:
             with timer("minimise"):
-                anchor = _Anchor(xyz0, sigma=params.idealize_anchor_sigma)
+                from .protocol.idealise import Tether
+                anchor = Tether(xyz0, params.idealize_anchor_sigma)
                 res = minimiser(xyz0, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
             xyz, weight, halfset = res.xyz, None, None
             cycles = [{"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
@@ -279,6 +305,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     except Interrupted:
         log.warning("stopping on %s: checkpoint %s written after the step in flight; continue with "
                     "--resume (exit code %d)", interrupts.describe(), ckpt_path, ck.INTERRUPTED_EXIT)
+        if inputs.store is not None:
+            inputs.store.close()
         interrupts.finish()
         raise
     finally:
@@ -301,6 +329,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if not idealize_only:
         with timer("validation"):
             validation = _validate(model, {"start": xyz0, "final": xyz}, inputs, resolution, outdir)
+    if inputs.store is not None:
+        inputs.store.close()
     report = {
         "program": "hpcrefine", "version": __version__, "command": command,
         "mode": "idealize" if idealize_only else "refine",
@@ -592,7 +622,7 @@ def _data_term(inputs: Inputs, params: RefineParams, resolution: float, xyz=None
                  "%d voxels)", params.fit_mask_radius, int(mask.sum()))
         return term, params.fit_blur_start
     log.info("data term: fast real-space target (map values at atom centres)")
-    return RealSpaceTerm(inputs.data, grid.origin, grid.voxel, atom_weights(model)), params.map_blur_start
+    return fast_term(inputs, "final", lambda: inputs.data, atom_weights(model)), params.map_blur_start
 
 
 def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, resolution: float,
@@ -611,28 +641,3 @@ def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, re
     buf = np.array([section["final_weight"] if ctx.is_master else 0.0])
     wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
     return section, float(buf[0])
-
-
-class _Anchor:
-    """The data term of idealisation: harmonic pull to the start, so atoms move as little as possible."""
-
-    def __init__(self, xyz0: np.ndarray, sigma: float):
-        self.xyz0 = xyz0.copy()
-        self.k = 1.0 / (sigma * sigma)
-
-    def target(self, xyz):
-        d = xyz - self.xyz0
-        return float(self.k * np.sum(d * d)), 2.0 * self.k * d
-
-    def local(self, atoms: slice) -> "_Anchor":
-        """The same pull restricted to a block of atoms (for the ranks of a distributed run)."""
-        part = _Anchor(self.xyz0, 1.0)
-        part.k = self.k
-        part.atoms = atoms
-        return part
-
-    def accumulate(self, xyz, grad_out, scale):
-        sl = self.atoms
-        d = xyz[sl] - self.xyz0[sl]
-        grad_out[sl] += (2.0 * self.k * scale) * d
-        return float(scale * self.k * np.sum(d * d))

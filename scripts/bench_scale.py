@@ -402,6 +402,9 @@ def main(argv=None) -> int:
                     help="L-BFGS max_step (A, largest displacement of any atom in one line-search trial)")
     ap.add_argument("--sample", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--label", default="", help="suffix of the run folder")
+    ap.add_argument("--full-map", action="store_true",
+                    help="refine against the full map alone (no half-set stage: every minimisation "
+                         "shared by all the workers)")
     ap.add_argument("--prepare-only", action="store_true", help="build the model, maps and start only")
     ap.add_argument("--project", metavar="BENCH_JSON",
                     help="only print the projection to 1.44 M atoms on 1, 8, 64 nodes from a run's bench_scale.json")
@@ -430,8 +433,10 @@ def main(argv=None) -> int:
     help_text = subprocess.run(hpcrefine_cmd("refine", "--help"), capture_output=True, text=True).stdout
     extra = ["--ncs", "off"] if "--ncs" in help_text else []
     mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    maps = ["--map", os.path.join(os.path.dirname(case["half_maps"][0]), "full.mrc")] if args.full_map \
+        else ["--half-maps", *case["half_maps"]]
     cmd = [mpiexec, "-n", str(args.ranks), *hpcrefine_cmd(
-        "refine", case["start"], "--half-maps", *case["half_maps"], "--resolution", str(RESOLUTION),
+        "refine", case["start"], *maps, "--resolution", str(RESOLUTION),
         "--params", params, "--output", out_dir, "--overwrite", *extra)]
     print("running: " + " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")

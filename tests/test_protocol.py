@@ -116,7 +116,7 @@ def test_protocol_and_groups_are_parsed_and_bad_ones_refused(adk_truth):
     assert parse_protocol(["morph", "rigid", "morph", "minimise"]) == ["morph", "rigid", "morph", "minimise"]
     assert split_protocol("rigid,minimise,adp") == (["rigid"], True, ["adp"])
     assert split_protocol("adp") == ([], False, ["adp"])
-    for bad in ("rigid,anneal", "adp,minimise", "minimise,minimise", ""):
+    for bad in ("rigid,heat", "adp,minimise", "minimise,minimise", "minimise,anneal", ""):
         with pytest.raises(InputError):
             parse_protocol(bad)
     assert build_params(3.5).protocol == "minimise"

@@ -6,6 +6,10 @@ params.protocol lists the steps, e.g. "rigid,morph,minimise,adp":
             in rounds of decreasing blur and radius
   minimise  the macro-cycles of restrained coordinate minimisation (refine._refine_stages)
   adp       B-factors against the map at the final coordinates (adp.py)
+  anneal    simulated annealing: MD on the refinement target, cooled (anneal.py); before minimise
+  idealise  the restraints without the map, atoms tethered to the start (idealise.py)
+  rotamer   side chains set to the library rotamer the map fits best (rotamer_fit.py);
+            before minimise, after it, or both ("rotamer,minimise,rotamer")
 Steps before "minimise" prepare the start model (the "prepare" stage of a run); "adp" runs at
 the final coordinates, after it. Each step here is run collectively by every rank of the run
 through a ParamRunner and returns the same result on every rank.
@@ -26,7 +30,7 @@ from .param import ParamRunner, coordinate_objective, param_objective
 
 log = logging.getLogger(__name__)
 
-STEPS = ("rigid", "morph", "minimise", "adp")
+STEPS = ("rigid", "morph", "anneal", "idealise", "rotamer", "minimise", "adp")
 
 
 def parse_protocol(value) -> list[str]:
@@ -34,6 +38,7 @@ def parse_protocol(value) -> list[str]:
     items = value if isinstance(value, (list, tuple)) else str(value).replace("+", ",").split(",")
     steps = [str(s).strip().lower() for s in items if str(s).strip()]
     steps = ["minimise" if s == "minimize" else s for s in steps]
+    steps = ["idealise" if s == "idealize" else s for s in steps]
     if not steps:
         raise InputError("the protocol names no step; choose from " + ", ".join(STEPS))
     bad = [s for s in steps if s not in STEPS]
@@ -43,6 +48,8 @@ def parse_protocol(value) -> list[str]:
         raise InputError("the protocol names minimise more than once (it is the macro-cycles)")
     if "adp" in steps and ("minimise" in steps and steps.index("adp") < steps.index("minimise")):
         raise InputError("adp refines B at the final coordinates: put it after minimise")
+    if "minimise" in steps and "anneal" in steps[steps.index("minimise"):]:
+        raise InputError("anneal leaves the model at its end temperature: put minimise after it")
     return steps
 
 
@@ -207,6 +214,15 @@ def run_steps(names, runner: ParamRunner, inputs, xyz, b, data_term, geom, param
             xyz, rec = morph_step(runner, model, xyz, data_term, geom, params, first)
         elif name == "adp":
             b, rec = adp_step(runner, model, xyz, b, inputs, inputs.restraints, params, first)
+        elif name == "anneal":
+            from .anneal import anneal_step
+            xyz, rec = anneal_step(runner, model, xyz, inputs, geom, params, first)
+        elif name == "idealise":
+            from .idealise import idealise_step
+            xyz, rec = idealise_step(runner, model, xyz, geom, params, first)
+        elif name == "rotamer":
+            from .rotamer_fit import rotamer_step
+            xyz, rec = rotamer_step(runner, inputs, xyz, params)
         else:
             raise ValueError(f"{name} is not a step run here")
         records.append(rec)

@@ -1,0 +1,161 @@
+"""Maps prepared once by the master and memory-mapped, read-only, by every rank.
+
+The maps a refinement reads (the FSC-weighted map, each half map low-passed, their normalised and
+blurred versions) come out of transforms over the whole box. Before, every rank computed its own
+copies, so every worker held several full-box arrays (1 map = 442 MB at 480^3) whatever share of
+the model it refined. Now the master computes each map once and writes it to a file of the store
+(a directory under the run's output folder, or $HPCREFINE_MAP_DIR, which must be readable by every
+rank: a shared filesystem on a cluster, /dev/shm on one machine), and every rank maps the file
+read-only. A worker then holds in memory only the pages around its own atoms, which its data term
+reads (its share of the model: decompose.atom_blocks); the page cache holds one copy per node.
+
+Collective use: publish(key, compute) must be called by every rank of the world (the driver that
+all ranks run); the master computes and writes while the workers wait without spinning, then all
+ranks map the file. A key published before is mapped again without recomputing (`has`, `get`),
+which any rank may do alone. With one rank, nothing is written: maps stay in memory.
+
+StoredRealSpaceTerm is the fast real-space target (engine.RealSpaceTerm) over a stored map: its
+blurred copies are stored too, and its whole-model evaluation (`target`, used for the weight
+choices of the driver) is computed by the master and broadcast (collective), so no worker reads
+the whole map.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import numpy as np
+
+from ..core.density import blur_map, normalise_map
+from ..engine import RealSpaceTerm
+
+
+def store_dir(outdir: str) -> str:
+    """Where the run's maps go: $HPCREFINE_MAP_DIR/<output folder name> when set, else
+    OUTDIR/.maps."""
+    base = os.environ.get("HPCREFINE_MAP_DIR")
+    if base:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.abspath(outdir).strip("/")) or "run"
+        return os.path.join(base, name)
+    return os.path.join(outdir, ".maps")
+
+
+class MapStore:
+    """Full-box float32 maps computed by the master and shared through memory-mapped files.
+
+    ctx: the run's parallel.context.Context (None or one rank: maps are kept in memory and
+    nothing is written). directory: where the files go (store_dir)."""
+
+    def __init__(self, ctx, directory: str):
+        self.ctx = ctx
+        self.directory = directory
+        self.parallel = ctx is not None and ctx.size > 1
+        self._memory: dict[str, np.ndarray] = {}
+        self._published: set[str] = set()
+        if self.parallel and ctx.is_master:
+            shutil.rmtree(directory, ignore_errors=True)      # maps of an earlier run
+            os.makedirs(directory)
+
+    def _path(self, key: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", key):
+            raise ValueError(f"bad map key {key!r}")
+        return os.path.join(self.directory, key + ".npy")
+
+    def has(self, key: str) -> bool:
+        return key in self._published or key in self._memory
+
+    def get(self, key: str) -> np.ndarray:
+        """A published map (read-only; memory-mapped when parallel)."""
+        if key in self._memory:
+            return self._memory[key]
+        if key not in self._published:
+            raise KeyError(f"map {key!r} was not published")
+        return np.asarray(np.load(self._path(key), mmap_mode="r"))     # an ndarray view of the mapping
+
+    def publish(self, key: str, compute) -> np.ndarray:
+        """The map compute() returns, computed once by the master (collective over the world
+        when parallel; an already published key is only mapped). Returns it read-only."""
+        if self.has(key):
+            return self.get(key)
+        if not self.parallel:
+            a = np.asarray(compute(), dtype=np.float32)
+            a.flags.writeable = False
+            self._memory[key] = a
+            return a
+        ctx = self.ctx
+        failure = None
+        if ctx.is_master:
+            path = self._path(key)
+            tmp = path + ".part"
+            try:
+                a = np.ascontiguousarray(compute(), dtype=np.float32)
+                with open(tmp, "wb") as fh:
+                    np.save(fh, a)
+                del a
+                os.replace(tmp, path)
+            except BaseException as exc:        # tell the workers before raising
+                failure = exc
+            flag = np.array([0 if failure is None else 1], dtype=np.int32)
+        else:
+            flag = np.zeros(1, dtype=np.int32)
+        # the workers wait here, sleeping between polls, while the master computes and writes (a
+        # map of a large box takes seconds to tens of seconds); then all learn whether it worked
+        _rendezvous(ctx)
+        ctx.world.Bcast(flag, root=0)
+        if failure is not None:
+            raise failure
+        if flag[0]:
+            raise RuntimeError(f"the master could not prepare map {key!r}; see its error")
+        self._published.add(key)
+        return self.get(key)
+
+    def close(self) -> None:
+        """Remove the files (the master; the others only forget them)."""
+        self._memory.clear()
+        self._published.clear()
+        if self.parallel and self.ctx.is_master:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _rendezvous(ctx) -> None:
+    """Every rank of the world meets here, sleeping between polls instead of spinning."""
+    from .distributed import wait_quietly
+    wait_quietly(ctx.world, ctx.world.Ibarrier())
+
+
+class StoredRealSpaceTerm(RealSpaceTerm):
+    """engine.RealSpaceTerm over a map of a MapStore (normalised by the master when published).
+
+    Construction and blurred() are collective (MapStore.publish) unless the map was published
+    before; target() is collective when the store is parallel (the master evaluates, every rank
+    gets f and g by one broadcast); local(atoms) is what a worker evaluates in the distributed
+    minimisation and reads only the map around its atoms."""
+
+    def __init__(self, store: MapStore, key: str, compute_raw, origin, voxel, atom_weight):
+        self.store = store
+        self.key = key
+        data = store.publish(key, lambda: normalise_map(np.asarray(compute_raw(), dtype=np.float32)))
+        super().__init__(data, origin, voxel, atom_weight, normalise=False)
+
+    def blurred(self, b_extra: float) -> "RealSpaceTerm":
+        if b_extra <= 0:
+            return self
+        key = f"{self.key}_b{b_extra:g}"
+        return StoredRealSpaceTerm(self.store, key, lambda: blur_map(np.asarray(self.data), self.voxel, b_extra),
+                                   self.origin, self.voxel, self.atom_weight)
+
+    def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
+        store = self.store
+        if not store.parallel:
+            return super().target(xyz)
+        ctx = store.ctx
+        xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+        buf = np.empty(xyz.size + 1)
+        if ctx.is_master:
+            f, g = super().target(xyz)
+            buf[0] = f
+            buf[1:] = np.asarray(g, dtype=np.float64).ravel()
+        from .distributed import wait_quietly
+        wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
+        return float(buf[0]), buf[1:].reshape(xyz.shape)

@@ -1,0 +1,254 @@
+"""Rotamer fitting (hpcrefine.protocol.rotamer_fit) on the real adk model: candidate side chains keep
+the model's bond geometry and reach the chi angles asked for; side chains put into wrong rotamers
+are restored in a simulated 3 A map of the true model while the right ones stay untouched; the
+same result with 1 and 2 workers under mpiexec; the step in a refinement run; bad parameters."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcrefine import simulate
+from hpcrefine.cli import main
+from hpcrefine.core.geometry import angle_values, bond_lengths
+from hpcrefine.errors import InputError
+from hpcrefine.mapio import write_map
+from hpcrefine.modelio import read_model, read_structure, updated_structure, write_model
+from hpcrefine.monlib import MonomerLibrary
+from hpcrefine.params import RefineParams, build_params
+from hpcrefine.protocol.param import ParamRunner
+from hpcrefine.protocol.rotamer_fit import (candidate_chis, check_rotamer_params, current_chis,
+                                            rotamer_step, set_chis, side_chains)
+from hpcrefine.protocol.steps import parse_protocol, split_protocol
+from hpcrefine.topology import build_restraints
+from hpcrefine.validation import rotamer
+from hpcrefine.validation.residues import residue_table
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PERTURBED = {"LEU": 3, "PHE": 2, "LYS": 3}     # the first favoured residues of each type
+
+
+def _wrap(d, period=360.0):
+    return (np.asarray(d) + period / 2) % period - period / 2
+
+
+@pytest.fixture(scope="module")
+def adk(adk_truth, tmp_path_factory):
+    """The true adk model, its restraints and side chains, a simulated 3 A map of it (seed 1,
+    also written to a file), and a start with the first favoured Leu, Phe and Lys side chains
+    each set to the most probable library rotamer whose chi 1 is more than 60 degrees off."""
+    model = read_model(adk_truth)
+    r = build_restraints(model, MonomerLibrary())
+    chains = side_chains(model, r)
+    full, _, _, origin, voxel, _ = simulate.simulate_maps(read_structure(adk_truth), 3.0, seed=1)
+    d = tmp_path_factory.mktemp("rotamer")
+    write_map(str(d / "full.mrc"), full, origin, voxel)
+    table = residue_table(model, model.xyz, rotamer.ATOM_NAMES)
+    rot = rotamer.analyse(table, model.xyz)
+    favoured = set(rot["residue"][rot["category"] == rotamer.FAVOURED].tolist())
+    start = model.xyz.copy()
+    picked = []
+    for res, count in PERTURBED.items():
+        for sc in [c for c in chains if c.res_type == res and c.residue in favoured][:count]:
+            lib = rotamer.library()[res]
+            far = np.nonzero(np.abs(_wrap(lib["mean"][:, 0] - current_chis(model.xyz, sc)[0])) > 60)[0]
+            k = far[np.argmax(lib["prob"][far])]
+            start[sc.atoms] = set_chis(start[sc.atoms], sc, lib["mean"][k][None])[0]
+            picked.append(sc)
+    stem = d / "start"
+    write_model(updated_structure(model, start), str(stem))
+    grid = types.SimpleNamespace(origin=origin, voxel=voxel)
+    inputs = types.SimpleNamespace(model=model, restraints=r, map=grid, data=full)
+    return {"model": model, "r": r, "chains": chains, "inputs": inputs, "start": start,
+            "picked": picked, "map": str(d / "full.mrc"), "start_path": f"{stem}.cif", "truth_path": adk_truth}
+
+
+# ------------------------------------------------------------------------------ geometry
+
+def test_side_chains_found_and_linked_ones_left_out(adk):
+    model, r, chains = adk["model"], adk["r"], adk["chains"]
+    kinds = {c.res_type for c in chains}
+    assert "PRO" not in kinds and "GLY" not in kinds and "ALA" not in kinds
+    n_expected = sum(1 for x in model.res_names if x in rotamer.CHI_ATOMS and x != "PRO")
+    assert len(chains) == n_expected == 165
+    lys = next(c for c in chains if c.res_type == "LYS")
+    names = model.atom_name[lys.atoms]
+    assert [sorted(names[m]) for m in lys.moving] == [["CD", "CE", "CG", "NZ"], ["CD", "CE", "NZ"],
+                                                      ["CE", "NZ"], ["NZ"]]
+    # a side chain bonded outside its residue (as a disulfide is) is not turned
+    cys = next(c for c in chains if c.res_type == "CYS")
+    sg = cys.atoms[model.atom_name[cys.atoms] == "SG"][0]
+    other = next(c for c in chains if c.residue != cys.residue).atoms[0]
+    linked = dataclasses.replace(r, bond_idx=np.vstack([r.bond_idx, [[sg, other]]]))
+    assert cys.residue not in {c.residue for c in side_chains(model, linked)}
+    assert len(side_chains(model, linked)) == len(chains) - 1
+
+
+def test_candidates_keep_bond_geometry_and_hit_the_chi_angles(adk):
+    model, r = adk["model"], adk["r"]
+    for res in ("ARG", "LYS", "PHE", "TYR", "HIS", "GLU", "MET", "ILE", "SER"):
+        sc = next(c for c in adk["chains"] if c.res_type == res)
+        chi = candidate_chis(res, True)
+        assert len(chi) == len(rotamer.library()[res]["prob"]) * (1 + 2 * sc.n_chi)
+        coords = set_chis(model.xyz[sc.atoms], sc, chi)
+        got = np.array([current_chis(_placed(model.xyz, sc, c), sc) for c in coords])
+        assert np.abs(_wrap(got - chi)).max() < 1e-6, res
+        mine = np.isin(r.bond_idx, sc.atoms).any(axis=1)
+        mine_a = np.isin(r.angle_idx, sc.atoms).any(axis=1)
+        b0 = bond_lengths(model.xyz, r.bond_idx[mine])
+        a0 = angle_values(model.xyz, r.angle_idx[mine_a])
+        for c in coords[:: max(1, len(coords) // 25)]:
+            xyz = _placed(model.xyz, sc, c)
+            assert np.abs(bond_lengths(xyz, r.bond_idx[mine]) - b0).max() < 1e-9, res
+            assert np.abs(angle_values(xyz, r.angle_idx[mine_a]) - a0).max() < 1e-7, res
+            fixed = ~sc.moving[0]
+            assert np.array_equal(c[fixed], model.xyz[sc.atoms][fixed])        # backbone and CB stay
+    # the terminal chi of Phe has period 180: the candidates span both halves
+    assert _wrap(candidate_chis("PHE", False)[:, 1]).min() < 0 < _wrap(candidate_chis("PHE", False)[:, 1]).max()
+
+
+def _placed(xyz, sc, coords):
+    out = xyz.copy()
+    out[sc.atoms] = coords
+    return out
+
+
+# ------------------------------------------------------------------------------ fitting
+
+def _chi_errors(model_xyz, xyz, sc):
+    d = _wrap(current_chis(xyz, sc) - current_chis(model_xyz, sc))
+    periods = rotamer.library()[sc.res_type]["periods"]
+    return np.abs(np.where(periods == 180, _wrap(d, 180.0), d))
+
+
+def test_wrong_rotamers_restored_and_right_ones_left_alone(adk):
+    model, start, picked = adk["model"], adk["start"], adk["picked"]
+    assert len(picked) == sum(PERTURBED.values())
+    for sc in picked:
+        assert _chi_errors(model.xyz, start, sc)[0] > 60
+    params = build_params(3.0)
+    xyz, rec = rotamer_step(ParamRunner(None), adk["inputs"], start, params)
+    for sc in picked:
+        err = _chi_errors(model.xyz, xyz, sc)
+        assert err[:2].max() < 20, (model.residue_label(sc.residue), err)
+    # the right side chains stay in their rotamers: a neighbour of a wrong one may be pushed
+    # aside while that one is wrong and come back to a nearby optimum of its score, in the same
+    # rotamer well (wells lie 120 degrees apart)
+    picked_res = {c.residue for c in picked}
+    others = [c for c in adk["chains"] if c.residue not in picked_res]
+    touched = [c for c in others if not np.array_equal(xyz[c.atoms], start[c.atoms])]
+    assert len(touched) <= 2, [model.residue_label(c.residue) for c in touched]
+    for c in touched:
+        assert _chi_errors(model.xyz, xyz, c).max() < 40, model.residue_label(c.residue)
+    untouched = ~np.isin(model.res_index, list(picked_res | {c.residue for c in touched}))
+    assert np.array_equal(xyz[untouched], start[untouched])
+    assert rec["step"] == "rotamer" and rec["residues"] == 165
+    assert rec["changed"] == len(picked) + len(touched)
+    assert rec["rotamer_outliers_after"] <= rec["rotamer_outliers_before"]
+    json.dumps(rec)
+    # from the truth itself nothing changes
+    same, rec_t = rotamer_step(ParamRunner(None), adk["inputs"], model.xyz, params)
+    assert rec_t["changed"] == 0 and np.array_equal(same, model.xyz)
+
+
+def test_margin_decides_what_changes(adk):
+    """With a margin beyond any gain nothing changes; the gains of the wrong side chains are
+    well above the default margin."""
+    params = dataclasses.replace(build_params(3.0), rotamer_margin=1e6)
+    xyz, rec = rotamer_step(ParamRunner(None), adk["inputs"], adk["start"], params)
+    assert rec["changed"] == 0 and np.array_equal(xyz, adk["start"])
+
+
+# ------------------------------------------------------------------------------ parameters, protocol
+
+def test_bad_rotamer_parameters_refused():
+    check_rotamer_params(RefineParams())
+    for bad in ({"rotamer_passes": 0}, {"rotamer_passes": 1.5}, {"rotamer_margin": -0.1},
+                {"rotamer_clash_weight": float("nan")}, {"rotamer_map_blur": "x"},
+                {"rotamer_prior_weight": True}, {"rotamer_sample_sigma": "yes"}):
+        with pytest.raises(InputError):
+            build_params(3.0, overrides=bad)
+    assert parse_protocol("rotamer,minimise,rotamer") == ["rotamer", "minimise", "rotamer"]
+    assert split_protocol("rotamer,minimise,rotamer") == (["rotamer"], True, ["rotamer"])
+    assert split_protocol("minimise,rotamer,adp") == ([], True, ["rotamer", "adp"])
+
+
+def test_rotamer_step_in_a_refinement_run(adk, tmp_path):
+    """`hpcrefine refine --protocol rotamer` (the prepare stage alone) fixes the side chains and
+    reports the step."""
+    out = tmp_path / "run"
+    rc = main(["refine", adk["start_path"], "--map", adk["map"], "--resolution", "3.0",
+               "--protocol", "rotamer", "--output", str(out)])
+    assert rc == 0
+    refined = read_model(str(out / "refined.cif")).xyz
+    model = adk["model"]
+    for sc in adk["picked"]:
+        assert _chi_errors(model.xyz, refined, sc)[:2].max() < 20
+    report = json.loads((out / "report.json").read_text())
+    rec = report["protocol"][0]
+    assert rec["step"] == "rotamer" and rec["changed"] >= len(adk["picked"]) and report["cycles"] == []
+    assert rec["seconds"] > 0 and rec["rotamer_outliers_after"] <= rec["rotamer_outliers_before"]
+
+
+# ------------------------------------------------------------------------------ MPI
+
+MPI_SCRIPT = textwrap.dedent("""
+    import sys, types
+    import numpy as np
+    from mpi4py import MPI
+    from hpcrefine.mapio import read_map
+    from hpcrefine.modelio import read_model
+    from hpcrefine.monlib import MonomerLibrary
+    from hpcrefine.params import build_params
+    from hpcrefine.parallel.context import make_context
+    from hpcrefine.parallel.distributed import install_abort_on_error
+    from hpcrefine.protocol.param import ParamRunner
+    from hpcrefine.protocol.steps import run_steps
+    from hpcrefine.topology import build_restraints
+
+    model_path, map_path, out = sys.argv[1:4]
+    world = MPI.COMM_WORLD
+    install_abort_on_error(world)
+    ctx = make_context(world)
+    model = read_model(model_path)
+    grid = read_map(map_path)
+    data = np.asarray(grid.data, dtype=np.float32)
+    r = build_restraints(model, MonomerLibrary())
+    inputs = types.SimpleNamespace(model=model, map=grid, data=data, restraints=r)
+    xyz, b, records = run_steps(["rotamer"], ParamRunner(ctx), inputs, model.xyz, model.b, None, None,
+                                build_params(3.0))
+    if world.Get_rank() == 0:
+        np.save(out, xyz)
+        print("ranks", world.Get_size(), "changed", records[0]["changed"])
+    else:
+        np.save(out + f".rank{world.Get_rank()}.npy", xyz)
+""")
+
+
+def test_same_result_with_one_and_two_workers(adk, tmp_path):
+    script = tmp_path / "rotamer_mpi.py"
+    script.write_text(MPI_SCRIPT)
+    results = {}
+    for n in (2, 3):                      # 1 worker and 2 workers, each with the master
+        out = tmp_path / f"n{n}.npy"
+        p = subprocess.run([str(BIN / "mpiexec"), "-n", str(n), sys.executable, str(script),
+                            adk["start_path"], adk["map"], str(out)], capture_output=True, text=True,
+                           timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"ranks {n} changed " in p.stdout
+        results[n] = np.load(out)
+        for rank in range(1, n):          # every worker holds the master's answer
+            assert np.array_equal(np.load(f"{out}.rank{rank}.npy"), results[n])
+    model = adk["model"]
+    for sc in adk["picked"]:
+        assert _chi_errors(model.xyz, results[2], sc)[:2].max() < 20
+    assert np.array_equal(results[3], results[2])
