@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,8 @@ from hpcrefine.modelio import read_model, updated_structure, write_model
 from hpcrefine.protocol.rigid import rotation
 from hpcrefine.simulate import shake, write_simulated
 
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_protocol import refine  # noqa: E402  (one runner of `hpcrefine refine` for the benchmarks)
 
 
 def turn_side_chains(model, every: int = 3, degrees: float = 120.0) -> np.ndarray:
@@ -53,17 +52,6 @@ def turn_side_chains(model, every: int = 3, degrees: float = 120.0) -> np.ndarra
         axis = (cb - ca) / np.linalg.norm(cb - ca)
         xyz[side] = (xyz[side] - cb) @ rotation(np.radians(degrees) * axis).T + cb
     return xyz
-
-
-def refine(args: list[str], ranks: int) -> float:
-    cmd = [str(BIN / "hpcrefine"), "refine", *args, "--overwrite"]
-    if ranks > 1:
-        cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"refine failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def rmsd(a, b, sel=None) -> float:

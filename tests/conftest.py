@@ -37,3 +37,33 @@ def adk_refined(adk_case, tmp_path_factory):
                "--resolution", "3.5", "--output", str(out)])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def steps_under_mpi():
+    """run(ranks, model, map, out, steps, fields, coordinate_term=False) -> (rank 0's npz,
+    the step records, every rank's xyz): protocol steps run by tests/run_steps_mpi.py under
+    mpiexec (ranks 1 runs it as one process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+
+    def run(ranks, model, map_path, out, steps, fields, coordinate_term=False):
+        cmd = [str(mpiexec), "-n", str(ranks), sys.executable, str(repo / "tests" / "run_steps_mpi.py"),
+               str(model), str(map_path), str(out), ",".join(steps), json.dumps(fields)]
+        if coordinate_term:
+            cmd.append("coordinate-term")
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        head, _, records = p.stdout.partition(" records ")
+        assert head.strip().endswith(f"ranks {ranks}"), p.stdout
+        result = np.load(out)
+        every = [result["xyz"]] + [np.load(f"{out}.rank{k}.npz")["xyz"] for k in range(1, ranks)]
+        return result, json.loads(records.splitlines()[0]), every
+    return run

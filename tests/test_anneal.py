@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
-import textwrap
 import types
 from pathlib import Path
 
@@ -176,52 +173,15 @@ def test_idealise_restores_geometry_of_a_distorted_model(adk):
 
 # ------------------------------------------------------------------------------ MPI
 
-MPI_SCRIPT = textwrap.dedent("""
-    import sys, types
-    import numpy as np
-    from mpi4py import MPI
-    from hpcrefine.engine import GeometryTerm
-    from hpcrefine.mapio import read_map
-    from hpcrefine.modelio import read_model
-    from hpcrefine.monlib import MonomerLibrary
-    from hpcrefine.params import RefineParams
-    from hpcrefine.parallel.context import make_context
-    from hpcrefine.parallel.distributed import install_abort_on_error
-    from hpcrefine.protocol.param import ParamRunner
-    from hpcrefine.protocol.steps import run_steps
-    from hpcrefine.topology import build_restraints
-
-    model_path, map_path, out = sys.argv[1:4]
-    world = MPI.COMM_WORLD
-    install_abort_on_error(world)
-    ctx = make_context(world)
-    model = read_model(model_path)
-    grid = read_map(map_path)
-    r = build_restraints(model, MonomerLibrary())
-    params = RefineParams(resolution=3.5, anneal_steps=60, anneal_seed=5, idealise_iterations=40)
-    inputs = types.SimpleNamespace(model=model, map=grid, data=np.asarray(grid.data, dtype=np.float32),
-                                   restraints=r)
-    xyz, _, records = run_steps(["idealise", "anneal"], ParamRunner(ctx), inputs, model.xyz, model.b,
-                                None, GeometryTerm(r, params), params)
-    if world.Get_rank() == 0:
-        np.save(out, xyz)
-        print("ranks", world.Get_size(), "shift", records[-1]["rms_shift"])
-""")
-
-
-def test_same_trajectory_with_one_and_two_workers(adk_case, tmp_path):
+def test_same_trajectory_with_one_and_two_workers(adk_case, tmp_path, steps_under_mpi):
     """1 process, 1 worker (2 ranks) and 2 workers (3 ranks) integrate the same trajectory."""
-    script = tmp_path / "anneal_mpi.py"
-    script.write_text(MPI_SCRIPT)
+    fields = {"resolution": 3.5, "anneal_steps": 60, "anneal_seed": 5, "idealise_iterations": 40}
     results = {}
     for n in (1, 2, 3):
-        out = tmp_path / f"n{n}.npy"
-        p = subprocess.run([str(BIN / "mpiexec"), "-n", str(n), sys.executable, str(script),
-                            adk_case["start"], adk_case["full"], str(out)], capture_output=True, text=True,
-                           timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert f"ranks {n}" in p.stdout
-        results[n] = np.load(out)
+        out, records, _ = steps_under_mpi(n, adk_case["start"], adk_case["full"], tmp_path / f"n{n}.npz",
+                                          ["idealise", "anneal"], fields)
+        assert records[-1]["step"] == "anneal"
+        results[n] = out["xyz"]
     start = read_model(adk_case["start"]).xyz
     assert np.sqrt(np.mean(np.sum((results[1] - start) ** 2, axis=1))) > 0.1     # it moved
     for n in (2, 3):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -220,56 +218,16 @@ def test_parametrised_minimisation_is_direct_too(adk_case, displaced):
 
 # ------------------------------------------------------------------------------ MPI
 
-MPI_SCRIPT = textwrap.dedent("""
-    import sys, types
-    import numpy as np
-    from mpi4py import MPI
-    from hpcrefine.engine import GeometryTerm
-    from hpcrefine.mapio import read_map
-    from hpcrefine.modelio import read_model
-    from hpcrefine.monlib import MonomerLibrary
-    from hpcrefine.params import RefineParams
-    from hpcrefine.parallel.context import make_context
-    from hpcrefine.parallel.distributed import install_abort_on_error
-    from hpcrefine.protocol.param import ParamRunner
-    from hpcrefine.protocol.steps import coordinate_term, run_steps
-    from hpcrefine.topology import build_restraints
-
-    model_path, map_path, groups, out = sys.argv[1:5]
-    world = MPI.COMM_WORLD
-    install_abort_on_error(world)
-    ctx = make_context(world)
-    model = read_model(model_path)
-    grid = read_map(map_path)
-    data = np.asarray(grid.data, dtype=np.float32)
-    r = build_restraints(model, MonomerLibrary())
-    params = RefineParams(resolution=3.5, rigid_groups=groups, rigid_blurs=[300.0, 100.0],
-                          rigid_iterations=40, morph_blurs=[150.0], morph_radii=[9.0],
-                          morph_iterations=30, adp_iterations=30)
-    inputs = types.SimpleNamespace(model=model, map=grid, data=data, restraints=r)
-    term = coordinate_term(inputs, params)
-    xyz, b, records = run_steps(["rigid", "morph", "adp"], ParamRunner(ctx), inputs, model.xyz,
-                                model.b, term, GeometryTerm(r, params), params)
-    if world.Get_rank() == 0:
-        np.savez(out, xyz=xyz, b=b)
-        print("ranks", world.Get_size(), "iterations", [x.get("rounds", [{}])[-1].get("iterations", x.get("iterations")) for x in records])
-""")
-
-
-def test_same_result_with_one_and_two_workers(adk_case, displaced, tmp_path):
+def test_same_result_with_one_and_two_workers(adk_case, displaced, tmp_path, steps_under_mpi):
     """The protocol steps run collectively: 1 process, 1 worker (2 ranks) and 2 workers (3 ranks)
     give the same coordinates and B within summation-order differences."""
-    script = tmp_path / "steps_mpi.py"
-    script.write_text(MPI_SCRIPT)
+    fields = {"resolution": 3.5, "rigid_groups": ADK_DOMAINS, "rigid_blurs": [300.0, 100.0],
+              "rigid_iterations": 40, "morph_blurs": [150.0], "morph_radii": [9.0],
+              "morph_iterations": 30, "adp_iterations": 30}
     results = {}
     for n in (1, 2, 3):
-        out = tmp_path / f"n{n}.npz"
-        p = subprocess.run([str(BIN / "mpiexec"), "-n", str(n), sys.executable, str(script), displaced["path"],
-                            adk_case["full"], ADK_DOMAINS, str(out)], capture_output=True, text=True,
-                           timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert f"ranks {n}" in p.stdout
-        results[n] = np.load(out)
+        results[n], _, _ = steps_under_mpi(n, displaced["path"], adk_case["full"], tmp_path / f"n{n}.npz",
+                                           ["rigid", "morph", "adp"], fields, coordinate_term=True)
     model = displaced["model"]
     assert _ca_rmsd(results[1]["xyz"], model.xyz, model) < 0.5          # the steps did their work
     for n in (2, 3):

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
-import textwrap
 import types
 from pathlib import Path
 
@@ -201,53 +198,15 @@ def test_rotamer_step_in_a_refinement_run(adk, tmp_path):
 
 # ------------------------------------------------------------------------------ MPI
 
-MPI_SCRIPT = textwrap.dedent("""
-    import sys, types
-    import numpy as np
-    from mpi4py import MPI
-    from hpcrefine.mapio import read_map
-    from hpcrefine.modelio import read_model
-    from hpcrefine.monlib import MonomerLibrary
-    from hpcrefine.params import build_params
-    from hpcrefine.parallel.context import make_context
-    from hpcrefine.parallel.distributed import install_abort_on_error
-    from hpcrefine.protocol.param import ParamRunner
-    from hpcrefine.protocol.steps import run_steps
-    from hpcrefine.topology import build_restraints
-
-    model_path, map_path, out = sys.argv[1:4]
-    world = MPI.COMM_WORLD
-    install_abort_on_error(world)
-    ctx = make_context(world)
-    model = read_model(model_path)
-    grid = read_map(map_path)
-    data = np.asarray(grid.data, dtype=np.float32)
-    r = build_restraints(model, MonomerLibrary())
-    inputs = types.SimpleNamespace(model=model, map=grid, data=data, restraints=r)
-    xyz, b, records = run_steps(["rotamer"], ParamRunner(ctx), inputs, model.xyz, model.b, None, None,
-                                build_params(3.0))
-    if world.Get_rank() == 0:
-        np.save(out, xyz)
-        print("ranks", world.Get_size(), "changed", records[0]["changed"])
-    else:
-        np.save(out + f".rank{world.Get_rank()}.npy", xyz)
-""")
-
-
-def test_same_result_with_one_and_two_workers(adk, tmp_path):
-    script = tmp_path / "rotamer_mpi.py"
-    script.write_text(MPI_SCRIPT)
+def test_same_result_with_one_and_two_workers(adk, tmp_path, steps_under_mpi):
     results = {}
     for n in (2, 3):                      # 1 worker and 2 workers, each with the master
-        out = tmp_path / f"n{n}.npy"
-        p = subprocess.run([str(BIN / "mpiexec"), "-n", str(n), sys.executable, str(script),
-                            adk["start_path"], adk["map"], str(out)], capture_output=True, text=True,
-                           timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert f"ranks {n} changed " in p.stdout
-        results[n] = np.load(out)
-        for rank in range(1, n):          # every worker holds the master's answer
-            assert np.array_equal(np.load(f"{out}.rank{rank}.npy"), results[n])
+        out, records, every = steps_under_mpi(n, adk["start_path"], adk["map"], tmp_path / f"n{n}.npz",
+                                              ["rotamer"], {"resolution": 3.0})
+        assert records[0]["step"] == "rotamer" and records[0]["changed"] > 0
+        results[n] = out["xyz"]
+        for xyz in every[1:]:             # every worker holds the master's answer
+            assert np.array_equal(xyz, results[n])
     model = adk["model"]
     for sc in adk["picked"]:
         assert _chi_errors(model.xyz, results[2], sc)[:2].max() < 20

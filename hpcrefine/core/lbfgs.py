@@ -124,17 +124,7 @@ def _absmax(g):
 @njit(cache=True)
 def _point_norms(d, dim):
     """(max, rms) over points of the Euclidean norm of each group of `dim` components."""
-    npt = d.shape[0] // dim
-    mx = 0.0
-    ss = 0.0
-    for p in range(npt):
-        s = 0.0
-        for c in range(dim):
-            v = d[p * dim + c]
-            s += v * v
-        ss += s
-        if s > mx:
-            mx = s
+    mx, ss, npt = _point_sums(d, dim)
     if npt == 0:
         return 0.0, 0.0
     return math.sqrt(mx), math.sqrt(ss / npt)

@@ -161,6 +161,19 @@ def _grow(a, cap):
     return b
 
 
+@njit(cache=True, inline="always")
+def _special(lo, hi, mask_ex_lo, mask_14_lo, has_over_lo, tstart, tpart, tcode):
+    """(excluded, 1-4) flags of pair lo < hi from lo's bit masks, or the overflow table."""
+    off = hi - lo
+    if off <= MASK_SPAN:
+        sh = np.uint64(off - 1)
+        return np.int64((mask_ex_lo >> sh) & np.uint64(1)), np.int64((mask_14_lo >> sh) & np.uint64(1))
+    if has_over_lo:
+        code = _overflow_code(lo, hi, tstart, tpart, tcode)
+        return np.int64(1 if code == _EXCL else 0), np.int64(1 if code == _P14 else 0)
+    return np.int64(0), np.int64(0)
+
+
 _STENCIL_ROWS = 5   # rows of cells (dz, dy) = (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)
 
 
@@ -255,18 +268,7 @@ def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, c
                         lo_ = oj if sw else oi
                         hi_ = oi if sw else oj
                         pp = q if sw else p
-                        off = hi_ - lo_
-                        if off <= MASK_SPAN:
-                            sh = np.uint64(off - 1)
-                            excl = np.int64((mex[pp] >> sh) & np.uint64(1))
-                            k14 = np.int64((m14[pp] >> sh) & np.uint64(1))
-                        else:
-                            excl = 0
-                            k14 = 0
-                            if mov[pp]:
-                                code = _overflow_code(lo_, hi_, tstart, tpart, tcode)
-                                excl = 1 if code == _EXCL else 0
-                                k14 = 1 if code == _P14 else 0
+                        excl, k14 = _special(lo_, hi_, mex[pp], m14[pp], mov[pp], tstart, tpart, tcode)
                         lim14 = max(lim - D0_14_SHIFT, 0.0)
                         near14 = 1 if d2 < lim14 * lim14 else 0
                         # write every candidate, advance only for accepted ones (no branch)
@@ -456,18 +458,8 @@ def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, 
                             lim = min(lim, hb_lim)
                         if d2 >= lim * lim:
                             continue
-                        off = hi_ - lo_
-                        if off <= MASK_SPAN:
-                            sh = np.uint64(off - 1)
-                            excl = np.int64((mask_ex[lo_] >> sh) & np.uint64(1))
-                            k14 = np.int64((mask_14[lo_] >> sh) & np.uint64(1))
-                        else:
-                            excl = 0
-                            k14 = 0
-                            if has_over[lo_]:
-                                code = _overflow_code(lo_, hi_, tstart, tpart, tcode)
-                                excl = 1 if code == _EXCL else 0
-                                k14 = 1 if code == _P14 else 0
+                        excl, k14 = _special(lo_, hi_, mask_ex[lo_], mask_14[lo_], has_over[lo_],
+                                             tstart, tpart, tcode)
                         if excl:
                             continue
                         if k14:
