@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resolutions worse than 4 A)")
     p.add_argument("--rama-restraints", choices=["on", "off"],
                    help="Ramachandran restraints (Top8000) (default: on at resolutions worse than 4 A)")
+    p.add_argument("--rotamer-restraints", choices=["on", "off"],
+                   help="side-chain chi angles restrained to the start's nearest rotamer (2010 "
+                        "library; rotamer outliers left free) (default: on at resolutions worse than 4 A)")
     p.add_argument("--protocol", metavar="STEPS",
                    help="steps in order, comma-separated: rigid, morph, minimise (the macro-cycles), "
                         "adp (default: minimise at 4.5 A or better, else rigid,morph,minimise,adp)")
@@ -161,6 +164,7 @@ def _refine(args, command: str) -> int:
                            "reference_model": args.reference,
                            "ss_restraints": _on_off(args.ss_restraints),
                            "rama_restraints": _on_off(args.rama_restraints),
+                           "rotamer_restraints": _on_off(args.rotamer_restraints),
                            "protocol": args.protocol, "rigid_groups": args.rigid_groups})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")

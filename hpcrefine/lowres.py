@@ -25,6 +25,18 @@ parallel.decompose like every other term, and never part of the bond/angle stati
     (side-chain chi, omega) whose four atoms the reference has (matched by chain, residue number
     and atom name) are restrained to the reference's values with sigma reference_sigma, topped
     out at reference_limit degrees, so that real conformational differences are let go.
+  * Rotamers (params.rotamer_restraints): every side chain rotamer fitting could turn
+    (protocol.rotamer_fit.side_chains: chi angles, not proline, no alternative conformations,
+    not bonded outside its residue) whose start is not a rotamer outlier (validation.rotamer)
+    has each chi restrained towards the mean of its nearest library rotamer: the component of
+    the 2010 library's mixture with the highest posterior at the start's chi angles. sigma is
+    that rotamer's spread, at least ROTAMER_SIGMA_FLOOR degrees; the pull tops out at
+    ROTAMER_LIMIT degrees, so a side chain the map moves into another well is let go. A
+    terminal chi of period 180 (Asp, Glu, Phe, Tyr) gets the copy of the mean nearest to the
+    start. Outliers get nothing (they would be pulled into a well that may be the wrong one),
+    and neither does a chi whose bond a reference-model torsion already restrains. These terms
+    go into the reft_* arrays with the reference torsions (one kernel, one decomposition);
+    Restraints.counts() reports both as reference_torsions.
 """
 from __future__ import annotations
 
@@ -37,8 +49,9 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
 from .modelio import Model
+from .protocol.rotamer_fit import current_chis, side_chains
 from .restraints import Restraints
-from .validation import ramachandran
+from .validation import ramachandran, rotamer
 from .validation.residues import residue_table
 
 log = logging.getLogger(__name__)
@@ -54,6 +67,8 @@ RAMA_SMOOTH = 4.0            # degrees, Gaussian smoothing of the Top8000 tables
 RAMA_FUNNEL_WIDTH = 30.0     # degrees, the broad copy that pulls outliers back
 RAMA_FUNNEL = 1e-3           # its height relative to the most likely (phi, psi)
 RAMA_FLOOR = 1e-6            # keeps the logarithm finite where both copies vanish
+ROTAMER_SIGMA_FLOOR = 10.0   # degrees, least sigma of a rotamer restraint
+ROTAMER_LIMIT = 30.0         # degrees, where a rotamer restraint's pull tops out (as reference_limit)
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -303,16 +318,88 @@ def reference_torsions(model: Model, xyz: np.ndarray, restraints: Restraints, re
     return quads.astype(np.int64).reshape(-1, 4), torsion_values(reference.xyz, rq)
 
 
+@dataclasses.dataclass
+class RotamerTorsions:
+    """Rotamer restraints of a model (rotamer_torsions): chi quadruples (n, 4) of model atoms,
+    targets and sigmas (degrees), the residue of each, and the eligible side chains left free
+    as rotamer outliers (residue indices)."""
+
+    quads: np.ndarray
+    target: np.ndarray
+    sigma: np.ndarray
+    residue: np.ndarray
+    outliers: np.ndarray
+
+    def summary(self) -> str:
+        return (f"{len(self.quads)} chi angles of {len(np.unique(self.residue))} side chains, "
+                f"{len(self.outliers)} rotamer outliers left free")
+
+
+def nearest_rotamer(res: str, chi: np.ndarray) -> np.ndarray:
+    """Index of the library rotamer of residue type res with the highest posterior at each row
+    of chi (n, n_chi) degrees: argmax_k log P_k + sum_d log N(chi_d; mean_kd, sigma_kd), the
+    differences wrapped by each chi's period (validation.rotamer.log_density's mixture)."""
+    lib = rotamer.library()[res]
+    prob, mean, sigma, periods = lib["prob"], lib["mean"], lib["sigma"], lib["periods"]
+    chi = np.asarray(chi, dtype=np.float64).reshape(-1, mean.shape[1])
+    d = (chi[None] - mean[:, None] + periods / 2) % periods - periods / 2      # (K, n, n_chi)
+    z = d / sigma[:, None]
+    post = (np.log(prob) - np.sum(np.log(sigma), axis=1))[:, None] - 0.5 * np.sum(z * z, axis=2)
+    return np.argmax(post, axis=0)
+
+
+def rotamer_torsions(model: Model, xyz: np.ndarray, restraints: Restraints) -> RotamerTorsions:
+    """The rotamer restraints of the side chains at xyz (see the module text): each chi's target
+    is the nearest rotamer's mean (the copy nearest to chi for a period-180 chi, in [-180, 180)),
+    its sigma that rotamer's spread floored at ROTAMER_SIGMA_FLOOR."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    lib = rotamer.library()
+    by_type: dict[str, list] = {}
+    for sc in side_chains(model, restraints):
+        by_type.setdefault(sc.res_type, []).append(sc)
+    quads, target, sigma, residue, outliers = [], [], [], [], []
+    for res, chains in by_type.items():
+        chi = np.stack([current_chis(xyz, sc) for sc in chains])
+        bad = rotamer.log_density(res, chi) < lib[res]["outlier"]
+        outliers.extend(sc.residue for sc, b in zip(chains, bad) if b)
+        keep = np.nonzero(~bad)[0]
+        if len(keep) == 0:
+            continue
+        k = nearest_rotamer(res, chi[keep])
+        periods = lib[res]["periods"]
+        mean = lib[res]["mean"][k]
+        t = chi[keep] + (mean - chi[keep] + periods / 2) % periods - periods / 2
+        target.append(((t + 180.0) % 360.0 - 180.0).ravel())
+        sigma.append(np.maximum(lib[res]["sigma"][k], ROTAMER_SIGMA_FLOOR).ravel())
+        quads.append(np.concatenate([chains[j].atoms[chains[j].quads] for j in keep]))
+        residue.append(np.repeat([chains[j].residue for j in keep], chi.shape[1]))
+    if not quads:
+        return RotamerTorsions(np.zeros((0, 4), dtype=np.int64), np.zeros(0), np.zeros(0),
+                               np.zeros(0, dtype=np.int64), np.array(sorted(outliers), dtype=np.int64))
+    quads_, residue_ = np.concatenate(quads), np.concatenate(residue)
+    order = np.argsort(residue_, kind="stable")
+    return RotamerTorsions(quads_[order].astype(np.int64), np.concatenate(target)[order],
+                           np.concatenate(sigma)[order], residue_[order].astype(np.int64),
+                           np.array(sorted(outliers), dtype=np.int64))
+
+
+def _central_bonds(quads: np.ndarray) -> np.ndarray:
+    """The middle bond of each torsion as a sorted pair (n, 2)."""
+    return np.sort(np.asarray(quads, dtype=np.int64).reshape(-1, 4)[:, 1:3], axis=1)
+
+
 def add_lowres_restraints(model: Model, restraints: Restraints, xyz: np.ndarray, params,
                           reference: Model | None = None) -> Restraints:
     """restraints with the low-resolution terms that params ask for (a new Restraints; the
     input is not changed): secondary-structure H-bonds found in xyz when params.ss_restraints,
     Ramachandran restraints when params.rama_restraints, reference-model torsions when a
-    reference model is given. Logs what was found.
+    reference model is given, rotamer restraints towards the library rotamers nearest to xyz's
+    side chains when params.rotamer_restraints (after the reference torsions in reft_*; none on
+    a chi bond the reference restrains). Logs what was found.
 
-    Defaults (params.resolution_defaults): secondary-structure and Ramachandran restraints are
-    on at resolutions worse than 4.0 A and off at 4.0 A or better; reference restraints only
-    with a reference model (`--reference`).
+    Defaults (params.resolution_defaults): secondary-structure, Ramachandran and rotamer
+    restraints are on at resolutions worse than 4.0 A and off at 4.0 A or better; reference
+    restraints only with a reference model (`--reference`).
     """
     xyz = np.asarray(xyz, dtype=np.float64)
     new = {}
@@ -342,4 +429,21 @@ def add_lowres_restraints(model: Model, restraints: Restraints, xyz: np.ndarray,
         if n == 0:
             log.warning("the reference model shares no torsion with the model: atoms are matched by "
                         "chain, residue number and atom name")
+    if params.rotamer_restraints:
+        rt = rotamer_torsions(model, xyz, restraints)
+        keep = np.ones(len(rt.quads), dtype=bool)
+        if len(new.get("reft_idx", ())) and len(rt.quads):
+            n_atoms = np.int64(model.n_atoms)
+            ref_bonds = _central_bonds(new["reft_idx"]) @ np.array([n_atoms, 1])
+            keep = ~np.isin(_central_bonds(rt.quads) @ np.array([n_atoms, 1]), ref_bonds)
+        base = {k: new.get(k, getattr(restraints, k))
+                for k in ("reft_idx", "reft_target", "reft_sigma", "reft_limit")}
+        new.update(reft_idx=np.concatenate([base["reft_idx"].reshape(-1, 4), rt.quads[keep]]),
+                   reft_target=np.concatenate([base["reft_target"], rt.target[keep]]),
+                   reft_sigma=np.concatenate([base["reft_sigma"], rt.sigma[keep]]),
+                   reft_limit=np.concatenate([base["reft_limit"],
+                                              np.full(int(keep.sum()), ROTAMER_LIMIT)]))
+        log.info("rotamer restraints: %s (sigma >= %g deg, top-out at %g deg)%s", rt.summary(),
+                 ROTAMER_SIGMA_FLOOR, ROTAMER_LIMIT,
+                 f"; {int(np.sum(~keep))} chi left to the reference model" if not keep.all() else "")
     return dataclasses.replace(restraints, **new) if new else restraints

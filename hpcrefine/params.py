@@ -71,6 +71,7 @@ class RefineParams:
     reference_model: str | None = None  # --reference: torsions restrained to this model's
     reference_sigma: float = 5.0       # degrees
     reference_limit: float = 30.0      # degrees: the pull tops out beyond this deviation
+    rotamer_restraints: bool = False   # chi angles towards the nearest library rotamer (of the start, or of the model a rotamer step left)
     # protocol steps (hpcrefine.protocol.steps): "rigid", "morph", "minimise" (the macro-cycles),
     # "adp", comma-separated or a TOML list, in order; steps before minimise prepare the start
     protocol: str = "minimise"
@@ -136,8 +137,8 @@ def resolution_defaults(resolution: float) -> dict:
     """Defaults that depend on resolution, all written here.
 
     Lower resolution: more blur in the first macro-cycle (a wider basin of attraction) and a
-    tighter geometry target, since the map constrains the model less. Secondary-structure and
-    Ramachandran restraints (hpcrefine.lowres) are on at resolutions worse than
+    tighter geometry target, since the map constrains the model less. Secondary-structure,
+    Ramachandran and rotamer restraints (hpcrefine.lowres) are on at resolutions worse than
     LOWRES_RESTRAINTS_FROM (4.0 A).
 
     Protocol: at 4.5 A or better the macro-cycles alone ("minimise"): models refined at such
@@ -152,7 +153,7 @@ def resolution_defaults(resolution: float) -> dict:
     3.5 A).
     """
     low = resolution > LOWRES_RESTRAINTS_FROM
-    lowres = {"ss_restraints": low, "rama_restraints": low}
+    lowres = {"ss_restraints": low, "rama_restraints": low, "rotamer_restraints": low}
     if resolution <= 3.0:
         return {"map_blur_start": 0.0, "macro_cycles": 3, **lowres}
     if resolution <= 4.5:
@@ -210,6 +211,9 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
         raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
+    for name in ("ss_restraints", "rama_restraints", "rotamer_restraints"):
+        if not isinstance(values.get(name, False), bool):
+            raise InputError(f"{name} must be true or false, got {values[name]!r}")
     params = RefineParams(**values)
     from .protocol.anneal import check_anneal_params
     from .protocol.idealise import check_idealise_params

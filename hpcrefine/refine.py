@@ -43,6 +43,10 @@ class Inputs:
     # with several ranks, the maps every rank reads, prepared by the master and memory-mapped
     # (parallel.mapstore; None with one rank)
     store: object | None = None
+    # the restraints before the low-resolution terms, and the reference model: to retarget the
+    # rotamer restraints after a rotamer step (retarget_lowres)
+    covalent: Restraints | None = None
+    reference: Model | None = None
 
 
 def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight) -> RealSpaceTerm:
@@ -127,13 +131,25 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     lib = MonomerLibrary(lib_dir)
     examples = {model.res_names[r]: model.residue_label(r) for r in range(model.n_residues - 1, -1, -1)}
     lib.load(set(model.res_names.tolist()), ligands or [], examples=examples)
-    restraints = build_restraints(model, lib)
+    covalent = restraints = build_restraints(model, lib)
+    reference = None
     if params is not None:
         from .lowres import add_lowres_restraints
         reference = read_model(params.reference_model) if params.reference_model else None
         restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
-                  monlib_dir=lib_dir)
+                  monlib_dir=lib_dir, covalent=covalent, reference=reference)
+
+
+def retarget_lowres(inputs: Inputs, params: RefineParams, xyz: np.ndarray) -> GeometryTerm:
+    """The low-resolution restraints rebuilt from xyz (the prepared model) instead of the input
+    model, and their geometry term: after a rotamer step, the rotamer restraints must hold the
+    side chains it placed, not pull them back to the input's rotamers. Deterministic in xyz, so a
+    continued run rebuilds the same terms."""
+    from .lowres import add_lowres_restraints
+    log.info("low-resolution restraints rebuilt from the model the rotamer step left")
+    inputs.restraints = add_lowres_restraints(inputs.model, inputs.covalent, xyz, params, inputs.reference)
+    return GeometryTerm(inputs.restraints, params)
 
 
 def atom_weights(model: Model) -> np.ndarray:
@@ -516,6 +532,8 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
         steps.boundary(force=True)
     if state.prepared is not None:          # the refinement starts from the prepared model
         xyz0 = state.prepared
+        if "rotamer" in pre and params.rotamer_restraints:
+            geom = retarget_lowres(inputs, params, xyz0)
     fixed_weight = params.weight
     w_cap = None            # the weight from the free residual, kept within the geometry limits
     halfset = state.halfset

@@ -11,8 +11,16 @@ truth, the side-chain RMSD to the truth (atoms beyond CB of those residues; the 
 atoms of Asp, Glu, Phe and Tyr matched as their swap fits best), rotamer outliers
 (validation.rotamer), the clashscore (validation.clash) and the wall time.
 
+With --compare-restraints, the rotamer step's output is minimised three times instead: with the
+covalent restraints alone (rotamer restraints off), with rotamer restraints (hpcrefine.lowres,
+ss and Ramachandran restraints left off) towards the rotamers nearest to the fitted side chains
+(the model minimisation starts from: what `refine --protocol rotamer,minimise` does, since it
+rebuilds the low-resolution restraints after the prepare steps, refine.retarget_lowres), and with
+rotamer restraints towards those nearest to the wrong start (what it did before that).
+
     python scripts/bench_rotamer.py [--resolutions 3 4 6] [--noise 0.0] [--cycles 2]
         [--margin M --clash-weight W --prior-weight P --blur B --passes N --no-sigma]
+        [--compare-restraints]
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import numpy as np
 
 from hpcrefine import datasets, simulate
 from hpcrefine.engine import GeometryTerm, RealSpaceTerm, choose_weight, initial_weight, minimise
+from hpcrefine.lowres import add_lowres_restraints
 from hpcrefine.modelio import read_model, read_structure
 from hpcrefine.monlib import MonomerLibrary
 from hpcrefine.params import build_params
@@ -76,10 +85,12 @@ def side_chain_figures(model, chains, xyz, truth) -> dict:
             "clashscore": float(clash.analyse(model, xyz, RESTRAINTS)["clashscore"])}
 
 
-def run_minimise(model, xyz, data, origin, voxel, params, cycles: int) -> tuple[np.ndarray, float]:
+def run_minimise(model, xyz, data, origin, voxel, params, cycles: int,
+                 restraints=None) -> tuple[np.ndarray, float]:
+    """Macro-cycles from xyz with the given restraints (default: the covalent ones)."""
     t0 = time.perf_counter()
     term = RealSpaceTerm(data, origin, voxel, atom_weights(model))
-    geom = GeometryTerm(RESTRAINTS, params)
+    geom = GeometryTerm(RESTRAINTS if restraints is None else restraints, params)
     w = initial_weight(xyz, term, geom)
     for _ in range(cycles):
         w, _ = choose_weight(xyz, term, geom, params, w)
@@ -107,6 +118,8 @@ def main() -> None:
     ap.add_argument("--blur", type=float)
     ap.add_argument("--passes", type=int)
     ap.add_argument("--no-sigma", action="store_true", help="library means only")
+    ap.add_argument("--compare-restraints", action="store_true",
+                    help="minimise the rotamer step's output with rotamer restraints off and on")
     args = ap.parse_args()
 
     path = datasets.fetch(["adk_closed"])["adk_closed"]
@@ -136,6 +149,10 @@ def main() -> None:
         fitted, rec = rotamer_step(ParamRunner(None), inputs, start, params)
         print(line(f"rotamer ({rec['changed']} changed)", side_chain_figures(model, chains, fitted, truth),
                    time.perf_counter() - t0))
+        if args.compare_restraints:
+            compare_restraints(model, chains, start, fitted, truth, full, origin, voxel, params,
+                               args.cycles)
+            continue
         same, rec_t = rotamer_step(ParamRunner(None), inputs, truth, params)
         print(f"  {'rotamer from the truth':<26} {rec_t['changed']} of {rec_t['residues']} side chains changed")
         if args.cycles > 0:
@@ -143,6 +160,18 @@ def main() -> None:
             print(line("start + minimise", side_chain_figures(model, chains, m0, truth), s0))
             m1, s1 = run_minimise(model, fitted, full, origin, voxel, params, args.cycles)
             print(line("rotamer + minimise", side_chain_figures(model, chains, m1, truth), s1))
+
+
+def compare_restraints(model, chains, start, fitted, truth, data, origin, voxel, params, cycles) -> None:
+    """`rotamer,minimise` with rotamer restraints off, on towards the fitted side chains' nearest
+    rotamers, and on towards the start's (module docstring)."""
+    rot = dataclasses.replace(params, ss_restraints=False, rama_restraints=False, rotamer_restraints=True)
+    for label, restraints in (
+            ("+ minimise, rot. off", RESTRAINTS),
+            ("+ minimise, rot. fitted", add_lowres_restraints(model, RESTRAINTS, fitted, rot)),
+            ("+ minimise, rot. start", add_lowres_restraints(model, RESTRAINTS, start, rot))):
+        m, s = run_minimise(model, fitted, data, origin, voxel, params, cycles, restraints)
+        print(line(label, side_chain_figures(model, chains, m, truth), s))
 
 
 RESTRAINTS = None

@@ -10,15 +10,19 @@ import pytest
 
 from hpcrefine import simulate
 from hpcrefine.core import geometry as G
-from hpcrefine.lowres import (HELIX, STRAND, add_lowres_restraints, find_secondary_structure,
-                              rama_potential, rama_terms_of, reference_torsions)
+from hpcrefine.errors import InputError
+from hpcrefine.lowres import (HELIX, ROTAMER_LIMIT, ROTAMER_SIGMA_FLOOR, STRAND, add_lowres_restraints,
+                              find_secondary_structure, rama_potential, rama_terms_of,
+                              reference_torsions, rotamer_torsions)
 from hpcrefine.modelio import read_model
 from hpcrefine.monlib import MonomerLibrary
 from hpcrefine.parallel.decompose import atom_blocks, owner_of_atoms, restraints_share
 from hpcrefine.params import build_params
 from hpcrefine.restraints import Restraints
 from hpcrefine.topology import build_restraints, geometry_stats
-from hpcrefine.validation import ramachandran
+from hpcrefine.protocol.rotamer_fit import current_chis, set_chis, side_chains
+from hpcrefine.validation import ramachandran, rotamer
+from hpcrefine.validation.residues import residue_table
 
 
 def numeric_grad(f, x, h=1e-6):
@@ -230,6 +234,177 @@ def test_reference_torsions_match_by_name(adk):
     assert G.restraint_energy(model.xyz, full)[2]["reference"] == pytest.approx(0.0, abs=1e-12)
 
 
+# ------------------------------------------------------------------------------ rotamers
+
+def _wrap(d, period=360.0):
+    return (np.asarray(d) + period / 2) % period - period / 2
+
+
+def _posterior_best(res: str, chi: np.ndarray) -> int:
+    """The library rotamer of highest posterior at one residue's chi, term by term."""
+    lib = rotamer.library()[res]
+    best, best_k = -np.inf, -1
+    for k in range(len(lib["prob"])):
+        lp = np.log(lib["prob"][k])
+        for d in range(len(chi)):
+            z = _wrap(chi[d] - lib["mean"][k, d], lib["periods"][d]) / lib["sigma"][k, d]
+            lp += -0.5 * z * z - np.log(np.sqrt(2 * np.pi) * lib["sigma"][k, d])
+        if lp > best:
+            best, best_k = lp, k
+    return best_k
+
+
+def test_rotamer_targets_are_the_nearest_rotamers_means(adk):
+    model, r = adk
+    rt = rotamer_torsions(model, model.xyz, r)
+    chains = {sc.residue: sc for sc in side_chains(model, r)}
+    rot = rotamer.analyse(residue_table(model, model.xyz, rotamer.ATOM_NAMES), model.xyz)
+    category = dict(zip(rot["residue"].tolist(), rot["category"].tolist()))
+    # every eligible side chain is either restrained (all its chi) or a rotamer outlier left free
+    restrained = set(rt.residue.tolist())
+    assert restrained | set(rt.outliers.tolist()) == set(chains) and not restrained & set(rt.outliers.tolist())
+    assert len(chains) == 165 and 140 <= len(restrained) < 165
+    assert all(category[k] == rotamer.OUTLIER for k in rt.outliers.tolist())
+    assert all(category[k] != rotamer.OUTLIER for k in restrained)
+    assert "PRO" not in {chains[k].res_type for k in restrained}
+    by_distance = 0
+    for k in sorted(restrained):
+        sc = chains[k]
+        rows = np.nonzero(rt.residue == k)[0]
+        np.testing.assert_array_equal(rt.quads[rows], sc.atoms[sc.quads])
+        chi = current_chis(model.xyz, sc)
+        lib = rotamer.library()[sc.res_type]
+        best = _posterior_best(sc.res_type, chi)
+        # the target is that rotamer's mean (modulo each chi's period), the copy nearest the start
+        off = _wrap(rt.target[rows] - lib["mean"][best], lib["periods"])
+        np.testing.assert_allclose(off, 0.0, atol=1e-9)
+        assert np.all(np.abs(_wrap(rt.target[rows] - chi)) <= lib["periods"] / 2 + 1e-9)
+        np.testing.assert_allclose(rt.sigma[rows], np.maximum(lib["sigma"][best], ROTAMER_SIGMA_FLOOR))
+        dist = np.sqrt(np.sum(_wrap(chi - lib["mean"], lib["periods"]) ** 2, axis=1))
+        by_distance += int(np.argmin(dist) == best)
+    # the posterior mostly agrees with the smallest wrapped chi distance
+    assert by_distance >= 0.9 * len(restrained)
+    assert np.all(rt.sigma >= ROTAMER_SIGMA_FLOOR)
+    # the crystal structure's side chains sit in their wells
+    dev = np.abs(_wrap(G.torsion_values(model.xyz, rt.quads) - rt.target))
+    assert np.median(dev) < 12.0
+
+
+def test_rotamer_outlier_start_gets_no_restraint(adk):
+    model, r = adk
+    chains = side_chains(model, r)
+    leu = next(sc for sc in chains if sc.res_type == "LEU")
+    xyz = model.xyz.copy()
+    # chi1 = 0 (eclipsed) and chi2 = 0: no rotamer of the library there
+    xyz[leu.atoms] = set_chis(xyz[leu.atoms], leu, np.array([[0.0, 0.0]]))[0]
+    lib = rotamer.library()["LEU"]
+    assert rotamer.log_density("LEU", np.array([[0.0, 0.0]]))[0] < lib["outlier"]
+    before, after = rotamer_torsions(model, model.xyz, r), rotamer_torsions(model, xyz, r)
+    assert leu.residue not in after.residue and leu.residue in after.outliers
+    assert leu.residue in before.residue
+    assert set(after.residue.tolist()) == set(before.residue.tolist()) - {leu.residue}
+
+
+def test_rotamer_restraints_switch_and_defaults(adk):
+    model, r = adk
+    assert build_params(6.0).rotamer_restraints and build_params(4.5).rotamer_restraints
+    assert not build_params(4.0).rotamer_restraints and not build_params(3.0).rotamer_restraints
+    n_rot = len(rotamer_torsions(model, model.xyz, r).quads)
+    only = build_params(3.0, overrides={"rotamer_restraints": True})
+    on = add_lowres_restraints(model, r, model.xyz, only)
+    assert on.counts()["reference_torsions"] == n_rot and len(on.reft_limit) == n_rot
+    assert np.all(on.reft_limit == ROTAMER_LIMIT)
+    off = build_params(6.0, overrides={"rotamer_restraints": False})
+    assert "reference_torsions" not in add_lowres_restraints(model, r, model.xyz, off).counts()
+    assert add_lowres_restraints(model, r, model.xyz, build_params(6.0)).counts()["reference_torsions"] == n_rot
+    # with a reference model, its torsions win on the chi bonds it restrains
+    ref_only = add_lowres_restraints(model, r, model.xyz, build_params(3.0), reference=model)
+    both = add_lowres_restraints(model, r, model.xyz, build_params(6.0), reference=model)
+    assert both.counts()["reference_torsions"] == ref_only.counts()["reference_torsions"]
+    with pytest.raises(InputError, match="rotamer_restraints"):
+        build_params(6.0, overrides={"rotamer_restraints": "yes"})
+
+
+def test_rotamer_restraints_cli_flag(adk_truth, tmp_path):
+    from hpcrefine.cli import main
+
+    simulate.write_simulated(adk_truth, 6.0, str(tmp_path / "maps"), seed=1)
+    counts = {}
+    for flag in ("on", "off"):
+        out = tmp_path / flag
+        rc = main(["refine", adk_truth, "--map", str(tmp_path / "maps" / "full.mrc"), "--resolution", "6",
+                   "--output", str(out), "--protocol", "minimise", "--cycles", "1", "--iterations", "5",
+                   "--rotamer-restraints", flag])
+        assert rc == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["parameters"]["rotamer_restraints"] == (flag == "on")
+        counts[flag] = report["restraints"].get("reference_torsions", 0)
+    assert counts["off"] == 0 and counts["on"] >= 300
+
+
+def test_rotamer_energy_zero_at_target_and_pull_back(adk):
+    model, r = adk
+    only = build_params(3.0, overrides={"rotamer_restraints": True})
+    rr = add_lowres_restraints(model, r, model.xyz, only)
+    rt = rotamer_torsions(model, model.xyz, r)
+    chains = {sc.residue: sc for sc in side_chains(model, r)}
+    xyz = model.xyz.copy()
+    for k in np.unique(rt.residue).tolist():
+        sc = chains[k]
+        xyz[sc.atoms] = set_chis(xyz[sc.atoms], sc, rt.target[rt.residue == k][None])[0]
+
+    def rot_energy(x):
+        return G.robust_torsion_terms(x, rr.reft_idx, rr.reft_target, rr.reft_sigma, rr.reft_limit)[0]
+
+    assert rot_energy(xyz) == pytest.approx(0.0, abs=1e-12)
+    sc = chains[int(rt.residue[0])]
+    row = int(np.nonzero(rt.residue == sc.residue)[0][0])
+    turned = xyz.copy()
+    chi = current_chis(xyz, sc)
+    chi[0] += 20.0
+    turned[sc.atoms] = set_chis(xyz[sc.atoms], sc, chi[None])[0]
+    L, s = ROTAMER_LIMIT / rt.sigma[row], 20.0 / rt.sigma[row]
+    assert rot_energy(turned) == pytest.approx(L * L * (1 - np.exp(-s * s / (L * L))), rel=1e-6)
+    # the same total through restraint_energy, as the "reference" part
+    assert G.restraint_energy(turned, rr)[2]["reference"] == pytest.approx(rot_energy(turned))
+
+
+def test_rotamer_restraints_hold_side_chains_against_a_wrong_pull(adk):
+    """A spring pulling a side chain's atoms to where chi 1 + 60 degrees would put them (a
+    stand-in for density that misleads at low resolution), minimised with the covalent
+    restraints: the rotamer restraints keep chi 1 much nearer its rotamer's well. (The pull is
+    topped out, so a spring strong enough still wins: Lys 22 crosses to the next well either way.)"""
+    from scipy.optimize import minimize
+
+    model, r = adk
+    rr = add_lowres_restraints(model, r, model.xyz, build_params(3.0, overrides={"rotamer_restraints": True}))
+    rt = rotamer_torsions(model, model.xyz, r)
+    chains = [sc for sc in side_chains(model, r) if sc.res_type == "LEU"
+              and sc.residue in set(rt.residue.tolist())][:3]
+    for sc in chains:
+        chi0 = current_chis(model.xyz, sc)
+        goal = chi0.copy()
+        goal[0] += 60.0
+        moving = sc.atoms[sc.beyond_cb]
+        spring = set_chis(model.xyz[sc.atoms], sc, goal[None])[0][sc.beyond_cb]
+        drift = {}
+        for name, restraints in (("off", r), ("on", rr)):
+            def f(x):
+                xyz = model.xyz.copy()
+                xyz[moving] = x.reshape(-1, 3)
+                e, g, _ = G.restraint_energy(xyz, restraints)
+                d = xyz[moving] - spring
+                return e + 2.0 * np.sum(d * d), (g[moving] + 4.0 * d).ravel()
+
+            x = minimize(f, model.xyz[moving].ravel(), jac=True, method="L-BFGS-B",
+                         options={"maxiter": 500}).x
+            xyz = model.xyz.copy()
+            xyz[moving] = x.reshape(-1, 3)
+            drift[name] = abs(float(_wrap(current_chis(xyz, sc)[0] - chi0[0])))
+        assert drift["off"] >= 25.0, (sc.residue, drift)
+        assert drift["on"] <= 0.75 * drift["off"], (sc.residue, drift)
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def test_6a_refinement_keeps_rama_and_helices(adk_truth, tmp_path):
@@ -246,7 +421,8 @@ def test_6a_refinement_keeps_rama_and_helices(adk_truth, tmp_path):
     helix = ss.kind == HELIX
     o, n = ss.o_atom[helix], ss.n_atom[helix]
     out = {}
-    for name, extra in (("covalent", ["--ss-restraints", "off", "--rama-restraints", "off"]),
+    for name, extra in (("covalent", ["--ss-restraints", "off", "--rama-restraints", "off",
+                                      "--rotamer-restraints", "off"]),
                         ("lowres", [])):
         rc = main(["refine", str(tmp_path / "start.cif"), "--map", str(tmp_path / "maps" / "full.mrc"),
                    "--resolution", "6", "--output", str(tmp_path / name), "--protocol", "minimise",

@@ -211,3 +211,29 @@ def test_same_result_with_one_and_two_workers(adk, tmp_path, steps_under_mpi):
     for sc in adk["picked"]:
         assert _chi_errors(model.xyz, results[2], sc)[:2].max() < 20
     assert np.array_equal(results[3], results[2])
+
+
+def test_rotamer_restraints_are_retargeted_to_the_side_chains_the_step_placed(adk):
+    """After a rotamer step the run rebuilds the rotamer restraints from the model the step left
+    (refine.retarget_lowres), so minimisation holds the new rotamers instead of pulling the side
+    chains back to the input's."""
+    from hpcrefine.lowres import rotamer_torsions
+    from hpcrefine.refine import load_inputs, retarget_lowres
+
+    params = build_params(6.0)
+    assert params.rotamer_restraints
+    inputs = load_inputs(adk["start_path"], adk["map"], None, None, [], need_map=True, params=params)
+    placed = adk["model"].xyz                       # the right rotamers, where the step puts them
+    from_start = rotamer_torsions(inputs.model, inputs.model.xyz, inputs.covalent)
+    from_placed = rotamer_torsions(inputs.model, placed, inputs.covalent)
+    assert np.array_equal(inputs.restraints.reft_target, from_start.target)
+    geom = retarget_lowres(inputs, params, placed)
+    assert geom.r is inputs.restraints
+    assert np.array_equal(inputs.restraints.reft_target, from_placed.target)
+    assert np.array_equal(inputs.restraints.reft_idx, from_placed.quads)
+    for sc in adk["picked"]:         # chi 1 of each side chain the start had wrong: a new target
+        was = from_start.target[from_start.residue == sc.residue]
+        now = from_placed.target[from_placed.residue == sc.residue]
+        assert len(now) and (len(was) == 0 or abs(_wrap(was[0] - now[0])) > 60)
+    # bonds, angles and the other terms are the input's own
+    assert inputs.restraints.bond_idx is inputs.covalent.bond_idx

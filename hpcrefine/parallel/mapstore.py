@@ -71,7 +71,13 @@ class MapStore:
             return self._memory[key]
         if key not in self._published:
             raise KeyError(f"map {key!r} was not published")
-        return np.asarray(np.load(self._path(key), mmap_mode="r"))     # an ndarray view of the mapping
+        path = self._path(key)
+        if not os.path.exists(path):
+            import socket
+            raise RuntimeError(f"rank {self.ctx.rank} on {socket.gethostname()} cannot see {path}, which "
+                               "the master wrote: put the output folder on a filesystem every node "
+                               "sees, or set HPCREFINE_MAP_DIR to one")
+        return np.asarray(np.load(path, mmap_mode="r"))     # an ndarray view of the mapping
 
     def publish(self, key: str, compute) -> np.ndarray:
         """The map compute() returns, computed once by the master (collective over the world
