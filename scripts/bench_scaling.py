@@ -7,8 +7,9 @@ ribosome (6zu5), and the master's CPU use while it waits.
 Prepares (once, cached in the workdir) simulated 3.5 A maps of 6zu5 and a start shaken by 0.8 A,
 then for each worker count W runs `mpiexec -n W+1` of this script in --measure mode: rank 0 is the
 master (it waits quietly, as in a refinement), ranks 1..W form one half set that shares an L-BFGS
-minimisation of `--iterations` iterations against half map 1 (distributed_minimise, one buffer
-Allreduce of 3n+1 doubles per evaluation). It prints, per W: seconds per evaluation (wall, and the
+minimisation of `--iterations` iterations against half map 1 (distributed_minimise: the
+optimiser split between the workers, an Allgatherv of the coordinates and a Reduce_scatter of
+3n gradient values per evaluation). It prints, per W: seconds per evaluation (wall, and the
 part spent in each rank's own terms and in the Allreduce), the speed-up over one worker, the
 master's CPU time as a fraction of the wall time, and the bytes each rank sends per evaluation.
 """
