@@ -19,10 +19,13 @@ is about sigma_h / sqrt(2) = diff / 2. The reported estimate is diff / 2 (ERROR_
 Parallel layout: the workers of half set h are split into groups, up to one per weight
 (weight_layout), so the weights are tried in parallel when there are enough ranks; the ranks of a
 group share each minimisation (distributed_minimise); a worker that plays both halves does half 1
-then half 2; with one process the plain engine.minimise runs. After refining, the group computes
-its model's FSC curves against both half maps and its geometry (the compare step), and its first
-rank sends them with the coordinates to the master (buffer Send; the master posts Irecv and waits
-quietly), which only chooses the weight and writes the report section.
+then half 2; with one process the plain engine.minimise runs. The half maps' data terms (low-pass,
+normalisation, blur: transforms of the whole box) are prepared once by the master and
+memory-mapped by the workers (parallel.mapstore). After refining, the group computes its model's
+geometry, and its first rank sends it with the coordinates to the master (buffer Send; the master
+posts Irecv and waits quietly), which computes the model's FSC curves against both half maps (the
+compare step, compare_task: the workers never transform the whole box), chooses the weight and
+writes the report section. With one process the compare step follows each task.
 """
 from __future__ import annotations
 
