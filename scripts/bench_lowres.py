@@ -3,8 +3,9 @@
 (`--resolution` for others).
 
 The true model is refined from starts shaken by 0.8 A rms (maps with seed 1, starts with the given
-seeds), once with covalent restraints only (`--ss-restraints off --rama-restraints off`) and once
-with the defaults at 6 A (secondary-structure H-bonds and Ramachandran restraints on); with
+seeds), once with covalent restraints only (`--ss-restraints off --rama-restraints off
+--rotamer-restraints off`) and once with the defaults at 6 A (secondary-structure H-bonds,
+Ramachandran and rotamer restraints on); with
 `--reference MODEL` also a third time with reference-model torsions (e.g. the open form of the
 enzyme, `hpcrefine data path adk_open`). Prints per run: Ramachandran outliers and favoured (%,
 report.json "validation" -> "final"), all-atom and C-alpha RMSD to the truth, bond and angle rmsd,
@@ -118,7 +119,8 @@ def main() -> int:
     d_truth = geo_truth[0]
     print(f"truth: {n_helices} helices, {len(keys)} helix H-bonds (O..N < {TRUE_HBOND_CUTOFF} A), "
           f"mean O..N {d_truth.mean():.3f} A")
-    runs = [("covalent only", ["--ss-restraints", "off", "--rama-restraints", "off"]),
+    runs = [("covalent only", ["--ss-restraints", "off", "--rama-restraints", "off",
+                               "--rotamer-restraints", "off"]),
             ("low-resolution restraints", [])]
     if args.reference:
         runs.append(("+ reference " + Path(args.reference).stem,
