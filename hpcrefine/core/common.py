@@ -91,3 +91,16 @@ def sub_at(a, i, p):
     a[i, 0] -= p[0]
     a[i, 1] -= p[1]
     a[i, 2] -= p[2]
+
+
+@njit(cache=True, inline="always")
+def catmull_rom(f):
+    """Catmull-Rom weights of grid points -1, 0, 1, 2 at fraction f in [0, 1), and their
+    derivatives in f (the map interpolation and the Ramachandran tables)."""
+    f2 = f * f
+    f3 = f2 * f
+    w = (0.5 * (-f3 + 2.0 * f2 - f), 0.5 * (3.0 * f3 - 5.0 * f2 + 2.0),
+         0.5 * (-3.0 * f3 + 4.0 * f2 + f), 0.5 * (f3 - f2))
+    dw = (0.5 * (-3.0 * f2 + 4.0 * f - 1.0), 0.5 * (9.0 * f2 - 10.0 * f),
+          0.5 * (-9.0 * f2 + 8.0 * f + 1.0), 0.5 * (3.0 * f2 - 2.0 * f))
+    return w, dw

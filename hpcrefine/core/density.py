@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from .common import coords as _prep_xyz
-from .common import grad_array
+from .common import catmull_rom, grad_array
 
 
 def _prep_map(data) -> np.ndarray:
@@ -56,13 +56,7 @@ def _axis(x, o, v, n):
     elif u > n + 2.0:
         u = n + 2.0
     f = math.floor(u)
-    t = u - f
-    t2 = t * t
-    t3 = t2 * t
-    w = (0.5 * (-t3 + 2.0 * t2 - t), 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0),
-         0.5 * (-3.0 * t3 + 4.0 * t2 + t), 0.5 * (t3 - t2))
-    dw = (0.5 * (-3.0 * t2 + 4.0 * t - 1.0), 0.5 * (9.0 * t2 - 10.0 * t),
-          0.5 * (-9.0 * t2 + 8.0 * t + 1.0), 0.5 * (3.0 * t2 - 2.0 * t))
+    w, dw = catmull_rom(u - f)
     i0 = int(f) - 1
     hi = n - 1
     idx = (min(max(i0, 0), hi), min(max(i0 + 1, 0), hi), min(max(i0 + 2, 0), hi),

@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit
 
 from ..restraints import Restraints
-from .common import add, add_at, cross, diff, dot, scale, sub_at
+from .common import add, add_at, catmull_rom, cross, diff, dot, scale, sub_at
 from .common import coords as _coords
 from .common import grad_array as _grad
 
@@ -621,18 +621,6 @@ def robust_torsion_terms(xyz, idx, target, sigma, limit, grad_out=None, weight=1
                    _floats(sigma), _floats(limit), float(weight))
 
 
-@njit(cache=True, inline="always")
-def _catmull_rom(f):
-    """Weights of grid points -1, 0, 1, 2 at fraction f in [0, 1), and their derivatives in f."""
-    f2 = f * f
-    f3 = f2 * f
-    w = (0.5 * (-f3 + 2.0 * f2 - f), 0.5 * (3.0 * f3 - 5.0 * f2 + 2.0),
-         0.5 * (-3.0 * f3 + 4.0 * f2 + f), 0.5 * (f3 - f2))
-    dw = (0.5 * (-3.0 * f2 + 4.0 * f - 1.0), 0.5 * (9.0 * f2 - 10.0 * f),
-          0.5 * (-9.0 * f2 + 8.0 * f + 1.0), 0.5 * (3.0 * f2 - 2.0 * f))
-    return w, dw
-
-
 @njit(cache=True)
 def _periodic_bicubic(table, c, phi, psi):
     """Value of table[c] (periodic m x m grid, bin centres -180 + (k + 0.5) 360/m degrees) at
@@ -643,8 +631,8 @@ def _periodic_bicubic(table, c, phi, psi):
     v = (psi + 180.0) / step - 0.5
     iu = math.floor(u)
     iv = math.floor(v)
-    wu, du = _catmull_rom(u - iu)
-    wv, dv = _catmull_rom(v - iv)
+    wu, du = catmull_rom(u - iu)
+    wv, dv = catmull_rom(v - iv)
     val = 0.0
     gu = 0.0
     gv = 0.0

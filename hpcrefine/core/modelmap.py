@@ -37,10 +37,14 @@ def _atom(xyz, a, amp, sig2, origin, voxel, shape):
     return s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1
 
 
+SPLAT, GRAD_XYZ, GRAD_S2 = 0, 1, 2       # what _over_atoms does at each voxel
+
+
 @njit(cache=True)
-def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, splat, grad):
-    """For atoms lo_atom..hi_atom-1, over the voxels within 3 sigma of each: with splat, add the
-    atom's Gaussian into grid; else add sum_v grid_v d rho_a(v) / d x_a into grad[a]."""
+def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, mode, grad, grad_s2):
+    """For atoms lo_atom..hi_atom-1, over the voxels within 3 sigma of each: SPLAT adds the
+    atom's Gaussian into grid; GRAD_XYZ adds sum_v grid_v d rho_a(v) / d x_a into grad[a];
+    GRAD_S2 adds sum_v grid_v d rho_a(v) / d s2_a into grad_s2[a] (s2: the Gaussian's variance)."""
     for a in range(lo_atom, hi_atom):
         s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1 = _atom(xyz, a, amp, sig2, origin, voxel, grid.shape)
         gx = 0.0
@@ -55,25 +59,34 @@ def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, splat, gr
                     d2 = dx * dx + dy * dy + dz * dz
                     if d2 <= r * r:
                         g = norm * math.exp(-0.5 * d2 / s2)
-                        if splat:
+                        if mode == SPLAT:
                             grid[k, j, i] += g
-                        else:
+                        elif mode == GRAD_XYZ:
                             w = grid[k, j, i] * g / s2
                             gx += w * dx
                             gy += w * dy
                             gz += w * dz
-        if not splat:
+                        else:
+                            gx += grid[k, j, i] * g * (0.5 * d2 / (s2 * s2) - 1.5 / s2)
+        if mode == GRAD_XYZ:
             grad[a, 0] += gx
             grad[a, 1] += gy
             grad[a, 2] += gz
+        elif mode == GRAD_S2:
+            grad_s2[a] += gx
 
 
 def _splat(xyz, amp, sig2, origin, voxel, out):
-    _over_atoms(xyz, amp, sig2, origin, voxel, out, 0, len(xyz), True, np.zeros((1, 3)))
+    _over_atoms(xyz, amp, sig2, origin, voxel, out, 0, len(xyz), SPLAT, np.zeros((1, 3)), np.zeros(1))
 
 
 def _gather(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, grad):
-    _over_atoms(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, False, grad)
+    _over_atoms(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, GRAD_XYZ, grad, np.zeros(1))
+
+
+def _gather_s2(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, grad_s2):
+    """grad_s2[a] += sum_v diff_v d rho_a(v) / d s2_a for atoms lo_atom..hi_atom-1 (the ADP step)."""
+    _over_atoms(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, GRAD_S2, np.zeros((1, 3)), grad_s2)
 
 
 ELECTRONS = {"H": 1, "C": 6, "N": 7, "O": 8, "P": 15, "S": 16, "SE": 34}

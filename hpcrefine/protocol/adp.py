@@ -17,31 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
-from ..core.modelmap import ELECTRONS, _atom, _splat
+from ..core.modelmap import ELECTRONS, _gather_s2, _splat
 
 B_FLOOR = 1.0
-
-
-@njit(cache=True)
-def _b_gradient(xyz, amp, sig2, origin, voxel, dgrid, lo_atom, hi_atom, grad_s2):
-    """For atoms lo_atom..hi_atom-1: grad_s2[a] += sum_v dgrid[v] * d rho_a(v) / d s2_a (the
-    model map itself is core.modelmap's splat, with the same Gaussians)."""
-    for a in range(lo_atom, hi_atom):
-        s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1 = _atom(xyz, a, amp, sig2, origin, voxel, dgrid.shape)
-        acc = 0.0
-        for k in range(k0, k1 + 1):
-            dz = (k - fz) * voxel[2]
-            for j in range(j0, j1 + 1):
-                dy = (j - fy) * voxel[1]
-                for i in range(i0, i1 + 1):
-                    dx = (i - fx) * voxel[0]
-                    d2 = dx * dx + dy * dy + dz * dz
-                    if d2 <= r * r:
-                        g = norm * math.exp(-0.5 * d2 / s2)
-                        acc += dgrid[k, j, i] * g * (0.5 * d2 / (s2 * s2) - 1.5 / s2)
-        grad_s2[a] += acc
 
 
 class ADPDataTerm:
@@ -74,7 +53,7 @@ class ADPDataTerm:
         f = float(np.sum(diff * diff)) * self.scale
         dcalc = (-2.0 * k * self.scale) * diff
         g_s2 = np.zeros(n)
-        _b_gradient(self.xyz, self.amp, sig2, self.origin, self.voxel, dcalc, atoms.start, atoms.stop, g_s2)
+        _gather_s2(self.xyz, self.amp, sig2, self.origin, self.voxel, dcalc, atoms.start, atoms.stop, g_s2)
         g = g_s2 / (8.0 * math.pi ** 2)
         g[np.asarray(b) < B_FLOOR] = 0.0
         return f, g
