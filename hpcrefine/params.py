@@ -22,6 +22,10 @@ class RefineParams:
     iterations: int = 150             # L-BFGS iterations per macro-cycle
     lbfgs_memory: int = 10
     max_step: float = 0.5              # A, largest displacement of any atom in one line-search trial
+    # how the workers of a coordinate minimisation share the atoms: "boxes" (compact regions of
+    # whole residues, each worker exchanging only its halo) or "blocks" (runs of residues in file
+    # order, the whole model gathered at every evaluation)
+    decomposition: str = "boxes"
     # data/restraint weight: None = automatic
     weight: float | None = None
     # with half maps and no fixed weight: "halfset" = the final refinement runs at the weight the
@@ -209,6 +213,8 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
         raise InputError("morph_blurs and morph_radii must have one entry per morph round each")
     if values.get("prepare_target", "fit") not in ("fit", "fast"):
         raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
+    if values.get("decomposition", "boxes") not in ("boxes", "blocks"):
+        raise InputError(f"decomposition must be boxes or blocks, got {values['decomposition']!r}")
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
     for name in ("ss_restraints", "rama_restraints", "rotamer_restraints"):

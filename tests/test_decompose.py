@@ -11,7 +11,8 @@ from hpcrefine.core import geometry, nonbonded
 from hpcrefine.modelio import read_model
 from hpcrefine.monlib import MonomerLibrary
 from hpcrefine.parallel.decompose import (atom_blocks, owner_of_atoms, pairs_share, plane_owner,
-                                          restraints_share, term_owner)
+                                          restraint_atoms, restraints_share, spatial_parts, term_owner)
+from hpcrefine.parallel.halo import near_atoms
 from hpcrefine.topology import build_restraints
 
 PARTS = (1, 2, 3, 4, 5, 7, 16)
@@ -166,3 +167,58 @@ def test_share_keeps_both_chirality_flags_with_their_rows(adk):
     e_all = geometry.restraint_energy(xyz, r2)[2]["chirals"]
     e_sum = sum(geometry.restraint_energy(xyz, s)[2]["chirals"] for s in shares)
     assert abs(e_sum - e_all) <= 1e-9 * e_all
+
+
+@pytest.mark.parametrize("n_parts", PARTS)
+def test_boxes_are_whole_residues_balanced_and_compact(adk, n_parts):
+    """spatial_parts: whole residues, every part within one largest residue of its share of
+    the atoms (for few parts), and each part more compact than a block of the same size."""
+    model, _, xyz = adk
+    first = model.res_first_atom
+    owner = spatial_parts(xyz, first, n_parts)
+    assert owner.shape == (model.n_atoms,) and owner.min() == 0 and owner.max() == n_parts - 1
+    for r in range(model.n_residues):                     # whole residues
+        assert len(set(owner[first[r]:first[r + 1]])) == 1
+    counts = np.bincount(owner, minlength=n_parts)
+    largest = int(np.max(np.diff(first)))
+    ideal = model.n_atoms / n_parts
+    assert np.all(np.abs(counts - ideal) <= largest * np.ceil(np.log2(n_parts) + 1))
+    assert np.array_equal(owner, spatial_parts(xyz.copy(), first, n_parts))   # a pure function
+    if n_parts > 1:
+        def spread(own):
+            return np.mean([np.sqrt(np.mean(np.sum((xyz[own == p] - xyz[own == p].mean(0)) ** 2, 1)))
+                            for p in range(n_parts)])
+        blocks = owner_of_atoms(atom_blocks(first, n_parts), model.n_atoms)
+        assert spread(owner) < spread(blocks)
+
+
+def test_near_atoms_finds_every_atom_within_the_radius(adk):
+    """The halo of a box holds every other atom within the radius (a superset: grid cells)."""
+    model, _, xyz = adk
+    owner = spatial_parts(xyz, model.res_first_atom, 3)
+    own = np.flatnonzero(owner == 1)
+    for radius in (3.0, 7.0):
+        near = near_atoms(xyz, own, radius)
+        d = np.sqrt(((xyz[:, None, :] - xyz[None, own, :]) ** 2).sum(-1)).min(axis=1)
+        within = np.flatnonzero((d <= radius) & (owner != 1))
+        assert np.all(np.isin(within, near))
+        assert not np.any(np.isin(near, own))
+        assert np.max(d[near]) <= 2.0 * np.sqrt(3) * radius     # two cells of radius / 2, per axis
+        assert len(near) < model.n_atoms - len(own)
+    with pytest.raises(ValueError, match="non-finite"):
+        bad = xyz.copy()
+        bad[5, 0] = np.nan
+        near_atoms(bad, own, 7.0)
+
+
+def test_restraint_atoms_are_every_atom_a_share_reads(adk):
+    model, r, xyz = adk
+    owner = spatial_parts(xyz, model.res_first_atom, 4)
+    share = restraints_share(r, owner, 2)
+    atoms = restraint_atoms(share)
+    assert np.all(np.isin(share.bond_idx.ravel(), atoms)) and np.all(np.isin(share.plane_atoms, atoms))
+    assert np.all(np.isin(share.tors_idx.ravel(), atoms))
+    assert np.all(np.diff(atoms) > 0)
+    # the atoms a box's terms read beyond it are a thin layer: bonded partners across the cut
+    beyond = atoms[owner[atoms] != 2]
+    assert 0 < len(beyond) < 0.2 * np.count_nonzero(owner == 2)

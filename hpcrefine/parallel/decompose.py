@@ -146,3 +146,51 @@ def pairs_share(nbl, atom_owner, part: int) -> PairShare:
     keep = np.asarray(atom_owner)[nbl.i] == part
     return PairShare(i=nbl.i[keep], j=nbl.j[keep], kind=nbl.kind[keep], radius=nbl.radius,
                      hbond=nbl.hbond)
+
+
+def spatial_parts(xyz, res_first_atom, n_parts: int) -> np.ndarray:
+    """(n_atoms,) int64: the owning part of every atom for n_parts compact boxes of whole residues.
+
+    Recursive coordinate bisection of the residue centres, balanced by atom count: the residues
+    are cut across the longest extent of their centres into two sets whose atoms are in the
+    ratio of the parts each set gets (k // 2 : k - k // 2), and each set is cut again until
+    there is one set per part. Each part is then a box-like region, so the atoms its terms reach
+    beyond it (its halo) grow with the box surface, not with the atoms it owns. Residues are
+    whole, and ties are broken by residue number, so the result is a pure function of the
+    coordinates (every rank computes the same parts)."""
+    first = np.asarray(res_first_atom, dtype=np.int64)
+    xyz = np.asarray(xyz, dtype=np.float64)
+    bounds_check = atom_blocks(first, 1)          # validates res_first_atom
+    n_atoms = int(bounds_check[-1])
+    if xyz.shape != (n_atoms, 3):
+        raise ValueError(f"xyz has shape {xyz.shape}, res_first_atom describes {n_atoms} atoms")
+    sizes = np.diff(first)
+    filled = np.flatnonzero(sizes > 0)
+    centre = np.add.reduceat(xyz, first[filled], axis=0) / sizes[filled, None] if len(filled) else \
+        np.zeros((0, 3))
+    res_part = np.zeros(len(sizes), dtype=np.int64)
+    # empty residues own no atom: their part does not matter
+    stack = [(filled, 0, int(n_parts))]
+    while stack:
+        res, base, k = stack.pop()
+        if k == 1 or len(res) <= 1:
+            res_part[res] = base
+            continue
+        c = centre[np.searchsorted(filled, res)]
+        axis = int(np.argmax(c.max(axis=0) - c.min(axis=0)))
+        order = np.lexsort((res, c[:, axis]))
+        w = np.cumsum(sizes[res[order]])
+        k1 = k // 2
+        cut = int(np.searchsorted(w, w[-1] * k1 / k, side="left")) + 1
+        cut = min(max(cut, 1), len(res) - 1)
+        stack.append((np.sort(res[order[:cut]]), base, k1))
+        stack.append((np.sort(res[order[cut:]]), base + k1, k - k1))
+    return np.repeat(res_part, sizes)
+
+
+def restraint_atoms(r: Restraints) -> np.ndarray:
+    """Sorted unique indices of every atom a term of r reads (the rows of every index array of
+    _ROW_TERMS and the plane atoms)."""
+    parts = [np.asarray(getattr(r, name), dtype=np.int64).ravel() for name in _ROW_TERMS]
+    parts.append(np.asarray(r.plane_atoms, dtype=np.int64).ravel())
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)

@@ -41,17 +41,22 @@ from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
-from .decompose import PairShare, atom_blocks, owner_of_atoms, pairs_share, restraints_share
+from .decompose import (PairShare, atom_blocks, owner_of_atoms, pairs_share, restraint_atoms,
+                        restraints_share, spatial_parts)
+from .halo import HALO_BUFFER, HaloExchange
 
 POLL_SECONDS = 0.02
+NEIGHBOUR_SKIN = 1.0     # A, the skin of the workers' neighbour lists (nonbonded.NeighbourList)
 
 
 class EvaluationTotals:
     """What this process's DistributedTargets did, summed over every minimisation of a run (the
-    run report's per-rank resources): evaluations, seconds in its own terms and in the Allreduce,
-    atom-evaluations of its data term, the bytes of the Allreduce buffers it contributed on
-    communicators of more than one rank (on a one-rank communicator nothing is exchanged), and its
-    neighbour-list builds with their seconds (part of its own terms' time)."""
+    run report's per-rank resources): evaluations, seconds in its own terms and in the exchanges,
+    atom-evaluations of its data term, the bytes it sent (the Allreduce buffers it contributed,
+    or its halo rows) in the evaluations on communicators of more than one rank (on a one-rank
+    communicator nothing is exchanged; shared_evaluations counts the others), its neighbour-list
+    builds with their seconds (part of its own terms' time), and, for halo exchanges, the summed
+    halo size (halo_atoms / halo_evaluations is the mean halo) and the halo list builds."""
 
     def __init__(self):
         self.evaluations = 0
@@ -61,19 +66,27 @@ class EvaluationTotals:
         self.reduce_bytes = 0
         self.nbl_builds = 0
         self.seconds_nbl = 0.0
+        self.shared_evaluations = 0
+        self.halo_evaluations = 0
+        self.halo_atoms = 0
+        self.halo_builds = 0
 
-    def add(self, seconds_local: float, seconds_reduce: float, atoms: int, buffer_bytes: int) -> None:
+    def add(self, seconds_local: float, seconds_reduce: float, atoms: int, buffer_bytes: int,
+            shared: bool = True) -> None:
         self.evaluations += 1
         self.seconds_local += seconds_local
         self.seconds_reduce += seconds_reduce
         self.atom_evaluations += atoms
         self.reduce_bytes += buffer_bytes
+        self.shared_evaluations += int(shared)
 
     def as_dict(self) -> dict:
         return {"evaluations": self.evaluations, "seconds_local": round(self.seconds_local, 2),
                 "seconds_reduce": round(self.seconds_reduce, 2), "atom_evaluations": self.atom_evaluations,
                 "reduce_bytes": self.reduce_bytes, "nbl_builds": self.nbl_builds,
-                "seconds_nbl": round(self.seconds_nbl, 2)}
+                "seconds_nbl": round(self.seconds_nbl, 2), "shared_evaluations": self.shared_evaluations,
+                "halo_evaluations": self.halo_evaluations, "halo_atoms": self.halo_atoms,
+                "halo_builds": self.halo_builds}
 
 
 EVALUATION_TOTALS = EvaluationTotals()     # this process's totals, read by the run report
@@ -82,12 +95,16 @@ EVALUATION_TOTALS = EvaluationTotals()     # this process's totals, read by the 
 # ------------------------------------------------------------------------------------- target
 
 class LocalRealSpaceTerm:
-    """The fast real-space target of a RealSpaceTerm restricted to a contiguous block of atoms.
+    """The fast real-space target of a RealSpaceTerm restricted to a rank's atoms (a slice, or
+    an index array for a box of decompose.spatial_parts).
 
     accumulate(xyz, grad_out, scale) reads only xyz[atoms] and adds only into grad_out[atoms]:
-    its cost is proportional to the block, not to the model."""
+    its cost is proportional to the rank's atoms, not to the model, and it reads only the part of
+    the map around them."""
 
-    def __init__(self, term, atoms: slice):
+    reads_own_atoms_only = True
+
+    def __init__(self, term, atoms):
         self.data = term.data
         self.origin = term.origin
         self.voxel = term.voxel
@@ -97,17 +114,31 @@ class LocalRealSpaceTerm:
     def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:
         """scale * T_data of the owned atoms; the gradient is added into grad_out (n, 3)."""
         sl = self.atoms
+        if isinstance(sl, slice):
+            f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
+                                     grad_out=grad_out[sl], scale=scale)
+            return f
+        g = np.zeros((len(sl), 3))
         f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
-                                 grad_out=grad_out[sl], scale=scale)
+                                 grad_out=g, scale=scale)
+        grad_out[sl] += g
         return f
 
 
-def _local_term(data_term, atoms: slice):
+def _local_term(data_term, atoms):
     """The block-restricted form of a data term: its own `local(atoms)` when it has one (any data
     term can plug in), else the fast real-space target."""
     if hasattr(data_term, "local"):
         return data_term.local(atoms)
     return LocalRealSpaceTerm(data_term, atoms)
+
+
+def reads_own_atoms_only(data_term) -> bool:
+    """True when the rank-restricted form of data_term reads only the coordinates of the rank's
+    own atoms, and accepts them as an index array: then the ranks can own boxes and exchange
+    only halos. The fast real-space target does; a term that declares `reads_own_atoms_only`
+    does; any other (a model map built from every atom, the NCS restraint) does not."""
+    return not hasattr(data_term, "local") or bool(getattr(data_term, "reads_own_atoms_only", False))
 
 
 class DistributedTarget:
@@ -117,13 +148,16 @@ class DistributedTarget:
     of the coordinates; data_term: this rank's LocalRealSpaceTerm (or anything with
     accumulate(xyz, grad_out, scale) -> f); share: this rank's restraints (decompose.
     restraints_share); restraints: the full set, whose radii and exclusions build the neighbour
-    list; atom_owner: (n,) owning rank of every atom in comm.
+    list; atom_owner: (n,) owning rank of every atom in comm (any assignment: owned_call's part
+    of the flat vector is the coordinates of this rank's atoms in increasing order); halo: a
+    halo.HaloExchange for owned_call to exchange halos instead of gathering the whole model (the
+    data term must then read only this rank's atoms).
 
     Calling it is collective over comm: every rank must call it with the same x.
     """
 
     def __init__(self, comm, shape, data_term, share: Restraints, restraints: Restraints,
-                 params: RefineParams, weight: float, atom_owner: np.ndarray):
+                 params: RefineParams, weight: float, atom_owner: np.ndarray, halo=None):
         n = int(shape[0])
         if tuple(shape) != (n, 3):
             raise ValueError(f"coordinates must have shape (n, 3), got {tuple(shape)}")
@@ -150,16 +184,17 @@ class DistributedTarget:
         self._buf = np.zeros(3 * n + 1, dtype=np.float64)
         self._grad = self._buf[:3 * n].reshape(n, 3)
         # the split form (owned_call): rank p's part of the flat vector is the coordinates of the
-        # atoms it owns, which must be one contiguous block
+        # atoms it owns, in increasing order; gathered, the parts follow each other in rank order
         counts = np.bincount(self.atom_owner, minlength=comm.Get_size()).astype(np.int64)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        if np.any(self.atom_owner != np.repeat(np.arange(len(counts)), counts)):
-            raise ValueError("the atoms a rank owns must form one contiguous block, in rank order")
+        self.owned = np.flatnonzero(self.atom_owner == self.part).astype(np.int64)
+        self.gather_order = np.argsort(self.atom_owner, kind="stable")
+        self.contiguous = bool(np.all(self.gather_order == np.arange(n)))
         self.part_counts = (3 * counts).astype(np.int64)
         self.part_starts = (3 * starts).astype(np.int64)
-        self.segment = slice(int(self.part_starts[self.part]),
-                             int(self.part_starts[self.part] + self.part_counts[self.part]))
+        self.halo = halo
         self._xfull: np.ndarray | None = None
+        self._xyz: np.ndarray | None = None      # owned_call with a halo: own and halo rows current
 
     def local_pairs(self, xyz: np.ndarray) -> PairShare:
         """This rank's non-bonded pairs, the neighbour list refreshed around the atoms that moved too far.
@@ -167,7 +202,8 @@ class DistributedTarget:
         t0 = time.perf_counter()
         if self.nbl is None:
             # only this rank's pairs are searched for: the build costs ~1/ranks of the whole list
-            self.nbl = nonbonded.NeighbourList(xyz, self.restraints, owned=self.atom_owner == self.part)
+            self.nbl = nonbonded.NeighbourList(xyz, self.restraints, cutoff_extra=NEIGHBOUR_SKIN,
+                                               owned=self.atom_owner == self.part)
         elif not self.nbl.refresh(xyz):
             return self.pairs
         self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
@@ -187,15 +223,24 @@ class DistributedTarget:
         self.seconds_reduce += t2 - t1
         self.seconds_local += t1 - t0
         self.n_evals += 1
-        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, self.n_owned,
-                              buf.nbytes if self.comm.Get_size() > 1 else 0)
+        shared = self.comm.Get_size() > 1
+        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, self.n_owned, buf.nbytes if shared else 0, shared)
         # the buffer is reused by the next call: the optimiser keeps a copy
         return float(buf[-1]), buf[:-1].copy()
 
+    def own_part(self, xyz: np.ndarray) -> np.ndarray:
+        """This rank's part of the flat vector (owned_call's x_part) from the whole coordinates."""
+        return np.ascontiguousarray(np.asarray(xyz, dtype=np.float64).reshape(self.shape)[self.owned]).ravel()
+
     def _local(self, xyz: np.ndarray) -> float:
-        """This rank's terms at xyz: f returned, the gradient left in self._grad (zeroed first)."""
-        self._buf[:] = 0.0
+        """This rank's terms at xyz: f returned, the gradient left in self._grad (zeroed first:
+        with a halo, only the rows the terms reach)."""
         g = self._grad
+        if self.halo is None:
+            self._buf[:] = 0.0
+        else:
+            g[self.owned] = 0.0
+            g[self.halo.need] = 0.0
         f = self.data_term.accumulate(xyz, g, self.weight)
         f += geometry.restraint_energy(xyz, self.share, grad_out=g)[0]
         if self.nb_weight > 0:
@@ -209,7 +254,11 @@ class DistributedTarget:
             self._xfull = np.empty(3 * self.shape[0], dtype=np.float64)
         self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
                              [self._xfull, (self.part_counts, self.part_starts), MPI.DOUBLE])
-        return self._xfull
+        if self.contiguous:
+            return self._xfull
+        whole = np.empty_like(self._xfull)
+        whole.reshape(self.shape)[self.gather_order] = self._xfull.reshape(self.shape)
+        return whole
 
     def owned_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
         """f and this rank's part of g from this rank's part of x (the split form, for an L-BFGS
@@ -218,6 +267,8 @@ class DistributedTarget:
         a Reduce_scatter sums the gradients and gives each rank its own part; f is summed with
         one more scalar Allreduce. The same data go over the wire as with one Allreduce of the
         whole gradient, but nothing of the optimiser is held or computed for the whole vector."""
+        if self.halo is not None:
+            return self._halo_call(x_part)
         t0 = time.perf_counter()
         xyz = self.gather(x_part).reshape(self.shape)
         t1 = time.perf_counter()
@@ -235,8 +286,45 @@ class DistributedTarget:
         self.n_evals += 1
         # counted as in __call__: the reduction's buffer (3n gradient values and f); the
         # Allgatherv adds this rank's own 3 n_owned coordinates
-        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned,
-                              8 * (len(self._buf)) if self.comm.Get_size() > 1 else 0)
+        shared = self.comm.Get_size() > 1
+        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned, 8 * (len(self._buf)) if shared else 0,
+                              shared)
+        return float(fbuf[0]), g_part
+
+    def _halo_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
+        """owned_call with a halo exchange: this rank's own rows are set from x_part, the halo
+        rows come from their owners (the whole model is gathered only when an atom has moved
+        too far since the halo lists were made), the halo rows of the gradient go back to their
+        owners, and f is summed with one scalar Allreduce."""
+        halo = self.halo
+        t0 = time.perf_counter()
+        mine = np.asarray(x_part, dtype=np.float64).reshape(-1, 3)
+        sent = 0
+        if halo.moved_far(mine):
+            self._xyz = self.gather(x_part).reshape(self.shape).copy()
+            halo.build(self._xyz)
+            sent += 8 * len(x_part) * (self.comm.Get_size() - 1)
+            EVALUATION_TOTALS.halo_builds += 1
+        else:
+            self._xyz[self.owned] = mine
+            halo.coords(self._xyz)
+        t1 = time.perf_counter()
+        f = self._local(self._xyz)
+        t2 = time.perf_counter()
+        g = self._grad
+        halo.gradients(g)
+        g_part = np.ascontiguousarray(g[self.owned]).ravel()
+        fbuf = np.array([f])
+        self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
+        t3 = time.perf_counter()
+        exchange = (t1 - t0) + (t3 - t2)
+        self.seconds_reduce += exchange
+        self.seconds_local += t2 - t1
+        self.n_evals += 1
+        sent += halo.bytes_per_evaluation()
+        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned, sent)
+        EVALUATION_TOTALS.halo_evaluations += 1
+        EVALUATION_TOTALS.halo_atoms += len(halo.need)
         return float(fbuf[0]), g_part
 
     def statistics(self, xyz: np.ndarray) -> dict:
@@ -300,19 +388,39 @@ def same_on_all_ranks(comm, a: np.ndarray) -> bool:
 
 
 def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
-                       weight: float, params: RefineParams) -> DistributedTarget:
-    """The DistributedTarget of this rank: atoms cut into comm.Get_size() blocks of whole residues
-    (rank p owns block p), the data term restricted to the block, the restraints to their share.
-    data_term: an engine.RealSpaceTerm over all atoms."""
+                       weight: float, params: RefineParams, boxes: bool = False) -> DistributedTarget:
+    """The DistributedTarget of this rank: the data term restricted to the rank's atoms, the
+    restraints to their share. data_term: an engine.RealSpaceTerm over all atoms (or any term
+    with local(atoms)).
+
+    The atoms are cut into comm.Get_size() blocks of whole residues in file order (rank p owns
+    block p) unless `boxes`, params.decomposition is "boxes", the data term reads only the rank's
+    own atoms (reads_own_atoms_only) and comm has more than one rank: then rank p owns box p of
+    decompose.spatial_parts at xyz0 and its owned_call exchanges halos (halo.HaloExchange).
+    xyz0 must then be the same on every rank."""
     n = len(xyz0)
     bounds = atom_blocks(res_first_atom, comm.Get_size())
     if bounds[-1] != n:
         raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
-    owner = owner_of_atoms(bounds, n)
     part = comm.Get_rank()
-    local = _local_term(data_term, slice(int(bounds[part]), int(bounds[part + 1])))
-    return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
-                             restraints, params, weight, owner)
+    use_boxes = (boxes and params.decomposition == "boxes" and comm.Get_size() > 1
+                 and reads_own_atoms_only(data_term))
+    if not use_boxes:
+        owner = owner_of_atoms(bounds, n)
+        local = _local_term(data_term, slice(int(bounds[part]), int(bounds[part + 1])))
+        return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
+                                 restraints, params, weight, owner)
+    owner = spatial_parts(xyz0, res_first_atom, comm.Get_size())
+    own = np.flatnonzero(owner == part)
+    share = restraints_share(restraints, owner, part)
+    radius = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + HALO_BUFFER
+    halo = HaloExchange(comm, owner, restraint_atoms(share), radius)
+    target = DistributedTarget(comm, (n, 3), _local_term(data_term, own), share, restraints, params,
+                               weight, owner, halo=halo)
+    target._xyz = np.array(xyz0, dtype=np.float64).reshape(n, 3)
+    halo.build(target._xyz)
+    EVALUATION_TOTALS.halo_builds += 1
+    return target
 
 
 def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
@@ -329,11 +437,12 @@ def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restrain
     xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
     if not same_on_all_ranks(comm, xyz0):
         raise ValueError("the start coordinates differ between the ranks of the communicator")
-    target = distributed_target(comm, xyz0, data_term, restraints, res_first_atom, weight, params)
+    target = distributed_target(comm, xyz0, data_term, restraints, res_first_atom, weight, params,
+                                boxes=True)
     t0 = time.perf_counter()
     # the optimiser's vectors are split between the ranks: each keeps and updates only the
     # coordinates of its own atoms (core.lbfgs with comm)
-    x_part, f, state, _ = lbfgs(target.owned_call, xyz0.ravel()[target.segment].copy(),
+    x_part, f, state, _ = lbfgs(target.owned_call, target.own_part(xyz0),
                                 maxiter=iterations, m=params.lbfgs_memory, max_step=params.max_step,
                                 callback=callback, comm=comm)
     x = target.gather(x_part).copy()

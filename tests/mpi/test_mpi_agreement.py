@@ -7,6 +7,7 @@ assertion is made on numbers every rank holds, so all ranks pass or fail togethe
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -104,6 +105,55 @@ def test_one_evaluation_equals_the_engine(ctx, case):
     rel_f, rel_g = _world_max([rel_f, rel_g])
     assert rel_f < 1e-12
     assert rel_g < 1e-10
+
+
+def test_halo_evaluations_equal_the_engine(ctx, case, measured):
+    """With boxes (the default decomposition), owned_call exchanges only halos: f and each
+    worker's part of g equal the single-process target, also after atoms moved farther than the
+    halo allows (which rebuilds the lists from the whole model once)."""
+    worst = np.zeros(3)
+    if ctx.is_worker:
+        comm = ctx.workers
+        xyz0 = case["xyz0"]
+        fun = _engine_fun(case)[0]
+        target = distributed_target(comm, xyz0, case["term"], case["r"], case["model"].res_first_atom,
+                                    WEIGHT, case["params"], boxes=True)
+        assert (target.halo is not None) == (comm.Get_size() > 1)
+        moved = xyz0.copy()
+        moved[::50] += 1.5                    # farther than HALO_BUFFER / 2 from the build
+        for i, x in enumerate((xyz0, xyz0 + 0.05, moved)):
+            f, g_part = target.owned_call(target.own_part(x))
+            f_ref, g_ref = fun(x)
+            worst[0] = max(worst[0], abs(f - f_ref) / abs(f_ref))
+            worst[1] = max(worst[1], np.max(np.abs(g_part - g_ref[target.owned].ravel()), initial=0.0)
+                           / np.max(np.abs(g_ref)))
+        if target.halo is not None:
+            worst[2] = target.halo.n_builds      # the start, then the moved model
+            n = len(xyz0)
+            measured[f"halo atoms per worker of {comm.Get_size()} (of {n})"] = str(len(target.halo.need))
+            measured["bytes sent per evaluation, halo vs whole-model gather"] = \
+                f"{target.halo.bytes_per_evaluation()} vs {2 * 8 * (3 * n + 1)}"
+    worst = _world_max(worst)
+    assert worst[0] < 1e-12
+    assert worst[1] < 1e-10
+    assert worst[2] in (0, 2)
+
+
+def test_boxes_and_blocks_minimise_alike(ctx, case):
+    """The same minimisation with the atoms shared as boxes (halo exchange) and as blocks (the
+    whole model gathered) ends at the same coordinates, to summation order."""
+    worst = np.zeros(1)
+    if ctx.is_worker:
+        ends = []
+        for decomposition in ("boxes", "blocks"):
+            params = dataclasses.replace(case["params"], decomposition=decomposition)
+            res, target = distributed_minimise(ctx.workers, case["xyz0"], case["term"], case["r"],
+                                               case["model"].res_first_atom, WEIGHT, ITERATIONS, params)
+            ends.append(res.xyz)
+            assert (target.halo is not None) == (decomposition == "boxes" and ctx.workers.Get_size() > 1)
+        worst[0] = np.max(np.abs(ends[0] - ends[1]))
+    worst = _world_max(worst)
+    assert worst[0] < 1e-6
 
 
 def test_statistics_equal_the_engine(ctx, case):
