@@ -4,7 +4,8 @@ the peak memory of every rank, time per stage and per evaluation, and the bytes 
 
     python scripts/bench_scale.py [--operators 60] [--ranks 3] [--workdir DIR]
                                   [--macro-cycles 2] [--iterations 40] [--trial-iterations 20]
-                                  [--max-step A] [--label SUFFIX] [--prepare-only]
+                                  [--max-step A] [--decomposition boxes|blocks] [--label SUFFIX]
+                                  [--prepare-only] [--full-map]
     python scripts/bench_scale.py --project RUN/bench_scale.json
 
 The true model is the 7cth asymmetric unit (10 chains, 16,667 atoms) copied by the first
@@ -214,14 +215,16 @@ def prepare(args, work: str) -> dict:
 
 def write_params(args, work: str) -> str:
     step = "" if args.max_step is None else f"_step{args.max_step:g}"
-    path = os.path.join(work, f"params_{args.macro_cycles}x{args.iterations}_{args.trial_iterations}{step}.toml")
+    dec = "" if args.decomposition is None else f"_{args.decomposition}"
+    path = os.path.join(work, f"params_{args.macro_cycles}x{args.iterations}_{args.trial_iterations}{step}{dec}.toml")
     with open(path, "w") as fh:
         fh.write("[refine]\n"
                  f"macro_cycles = {args.macro_cycles}\n"
                  f"iterations = {args.iterations}\n"
                  f"weight_trial_iterations = {args.trial_iterations}\n"
                  f"checkpoint_seconds = {args.checkpoint_seconds}\n"
-                 + ("" if args.max_step is None else f"max_step = {args.max_step}\n"))
+                 + ("" if args.max_step is None else f"max_step = {args.max_step}\n")
+                 + ("" if args.decomposition is None else f"decomposition = \"{args.decomposition}\"\n"))
     return path
 
 
@@ -268,14 +271,14 @@ def print_result(res: dict) -> None:
     print(f"\n{n:,} atoms ({res['operators']} copies), {res['ranks']} ranks, map {res['map']['box']} "
           f"voxels of {res['map']['pixel']} A; wall {res['wall_seconds']:.0f} s")
     print("stages (s): " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
-    print(f"{'rank':>4} {'evals':>6} {'own s/eval':>10} {'us/atom-eval':>12} {'reduce s':>9} "
-          f"{'MB reduced':>11} {'NBL builds/s':>12} {'maxrss MB':>9} {'VmHWM MB':>9} {'PSS max MB':>10}")
+    print(f"{'rank':>4} {'evals':>6} {'own s/eval':>10} {'us/atom-eval':>12} {'exchange s':>10} "
+          f"{'MB sent':>11} {'NBL builds/s':>12} {'maxrss MB':>9} {'VmHWM MB':>9} {'PSS max MB':>10}")
     mem = res["memory"]["ranks"]
     for r in res["rank_resources"]:
         m = mem.get(r["rank"], mem.get(str(r["rank"]), {}))
         ev = max(r["evaluations"], 1)
         print(f"{r['rank']:>4} {r['evaluations']:>6} {r['seconds_local'] / ev:10.4f} "
-              f"{1e6 * r['seconds_local'] / max(r['atom_evaluations'], 1):12.3f} {r['seconds_reduce']:9.1f} "
+              f"{1e6 * r['seconds_local'] / max(r['atom_evaluations'], 1):12.3f} {r['seconds_reduce']:10.1f} "
               f"{r['reduce_bytes'] / 1e6:11.1f} {str(r.get('nbl_builds', '-')) + '/' + str(r.get('seconds_nbl', '-')):>12} "
               f"{r['peak_rss_mb']:9.0f} {m.get('hwm_mb', 0):9} "
               f"{m.get('pss_max_mb', 0):10}")
@@ -283,7 +286,12 @@ def print_result(res: dict) -> None:
     print(f"all ranks together: largest sum of RSS {m['sum_rss_max_mb']} MB, of PSS {m['sum_pss_max_mb']} MB, "
           f"sum of peaks {m['sum_hwm_mb']} MB")
     print(f"Allreduce buffer: {res['allreduce_buffer_bytes'] / 1e6:.1f} MB per evaluation per rank "
-          f"(3n+1 doubles, n = {n:,})")
+          f"(3n+1 doubles, n = {n:,}): what the whole-model form (blocks) sends each way")
+    for r in res["rank_resources"]:
+        if r.get("halo_evaluations"):
+            print(f"rank {r['rank']}: halo {r['halo_atoms'] / r['halo_evaluations']:,.0f} atoms on average over "
+                  f"{r['halo_evaluations']} evaluations with boxes, {r['halo_builds']} list builds; "
+                  f"{r['reduce_bytes'] / max(r['shared_evaluations'], 1) / 1e6:.2f} MB sent per shared evaluation")
     b, a = res["before"], res["after"]
     print(f"start: RMSD {b['rmsd_all']:.3f} A (CA {b['rmsd_ca']:.3f}), bonds {b['bond_rmsd']:.4f} A, "
           f"angles {b['angle_rmsd']:.2f} deg, CC_mask {b['cc_mask']}")
@@ -335,9 +343,16 @@ def project(res: dict, atoms: float = 1.44e6, nodes=(1, 8, 64), cores: int = 32,
     t_eval(p workers) = c n / p + t_opt n / p + t_exchange(p), with c the measured seconds per
     atom-evaluation of a rank's own terms (data, restraints, repulsion, neighbour-list builds),
     t_opt the measured seconds per coordinate of the L-BFGS step (each worker runs it on its own
-    block: core.lbfgs with comm), and t_exchange = 2 (p - 1) / p * 8 (3n + 1) / bandwidth
-    + 2 log2(p) * latency (the Allgatherv of the coordinates and the Reduce_scatter of the
-    gradient) + SCALAR_REDUCTIONS * 2 log2(p) * latency (the optimiser's inner products). Half sets: each half's workers split into up to 4 groups, one
+    block: core.lbfgs with comm), and t_exchange the exchange of one evaluation. With boxes and
+    halos (a run that measured its halos: rank_resources halo_atoms) a worker's halo of h atoms,
+    measured at n / p_run atoms per worker, is taken to grow with the box surface,
+    h (n / p) ^ (2/3) / (n / p_run) ^ (2/3), and t_exchange = 2 * 24 h / bandwidth
+    + 2 min(p - 1, 26) * latency (the coordinates out and the gradients back, to at most the 26
+    neighbouring boxes) + (SCALAR_REDUCTIONS + 1) * 2 log2(p) * latency (the optimiser's inner
+    products and the displacement check) + the measured share of evaluations that gather the
+    whole model again * (p - 1) / p * 24 n / bandwidth. For an older run (blocks): 2 (p - 1) / p
+    * 8 (3n + 1) / bandwidth + 2 log2(p) * latency (the Allgatherv of the coordinates and the
+    Reduce_scatter of the gradient) + SCALAR_REDUCTIONS * 2 log2(p) * latency. Half sets: each half's workers split into up to 4 groups, one
     weight each; a task = its evaluations at the group's t_eval + its map work (model map, FSCs,
     low-pass and blur of the full box: the measured half-set stage time less its evaluations, per
     task). Final stage: its evaluations at t_eval(all workers) plus the measured rest of the weight
@@ -351,7 +366,12 @@ def project(res: dict, atoms: float = 1.44e6, nodes=(1, 8, 64), cores: int = 32,
     c = sum(r["seconds_local"] for r in workers) / sum(r["atom_evaluations"] for r in workers)
     t_opt = res["optimiser_seconds_per_evaluation"] / n
     w0 = workers[0]
-    ev_final = w0["reduce_bytes"] // buf
+    ev_final = w0["shared_evaluations"] if "shared_evaluations" in w0 else w0["reduce_bytes"] // buf
+    halo_ranks = [r for r in workers if r.get("halo_evaluations")]
+    p_run = len(workers)
+    if halo_ranks:
+        h_run = sum(r["halo_atoms"] / r["halo_evaluations"] for r in halo_ranks) / len(halo_ranks)
+        regather = sum(r["halo_builds"] for r in halo_ranks) / sum(r["halo_evaluations"] for r in halo_ranks)
     ev_half = w0["evaluations"] - ev_final
     tm = {k: v["seconds"] for k, v in res["timings"].items()}
     # the measured run: half sets on 1 worker per half, final stage on 2
@@ -366,7 +386,14 @@ def project(res: dict, atoms: float = 1.44e6, nodes=(1, 8, 64), cores: int = 32,
 
     def t_eval(p):
         hops = 2 * math.ceil(math.log2(p)) * latency if p > 1 else 0.0
-        comm = 0.0 if p <= 1 else 2 * (p - 1) / p * bytes_eval / bandwidth + hops * (1 + SCALAR_REDUCTIONS)
+        if p <= 1:
+            comm = 0.0
+        elif halo_ranks:
+            h = h_run * ((N / p) / (n / p_run)) ** (2 / 3)
+            comm = (2 * 24 * h / bandwidth + 2 * min(p - 1, 26) * latency + hops * (SCALAR_REDUCTIONS + 1)
+                    + regather * (p - 1) / p * 24 * N / bandwidth)
+        else:
+            comm = 2 * (p - 1) / p * bytes_eval / bandwidth + hops * (1 + SCALAR_REDUCTIONS)
         return c * N / p + t_opt * N / p + comm, comm
 
     rows = []
@@ -400,6 +427,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-seconds", type=float, default=600.0)
     ap.add_argument("--max-step", type=float, default=None,
                     help="L-BFGS max_step (A, largest displacement of any atom in one line-search trial)")
+    ap.add_argument("--decomposition", choices=("boxes", "blocks"), default=None,
+                    help="how the workers share a minimisation (default: the program's, boxes)")
     ap.add_argument("--sample", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--label", default="", help="suffix of the run folder")
     ap.add_argument("--full-map", action="store_true",
