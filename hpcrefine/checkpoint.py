@@ -15,7 +15,8 @@ Layout (read it with plain h5py; every attribute is a number or a JSON string):
   /state            the restart state: attrs stage, cycle (next macro-cycle), weight, w_half,
                     cycles (JSON), halfset (JSON report section), seed, protocol (JSON: the
                     finished protocol steps of the "prepare" stage); datasets prepared (the start
-                    model after those steps), xyz (coordinates
+                    model after those steps), occ (the occupancies an occupancy step refined, in
+                    the final checkpoint), xyz (coordinates
                     at the start of the current macro-cycle, float64), tasks/<h>_<k> (half-set
                     results, float64), calls/<i> (the current macro-cycle's completed
                     minimisations: float64 coordinates, attrs f, iterations, evaluations, seconds),
@@ -86,6 +87,7 @@ class RunState:
     steps: int = 0                               # completed steps (tasks and minimisations)
     protocol: list = field(default_factory=list)  # report records of the finished protocol steps
     b: np.ndarray | None = None                  # B after an ADP step (not stored: ADP ends a run)
+    occ: np.ndarray | None = None                # occupancies after an occupancy step (/state/occ)
     prepared: np.ndarray | None = None           # the start after the "prepare" stage's steps
 
 
@@ -181,6 +183,8 @@ def load_state(path: str, n_atoms: int) -> RunState:
             st.xyz = g["xyz"][()]
         if "prepared" in g:
             st.prepared = g["prepared"][()]
+        if "occ" in g:
+            st.occ = g["occ"][()]
         for key, ds in g["tasks"].items():
             h, k = (int(x) for x in key.split("_"))
             st.tasks[(h, k)] = ds[()]
@@ -321,6 +325,8 @@ class CheckpointWriter:
             g.create_dataset("xyz", data=np.asarray(state.xyz, dtype=np.float64))
         if state.prepared is not None:
             g.create_dataset("prepared", data=np.asarray(state.prepared, dtype=np.float64))
+        if state.occ is not None:
+            g.create_dataset("occ", data=np.asarray(state.occ, dtype=np.float64))
         tasks = g.create_group("tasks")
         for (h, k), arr in sorted(state.tasks.items()):
             tasks.create_dataset(f"{h}_{k}", data=np.asarray(arr, dtype=np.float64))

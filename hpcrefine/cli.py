@@ -71,12 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotamer-restraints", choices=["on", "off"],
                    help="side-chain chi angles restrained to the start's nearest rotamer (2010 "
                         "library; rotamer outliers left free) (default: on at resolutions worse than 4 A)")
+    p.add_argument("--cycle-rotamers", choices=["on", "off"],
+                   help="the rotamer step between the macro-cycles of the final refinement, after "
+                        "each but the last (default: on)")
     p.add_argument("--protocol", metavar="STEPS",
                    help="steps in order, comma-separated: rigid, morph, minimise (the macro-cycles), "
-                        "adp (default: minimise at 4.5 A or better, else rigid,morph,minimise,adp)")
+                        "adp, occupancy (of alternative conformations) (default: minimise at 4.5 A "
+                        "or better, else rigid,morph,minimise,adp)")
     p.add_argument("--rigid-groups", metavar="SPEC",
-                   help='rigid-body groups, e.g. "A:1-29,A:60-121|A:30-59|B" or a file holding that '
-                        "(default: each chain)")
+                   help='rigid-body groups, e.g. "A:1-29,A:60-121|A:30-59|B" or a file holding that, '
+                        'or "auto": the structural domains of each protein chain found in the start '
+                        "model (default: each chain)")
     _add_common_model_args(p)
 
     p = sub.add_parser("idealize", help="fix geometry alone, moving atoms as little as possible")
@@ -165,6 +170,7 @@ def _refine(args, command: str) -> int:
                            "ss_restraints": _on_off(args.ss_restraints),
                            "rama_restraints": _on_off(args.rama_restraints),
                            "rotamer_restraints": _on_off(args.rotamer_restraints),
+                           "cycle_rotamers": _on_off(args.cycle_rotamers),
                            "protocol": args.protocol, "rigid_groups": args.rigid_groups})
     if not args.map and not args.half_maps:
         raise InputError("refine needs a map: give --map MAP and/or --half-maps H1 H2")

@@ -147,8 +147,9 @@ def fits_pdb(st: gemmi.Structure) -> tuple[bool, str]:
     return True, ""
 
 
-def updated_structure(model: Model, xyz: np.ndarray, b: np.ndarray | None = None) -> gemmi.Structure:
-    """A copy of the model's structure with new coordinates (and B-factors)."""
+def updated_structure(model: Model, xyz: np.ndarray, b: np.ndarray | None = None,
+                      occ: np.ndarray | None = None) -> gemmi.Structure:
+    """A copy of the model's structure with new coordinates (and B-factors, and occupancies)."""
     st = model.st.clone()
     i = 0
     for ch in st[0]:
@@ -157,6 +158,8 @@ def updated_structure(model: Model, xyz: np.ndarray, b: np.ndarray | None = None
                 at.pos = gemmi.Position(*xyz[i])
                 if b is not None:
                     at.b_iso = float(b[i])
+                if occ is not None:
+                    at.occ = float(occ[i])
                 i += 1
     assert i == len(xyz), "structure and coordinate array disagree"
     return st

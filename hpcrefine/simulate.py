@@ -311,3 +311,56 @@ def shake(xyz: np.ndarray, rms: float, seed: int) -> np.ndarray:
     d = np.random.default_rng(seed).standard_normal(xyz.shape)
     d *= rms / np.sqrt((d**2).sum(axis=1).mean())
     return xyz + d
+
+
+def alternative_conformers(model, restraints, count: int, seed: int, occ_range=(0.2, 0.8),
+                           min_contact: float = 3.0):
+    """A test case for occupancy refinement: a copy of the model's structure in which `count`
+    side chains get a second conformer. Candidates are the side chains the rotamer step can turn
+    (protocol.rotamer_fit.side_chains) with at least two atoms beyond CB; they are taken in a
+    seeded random order. A side chain's atoms beyond CB become altloc A (as in the model, occupancy
+    q drawn uniformly from occ_range) and altloc B (occupancy 1 - q): the most probable library
+    rotamer whose chi 1 is more than 60 degrees from the model's and whose atoms stay min_contact
+    A from every atom outside the residue (a side chain with none is passed over).
+
+    Returns (structure, picks): picks lists (residue index, q) in residue order."""
+    from .protocol.rotamer_fit import current_chis, set_chis, side_chains
+    from .validation import rotamer
+
+    rng = np.random.default_rng(seed)
+    chains = [c for c in side_chains(model, restraints) if len(c.beyond_cb) >= 2]
+    lib = rotamer.library()
+    picks, coords = [], {}
+    for k in rng.permutation(len(chains)).tolist():
+        if len(picks) == count:
+            break
+        sc = chains[k]
+        others = np.ones(model.n_atoms, dtype=bool)
+        others[sc.atoms] = False
+        mean = lib[sc.res_type]["mean"]
+        off = np.abs((mean[:, 0] - current_chis(model.xyz, sc)[0] + 180.0) % 360.0 - 180.0) > 60.0
+        for j in np.argsort(-lib[sc.res_type]["prob"]).tolist():
+            if not off[j]:
+                continue
+            alt = set_chis(model.xyz[sc.atoms], sc, mean[j][None])[0][sc.beyond_cb]
+            d = np.linalg.norm(alt[:, None, :] - model.xyz[others][None, :, :], axis=2)
+            if d.min() >= min_contact:
+                q = float(rng.uniform(*occ_range))
+                picks.append((sc.residue, q))
+                coords[sc.residue] = (set(model.atom_name[sc.atoms[sc.beyond_cb]].tolist()), alt, q)
+                break
+    st = model.st.clone()
+    r = 0
+    for ch in st[0]:
+        for res in ch:
+            if r in coords:
+                names, alt, q = coords[r]
+                moved = [i for i, at in enumerate(res) if at.name in names]
+                for n_alt, i in enumerate(moved):
+                    res[i].altloc, res[i].occ = "A", q
+                    b = res[i].clone()
+                    b.altloc, b.occ = "B", 1.0 - q
+                    b.pos = gemmi.Position(*alt[n_alt])
+                    res.add_atom(b)
+            r += 1
+    return st, sorted(picks)

@@ -15,6 +15,11 @@
       --protocol adp alone; Pearson r of refined against true B (atoms and residues).
 
     python scripts/bench_protocol.py [--ranks K] [--only a b c] [--workdir DIR] [--compare P ...]
+        [--rigid-groups SPEC] [--extra "REFINE OPTIONS"]
+
+--rigid-groups replaces the three hand-given domains of (a), e.g. by "auto" (the domains
+hpcrefine.protocol.domains finds in the start model); --extra adds options to every refine run of
+(a), e.g. "--cycle-rotamers off".
 
 With --ranks K > 1 the refinements run under mpiexec -n K.
 """
@@ -93,7 +98,8 @@ def frame_label(info: dict) -> str:
     return info["stage"]
 
 
-def bench_flex(work: Path, ranks: int, compare: list[str]) -> dict:
+def bench_flex(work: Path, ranks: int, compare: list[str], groups: str = ADK_DOMAINS,
+               extra_args: tuple = ()) -> dict:
     paths = datasets.fetch(["adk_open", "adk_closed"])
     maps = work / "adk_closed_5A"
     write_simulated(paths["adk_closed"], 5.0, str(maps), seed=1, overwrite=True)
@@ -112,10 +118,11 @@ def bench_flex(work: Path, ranks: int, compare: list[str]) -> dict:
     write_model(updated_structure(opened, placed), str(start))
     run = work / "flex"
     seconds = refine([f"{start}.cif", "--map", str(maps / "full.mrc"), "--resolution", "5",
-                      "--rigid-groups", ADK_DOMAINS, "--output", str(run)], ranks)
+                      "--rigid-groups", groups, *extra_args, "--output", str(run)], ranks)
     frames, infos = trajectory(run)
     print(f"(a) flexible fitting, adk open -> simulated 5 A map of adk closed ({ranks} rank(s), "
-          f"{seconds:.1f} s); core superposition of the start: {sup.rmsd:.2f} A over {int(core.sum())} CA")
+          f"{seconds:.1f} s); core superposition of the start: {sup.rmsd:.2f} A over {int(core.sum())} CA; "
+          f"rigid groups {groups}")
     print("    C-alpha RMSD to adk closed in place (A):   all    CORE    NMP    LID")
     steps = []
     for xyz, info in zip(frames, infos):
@@ -137,11 +144,11 @@ def bench_flex(work: Path, ranks: int, compare: list[str]) -> dict:
           f"start {rama0['outlier']}), favoured {rama['favoured_pct']:.1f} %")
     others = {}
     variants = [("default protocol, no --rigid-groups", [])]
-    variants += [(f"--protocol {p}", ["--rigid-groups", ADK_DOMAINS, "--protocol", p]) for p in compare]
+    variants += [(f"--protocol {p}", ["--rigid-groups", groups, "--protocol", p]) for p in compare]
     for i, (label, extra) in enumerate(variants):
         run = work / f"flex_compare{i}"
         seconds = refine([f"{start}.cif", "--map", str(maps / "full.mrc"), "--resolution", "5",
-                          *extra, "--output", str(run)], ranks)
+                          *extra, *extra_args, "--output", str(run)], ranks)
         rep = json.loads((run / "report.json").read_text())
         rr = domain_rmsd(read_model(str(run / "refined.cif")).xyz, closed.xyz, ia, ib, num)
         others[label] = {k: round(v, 3) for k, v in rr.items()}
@@ -225,6 +232,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
     ap.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", help="write the numbers to this file")
+    ap.add_argument("--rigid-groups", default=ADK_DOMAINS, metavar="SPEC",
+                    help="(a) rigid groups instead of the three adk domains, e.g. auto")
+    ap.add_argument("--extra", default="", help="(a) more refine options, e.g. \"--cycle-rotamers off\"")
     ap.add_argument("--compare", nargs="*", default=[], metavar="PROTOCOL",
                     help="(a) also with these protocols, e.g. minimise rigid,morph,minimise")
     args = ap.parse_args()
@@ -232,7 +242,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     if "a" in args.only:
-        out["flex"] = bench_flex(work, args.ranks, args.compare)
+        out["flex"] = bench_flex(work, args.ranks, args.compare, args.rigid_groups, tuple(args.extra.split()))
     if "b" in args.only:
         out["rigid"] = bench_rigid(work, args.ranks)
     if "c" in args.only:

@@ -9,7 +9,9 @@ and L-BFGS macro-cycles of the fast target in this process, as the refinement's 
 them), it prints: the fraction of the fitted side chains with chi 1 within 40 degrees of the
 truth, the side-chain RMSD to the truth (atoms beyond CB of those residues; the two equivalent
 atoms of Asp, Glu, Phe and Tyr matched as their swap fits best), rotamer outliers
-(validation.rotamer), the clashscore (validation.clash) and the wall time.
+(validation.rotamer), the clashscore (validation.clash) and the wall time; and the rotamer step
+run from the truth itself: how many side chains it changes and how many it moves away (chi 1 more
+than 40 degrees off the truth).
 
 With --compare-restraints, the rotamer step's output is minimised three times instead: with the
 covalent restraints alone (rotamer restraints off), with rotamer restraints (hpcrefine.lowres,
@@ -18,9 +20,15 @@ ss and Ramachandran restraints left off) towards the rotamers nearest to the fit
 rebuilds the low-resolution restraints after the prepare steps, refine.retarget_lowres), and with
 rotamer restraints towards those nearest to the wrong start (what it did before that).
 
+With --refine-compare, the whole `hpcrefine refine` command runs instead (one process, the
+resolution's defaults) from two starts, the wrong rotamers above and the truth, each shaken by
+--noise A rms (0.5 if not given), with and without --cycle-rotamers, by default protocol and with
+rotamer before it (--protocol rotamer,...), and prints for each refined model the same side-chain
+figures and the all-atom and C-alpha RMSD to the truth.
+
     python scripts/bench_rotamer.py [--resolutions 3 4 6] [--noise 0.0] [--cycles 2]
         [--margin M --clash-weight W --prior-weight P --blur B --passes N --no-sigma]
-        [--compare-restraints]
+        [--compare-restraints | --refine-compare [--workdir DIR]]
 """
 from __future__ import annotations
 
@@ -85,6 +93,12 @@ def side_chain_figures(model, chains, xyz, truth) -> dict:
             "clashscore": float(clash.analyse(model, xyz, RESTRAINTS)["clashscore"])}
 
 
+def moved_away(chains, xyz, truth) -> int:
+    """Side chains whose chi 1 is more than 40 degrees from the truth's."""
+    d = [(current_chis(xyz, sc)[0] - current_chis(truth, sc)[0] + 180.0) % 360.0 - 180.0 for sc in chains]
+    return int(np.sum(np.abs(d) > 40.0))
+
+
 def run_minimise(model, xyz, data, origin, voxel, params, cycles: int,
                  restraints=None) -> tuple[np.ndarray, float]:
     """Macro-cycles from xyz with the given restraints (default: the covalent ones)."""
@@ -120,7 +134,13 @@ def main() -> None:
     ap.add_argument("--no-sigma", action="store_true", help="library means only")
     ap.add_argument("--compare-restraints", action="store_true",
                     help="minimise the rotamer step's output with rotamer restraints off and on")
+    ap.add_argument("--refine-compare", action="store_true",
+                    help="whole refine runs with and without --cycle-rotamers (module docstring)")
+    ap.add_argument("--workdir", help="--refine-compare: keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
+    if args.refine_compare:
+        refine_compare(args)
+        return
 
     path = datasets.fetch(["adk_closed"])["adk_closed"]
     model = read_model(path)
@@ -154,7 +174,10 @@ def main() -> None:
                                args.cycles)
             continue
         same, rec_t = rotamer_step(ParamRunner(None), inputs, truth, params)
-        print(f"  {'rotamer from the truth':<26} {rec_t['changed']} of {rec_t['residues']} side chains changed")
+        fig_t = side_chain_figures(model, chains, same, truth)
+        print(line(f"truth + rotamer ({rec_t['changed']} chg)", fig_t))
+        print(f"  {'rotamer from the truth':<26} {rec_t['changed']} of {rec_t['residues']} side chains "
+              f"changed, {moved_away(chains, same, truth)} moved away (chi 1 more than 40 deg off)")
         if args.cycles > 0:
             m0, s0 = run_minimise(model, start, full, origin, voxel, params, args.cycles)
             print(line("start + minimise", side_chain_figures(model, chains, m0, truth), s0))
@@ -172,6 +195,58 @@ def compare_restraints(model, chains, start, fitted, truth, data, origin, voxel,
             ("+ minimise, rot. start", add_lowres_restraints(model, RESTRAINTS, start, rot))):
         m, s = run_minimise(model, fitted, data, origin, voxel, params, cycles, restraints)
         print(line(label, side_chain_figures(model, chains, m, truth), s))
+
+
+def refine_compare(args) -> None:
+    """`hpcrefine refine` with and without --cycle-rotamers (module docstring)."""
+    global RESTRAINTS
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from hpcrefine.mapio import write_map
+    from hpcrefine.modelio import updated_structure, write_model
+    from hpcrefine.params import resolution_defaults
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_rotamer_"))
+    work.mkdir(parents=True, exist_ok=True)
+    path = datasets.fetch(["adk_closed"])["adk_closed"]
+    model = read_model(path)
+    RESTRAINTS = build_restraints(model, MonomerLibrary())
+    chains = side_chains(model, RESTRAINTS)
+    truth = model.xyz.copy()
+    noise = 0.5 if args.noise == 0.0 else args.noise
+    starts = {"wrong rotamers": wrong_start(model, chains, args.seed, noise),
+              "true rotamers": simulate.shake(truth, noise, seed=args.seed + 1)}
+    ca = model.atom_name == "CA"
+    hpc = str(Path(sys.executable).parent / "hpcrefine")
+    for res in args.resolutions:
+        full, _, _, origin, voxel, _ = simulate.simulate_maps(read_structure(path), res, seed=1)
+        map_path = work / f"full_{res:g}.mrc"
+        write_map(str(map_path), full, origin, voxel)
+        default = resolution_defaults(res).get("protocol", "minimise")
+        print(f"\n{res:.1f} A map, hpcrefine refine (default protocol {default}), starts shaken by {noise} A:")
+        for label, xyz in starts.items():
+            stem = work / f"start_{label.split()[0]}"
+            write_model(updated_structure(model, xyz), str(stem))
+            print(line(f"{label}: start", side_chain_figures(model, chains, xyz, truth)))
+            for protocol in (default, f"rotamer,{default}"):
+                for cyc in ("off", "on"):
+                    out = work / f"run_{res:g}_{label.split()[0]}_{protocol.split(',')[0]}_{cyc}"
+                    t0 = time.perf_counter()
+                    p = subprocess.run([hpc, "refine", f"{stem}.cif", "--map", str(map_path), "--resolution",
+                                        f"{res:g}", "--protocol", protocol, "--cycle-rotamers", cyc,
+                                        "--output", str(out), "--overwrite"], capture_output=True, text=True)
+                    if p.returncode != 0:
+                        sys.exit(f"refine failed:\n{p.stderr[-3000:]}")
+                    sec = time.perf_counter() - t0
+                    got = read_model(str(out / "refined.cif")).xyz
+                    fig = side_chain_figures(model, chains, got, truth)
+                    d2 = np.sum((got - truth) ** 2, axis=1)
+                    tag = f"{'rotamer,' if protocol != default else ''}cycle rot. {cyc}"
+                    print(line(f"  {tag}", fig, sec) + f"   RMSD all {np.sqrt(d2.mean()):.3f} A, "
+                          f"CA {np.sqrt(d2[ca].mean()):.3f} A")
 
 
 RESTRAINTS = None

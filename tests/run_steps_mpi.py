@@ -1,12 +1,12 @@
 """Runs protocol steps (hpcrefine.protocol.steps.run_steps) collectively under mpiexec, for the
 tests that compare 1 process, 1 worker and 2 workers (test_protocol, test_anneal,
-test_rotamer_fit):
+test_rotamer_fit, test_occupancy):
 
     mpiexec -n K python tests/run_steps_mpi.py MODEL MAP OUT.npz STEPS PARAMS_JSON [coordinate-term]
 
 STEPS: comma-separated step names; PARAMS_JSON: RefineParams fields replacing those of
 build_params(resolution) (the "resolution" key, default 3.5, picks them); "coordinate-term": pass
-the rigid/morph steps' data term (steps.coordinate_term). Rank 0 writes OUT.npz (xyz, b) and
+the rigid/morph steps' data term (steps.coordinate_term). Rank 0 writes OUT.npz (xyz, b, occ) and
 prints "ranks K records JSON"; every other rank writes OUT.rankR.npz, so that a test can check
 that every rank holds the same answer.
 """
@@ -43,10 +43,10 @@ def main(argv):
     inputs = types.SimpleNamespace(model=model, map=grid, data=np.asarray(grid.data, dtype=np.float32),
                                    restraints=r)
     term = coordinate_term(inputs, params) if "coordinate-term" in argv[5:] else None
-    xyz, b, records = run_steps(steps.split(","), ParamRunner(ctx), inputs, model.xyz, model.b, term,
+    xyz, b, occ, records = run_steps(steps.split(","), ParamRunner(ctx), inputs, model.xyz, model.b, term,
                                 GeometryTerm(r, params), params)
     rank = world.Get_rank()
-    np.savez(out if rank == 0 else f"{out}.rank{rank}.npz", xyz=xyz, b=b)
+    np.savez(out if rank == 0 else f"{out}.rank{rank}.npz", xyz=xyz, b=b, occ=occ)
     if rank == 0:
         print("ranks", world.Get_size(), "records", json.dumps(records))
 

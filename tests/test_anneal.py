@@ -120,7 +120,7 @@ def test_thermostat_holds_the_schedule(adk):
 def _anneal(adk, xyz, **kw):
     params = _params(anneal_steps=60, **kw)
     geom = GeometryTerm(adk.restraints, params)
-    out, _, records = run_steps(["anneal"], ParamRunner(None), adk, xyz, adk.model.b, None, geom, params)
+    out, _, _, records = run_steps(["anneal"], ParamRunner(None), adk, xyz, adk.model.b, None, geom, params)
     return out, records[0]
 
 
@@ -154,7 +154,7 @@ def test_idealise_restores_geometry_of_a_distorted_model(adk):
     out = {}
     for sigma in (0.5, 0.0):
         params = _params(idealise_iterations=400, idealize_anchor_sigma=sigma)
-        out[sigma], _, records = run_steps(["idealise"], ParamRunner(None), adk, distorted, model.b,
+        out[sigma], _, _, records = run_steps(["idealise"], ParamRunner(None), adk, distorted, model.b,
                                            None, GeometryTerm(adk.restraints, params), params)
         b1, a1 = _bond_angle(adk.restraints, out[sigma], params)
         assert b1 < 0.005 and a1 < 1.0, (sigma, b1, a1)
@@ -212,7 +212,9 @@ def _turn_side_chains(model, every=3, degrees=120.0):
 def test_anneal_then_minimise_beats_minimise_on_wrong_rotamers(adk_truth, tmp_path):
     """adk in a simulated 4 A map, every third side chain turned 120 degrees: minimisation alone
     stays stuck (all-atom RMSD 1.12 A), annealing first gets closer (0.95 A; 0.94-1.00 A over
-    seeds 1-4, measured with scripts/bench_anneal.py). The anneal record is in report.json."""
+    seeds 1-4, measured with scripts/bench_anneal.py). The anneal record is in report.json.
+    Rotamer fitting between the macro-cycles is off here: it does this job itself (with it on,
+    the default, minimise alone reaches 0.84 A and anneal,minimise 0.80 A)."""
     from hpcrefine.simulate import write_simulated
 
     model = read_model(adk_truth)
@@ -223,7 +225,8 @@ def test_anneal_then_minimise_beats_minimise_on_wrong_rotamers(adk_truth, tmp_pa
     for protocol in ("minimise", "anneal,minimise"):
         out = tmp_path / protocol.replace(",", "_")
         assert main(["refine", f"{start}.cif", "--map", str(tmp_path / "maps" / "full.mrc"),
-                     "--resolution", "4", "--protocol", protocol, "--output", str(out)]) == 0
+                     "--resolution", "4", "--protocol", protocol, "--cycle-rotamers", "off",
+                     "--output", str(out)]) == 0
         xyz = read_model(str(out / "refined.cif")).xyz
         rmsd[protocol] = float(np.sqrt(np.mean(np.sum((xyz - model.xyz) ** 2, axis=1))))
         report = json.loads((out / "report.json").read_text())

@@ -1,11 +1,11 @@
 """The density-fit data term: a model map of Gaussian atoms compared with the map voxel by voxel.
 
-Each atom is a 3-D Gaussian of weight amp_i and variance (B_i + b_blur) / (8 pi^2) per axis, cut at
-3 sigma. The target is the masked least-squares residual  T = sum_mask (rho_obs - k rho_calc)^2 / sum_mask rho_obs^2
-(times 1000), with k the least-squares scale at every evaluation (its derivative drops out at the
-optimum). Unlike the fast target (map values at atom centres), it does not pull neighbouring atoms
-into their merged density peaks, so it is not biased at low resolution; it costs a few hundred
-voxels per atom per evaluation.
+Each atom is a 3-D Gaussian of weight amp_i (electrons x occupancy) and variance
+(B_i + b_blur) / (8 pi^2) per axis, cut at 3 sigma. The target is the masked least-squares
+residual  T = sum_mask (rho_obs - k rho_calc)^2 / sum_mask rho_obs^2 (times 1000), with k the
+least-squares scale at every evaluation (its derivative drops out at the optimum). Unlike the fast
+target (map values at atom centres), it does not pull neighbouring atoms into their merged density
+peaks, so it is not biased at low resolution; it costs a few hundred voxels per atom per evaluation.
 """
 from __future__ import annotations
 
@@ -37,14 +37,16 @@ def _atom(xyz, a, amp, sig2, origin, voxel, shape):
     return s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1
 
 
-SPLAT, GRAD_XYZ, GRAD_S2 = 0, 1, 2       # what _over_atoms does at each voxel
+SPLAT, GRAD_XYZ, GRAD_S2, GRAD_AMP = 0, 1, 2, 3       # what _over_atoms does at each voxel
 
 
 @njit(cache=True)
 def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, mode, grad, grad_s2):
     """For atoms lo_atom..hi_atom-1, over the voxels within 3 sigma of each: SPLAT adds the
     atom's Gaussian into grid; GRAD_XYZ adds sum_v grid_v d rho_a(v) / d x_a into grad[a];
-    GRAD_S2 adds sum_v grid_v d rho_a(v) / d s2_a into grad_s2[a] (s2: the Gaussian's variance)."""
+    GRAD_S2 adds sum_v grid_v d rho_a(v) / d s2_a into grad_s2[a] (s2: the Gaussian's variance);
+    GRAD_AMP adds sum_v grid_v d rho_a(v) / d amp_a (the Gaussian of unit weight) into grad_s2[a],
+    without dividing by amp_a, so an atom of weight 0 has its derivative too."""
     for a in range(lo_atom, hi_atom):
         s2, r, norm, fx, i0, i1, fy, j0, j1, fz, k0, k1 = _atom(xyz, a, amp, sig2, origin, voxel, grid.shape)
         gx = 0.0
@@ -58,7 +60,8 @@ def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, mode, gra
                     dx = (i - fx) * voxel[0]
                     d2 = dx * dx + dy * dy + dz * dz
                     if d2 <= r * r:
-                        g = norm * math.exp(-0.5 * d2 / s2)
+                        e = math.exp(-0.5 * d2 / s2)
+                        g = norm * e
                         if mode == SPLAT:
                             grid[k, j, i] += g
                         elif mode == GRAD_XYZ:
@@ -66,14 +69,18 @@ def _over_atoms(xyz, amp, sig2, origin, voxel, grid, lo_atom, hi_atom, mode, gra
                             gx += w * dx
                             gy += w * dy
                             gz += w * dz
-                        else:
+                        elif mode == GRAD_S2:
                             gx += grid[k, j, i] * g * (0.5 * d2 / (s2 * s2) - 1.5 / s2)
+                        else:
+                            gx += grid[k, j, i] * e
         if mode == GRAD_XYZ:
             grad[a, 0] += gx
             grad[a, 1] += gy
             grad[a, 2] += gz
         elif mode == GRAD_S2:
             grad_s2[a] += gx
+        elif mode == GRAD_AMP:
+            grad_s2[a] += gx / (2.0 * math.pi * s2) ** 1.5
 
 
 def _splat(xyz, amp, sig2, origin, voxel, out):
@@ -89,13 +96,29 @@ def _gather_s2(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, grad_s2):
     _over_atoms(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, GRAD_S2, np.zeros((1, 3)), grad_s2)
 
 
+def _gather_amp(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, grad_amp):
+    """grad_amp[a] += sum_v diff_v d rho_a(v) / d amp_a for atoms lo_atom..hi_atom-1 (the
+    occupancy step: amp_a = electrons_a * occupancy_a)."""
+    _over_atoms(xyz, amp, sig2, origin, voxel, diff, lo_atom, hi_atom, GRAD_AMP, np.zeros((1, 3)), grad_amp)
+
+
 ELECTRONS = {"H": 1, "C": 6, "N": 7, "O": 8, "P": 15, "S": 16, "SE": 34}
+
+
+def atom_amplitudes(elements, occ=None) -> np.ndarray:
+    """Each atom's weight in the model map: its electrons (ELECTRONS, 6 for unknown elements)
+    times its occupancy (1 when occ is None; an occupancy of 1 leaves the weight bitwise as it is)."""
+    amp = np.array([ELECTRONS.get(e, 6) for e in np.asarray(elements)], dtype=np.float64)
+    if occ is not None:
+        amp *= np.asarray(occ, dtype=np.float64)
+    return amp
 
 
 class DensityFitTerm:
     """Data term: masked least-squares fit of a Gaussian-atom model map to the map."""
 
-    def __init__(self, data, origin, voxel, mask, elements, b, b_blur: float, atoms: slice | None = None):
+    def __init__(self, data, origin, voxel, mask, elements, b, b_blur: float, atoms: slice | None = None,
+                 occ=None):
         self.data = np.ascontiguousarray(data, dtype=np.float64)
         self.origin = np.asarray(origin, dtype=np.float64)
         self.voxel = np.asarray(voxel, dtype=np.float64)
@@ -103,7 +126,8 @@ class DensityFitTerm:
         self.elements = np.asarray(elements)
         self.b = np.asarray(b, dtype=np.float64)
         self.b_blur = float(b_blur)
-        self.amp = np.array([ELECTRONS.get(e, 6) for e in self.elements], dtype=np.float64)
+        self.occ = None if occ is None else np.asarray(occ, dtype=np.float64)
+        self.amp = atom_amplitudes(self.elements, self.occ)
         self.sig2 = (np.maximum(self.b, 1.0) + self.b_blur) / (8.0 * math.pi ** 2)
         masked = self.data * self.mask
         self.scale = 1000.0 / max(float(np.sum(masked * masked)), 1e-30)
@@ -112,7 +136,7 @@ class DensityFitTerm:
     def blurred(self, b_extra: float) -> "DensityFitTerm":
         """The same term with atoms blurred by b_extra more (a wider basin of attraction)."""
         return DensityFitTerm(self.data, self.origin, self.voxel, self.mask, self.elements, self.b,
-                              self.b_blur + b_extra)
+                              self.b_blur + b_extra, occ=self.occ)
 
     def _residual(self, xyz):
         calc = np.zeros(self.data.shape)
@@ -134,7 +158,7 @@ class DensityFitTerm:
         it whole; the gradient is taken for the block only, and the target counted by the rank
         whose block starts at atom 0, so that a sum over ranks counts it once."""
         return DensityFitTerm(self.data, self.origin, self.voxel, self.mask, self.elements, self.b,
-                              self.b_blur, atoms)
+                              self.b_blur, atoms, occ=self.occ)
 
     def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:
         sl = self.atoms

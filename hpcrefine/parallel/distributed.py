@@ -192,6 +192,9 @@ class DistributedTarget:
         self.contiguous = bool(np.all(self.gather_order == np.arange(n)))
         self.part_counts = (3 * counts).astype(np.int64)
         self.part_starts = (3 * starts).astype(np.int64)
+        if not self.contiguous and halo is None:
+            raise ValueError("atoms owned in any order need a halo exchange: without one, the "
+                             "atoms a rank owns must form one contiguous block, in rank order")
         self.halo = halo
         self._xfull: np.ndarray | None = None
         self._xyz: np.ndarray | None = None      # owned_call with a halo: own and halo rows current
@@ -277,19 +280,22 @@ class DistributedTarget:
         g_part = np.empty(int(self.part_counts[self.part]), dtype=np.float64)
         self.comm.Reduce_scatter([self._buf[:-1], MPI.DOUBLE], [g_part, MPI.DOUBLE],
                                  self.part_counts, op=MPI.SUM)
+        # counted as in __call__: the reduction's buffer (3n gradient values and f); the
+        # Allgatherv adds this rank's own 3 n_owned coordinates
+        return self._sum_f(f, t0, t1, t2, 8 * len(self._buf)), g_part
+
+    def _sum_f(self, f: float, t0: float, t1: float, t2: float, sent: int) -> float:
+        """The end of an owned_call: f summed over comm (a scalar Allreduce), and the evaluation
+        counted (own terms t1..t2, exchange t0..t1 and from t2 on, `sent` bytes)."""
         fbuf = np.array([f])
         self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
-        t3 = time.perf_counter()
-        exchange = (t1 - t0) + (t3 - t2)
+        exchange = (t1 - t0) + (time.perf_counter() - t2)
         self.seconds_reduce += exchange
         self.seconds_local += t2 - t1
         self.n_evals += 1
-        # counted as in __call__: the reduction's buffer (3n gradient values and f); the
-        # Allgatherv adds this rank's own 3 n_owned coordinates
         shared = self.comm.Get_size() > 1
-        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned, 8 * (len(self._buf)) if shared else 0,
-                              shared)
-        return float(fbuf[0]), g_part
+        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned, sent if shared else 0, shared)
+        return float(fbuf[0])
 
     def _halo_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
         """owned_call with a halo exchange: this rank's own rows are set from x_part, the halo
@@ -314,18 +320,9 @@ class DistributedTarget:
         g = self._grad
         halo.gradients(g)
         g_part = np.ascontiguousarray(g[self.owned]).ravel()
-        fbuf = np.array([f])
-        self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
-        t3 = time.perf_counter()
-        exchange = (t1 - t0) + (t3 - t2)
-        self.seconds_reduce += exchange
-        self.seconds_local += t2 - t1
-        self.n_evals += 1
-        sent += halo.bytes_per_evaluation()
-        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned, sent)
         EVALUATION_TOTALS.halo_evaluations += 1
         EVALUATION_TOTALS.halo_atoms += len(halo.need)
-        return float(fbuf[0]), g_part
+        return self._sum_f(f, t0, t1, t2, sent + halo.bytes_per_evaluation()), g_part
 
     def statistics(self, xyz: np.ndarray) -> dict:
         """Geometry statistics of the whole model (collective): see gather_statistics."""

@@ -7,7 +7,9 @@ the model it refined. Now the master computes each map once and writes it to a f
 (a directory under the run's output folder, or $HPCREFINE_MAP_DIR, which must be readable by every
 rank: a shared filesystem on a cluster, /dev/shm on one machine), and every rank maps the file
 read-only. A worker then holds in memory only the pages around its own atoms, which its data term
-reads (its share of the model: decompose.atom_blocks); the page cache holds one copy per node.
+reads (its share of the model: a box of decompose.spatial_parts in the coordinate minimisation,
+so about the sub-grid around the box; decompose.atom_blocks elsewhere); the page cache holds one
+copy per node.
 
 Collective use: publish(key, compute) must be called by every rank of the world (the driver that
 all ranks run); the master computes and writes while the workers wait without spinning, then all

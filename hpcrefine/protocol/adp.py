@@ -1,7 +1,8 @@
 """ADP refinement: isotropic B-factors against the map, by the density-fit target.
 
 The model map is the Gaussian-atom map of core/modelmap.py: atom a is a 3-D Gaussian of weight
-amp_a (electrons) and variance s_a = (max(B_a, 1) + b_blur) / (8 pi^2) per axis, cut at 3 sigma.
+amp_a (electrons x occupancy) and variance s_a = (max(B_a, 1) + b_blur) / (8 pi^2) per axis, cut
+at 3 sigma.
 The data term is the masked least-squares residual T = 1000 sum_mask (rho_obs - k rho_calc)^2 /
 sum_mask rho_obs^2 with k fitted at every evaluation, as DensityFitTerm; its derivative with
 respect to B_a is sum_v dT/drho_calc(v) * rho_a(v) (d_av^2 / (2 s_a^2) - 3 / (2 s_a)) / (8 pi^2).
@@ -18,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..core.modelmap import ELECTRONS, _gather_s2, _splat
+from ..core.modelmap import _gather_s2, _splat, atom_amplitudes
 
 B_FLOOR = 1.0
 
@@ -26,13 +27,13 @@ B_FLOOR = 1.0
 class ADPDataTerm:
     """T_data(B) at fixed coordinates, and its gradient with respect to B (for a block of atoms)."""
 
-    def __init__(self, data, origin, voxel, mask, xyz, elements, b_blur: float):
+    def __init__(self, data, origin, voxel, mask, xyz, elements, b_blur: float, occ=None):
         self.data = np.ascontiguousarray(data, dtype=np.float64)
         self.origin = np.asarray(origin, dtype=np.float64)
         self.voxel = np.asarray(voxel, dtype=np.float64)
         self.mask = np.ascontiguousarray(mask, dtype=np.float64)
         self.xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-        self.amp = np.array([ELECTRONS.get(e, 6) for e in np.asarray(elements)], dtype=np.float64)
+        self.amp = atom_amplitudes(elements, occ)
         self.b_blur = float(b_blur)
         masked = self.data * self.mask
         self.scale = 1000.0 / max(float(np.sum(masked * masked)), 1e-30)

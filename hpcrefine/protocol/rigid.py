@@ -11,7 +11,8 @@ formula for the derivative of a 3-D rotation in exponential coordinates").
 Group specification (`--rigid-groups`, or params.rigid_groups): groups separated by "|" or new
 lines, each a comma-separated list of selections "A" (chain A), "A:12" (one residue) or "A:1-29"
 (residues 1 to 29 of chain A by author number). The text may instead be a file holding the same.
-Empty: one group per chain. Atoms outside every group stay where they are.
+Empty: one group per chain. "auto": the structural domains of each protein chain found in the
+start model (domains.py). Atoms outside every group stay where they are.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def parse_groups(spec: str | None, model) -> list[np.ndarray]:
     if not spec or not str(spec).strip():
         chains = list(dict.fromkeys(res_chain.tolist()))
         return [np.flatnonzero(model.chain == c) for c in chains]
+    if str(spec).strip().lower() == "auto":
+        from .domains import domain_groups
+        return domain_groups(model)
     text = str(spec)
     if os.path.isfile(text):
         with open(text) as fh:

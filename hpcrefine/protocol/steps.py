@@ -6,13 +6,15 @@ params.protocol lists the steps, e.g. "rigid,morph,minimise,adp":
             in rounds of decreasing blur and radius
   minimise  the macro-cycles of restrained coordinate minimisation (refine._refine_stages)
   adp       B-factors against the map at the final coordinates (adp.py)
+  occupancy occupancies of alternative conformations against the map at the final coordinates
+            (occupancy.py), a softmax per residue keeping each residue's sum
   anneal    simulated annealing: MD on the refinement target, cooled (anneal.py); before minimise
   idealise  the restraints without the map, atoms tethered to the start (idealise.py)
   rotamer   side chains set to the library rotamer the map fits best (rotamer_fit.py);
             before minimise, after it, or both ("rotamer,minimise,rotamer")
-Steps before "minimise" prepare the start model (the "prepare" stage of a run); "adp" runs at
-the final coordinates, after it. Each step here is run collectively by every rank of the run
-through a ParamRunner and returns the same result on every rank.
+Steps before "minimise" prepare the start model (the "prepare" stage of a run); "adp" and
+"occupancy" run at the final coordinates, after it. Each step here is run collectively by every
+rank of the run through a ParamRunner and returns the same result on every rank.
 
 The rigid and morph steps fit the blurred map with the data term alone (coordinate_term, by
 default BlurredFit), without restraints: the restraint gradient of a start with poor geometry
@@ -30,7 +32,8 @@ from .param import ParamRunner, coordinate_objective, param_objective
 
 log = logging.getLogger(__name__)
 
-STEPS = ("rigid", "morph", "anneal", "idealise", "rotamer", "minimise", "adp")
+STEPS = ("rigid", "morph", "anneal", "idealise", "rotamer", "minimise", "adp", "occupancy")
+FINAL_ONLY = ("adp", "occupancy")       # steps at the final coordinates: after minimise
 
 
 def parse_protocol(value) -> list[str]:
@@ -48,6 +51,8 @@ def parse_protocol(value) -> list[str]:
         raise InputError("the protocol names minimise more than once (it is the macro-cycles)")
     if "adp" in steps and ("minimise" in steps and steps.index("adp") < steps.index("minimise")):
         raise InputError("adp refines B at the final coordinates: put it after minimise")
+    if "occupancy" in steps and ("minimise" in steps and steps.index("occupancy") < steps.index("minimise")):
+        raise InputError("occupancy refines occupancies at the final coordinates: put it after minimise")
     if "minimise" in steps and "anneal" in steps[steps.index("minimise"):]:
         raise InputError("anneal leaves the model at its end temperature: put minimise after it")
     return steps
@@ -59,8 +64,8 @@ def split_protocol(value) -> tuple[list[str], bool, list[str]]:
     if "minimise" in steps:
         i = steps.index("minimise")
         return steps[:i], True, steps[i + 1:]
-    pre = [s for s in steps if s != "adp"]
-    return pre, False, [s for s in steps if s == "adp"]
+    pre = [s for s in steps if s not in FINAL_ONLY]
+    return pre, False, [s for s in steps if s in FINAL_ONLY]
 
 
 class BlurredFit:
@@ -73,13 +78,14 @@ class BlurredFit:
     round at blur 300 A^2 moved a placed, shaken adk by 0.14 A rms with this term alone, 4.4 A
     with the fast target and the restraints)."""
 
-    def __init__(self, data, origin, voxel, elements, b, b_blur: float):
+    def __init__(self, data, origin, voxel, elements, b, b_blur: float, occ=None):
         self.data = np.asarray(data, dtype=np.float32)
         self.origin = np.asarray(origin, dtype=np.float64)
         self.voxel = np.asarray(voxel, dtype=np.float64)
         self.elements = elements
         self.b = np.asarray(b, dtype=np.float64)
         self.b_blur = float(b_blur)
+        self.occ = occ
 
     def blurred(self, blur: float):
         from ..core.density import blur_map, normalise_map
@@ -87,7 +93,7 @@ class BlurredFit:
 
         data = blur_map(self.data, self.voxel, blur) if blur > 0 else self.data
         return DensityFitTerm(normalise_map(data), self.origin, self.voxel, np.ones(data.shape),
-                              self.elements, self.b, self.b_blur + blur)
+                              self.elements, self.b, self.b_blur + blur, occ=self.occ)
 
 
 def coordinate_term(inputs, params):
@@ -97,7 +103,8 @@ def coordinate_term(inputs, params):
     if params.prepare_target == "fast":
         from ..engine import RealSpaceTerm
         return RealSpaceTerm(inputs.data, grid.origin, grid.voxel, np.ones(model.n_atoms))
-    return BlurredFit(inputs.data, grid.origin, grid.voxel, model.element, model.b, params.fit_b_blur)
+    return BlurredFit(inputs.data, grid.origin, grid.voxel, model.element, model.b, params.fit_b_blur,
+                      occ=model.occ)
 
 
 def _blurred(term, blur):
@@ -172,8 +179,10 @@ def morph_step(runner: ParamRunner, model, xyz, data_term, geom, params, res_fir
     return xyz, record
 
 
-def adp_step(runner: ParamRunner, model, xyz, b_start, inputs, restraints, params, res_first_atom):
-    """B-factors at fixed coordinates against the map (adp.py). Returns (b, record)."""
+def adp_step(runner: ParamRunner, model, xyz, b_start, inputs, restraints, params, res_first_atom,
+             occ=None):
+    """B-factors at fixed coordinates (and occupancies, default the model's) against the map
+    (adp.py). Returns (b, record)."""
     from ..core.density import normalise_map
     from ..mapstats import atom_mask
     from .adp import ADPDataTerm, ADPRestraints, GroupedB, IndividualB, adp_objective
@@ -185,7 +194,7 @@ def adp_step(runner: ParamRunner, model, xyz, b_start, inputs, restraints, param
         grid = inputs.map
         mask = atom_mask(xyz, inputs.data.shape, grid.origin, grid.voxel, params.fit_mask_radius)
         data = ADPDataTerm(normalise_map(inputs.data), grid.origin, grid.voxel, mask, xyz,
-                           model.element, params.fit_b_blur)
+                           model.element, params.fit_b_blur, occ=model.occ if occ is None else occ)
         rest = ADPRestraints(restraints.bond_idx, b_start, params.adp_similarity_sigma,
                              params.adp_prior_sigma)
         return adp_objective(comm, data, rest, param, params.adp_weight, res_first_atom)
@@ -201,11 +210,13 @@ def adp_step(runner: ParamRunner, model, xyz, b_start, inputs, restraints, param
     return b, record
 
 
-def run_steps(names, runner: ParamRunner, inputs, xyz, b, data_term, geom, params, on_step=None):
-    """Run the named steps in order from (xyz, b); on_step(name, xyz, record) after each.
-    Returns (xyz, b, records)."""
+def run_steps(names, runner: ParamRunner, inputs, xyz, b, data_term, geom, params, on_step=None,
+              occ=None):
+    """Run the named steps in order from (xyz, b, occ: default the model's occupancies);
+    on_step(name, xyz, record) after each. Returns (xyz, b, occ, records)."""
     model = inputs.model
     first = model.res_first_atom
+    occ = model.occ if occ is None else occ
     records = []
     for name in names:
         if name == "rigid":
@@ -213,7 +224,10 @@ def run_steps(names, runner: ParamRunner, inputs, xyz, b, data_term, geom, param
         elif name == "morph":
             xyz, rec = morph_step(runner, model, xyz, data_term, geom, params, first)
         elif name == "adp":
-            b, rec = adp_step(runner, model, xyz, b, inputs, inputs.restraints, params, first)
+            b, rec = adp_step(runner, model, xyz, b, inputs, inputs.restraints, params, first, occ)
+        elif name == "occupancy":
+            from .occupancy import occupancy_step
+            occ, rec = occupancy_step(runner, model, xyz, b, occ, inputs, params)
         elif name == "anneal":
             from .anneal import anneal_step
             xyz, rec = anneal_step(runner, model, xyz, inputs, geom, params, first)
@@ -228,4 +242,4 @@ def run_steps(names, runner: ParamRunner, inputs, xyz, b, data_term, geom, param
         records.append(rec)
         if on_step is not None:
             on_step(name, xyz, rec)
-    return xyz, b, records
+    return xyz, b, occ, records

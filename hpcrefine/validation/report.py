@@ -36,8 +36,10 @@ def _round(x, n=4):
 
 
 def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_grid=None,
-                   data: np.ndarray | None = None, half_maps=None, resolution: float | None = None) -> dict:
-    """All validation figures of the model at coordinates xyz.
+                   data: np.ndarray | None = None, half_maps=None, resolution: float | None = None,
+                   b: np.ndarray | None = None, occ: np.ndarray | None = None) -> dict:
+    """All validation figures of the model at coordinates xyz (with B-factors b and occupancies
+    occ in its model map when given, else the model's own).
 
     map_grid: a MapGrid giving the map's grid (origin, voxel) and, unless `data` is given, its
     values; data: the map to compare with (e.g. refine's FSC-weighted map), on map_grid's grid;
@@ -114,7 +116,7 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
         if not resolution or not resolution > 0:
             raise ValueError("validate_model needs a positive resolution with a map")
         t = time.perf_counter()
-        st = updated_structure(model, xyz)
+        st = updated_structure(model, xyz, b, occ)
         fit = mapfit.analyse(model, xyz, st, exp, map_grid.origin, map_grid.voxel, resolution)
         timings["map_fit"] = time.perf_counter() - t
         per_res["cc"] = fit["residue_cc"]
