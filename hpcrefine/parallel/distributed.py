@@ -43,7 +43,7 @@ from ..params import RefineParams
 from ..restraints import Restraints
 from .decompose import (PairShare, atom_blocks, owner_of_atoms, pairs_share, restraint_atoms,
                         restraints_share, spatial_parts)
-from .halo import HALO_BUFFER, HaloExchange
+from .halo import HaloExchange, halo_buffer
 
 POLL_SECONDS = 0.02
 NEIGHBOUR_SKIN = 1.0     # A, the skin of the workers' neighbour lists (nonbonded.NeighbourList)
@@ -410,8 +410,9 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
     owner = spatial_parts(xyz0, res_first_atom, comm.Get_size())
     own = np.flatnonzero(owner == part)
     share = restraints_share(restraints, owner, part)
-    radius = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + HALO_BUFFER
-    halo = HaloExchange(comm, owner, restraint_atoms(share), radius)
+    buffer = halo_buffer(params.max_step)
+    radius = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
+    halo = HaloExchange(comm, owner, restraint_atoms(share), radius, buffer)
     target = DistributedTarget(comm, (n, 3), _local_term(data_term, own), share, restraints, params,
                                weight, owner, halo=halo)
     target._xyz = np.array(xyz0, dtype=np.float64).reshape(n, 3)

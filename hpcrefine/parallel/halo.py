@@ -26,6 +26,15 @@ from mpi4py import MPI
 HALO_BUFFER = 2.0      # A: an atom may move buffer / 2 from its position at the build
 
 
+def halo_buffer(max_step: float) -> float:
+    """The buffer for an optimiser whose trials move no atom more than max_step (A) from where
+    its line search started: HALO_BUFFER, or 2 max_step + 1 when that is larger, so that a trial
+    and the return from it do not each make the lists again. With max_step 2 and a 2 A buffer a
+    million-atom run made its lists 124 times in 211 evaluations, gathering the whole model each
+    time."""
+    return max(HALO_BUFFER, 2.0 * float(max_step) + 1.0)
+
+
 def near_atoms(xyz: np.ndarray, own: np.ndarray, radius: float) -> np.ndarray:
     """Sorted indices of the atoms not in `own` that lie within `radius` of some atom of `own`
     (and some a little farther: cells of radius / 2 within two cells of an owned atom's cell),
@@ -53,7 +62,7 @@ class HaloExchange:
     """The halo lists of one rank of comm, and the two exchanges that use them (collective).
 
     owner: (n,) owning rank of every atom; fixed: atoms this rank's restraint terms read (any
-    rank's, sorted); radius: the non-bonded search radius + HALO_BUFFER."""
+    rank's, sorted); radius: the non-bonded search radius + buffer."""
 
     def __init__(self, comm, owner: np.ndarray, fixed: np.ndarray, radius: float,
                  buffer: float = HALO_BUFFER):
