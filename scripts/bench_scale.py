@@ -5,7 +5,7 @@ the peak memory of every rank, time per stage and per evaluation, and the bytes 
     python scripts/bench_scale.py [--operators 60] [--ranks 3] [--workdir DIR]
                                   [--macro-cycles 2] [--iterations 40] [--trial-iterations 20]
                                   [--max-step A] [--decomposition boxes|blocks] [--label SUFFIX]
-                                  [--prepare-only] [--full-map]
+                                  [--prepare-only] [--full-map] [--param KEY=VALUE ...]
     python scripts/bench_scale.py --project RUN/bench_scale.json
 
 The true model is the 7cth asymmetric unit (10 chains, 16,667 atoms) copied by the first
@@ -216,7 +216,9 @@ def prepare(args, work: str) -> dict:
 def write_params(args, work: str) -> str:
     step = "" if args.max_step is None else f"_step{args.max_step:g}"
     dec = "" if args.decomposition is None else f"_{args.decomposition}"
-    path = os.path.join(work, f"params_{args.macro_cycles}x{args.iterations}_{args.trial_iterations}{step}{dec}.toml")
+    extra = "".join(f"_{kv.replace('=', '-')}" for kv in args.param)
+    path = os.path.join(work, f"params_{args.macro_cycles}x{args.iterations}_{args.trial_iterations}{step}{dec}"
+                              f"{extra}.toml")
     with open(path, "w") as fh:
         fh.write("[refine]\n"
                  f"macro_cycles = {args.macro_cycles}\n"
@@ -224,7 +226,8 @@ def write_params(args, work: str) -> str:
                  f"weight_trial_iterations = {args.trial_iterations}\n"
                  f"checkpoint_seconds = {args.checkpoint_seconds}\n"
                  + ("" if args.max_step is None else f"max_step = {args.max_step}\n")
-                 + ("" if args.decomposition is None else f"decomposition = \"{args.decomposition}\"\n"))
+                 + ("" if args.decomposition is None else f"decomposition = \"{args.decomposition}\"\n")
+                 + "".join(f"{kv.split('=', 1)[0]} = {kv.split('=', 1)[1]}\n" for kv in args.param))
     return path
 
 
@@ -429,6 +432,8 @@ def main(argv=None) -> int:
                     help="L-BFGS max_step (A, largest displacement of any atom in one line-search trial)")
     ap.add_argument("--decomposition", choices=("boxes", "blocks"), default=None,
                     help="how the workers share a minimisation (default: the program's, boxes)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more line of the parameter file, TOML (e.g. cycle_rotamers=false); repeatable")
     ap.add_argument("--sample", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--label", default="", help="suffix of the run folder")
     ap.add_argument("--full-map", action="store_true",
