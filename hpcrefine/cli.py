@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "library; rotamer outliers left free) (default: on at resolutions worse than 4 A)")
     p.add_argument("--cycle-rotamers", choices=["on", "off"],
                    help="the rotamer step between the macro-cycles of the final refinement, after "
-                        "each but the last (default: on)")
+                        "each but the last, searching rotamer outliers and side chains that fit the map "
+                        "poorly (default: off)")
     p.add_argument("--protocol", metavar="STEPS",
                    help="steps in order, comma-separated: rigid, morph, minimise (the macro-cycles), "
                         "adp, occupancy (of alternative conformations) (default: minimise at 4.5 A "

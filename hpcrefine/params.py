@@ -139,14 +139,26 @@ class RefineParams:
                                        # than ROTAMER_MARGIN_FROM: resolution_defaults)
     rotamer_passes: int = 4            # searches against the updated model (stops when none change)
     # the rotamer step also between the macro-cycles of the final refinement (after each but the
-    # last, whose minimisation then refines the side chains placed). On at every resolution:
+    # last, whose minimisation then refines the side chains placed). Measured with
     # scripts/bench_rotamer.py --refine-compare (adk closed shaken 0.5 A, every side chain in a
     # wrong rotamer, default protocol): chi 1 within 40 deg off -> on 12.7 -> 79.4 % at 3 A,
     # 25.5 -> 61.2 % at 4 A, 10.9 -> 46.1 % at 6 A, all-atom RMSD 1.88 -> 0.71, 1.67 -> 0.96,
     # 1.78 -> 1.17 A, rotamer outliers 56 -> 26, 70 -> 60, 47 -> 29; from the true rotamers
     # (shaken) the same at 3 and 4 A, at 6 A chi 1 98.2 -> 96.4 %, RMSD 0.516 -> 0.526 A,
     # outliers 26 -> 18. It costs a rotamer step per cycle (about 5 s on adk, one process).
-    cycle_rotamers: bool = True
+    # (Numbers searching every side chain; with the selection below see cycle_rotamer_select.)
+    # Off by default: it pays only for starts with wrong rotamers, and the adk demo took 6-7 s
+    # with it instead of 1.3-1.8 s (README, --cycle-rotamers).
+    cycle_rotamers: bool = False
+    # which side chains that per-cycle step searches: "all", or "outliers_poor_map" (rotamer
+    # outliers and side chains whose current rho is below cycle_rotamer_poor_map map sd, as
+    # phenix.real_space_refine does); the protocol step "rotamer" always searches all of them.
+    # Same bench, all -> selection: wrong start chi 1 79.4 -> 72.7, 61.2 -> 60.6, 46.1 -> 44.2 %
+    # at 3 / 4 / 6 A, RMSD 0.708 -> 0.838, 0.960 -> 1.072, 1.174 -> 1.265 A; true start the
+    # same models, its per-cycle steps 6.5 -> 2.8 s (3 A), 9.7 -> 3.9 s (4 A) in all; 7cth
+    # (1,679 side chains, 4 A) 48 -> 30 s a step. The threshold: README (--cycle-rotamers).
+    cycle_rotamer_select: str = "outliers_poor_map"
+    cycle_rotamer_poor_map: float = 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -602,9 +602,9 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
             # side chains refitted between macro-cycles; the next one refines what the step placed
             from .protocol.rotamer_fit import rotamer_step
             with timer("rotamer"):
-                xyz, rotamers = rotamer_step(runner, inputs, xyz, params)
-            log.info("cycle %d: rotamer fit changed %d of %d side chains", cycle, rotamers["changed"],
-                     rotamers["residues"])
+                xyz, rotamers = rotamer_step(runner, inputs, xyz, params, params.cycle_rotamer_select)
+            log.info("cycle %d: rotamer fit changed %d of %d side chains (%d searched)", cycle,
+                     rotamers["changed"], rotamers["residues"], rotamers["searched"])
             if params.rotamer_restraints:
                 geom = retarget_lowres(inputs, params, xyz)
         st = geom.statistics(xyz)
@@ -614,6 +614,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                        "weight_trials": [asdict(t) for t in trials]})
         if rotamers is not None:
             cycles[-1]["rotamers_changed"] = rotamers["changed"]
+            cycles[-1]["rotamers_searched"] = rotamers["searched"]
             cycles[-1]["rotamer_outliers"] = rotamers["rotamer_outliers_after"]
         if progress is not None:
             progress.step(f"cycle {cycle} minimise, weight {weight:.4g}, map blur {blur:.0f}", xyz,

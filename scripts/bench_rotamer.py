@@ -22,18 +22,37 @@ rotamer restraints towards those nearest to the wrong start (what it did before 
 
 With --refine-compare, the whole `hpcrefine refine` command runs instead (one process, the
 resolution's defaults) from two starts, the wrong rotamers above and the truth, each shaken by
---noise A rms (0.5 if not given), with and without --cycle-rotamers, by default protocol and with
-rotamer before it (--protocol rotamer,...), and prints for each refined model the same side-chain
-figures and the all-atom and C-alpha RMSD to the truth.
+--noise A rms (0.5 if not given), with --cycle-rotamers off, on searching every side chain
+(cycle_rotamer_select "all") and on searching the selection (cycle_rotamer_select
+"outliers_poor_map", threshold --poor-map or the default), by default protocol and, unless
+--no-rotamer-first, with rotamer before it (--protocol rotamer,...), and prints for each refined
+model the same side-chain figures, the all-atom and C-alpha RMSD to the truth, the wall time and
+the side chains the per-cycle steps searched, the CPU seconds of the run and the seconds of its
+per-cycle rotamer steps (the report's timings; wall times vary with the machine's load).
+
+With --time-step NAME (adk_closed or 7cth: the asymmetric unit, 16,667 atoms), one rotamer step
+as the macro-cycles run it is timed instead, at the first resolution, in a simulated map of the
+model, from the model shaken by --noise A rms (0.5 if not given): searching every side chain and
+searching the selection, after --cycles macro-cycles of minimisation (as the step sees the model
+between macro-cycles).
+
+With --selection-stats, for the two starts of --refine-compare after one macro-cycle of
+minimisation (as the first per-cycle step sees them): the side chains with chi 1 more than 40
+degrees off the truth, the rotamer outliers, the percentiles of rho at the current place (the
+step's map term) of the wrong and the right side chains, and for each --thresholds T how many
+side chains the selection (outliers or rho < T) picks and how many of the wrong ones it catches.
 
     python scripts/bench_rotamer.py [--resolutions 3 4 6] [--noise 0.0] [--cycles 2]
         [--margin M --clash-weight W --prior-weight P --blur B --passes N --no-sigma]
-        [--compare-restraints | --refine-compare [--workdir DIR]]
+        [--compare-restraints | --refine-compare [--workdir DIR] [--no-rotamer-first]
+         [--poor-map T] | --time-step NAME | --selection-stats [--thresholds 0.75 1 1.25]]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import resource
 import time
 import types
 
@@ -46,7 +65,7 @@ from hpcrefine.modelio import read_model, read_structure
 from hpcrefine.monlib import MonomerLibrary
 from hpcrefine.params import build_params
 from hpcrefine.protocol.param import ParamRunner
-from hpcrefine.protocol.rotamer_fit import current_chis, set_chis, side_chains, rotamer_step
+from hpcrefine.protocol.rotamer_fit import current_chis, make_scorer, set_chis, side_chains, rotamer_step
 from hpcrefine.refine import atom_weights
 from hpcrefine.topology import build_restraints
 from hpcrefine.validation import clash, rotamer
@@ -137,9 +156,23 @@ def main() -> None:
     ap.add_argument("--refine-compare", action="store_true",
                     help="whole refine runs with and without --cycle-rotamers (module docstring)")
     ap.add_argument("--workdir", help="--refine-compare: keep the runs here (default: a temporary folder)")
+    ap.add_argument("--no-rotamer-first", action="store_true",
+                    help="--refine-compare: the default protocol only (no rotamer,<default> runs)")
+    ap.add_argument("--poor-map", type=float, help="cycle_rotamer_poor_map of the selection runs (map sd)")
+    ap.add_argument("--time-step", metavar="NAME", choices=["adk_closed", "7cth"],
+                    help="time one per-cycle rotamer step, all against the selection (module docstring)")
+    ap.add_argument("--selection-stats", action="store_true",
+                    help="what the per-cycle selection picks at several thresholds (module docstring)")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.75, 1.0, 1.25])
     args = ap.parse_args()
+    if args.selection_stats:
+        selection_stats(args)
+        return
     if args.refine_compare:
         refine_compare(args)
+        return
+    if args.time_step:
+        time_step(args)
         return
 
     path = datasets.fetch(["adk_closed"])["adk_closed"]
@@ -221,6 +254,11 @@ def refine_compare(args) -> None:
               "true rotamers": simulate.shake(truth, noise, seed=args.seed + 1)}
     ca = model.atom_name == "CA"
     hpc = str(Path(sys.executable).parent / "hpcrefine")
+    modes = {"off": ("off", None), "on, all": ("on", "all"), "on, select": ("on", "outliers_poor_map")}
+    for tag, (_, select) in modes.items():
+        if select is not None:
+            over = f"\ncycle_rotamer_poor_map = {args.poor_map}" if args.poor_map is not None else ""
+            (work / f"{select}.toml").write_text(f'[refine]\ncycle_rotamer_select = "{select}"{over}\n')
     for res in args.resolutions:
         full, _, _, origin, voxel, _ = simulate.simulate_maps(read_structure(path), res, seed=1)
         map_path = work / f"full_{res:g}.mrc"
@@ -231,22 +269,93 @@ def refine_compare(args) -> None:
             stem = work / f"start_{label.split()[0]}"
             write_model(updated_structure(model, xyz), str(stem))
             print(line(f"{label}: start", side_chain_figures(model, chains, xyz, truth)))
-            for protocol in (default, f"rotamer,{default}"):
-                for cyc in ("off", "on"):
-                    out = work / f"run_{res:g}_{label.split()[0]}_{protocol.split(',')[0]}_{cyc}"
-                    t0 = time.perf_counter()
+            for protocol in (default,) if args.no_rotamer_first else (default, f"rotamer,{default}"):
+                for mode, (cyc, select) in modes.items():
+                    out = work / (f"run_{res:g}_{label.split()[0]}_{protocol.split(',')[0]}_{cyc}"
+                                  f"{'_' + select if select else ''}")
+                    extra = ["--params", str(work / f"{select}.toml")] if select else []
+                    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                     p = subprocess.run([hpc, "refine", f"{stem}.cif", "--map", str(map_path), "--resolution",
-                                        f"{res:g}", "--protocol", protocol, "--cycle-rotamers", cyc,
+                                        f"{res:g}", "--protocol", protocol, "--cycle-rotamers", cyc, *extra,
                                         "--output", str(out), "--overwrite"], capture_output=True, text=True)
                     if p.returncode != 0:
                         sys.exit(f"refine failed:\n{p.stderr[-3000:]}")
                     sec = time.perf_counter() - t0
+                    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
                     got = read_model(str(out / "refined.cif")).xyz
                     fig = side_chain_figures(model, chains, got, truth)
                     d2 = np.sum((got - truth) ** 2, axis=1)
-                    tag = f"{'rotamer,' if protocol != default else ''}cycle rot. {cyc}"
+                    report = json.loads((out / "report.json").read_text())
+                    searched = [c.get("rotamers_searched") for c in report["cycles"]]
+                    searched = "/".join(str(n) for n in searched if n is not None) or "-"
+                    rot_s = report["timings"].get("rotamer", {}).get("seconds", 0.0)
+                    tag = f"{'rotamer,' if protocol != default else ''}cycle rot. {mode}"
                     print(line(f"  {tag}", fig, sec) + f"   RMSD all {np.sqrt(d2.mean()):.3f} A, "
-                          f"CA {np.sqrt(d2[ca].mean()):.3f} A")
+                          f"CA {np.sqrt(d2[ca].mean()):.3f} A, cpu {cpu:.1f} s, cycle rotamer steps "
+                          f"{rot_s:.1f} s, searched {searched}")
+
+
+def selection_stats(args) -> None:
+    """What the selection picks after one macro-cycle from each start (module docstring)."""
+    global RESTRAINTS
+    path = datasets.fetch(["adk_closed"])["adk_closed"]
+    model = read_model(path)
+    RESTRAINTS = build_restraints(model, MonomerLibrary())
+    chains = side_chains(model, RESTRAINTS)
+    truth = model.xyz.copy()
+    noise = 0.5 if args.noise == 0.0 else args.noise
+    starts = {"wrong rotamers": wrong_start(model, chains, args.seed, noise),
+              "true rotamers": simulate.shake(truth, noise, seed=args.seed + 1)}
+    for res in args.resolutions:
+        full, _, _, origin, voxel, _ = simulate.simulate_maps(read_structure(path), res, seed=1)
+        params = build_params(res)
+        print(f"\n{res:.1f} A map, after one macro-cycle from starts shaken by {noise} A:")
+        for label, xyz in starts.items():
+            m, _ = run_minimise(model, xyz, full, origin, voxel, params, 1)
+            scorer = make_scorer(model, RESTRAINTS, full, origin, voxel, params, m, chains)
+            rho = scorer.current_rho(chains)
+            rot = rotamer.analyse(residue_table(model, m, rotamer.ATOM_NAMES), m)
+            outliers = set(rot["residue"][rot["category"] == rotamer.OUTLIER].tolist())
+            outlier = np.array([sc.residue in outliers for sc in chains])
+            wrong = np.array([abs((current_chis(m, sc)[0] - current_chis(truth, sc)[0] + 180.0) % 360.0
+                                  - 180.0) > 40.0 for sc in chains])
+            pct = {k: np.round(np.percentile(rho[w], [10, 50, 90]), 2).tolist() if w.any() else "-"
+                   for k, w in (("wrong", wrong), ("right", ~wrong))}
+            print(f"  {label}: {wrong.sum()} of {len(chains)} wrong, {outlier.sum()} rotamer outliers; "
+                  f"rho 10/50/90 % of the wrong {pct['wrong']}, of the right {pct['right']}")
+            for t in args.thresholds:
+                sel = outlier | (rho < t)
+                print(f"    rho < {t:g}: {sel.sum():3d} selected, {np.sum(sel & wrong)} of the "
+                      f"{wrong.sum()} wrong, {np.sum(sel & ~wrong)} right")
+
+
+def time_step(args) -> None:
+    """One per-cycle rotamer step on a shaken model, all side chains against the selection."""
+    global RESTRAINTS
+    path = datasets.fetch([args.time_step])[args.time_step]
+    st = read_structure(path)
+    model = read_model(path)
+    RESTRAINTS = build_restraints(model, MonomerLibrary())
+    chains = side_chains(model, RESTRAINTS)
+    res = args.resolutions[0]
+    noise = 0.5 if args.noise == 0.0 else args.noise
+    start = simulate.shake(model.xyz, noise, seed=args.seed + 1)
+    full, _, _, origin, voxel, _ = simulate.simulate_maps(st, res, seed=1)
+    params = build_params(res)
+    if args.poor_map is not None:
+        params = dataclasses.replace(params, cycle_rotamer_poor_map=args.poor_map)
+    grid = types.SimpleNamespace(origin=origin, voxel=voxel)
+    inputs = types.SimpleNamespace(model=model, restraints=RESTRAINTS, map=grid, data=full)
+    start, sec = run_minimise(model, start, full, origin, voxel, params, args.cycles)
+    print(f"{args.time_step}: {model.n_atoms} atoms, {len(chains)} side chains fitted; {res:g} A "
+          f"simulated map; start shaken by {noise} A rms, then {args.cycles} macro-cycle(s) of "
+          f"minimisation ({sec:.1f} s)")
+    for select in ("all", "outliers_poor_map"):
+        t0 = time.perf_counter()
+        _, rec = rotamer_step(ParamRunner(None), inputs, start, params, select)
+        print(f"  {select:<18} searched {rec['searched']:6d}   changed {rec['changed']:5d}   "
+              f"{time.perf_counter() - t0:7.1f} s")
 
 
 RESTRAINTS = None

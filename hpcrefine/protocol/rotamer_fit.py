@@ -49,6 +49,13 @@ and 87.3 %; params.resolution_defaults has the whole sweep). The map blur (20 A^
 (0.2) were chosen there: without blur 5 of the true side chains changed at 3 A, with margin 0.1
 21; the local search took the RMSD from 0.95 to 0.54 A.
 
+Between macro-cycles (params.cycle_rotamers) the step searches by default only a selection
+(params.cycle_rotamer_select "outliers_poor_map", select_side_chains): the rotamer outliers and
+the side chains whose rho at their current place is below params.cycle_rotamer_poor_map map sd,
+as phenix.real_space_refine fits "outliers and poor map" side chains in its macro-cycles. The
+others are not searched and stay where they are, as fixed atoms of every clash term; the workers
+share the selected ones alone. The protocol step "rotamer" searches every side chain.
+
 Not fitted: proline (its ring closes on the backbone), residues with alternative conformations,
 residues missing a chi atom, and side chains bonded to anything outside their residue (a
 disulfide, a covalent ligand), which a rotation would break.
@@ -77,8 +84,9 @@ LOCAL_STARTS = 4           # rotamers (their best sample) refined by the local s
 LOCAL_STEPS = (10.0, 5.0)    # degrees, the local search's steps in turn
 LOCAL_ROUNDS = 4           # moves at most per step
 # one row per side chain in the exchanged buffer: changed, chi 1-4, gain, rho before, rho after,
-# the radius around CA within which a moved atom changes its score
-ROW = 9
+# the radius around CA within which a moved atom changes its score, searched (0/1)
+ROW = 10
+SELECT_MODES = ("all", "outliers_poor_map")     # which side chains a step searches (select_side_chains)
 
 
 @dataclass
@@ -117,6 +125,12 @@ def check_rotamer_params(params) -> None:
         raise InputError(f"rotamer_passes must be a whole number >= 1, got {p!r}")
     if not isinstance(params.rotamer_sample_sigma, bool):
         raise InputError(f"rotamer_sample_sigma must be true or false, got {params.rotamer_sample_sigma!r}")
+    if params.cycle_rotamer_select not in SELECT_MODES:
+        raise InputError(f"cycle_rotamer_select must be one of {', '.join(SELECT_MODES)}, "
+                         f"got {params.cycle_rotamer_select!r}")
+    t = params.cycle_rotamer_poor_map
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t):
+        raise InputError(f"cycle_rotamer_poor_map must be a number of map sd, got {t!r}")
 
 
 def _bonded(n_atoms: int, bond_idx: np.ndarray):
@@ -255,6 +269,25 @@ class Scorer:
         from scipy.spatial import cKDTree
         self.xyz = np.array(xyz, dtype=np.float64)
         self.tree = cKDTree(self.xyz)
+
+    def fit_only(self, chains: list[SideChain]) -> None:
+        """Fit these side chains alone: every other one counts as fixed atoms, also in the first
+        pass (environment)."""
+        self.movable = np.zeros(len(self.radius), dtype=bool)
+        for sc in chains:
+            self.movable[sc.atoms[sc.beyond_cb]] = True
+
+    def current_rho(self, chains: list[SideChain]) -> np.ndarray:
+        """rho (the score's map term, in map sd) of every side chain at the model's coordinates,
+        one interpolation for all of them."""
+        from ..core.density import tricubic
+        if not chains:
+            return np.zeros(0)
+        atoms = np.concatenate([sc.atoms[sc.beyond_cb] for sc in chains])
+        starts = np.cumsum([0] + [len(sc.beyond_cb) for sc in chains[:-1]])
+        values, _ = tricubic(self.map, self.origin, self.voxel, self.xyz[atoms])
+        w = self.electrons[atoms]
+        return np.add.reduceat(values * w, starts) / np.add.reduceat(w, starts)
 
     def rho(self, coords: np.ndarray, atoms: np.ndarray) -> np.ndarray:
         """Electron-weighted mean map value at coords (K, s, 3) of the atoms `atoms` (s,)."""
@@ -410,6 +443,22 @@ def make_scorer(model, restraints, data, origin, voxel, params, xyz, chains: lis
                   excluded, movable, params, xyz)
 
 
+def select_side_chains(scorer: Scorer, model, chains: list[SideChain], select: str) -> np.ndarray:
+    """(n_chains,) bool: the side chains a step searches at the scorer's coordinates. "all":
+    every one; "outliers_poor_map": the rotamer outliers (validation.rotamer) and those whose
+    current rho is below params.cycle_rotamer_poor_map map sd, as phenix.real_space_refine fits
+    "outliers and poor map" side chains in its macro-cycles. Deterministic in the coordinates and
+    the map: every worker picks the same."""
+    if select == "all":
+        return np.ones(len(chains), dtype=bool)
+    if select != "outliers_poor_map":
+        raise InputError(f"unknown side-chain selection {select!r}")
+    rot = rotamer.analyse(residue_table(model, scorer.xyz, rotamer.ATOM_NAMES), scorer.xyz)
+    outliers = set(rot["residue"][rot["category"] == rotamer.OUTLIER].tolist())
+    outlier = np.array([sc.residue in outliers for sc in chains], dtype=bool)
+    return outlier | (scorer.current_rho(chains) < scorer.params.cycle_rotamer_poor_map)
+
+
 def _shares(chains: list[SideChain], n_parts: int) -> np.ndarray:
     """Boundaries (n_parts + 1,) of contiguous blocks of side chains balanced by the number of
     candidate atoms each one scores (parallel.decompose.atom_blocks on that cost)."""
@@ -430,11 +479,12 @@ def apply_rows(xyz: np.ndarray, chains: list[SideChain], rows: np.ndarray) -> np
 
 
 def _resolve(scorer: Scorer, chains: list[SideChain], rows: np.ndarray, xyz: np.ndarray,
-             radius: np.ndarray, soft: bool) -> np.ndarray:
+             radius: np.ndarray, soft: bool, searched: np.ndarray) -> np.ndarray:
     """Accept the changed side chains of one pass in order of decreasing gain; one whose clash
     with the side chains settled before it would take its gain below the margin stays as it was.
     Settled: the accepted ones at their new places and, after a soft pass (whose scores left the
-    other side chains out), also the ones staying or sent back at their current places. Only
+    other searched side chains out), also the searched ones staying or sent back at their current
+    places (those not searched were fixed atoms in the scores already). Only
     side chains whose CA lie within reach are compared. The same arithmetic on every worker:
     the same answer."""
     from scipy.spatial import cKDTree
@@ -449,7 +499,7 @@ def _resolve(scorer: Scorer, chains: list[SideChain], rows: np.ndarray, xyz: np.
     ca_tree = cKDTree(ca[changed])
     rmax = float(radius[changed].max())
     if soft:
-        stay = np.ones(len(chains), dtype=bool)
+        stay = searched.copy()
         stay[changed] = False
         stay_atoms = np.concatenate([chains[k].atoms[chains[k].beyond_cb] for k in np.nonzero(stay)[0]]
                                     or [np.zeros(0, dtype=np.int64)])
@@ -488,43 +538,49 @@ def _affected(chains: list[SideChain], xyz: np.ndarray, radius: np.ndarray, move
 
 
 def fit_rotamers(comm, model, restraints, data, origin, voxel, xyz, params,
-                 chains: list[SideChain]) -> np.ndarray:
-    """The collective search of the workers in comm (None: this process alone). Returns the
+                 chains: list[SideChain], select: str = "all") -> np.ndarray:
+    """The collective search of the workers in comm (None: this process alone) over the side
+    chains `select` picks (select_side_chains; the others stay, as fixed atoms). Returns the
     rows (n_chains, ROW) of the final choice against xyz (chi to set where changed, gain and rho
-    of the last pass that changed the side chain), then passes run and seconds, flat."""
+    of the last pass that changed the side chain, searched), then passes run and seconds, flat."""
     t0 = time.perf_counter()
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-    bounds = _shares(chains, size)
     scorer = make_scorer(model, restraints, data, origin, voxel, params, xyz, chains)
+    searched = select_side_chains(scorer, model, chains, select)
+    picked = np.nonzero(searched)[0]
+    scorer.fit_only([chains[k] for k in picked])
+    bounds = _shares([chains[k] for k in picked], size)
+    mine = picked[bounds[rank]:bounds[rank + 1]]        # this worker's share of the searched ones
     final = np.zeros((len(chains), ROW))
     current = np.array(xyz, dtype=np.float64)
-    todo = np.ones(len(chains), dtype=bool)
+    todo = searched.copy()
     radius = np.zeros(len(chains))
     passes = 0
-    for _ in range(params.rotamer_passes):
+    for _ in range(params.rotamer_passes if len(picked) else 0):
         soft = passes == 0                  # the first pass: side chains against fixed atoms
         passes += 1
         rows = np.zeros((len(chains), ROW))
-        for k in range(bounds[rank], bounds[rank + 1]):
+        for k in mine.tolist():
             if todo[k]:
                 rows[k] = scorer.fit(chains[k], soft)
         if comm is not None:
             from mpi4py import MPI
             comm.Allreduce(MPI.IN_PLACE, [rows, MPI.DOUBLE], op=MPI.SUM)
         radius = np.maximum(radius, rows[:, 8])
-        rows = _resolve(scorer, chains, rows, current, radius, soft)
+        rows = _resolve(scorer, chains, rows, current, radius, soft, searched)
         moved = rows[:, 0] > 0
         if not moved.any():
             break
         final[moved] = rows[moved]
         current = apply_rows(current, chains, rows)
         scorer.update(current)
-        todo = _affected(chains, current, radius, np.concatenate(
+        todo = searched & _affected(chains, current, radius, np.concatenate(
             [chains[k].atoms[chains[k].beyond_cb] for k in np.nonzero(moved)[0]]))
     # the final chi angles set from xyz in one go, as every rank will (apply_rows)
     for k, sc in enumerate(chains):
         if final[k, 0] > 0:
             final[k, 1:1 + sc.n_chi] = current_chis(current, sc)
+    final[:, 9] = searched
     return np.concatenate((final.ravel(), (passes, time.perf_counter() - t0)))
 
 
@@ -533,10 +589,11 @@ def _outliers(model, xyz) -> dict:
     return rotamer.summary(rotamer.analyse(table, xyz))
 
 
-def rotamer_step(runner, inputs, xyz, params):
-    """Rotamer fitting of every side chain at xyz, run collectively through runner (a
-    ParamRunner: the workers search, the master waits). Returns (xyz, record), the same on
-    every rank."""
+def rotamer_step(runner, inputs, xyz, params, select: str = "all"):
+    """Rotamer fitting at xyz of the side chains `select` picks (select_side_chains: "all" for
+    the protocol step, params.cycle_rotamer_select between macro-cycles), run collectively
+    through runner (a ParamRunner: the workers search, the master waits). Returns (xyz, record),
+    the same on every rank."""
     check_rotamer_params(params)
     t0 = time.perf_counter()
     model, r, grid = inputs.model, inputs.restraints, inputs.map
@@ -544,7 +601,8 @@ def rotamer_step(runner, inputs, xyz, params):
     xyz = np.asarray(xyz, dtype=np.float64)
 
     def work(comm):
-        return fit_rotamers(comm, model, r, inputs.data, grid.origin, grid.voxel, xyz, params, chains)
+        return fit_rotamers(comm, model, r, inputs.data, grid.origin, grid.voxel, xyz, params, chains,
+                            select)
     n = len(chains) * ROW
     out = runner.run(work, n + 2, what="rotamer choices", same=n + 1)
     rows = out[:n].reshape(len(chains), ROW)
@@ -552,13 +610,14 @@ def rotamer_step(runner, inputs, xyz, params):
     before, after = _outliers(model, xyz), _outliers(model, new)
     changed = rows[:, 0] > 0
     record = {"step": "rotamer", "residues": len(chains), "changed": int(changed.sum()),
+              "select": select, "searched": int(np.sum(rows[:, 9] > 0)),
               "passes": int(out[n]), "iterations": int(out[n]),      # iterations: for the progress line
               "seconds": round(time.perf_counter() - t0, 2),
               "search_seconds": round(float(out[n + 1]), 2),
               "rotamer_outliers_before": before["outlier"], "rotamer_outliers_after": after["outlier"],
               "rotamer_outlier_pct_before": before["outlier_pct"],
               "rotamer_outlier_pct_after": after["outlier_pct"]}
-    log.info("rotamer fit: %d of %d side chains changed in %d pass(es) (%.1f s); rotamer "
-             "outliers %d -> %d", record["changed"], len(chains), record["iterations"],
-             record["seconds"], before["outlier"], after["outlier"])
+    log.info("rotamer fit: %d of %d side chains changed (%d searched) in %d pass(es) (%.1f s); "
+             "rotamer outliers %d -> %d", record["changed"], len(chains), record["searched"],
+             record["iterations"], record["seconds"], before["outlier"], after["outlier"])
     return new, record
