@@ -482,6 +482,7 @@ class NcsParametrisation:
         self.n_free = len(self.free)
         self.op_off = 3 * (self.n_master + self.n_free)
         self.rho, self.centre = [], []
+        self.master_start = [np.array(xyz_master_frame[g.master], dtype=np.float64) for g in info.groups]
         for gi, g in enumerate(info.groups):
             xm = xyz_master_frame[g.master]
             cm = xm.mean(axis=0)
@@ -694,6 +695,88 @@ def _share_terms(r: Restraints, owner: np.ndarray, part: int) -> Restraints:
 
 # ------------------------------------------------------------------------ constrained target
 
+AVERAGE_MARGIN = 8.0        # A around the master's atoms covered by the averaged map
+INTERFACE_MARGIN = 4.0      # A beyond the contact search radius for atoms at a copy interface
+
+
+def interface_atoms(x: np.ndarray, label: np.ndarray, radius: float) -> np.ndarray:
+    """Bool per atom: free atoms (label -2), and atoms with an atom of another copy (another
+    label) within `radius` (and some a little farther: cells of radius / 2, two cells around).
+    Per cell the smallest and largest label of its atoms, spread over the 5 x 5 x 5 cells around
+    it; an atom whose label lies strictly inside that range, or differs from it, has another
+    copy near. O(atoms + cells)."""
+    from scipy import ndimage
+
+    x = np.asarray(x, dtype=np.float64)
+    label = np.asarray(label, dtype=np.int64)
+    out = label == -2
+    if len(x) == 0 or not np.isfinite(x).all():
+        return np.ones(len(x), dtype=bool)
+    cell = radius / 2.0
+    ijk = np.floor((x - x.min(axis=0)) / cell).astype(np.int64)
+    dims = tuple((ijk.max(axis=0) + 1).tolist())
+    flat = np.ravel_multi_index(tuple(ijk.T), dims)
+    big = 1 << 40                  # beyond any label (ndimage's cval passes through a double)
+    lo = np.full(int(np.prod(dims)), big, dtype=np.int64)
+    hi = np.full(int(np.prod(dims)), -big, dtype=np.int64)
+    np.minimum.at(lo, flat, label)
+    np.maximum.at(hi, flat, label)
+    lo = ndimage.minimum_filter(lo.reshape(dims), size=5, mode="constant", cval=big).ravel()
+    hi = ndimage.maximum_filter(hi.reshape(dims), size=5, mode="constant", cval=-big).ravel()
+    return out | (lo[flat] < label) | (hi[flat] > label)
+
+
+class AveragedMap:
+    """The map summed over the copies' fixed operators, sampled in the master's frame:
+    avg(g) = sum_k rho(A_k g + b_k) at the points g of a grid around the master's atoms (the map's
+    voxel size, AVERAGE_MARGIN beyond the atoms), each rho(.) interpolated tricubically.
+
+    With the operators fixed, the fast target of every copy, -sum_k sum_i w_i rho(A_k x_i + b_k),
+    is -sum_i w_i avg(x_i) for the master's atoms x_i (every copy's atoms weighted alike), and its
+    gradient sum_k A_k^T grad rho is grad avg: so an evaluation interpolates one copy instead of
+    every copy, and no copy carries a data gradient to reduce. The difference from the direct sum
+    is the interpolation of the sampled sum (measured on the 7cth assembly in tests/test_ncs.py)."""
+
+    def __init__(self, data, origin, voxel, rot, trans, master_xyz):
+        from .core.density import tricubic
+
+        voxel = np.asarray(voxel, dtype=np.float64)
+        lo = np.min(master_xyz, axis=0) - AVERAGE_MARGIN
+        hi = np.max(master_xyz, axis=0) + AVERAGE_MARGIN
+        nx, ny, nz = (np.ceil((hi - lo) / voxel).astype(np.int64) + 1).tolist()
+        self.origin = lo
+        self.voxel = voxel
+        gx = lo[0] + voxel[0] * np.arange(nx)
+        gy = lo[1] + voxel[1] * np.arange(ny)
+        self.data = np.zeros((nz, ny, nx), dtype=np.float64)
+        for z in range(nz):                   # plane by plane: a few MB at a time
+            yy, xx = np.meshgrid(gy, gx, indexing="ij")
+            pts = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, lo[2] + voxel[2] * z)], axis=1)
+            plane = np.zeros(len(pts))
+            for a, b in zip(rot, trans):
+                plane += tricubic(data, origin, voxel, pts @ np.asarray(a).T + b)[0]
+            self.data[z] = plane.reshape(ny, nx)
+        self.source = data          # the map it was made from (kept, so `is` identifies it)
+        self.key = None
+
+
+_AVERAGED: dict = {}        # the last AveragedMap made, reused while the map and operators stay
+
+
+def averaged_map(data, origin, voxel, rot, trans, master_xyz) -> AveragedMap:
+    """The AveragedMap of this map and these operators, made once for as long as the same map
+    array is used (the weight trials and the macro-cycles on one map share it)."""
+    key = (np.asarray(origin, dtype=np.float64).tobytes(), np.asarray(rot).tobytes(),
+           np.asarray(trans).tobytes())
+    got = _AVERAGED.get("last")
+    if got is not None and got.source is data and got.key == key:
+        return got
+    avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz)
+    avg.key = key
+    _AVERAGED["last"] = avg
+    return avg
+
+
 class ConstrainedTarget:
     """T(p) = weight * T_data(x) + sum_g K_g T_restraints(master_g) + T_cross(x), x = f(p),
     shared by the ranks of comm (None: one process does everything).
@@ -734,6 +817,18 @@ class ConstrainedTarget:
         # data term: the fast real-space target on this rank's atoms, or any term on rank 0
         self.generic = not all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))
         self.data_term = data_term
+        self.averaged = None
+        if (not self.generic and par.fixed_operators and len(par.info.groups) == 1
+                and getattr(params, "ncs_average_map", False)):
+            # every copy's data term from the map summed over the fixed operators (AveragedMap):
+            # this rank's master atoms against it, its free atoms against the map itself
+            g = par.info.groups[0]
+            w = np.asarray(data_term.atom_weight, dtype=np.float64)
+            if all(np.array_equal(w[g.copies[k]], w[g.master]) for k in range(g.n_copies)):
+                self.averaged = averaged_map(data_term.data, data_term.origin, data_term.voxel,
+                                             g.rot, g.trans, par.master_start[0])
+        if self.averaged is not None:
+            self.mine = np.flatnonzero((owner == self.part) & (par.copy_id < 0))
         if not self.generic:
             self.atom_weight = np.ascontiguousarray(data_term.atom_weight[self.mine], dtype=np.float64)
         # restraints: per group the master's own terms (x K), and the crossing terms
@@ -772,8 +867,14 @@ class ConstrainedTarget:
 
     def _cross_pairs(self, x):
         nbl = self.cross_nbl
+        if nbl is not None and self._interface_moved(x):
+            nbl = None                     # an atom moved too far for the interface set: anew
         if nbl is None:
-            owned = self.owner == self.part
+            # only pairs between atoms at an interface between copies (or free atoms) can cross
+            # copies: the list is searched from those atoms only (interface_atoms)
+            self._interface_xyz = np.array(x, dtype=np.float64)
+            search = 2.0 * float(np.max(self.restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
+            owned = (self.owner == self.part) & interface_atoms(x, self.label, search + INTERFACE_MARGIN)
             # a wide skin: this list spans the whole model, so rebuilds are what it costs
             nbl = self.cross_nbl = nonbonded.NeighbourList(x, self.restraints, owned=owned,
                                                            cutoff_extra=CROSS_SKIN)
@@ -787,6 +888,12 @@ class ConstrainedTarget:
         self.touched = np.unique(np.concatenate([self.touched_terms, self.cross_pairs.i,
                                                  self.cross_pairs.j]).astype(np.int64))
         return self.cross_pairs
+
+    def _interface_moved(self, x) -> bool:
+        """True when some atom has moved more than INTERFACE_MARGIN / 2 since the interface
+        atoms were found (so another atom may have come within reach of a copy)."""
+        d = x - self._interface_xyz
+        return bool(np.max(np.einsum("ij,ij->i", d, d), initial=0.0) > (INTERFACE_MARGIN / 2) ** 2)
 
     def local(self, p: np.ndarray) -> tuple[float, np.ndarray]:
         """This rank's part of f and of the gradient with respect to p."""
@@ -802,6 +909,19 @@ class ConstrainedTarget:
                 fd, gd = self.data_term.target(x)
                 f += self.weight * fd
                 gx += self.weight * gd
+        elif self.averaged is not None:
+            # master atoms against the summed map (every copy at once), free atoms against the map
+            t, avg = self.data_term, self.averaged
+            is_free = self.par.copy_id[self.mine] == -2
+            for sel, (data, origin, voxel) in ((~is_free, (avg.data, avg.origin, avg.voxel)),
+                                               (is_free, (t.data, t.origin, t.voxel))):
+                if not sel.any():
+                    continue
+                atoms = self.mine[sel]
+                gm = np.zeros((len(atoms), 3))
+                f += real_space_target(data, origin, voxel, x[atoms], self.atom_weight[sel],
+                                       grad_out=gm, scale=self.weight)[0]
+                gx[atoms] = gm
         else:
             t = self.data_term
             gm = np.zeros((len(self.mine), 3))
@@ -821,7 +941,10 @@ class ConstrainedTarget:
         if self.nb_weight > 0:
             f += nonbonded.repulsion(x, self._cross_pairs(x), sigma=self.nb_sigma, grad_out=gx,
                                      weight=self.nb_weight)[0]
-        dense = list(range(len(par.copies))) if (self.generic and self.part == 0) else self.my_copies
+        if self.generic and self.part == 0:
+            dense = list(range(len(par.copies)))
+        else:               # with the summed map no copy carries a data gradient
+            dense = [] if self.averaged is not None else self.my_copies
         par.reduce(p, x, gx, gp, dense=dense, sparse=self.touched)
         self._buf[-1] = f
         return f, gp

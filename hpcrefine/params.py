@@ -62,6 +62,10 @@ class RefineParams:
     # "auto" (constraints when the copies agree within 0.5 A rmsd, restraints within 1.0 A)
     ncs: str = "auto"
     ncs_sigma: float = 0.25
+    # with fixed operators (an asymmetric unit constrained by its file's assembly operators) the
+    # fast target of all copies is taken from the map summed over the operators into the
+    # master's frame (ncs.AveragedMap): one copy's work per evaluation instead of every copy's
+    ncs_average_map: bool = True
     # low-resolution restraints (hpcrefine.lowres); on/off defaults in resolution_defaults
     ss_restraints: bool = False        # helix and strand H-bonds found in the start model
     ss_helix_310_pi: bool = False      # also 3-10 (i -> i+3) and pi (i -> i+5) helices
