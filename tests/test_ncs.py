@@ -425,3 +425,13 @@ def test_summed_map_target_matches_the_direct_sum_over_copies(asu, small, tmp_pa
         assert abs(f1 - f2) < 0.025 * abs(f2)
         c = np.corrcoef(g1[:par.op_off], g2[:par.op_off])[0, 1]
         assert c > 0.9995
+        # shared by 2 and 3 ranks (each its block of the master's atoms), the parts add up
+        for size in (2, 3):
+            fs, gs = 0.0, np.zeros_like(g1)
+            for rank in range(size):
+                part = ncs.ConstrainedTarget(par, term, r, build_params(3.5), 3.0, _Part(rank, size))
+                fr, gr = part.local(p)
+                fs += fr
+                gs += gr
+            assert abs(fs - f1) < 1e-8 * abs(f1)
+            assert np.abs(gs - g1).max() < 1e-8 * np.abs(g1).max()
