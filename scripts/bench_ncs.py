@@ -137,26 +137,33 @@ def detect_full(workdir: str) -> dict:
             "find_seconds": round(t2 - t1, 2)}
 
 
-def direct(start: str, map_path: str, iterations: int, weight: float = 15.0) -> dict:
-    import resource
-
-    from hpcrefine import ncs
-    from hpcrefine.engine import GeometryTerm, RealSpaceTerm, minimise
+def _model_and_map(model_path: str, map_path: str):
+    """The model, its restraints and the fast real-space target on the map, for the direct runs."""
+    from hpcrefine.engine import RealSpaceTerm
     from hpcrefine.mapio import read_map
     from hpcrefine.modelio import read_model
     from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
-    from hpcrefine.params import build_params
     from hpcrefine.topology import build_restraints
 
-    t0 = time.perf_counter()
-    model = read_model(start)
+    model = read_model(model_path)
     lib = MonomerLibrary(resolve_monlib_dir(None))
     lib.load(set(model.res_names.tolist()), [])
     r = build_restraints(model, lib)
     grid = read_map(map_path)
     term = RealSpaceTerm(np.asarray(grid.data, dtype=np.float32), grid.origin, grid.voxel,
                          np.ones(model.n_atoms))
-    del grid
+    return model, r, term
+
+
+def direct(start: str, map_path: str, iterations: int, weight: float = 15.0) -> dict:
+    import resource
+
+    from hpcrefine import ncs
+    from hpcrefine.engine import GeometryTerm, minimise
+    from hpcrefine.params import build_params
+
+    t0 = time.perf_counter()
+    model, r, term = _model_and_map(start, map_path)
     info = ncs.find_ncs(model)
     ncs.symmetrise_restraints(r, info)
     params = build_params(3.5)
@@ -176,22 +183,10 @@ def direct_asu(workdir: str, n_ops: int, map_path: str, iterations: int, weight:
     import resource
 
     from hpcrefine import ncs, simulate
-    from hpcrefine.engine import RealSpaceTerm
-    from hpcrefine.mapio import read_map
-    from hpcrefine.modelio import read_model
-    from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
     from hpcrefine.params import build_params
-    from hpcrefine.topology import build_restraints
 
-    model = read_model(build_asu(workdir, n_ops))
+    model, r, term = _model_and_map(build_asu(workdir, n_ops), map_path)
     start = simulate.shake(model.xyz, 0.8, seed=2)
-    lib = MonomerLibrary(resolve_monlib_dir(None))
-    lib.load(set(model.res_names.tolist()), [])
-    r = build_restraints(model, lib)
-    grid = read_map(map_path)
-    term = RealSpaceTerm(np.asarray(grid.data, dtype=np.float32), grid.origin, grid.voxel,
-                         np.ones(model.n_atoms))
-    del grid
     info = ncs.assembly_ncs(model)
     out = {"atoms": model.n_atoms, "copies": info.groups[0].n_copies,
            "rmsd_start": round(float(np.sqrt(np.mean(np.sum((start - model.xyz) ** 2, axis=1)))), 4)}

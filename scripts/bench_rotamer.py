@@ -232,7 +232,6 @@ def compare_restraints(model, chains, start, fitted, truth, data, origin, voxel,
 
 def refine_compare(args) -> None:
     """`hpcrefine refine` with and without --cycle-rotamers (module docstring)."""
-    global RESTRAINTS
     import subprocess
     import sys
     import tempfile
@@ -244,14 +243,7 @@ def refine_compare(args) -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_rotamer_"))
     work.mkdir(parents=True, exist_ok=True)
-    path = datasets.fetch(["adk_closed"])["adk_closed"]
-    model = read_model(path)
-    RESTRAINTS = build_restraints(model, MonomerLibrary())
-    chains = side_chains(model, RESTRAINTS)
-    truth = model.xyz.copy()
-    noise = 0.5 if args.noise == 0.0 else args.noise
-    starts = {"wrong rotamers": wrong_start(model, chains, args.seed, noise),
-              "true rotamers": simulate.shake(truth, noise, seed=args.seed + 1)}
+    path, model, chains, truth, noise, starts = _two_starts(args)
     ca = model.atom_name == "CA"
     hpc = str(Path(sys.executable).parent / "hpcrefine")
     modes = {"off": ("off", None), "on, all": ("on", "all"), "on, select": ("on", "outliers_poor_map")}
@@ -296,8 +288,10 @@ def refine_compare(args) -> None:
                           f"{rot_s:.1f} s, searched {searched}")
 
 
-def selection_stats(args) -> None:
-    """What the selection picks after one macro-cycle from each start (module docstring)."""
+def _two_starts(args):
+    """adk closed, its fitted side chains, the truth and the two starts of --refine-compare and
+    --selection-stats: every side chain in a wrong rotamer, and the true rotamers, both shaken
+    by --noise (0.5 A if not given). Sets RESTRAINTS."""
     global RESTRAINTS
     path = datasets.fetch(["adk_closed"])["adk_closed"]
     model = read_model(path)
@@ -307,6 +301,12 @@ def selection_stats(args) -> None:
     noise = 0.5 if args.noise == 0.0 else args.noise
     starts = {"wrong rotamers": wrong_start(model, chains, args.seed, noise),
               "true rotamers": simulate.shake(truth, noise, seed=args.seed + 1)}
+    return path, model, chains, truth, noise, starts
+
+
+def selection_stats(args) -> None:
+    """What the selection picks after one macro-cycle from each start (module docstring)."""
+    path, model, chains, truth, noise, starts = _two_starts(args)
     for res in args.resolutions:
         full, _, _, origin, voxel, _ = simulate.simulate_maps(read_structure(path), res, seed=1)
         params = build_params(res)
