@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 BAR_SECONDS = 0.5          # redraw interval of the bar
 BAR_WIDTH = 24
 BAR_ENV = "HPCREFINE_BAR"  # 1: draw the bar even without a terminal (under mpiexec), 0: never
+BAR_SECONDS_ENV = "HPCREFINE_BAR_SECONDS"   # another redraw interval (s), e.g. 0.05 for a short run
+
+
+def bar_seconds(environ=None) -> float:
+    """The bar's redraw interval: HPCREFINE_BAR_SECONDS when it is a positive number, else
+    BAR_SECONDS."""
+    text = (os.environ if environ is None else environ).get(BAR_SECONDS_ENV, "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return BAR_SECONDS
+    return value if value > 0 else BAR_SECONDS
 
 
 class StepFigures:
@@ -221,7 +233,8 @@ class Progress:
                 self._drawn = False
 
     def _run(self) -> None:
-        while not self._stop.wait(BAR_SECONDS):
+        interval = bar_seconds()
+        while not self._stop.wait(interval):
             if self.name:
                 self.draw()
 

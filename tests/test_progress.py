@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from hpcrefine.progress import BAR_ENV, Progress, StepFigures, bar_wanted, format_line
+from hpcrefine.progress import (BAR_ENV, BAR_SECONDS, BAR_SECONDS_ENV, Progress, StepFigures, bar_seconds,
+                                bar_wanted, format_line)
 
 LINE = re.compile(r"progress stage=(\w+) step=(\d+)(?:/(\d+)(\+)?)? \(([^)]*)\)(.*)$")
 
@@ -121,6 +122,9 @@ def _run(adk_case, out, stdout, stderr, env):
 def _env():
     env = dict(os.environ)
     env.pop(BAR_ENV, None)
+    # a whole adk run takes 2-3 s on an idle machine, its final and protocol stages under 1 s:
+    # redraw often enough that the bar shows between the log lines
+    env[BAR_SECONDS_ENV] = "0.05"
     return env
 
 
@@ -146,7 +150,7 @@ def test_bar_on_a_terminal_only(adk_case, tmp_path):
     os.close(master)
     terminal = b"".join(chunks).decode(errors="replace")
     bars = re.findall(r"\r\x1b\[K([^\r\n]+)", terminal)
-    # redrawn every 0.5 s: the adp step (about 2 s) always shows
+    # redrawn every 0.05 s here (HPCREFINE_BAR_SECONDS): the final and protocol stages show
     assert bars and all(re.match(r"(final|protocol) .*\[[#-]+\] +\d+% \d/\d", b) for b in bars), bars
     log = (tmp_path / "tty" / "refine.log").read_text()
     stdout = (tmp_path / "stdout").read_text()
@@ -164,3 +168,10 @@ def test_no_carriage_return_without_terminal(adk_case, tmp_path):
     assert len(progress_lines(log)) == json.loads((tmp_path / "plain" / "report.json").read_text())[
         "progress"]["steps"] > 0
     assert json.loads((tmp_path / "plain" / "report.json").read_text())["progress"]["bar"] is False
+
+
+def test_bar_interval_from_the_environment():
+    assert bar_seconds({}) == BAR_SECONDS
+    assert bar_seconds({BAR_SECONDS_ENV: "0.05"}) == 0.05
+    assert bar_seconds({BAR_SECONDS_ENV: "fast"}) == BAR_SECONDS
+    assert bar_seconds({BAR_SECONDS_ENV: "-1"}) == BAR_SECONDS
