@@ -23,9 +23,10 @@ class RefineParams:
     lbfgs_memory: int = 10
     max_step: float = 0.5              # A, largest displacement of any atom in one line-search trial
     # how the workers of a coordinate minimisation share the atoms: "boxes" (compact regions of
-    # whole residues, each worker exchanging only its halo) or "blocks" (runs of residues in file
-    # order, the whole model gathered at every evaluation)
-    decomposition: str = "boxes"
+    # whole residues, each worker exchanging only its halo), "blocks" (runs of residues in file
+    # order, the whole model gathered at every evaluation), or "auto": boxes when
+    # atoms x (workers - 1)^2 >= parallel.distributed.BOXES_FROM (measured in the README, Scale)
+    decomposition: str = "auto"
     # data/restraint weight: None = automatic
     weight: float | None = None
     # with half maps and no fixed weight: "halfset" = the final refinement runs at the weight the
@@ -260,8 +261,8 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
         raise InputError("morph_blurs and morph_radii must have one entry per morph round each")
     if values.get("prepare_target", "fit") not in ("fit", "fast"):
         raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
-    if values.get("decomposition", "boxes") not in ("boxes", "blocks"):
-        raise InputError(f"decomposition must be boxes or blocks, got {values['decomposition']!r}")
+    if values.get("decomposition", "auto") not in ("auto", "boxes", "blocks"):
+        raise InputError(f"decomposition must be auto, boxes or blocks, got {values['decomposition']!r}")
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
     for name in ("ss_restraints", "rama_restraints", "rotamer_restraints", "cycle_rotamers"):

@@ -47,6 +47,14 @@ from .halo import HaloExchange, halo_buffer
 
 POLL_SECONDS = 0.02
 NEIGHBOUR_SKIN = 1.0     # A, the skin of the workers' neighbour lists (nonbonded.NeighbourList)
+# decomposition "auto": boxes when atoms x (workers - 1)^2 reaches this. The halo exchange costs a
+# few ms of fixed overhead per evaluation (two Alltoallv and the row copies) where gathering the
+# whole model costs 48 bytes per atom; on this 2-core machine (scripts/bench_halo.py,
+# scripts/bench_ncs.py, scripts/bench_scale.py) boxes were slower at 83,335 atoms on 2 workers
+# (21 against 17-18 ms per evaluation) and 100,002 on 2 (12.3 against 9.1 ms), faster at a million
+# on 2 (exchange 14 against 24 s in a run), at 50,001-300,006 on 4 (18-24 against 64-268 ms), and
+# slower at 16,667 on 4 (13 against 11 ms).
+BOXES_FROM = 400_000
 
 
 class EvaluationTotals:
@@ -299,30 +307,45 @@ class DistributedTarget:
 
     def _halo_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
         """owned_call with a halo exchange: this rank's own rows are set from x_part, the halo
-        rows come from their owners (the whole model is gathered only when an atom has moved
-        too far since the halo lists were made), the halo rows of the gradient go back to their
-        owners, and f is summed with one scalar Allreduce."""
+        rows come from their owners, the halo rows of the gradient go back to their owners, and
+        one Allreduce sums f and the number of ranks with an atom moved beyond the halo's buffer.
+        When there is one, the evaluation may have missed a contact: the whole model is gathered,
+        the lists made again, the neighbour list dropped (its references saw stale rows) and the
+        evaluation done again."""
         halo = self.halo
+        size = self.comm.Get_size()
         t0 = time.perf_counter()
         mine = np.asarray(x_part, dtype=np.float64).reshape(-1, 3)
-        sent = 0
-        if halo.moved_far(mine):
-            self._xyz = self.gather(x_part).reshape(self.shape).copy()
-            halo.build(self._xyz)
-            sent += 8 * len(x_part) * (self.comm.Get_size() - 1)
-            EVALUATION_TOTALS.halo_builds += 1
-        else:
-            self._xyz[self.owned] = mine
-            halo.coords(self._xyz)
+        far = halo.moved_far(mine)
+        self._xyz[self.owned] = mine
+        halo.coords(self._xyz)
         t1 = time.perf_counter()
         f = self._local(self._xyz)
-        t2 = time.perf_counter()
-        g = self._grad
-        halo.gradients(g)
-        g_part = np.ascontiguousarray(g[self.owned]).ravel()
+        local = time.perf_counter() - t1
+        halo.gradients(self._grad)
+        fbuf = np.array([f, float(far)])
+        self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
+        sent = halo.bytes_per_evaluation()
+        if fbuf[1] > 0:
+            self._xyz = self.gather(x_part).reshape(self.shape).copy()
+            halo.build(self._xyz)
+            self.nbl = None
+            EVALUATION_TOTALS.halo_builds += 1
+            t1 = time.perf_counter()
+            f = self._local(self._xyz)
+            local += time.perf_counter() - t1
+            halo.gradients(self._grad)
+            fbuf = np.array([f])
+            self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
+            sent += 8 * len(x_part) * (size - 1) + halo.bytes_per_evaluation()
+        exchange = time.perf_counter() - t0 - local
+        self.seconds_reduce += exchange
+        self.seconds_local += local
+        self.n_evals += 1
+        EVALUATION_TOTALS.add(local, exchange, self.n_owned, sent, True)
         EVALUATION_TOTALS.halo_evaluations += 1
         EVALUATION_TOTALS.halo_atoms += len(halo.need)
-        return self._sum_f(f, t0, t1, t2, sent + halo.bytes_per_evaluation()), g_part
+        return float(fbuf[0]), np.ascontiguousarray(self._grad[self.owned]).ravel()
 
     def statistics(self, xyz: np.ndarray) -> dict:
         """Geometry statistics of the whole model (collective): see gather_statistics."""
@@ -391,17 +414,20 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
     with local(atoms)).
 
     The atoms are cut into comm.Get_size() blocks of whole residues in file order (rank p owns
-    block p) unless `boxes`, params.decomposition is "boxes", the data term reads only the rank's
-    own atoms (reads_own_atoms_only) and comm has more than one rank: then rank p owns box p of
-    decompose.spatial_parts at xyz0 and its owned_call exchanges halos (halo.HaloExchange).
-    xyz0 must then be the same on every rank."""
+    block p) unless `boxes`, the data term reads only the rank's own atoms (reads_own_atoms_only),
+    comm has more than one rank and params.decomposition is "boxes" (or "auto" and atoms x
+    (ranks - 1)^2 >= BOXES_FROM): then rank p owns box p of decompose.spatial_parts at xyz0 and
+    its owned_call exchanges halos (halo.HaloExchange). xyz0 must then be the same on every
+    rank."""
     n = len(xyz0)
     bounds = atom_blocks(res_first_atom, comm.Get_size())
     if bounds[-1] != n:
         raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
     part = comm.Get_rank()
-    use_boxes = (boxes and params.decomposition == "boxes" and comm.Get_size() > 1
-                 and reads_own_atoms_only(data_term))
+    size = comm.Get_size()
+    wanted = (params.decomposition == "boxes"
+              or (params.decomposition == "auto" and n * (size - 1) ** 2 >= BOXES_FROM))
+    use_boxes = boxes and wanted and size > 1 and reads_own_atoms_only(data_term)
     if not use_boxes:
         owner = owner_of_atoms(bounds, n)
         local = _local_term(data_term, slice(int(bounds[part]), int(bounds[part + 1])))

@@ -14,9 +14,10 @@ so the bytes a rank exchanges grow with its box's surface, not with the model.
 The halo stays valid while no atom has moved more than `buffer / 2` from where it was at the
 last build (radius = the neighbour search radius + buffer): then no atom outside the halo can come
 within the search radius of an owned atom, and the stale coordinates a rank keeps for atoms far
-outside its box never enter a term. moved_far(x_owned) checks this with one scalar Allreduce
-before every exchange; when it fails, build() gathers the whole model once (Allgatherv) and
-computes new lists.
+outside its box never enter a term. Each rank checks its own atoms (moved_far) and the answer is
+summed with the energy of the same evaluation (DistributedTarget._halo_call); when an atom has
+moved too far, that evaluation is done again after build() has gathered the whole model once
+(Allgatherv) and made new lists, so the common evaluation costs no extra collective.
 """
 from __future__ import annotations
 
@@ -102,15 +103,13 @@ class HaloExchange:
         self.build_bytes += 8 * (self.size + len(need))
 
     def moved_far(self, x_owned: np.ndarray) -> bool:
-        """True on every rank when some atom has moved more than buffer / 2 since the build
-        (collective: one scalar Allreduce). Non-finite coordinates count as far."""
+        """True when one of this rank's atoms has moved more than buffer / 2 since the build
+        (local; the caller sums the answer over the ranks). Non-finite coordinates count as far."""
         if self.x_build is None:
             return True
         d = np.asarray(x_owned, dtype=np.float64).reshape(-1, 3) - self.x_build
-        d2 = np.einsum("ij,ij->i", d, d) if len(d) else np.zeros(1)
-        m = np.array([np.max(d2) if np.isfinite(d2).all() else np.inf])
-        self.comm.Allreduce(MPI.IN_PLACE, m, op=MPI.MAX)
-        return bool(m[0] > (self.buffer / 2.0) ** 2)
+        d2 = np.einsum("ij,ij->i", d, d)
+        return bool(len(d2) and not (np.max(d2) <= (self.buffer / 2.0) ** 2))
 
     def coords(self, xyz: np.ndarray) -> None:
         """Fill xyz[need] (rows) with the owners' coordinates; this rank's own rows must be

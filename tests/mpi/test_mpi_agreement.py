@@ -108,7 +108,7 @@ def test_one_evaluation_equals_the_engine(ctx, case):
 
 
 def test_halo_evaluations_equal_the_engine(ctx, case, measured):
-    """With boxes (the default decomposition), owned_call exchanges only halos: f and each
+    """With boxes (decomposition "boxes"), owned_call exchanges only halos: f and each
     worker's part of g equal the single-process target, also after atoms moved farther than the
     halo allows (which rebuilds the lists from the whole model once)."""
     worst = np.zeros(3)
@@ -116,8 +116,9 @@ def test_halo_evaluations_equal_the_engine(ctx, case, measured):
         comm = ctx.workers
         xyz0 = case["xyz0"]
         fun = _engine_fun(case)[0]
+        params = dataclasses.replace(case["params"], decomposition="boxes")
         target = distributed_target(comm, xyz0, case["term"], case["r"], case["model"].res_first_atom,
-                                    WEIGHT, case["params"], boxes=True)
+                                    WEIGHT, params, boxes=True)
         assert (target.halo is not None) == (comm.Get_size() > 1)
         moved = xyz0.copy()
         moved[::50] += 1.5                    # farther than HALO_BUFFER / 2 from the build
