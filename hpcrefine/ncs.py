@@ -57,6 +57,7 @@ from .core.lbfgs import lbfgs
 from .engine import MinimiseResult
 from .errors import InputError
 from .protocol.rigid import _skew, rotation
+from .parallel.decompose import restraint_atoms
 from .restraints import Restraints
 
 log = logging.getLogger(__name__)
@@ -713,8 +714,9 @@ def interface_atoms(x: np.ndarray, label: np.ndarray, radius: float) -> np.ndarr
     if len(x) == 0 or not np.isfinite(x).all():
         return np.ones(len(x), dtype=bool)
     cell = radius / 2.0
-    ijk = np.floor((x - x.min(axis=0)) / cell).astype(np.int64)
-    dims = tuple((ijk.max(axis=0) + 1).tolist())
+    from .parallel.halo import grid_cells
+
+    ijk, dims = grid_cells(x, cell)
     flat = np.ravel_multi_index(tuple(ijk.T), dims)
     big = 1 << 40                  # beyond any label (ndimage's cval passes through a double)
     lo = np.full(int(np.prod(dims)), big, dtype=np.int64)
@@ -846,7 +848,7 @@ class ConstrainedTarget:
         self.master_nbl = [None] * len(self.master_r)
         self.cross_nbl = None
         self.cross_pairs = None
-        self.touched_terms = _term_atoms(self.cross)
+        self.touched_terms = restraint_atoms(self.cross)
         self.touched = self.touched_terms
         self._x = np.empty((n, 3))
         self._gx = np.zeros((n, 3))
@@ -965,13 +967,6 @@ class ConstrainedTarget:
 def _blocks(n: int, parts: int) -> np.ndarray:
     """Owner of each of n items cut into `parts` contiguous blocks."""
     return (np.arange(n, dtype=np.int64) * parts) // max(n, 1)
-
-
-def _term_atoms(r: Restraints) -> np.ndarray:
-    """The atoms any term of r reads."""
-    from .parallel.decompose import _ROW_TERMS
-    parts = [getattr(r, k).ravel() for k in _ROW_TERMS] + [r.plane_atoms]
-    return np.unique(np.concatenate(parts).astype(np.int64))
 
 
 def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints, weight: float,

@@ -36,6 +36,14 @@ def halo_buffer(max_step: float) -> float:
     return max(HALO_BUFFER, 2.0 * float(max_step) + 1.0)
 
 
+def grid_cells(xyz: np.ndarray, cell: float) -> tuple[np.ndarray, tuple]:
+    """(ijk (n, 3) int64, dims): each point's cell on a grid of cubes of edge `cell` starting at
+    the points' lowest corner, and the grid's shape (for the neighbourhood searches on a grid:
+    near_atoms here, ncs.interface_atoms)."""
+    ijk = np.floor((xyz - xyz.min(axis=0)) / cell).astype(np.int64)
+    return ijk, tuple((ijk.max(axis=0) + 1).tolist())
+
+
 def near_atoms(xyz: np.ndarray, own: np.ndarray, radius: float) -> np.ndarray:
     """Sorted indices of the atoms not in `own` that lie within `radius` of some atom of `own`
     (and some a little farther: cells of radius / 2 within two cells of an owned atom's cell),
@@ -51,9 +59,8 @@ def near_atoms(xyz: np.ndarray, own: np.ndarray, radius: float) -> np.ndarray:
     if n == 0 or len(own) == 0 or radius <= 0:
         return np.zeros(0, dtype=np.int64)
     cell = radius / 2.0
-    ijk = np.floor((xyz - xyz.min(axis=0)) / cell).astype(np.int64)
-    dims = ijk.max(axis=0) + 1
-    occupied = np.zeros(tuple(dims), dtype=bool)
+    ijk, dims = grid_cells(xyz, cell)
+    occupied = np.zeros(dims, dtype=bool)
     occupied[tuple(ijk[own].T)] = True
     near = ndimage.binary_dilation(occupied, structure=np.ones((5, 5, 5), dtype=bool))
     return np.flatnonzero(near[tuple(ijk.T)] & ~is_own).astype(np.int64)
