@@ -35,8 +35,7 @@ import os
 import numpy as np
 
 from .engine import RealSpaceTerm, initial_weight, minimise
-from .mapstats import lowpass, model_map_at
-from .modelio import updated_structure
+from .mapstats import atom_density, lowpass, lowpass_coefficients
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +96,23 @@ def fsc_average(s: np.ndarray, f: np.ndarray, counts: np.ndarray, resolution: fl
     return float(np.sum(f[keep] * counts[keep]) / np.sum(counts[keep]))
 
 
-def model_map(model, xyz, shape_zyx, origin, voxel, resolution: float) -> np.ndarray:
-    return model_map_at(updated_structure(model, xyz), shape_zyx, origin, voxel, resolution)
-
-
 def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution: float) -> dict:
     """FSC_work and FSC_free of half-set models: models[h] = xyz refined against halves[h-1].
 
     Returns {h: {"s", "work", "free", "work_avg", "free_avg"}}. This is the one step that reads
-    both half maps for one model."""
-    from .simulate import fsc
+    both half maps for one model. One transform per map: the model map is low-passed in
+    Fourier space, where its FSCs are taken."""
+    from .simulate import _rfftn, fsc_of_transforms
 
     shape = halves[0].shape
     s, counts = shell_counts(shape, voxel)
     out = {}
     for h, xyz in models.items():
-        calc = model_map(model, xyz, shape, origin, voxel, resolution)
-        _, work = fsc(calc, halves[h - 1], voxel)
-        _, free = fsc(calc, halves[2 - h], voxel)
+        calc = _rfftn(atom_density(xyz, model.element, model.b, model.occ, shape, origin, voxel,
+                                   resolution))
+        lowpass_coefficients(calc, shape, voxel, resolution)
+        _, work = fsc_of_transforms(calc, _rfftn(np.asarray(halves[h - 1], dtype=np.float32)), shape, voxel)
+        _, free = fsc_of_transforms(calc, _rfftn(np.asarray(halves[2 - h], dtype=np.float32)), shape, voxel)
         out[h] = {"s": s, "work": work, "free": free,
                   "work_avg": fsc_average(s, work, counts, resolution),
                   "free_avg": fsc_average(s, free, counts, resolution)}
@@ -200,9 +198,14 @@ def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimis
 
 
 def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight, outdir: str,
-                res_first_atom, done: dict | None = None, on_task=None, interrupts=None) -> dict | None:
+                res_first_atom, done: dict | None = None, on_task=None, interrupts=None,
+                ncs=None) -> dict | None:
     """Collective over ctx.world (ctx may be None: one process). Returns the report section on
     the master (None elsewhere).
+
+    ncs: the run's NCS minimiser (ncs.ConstrainedMinimiser or ncs.RestrainedMinimiser), whose
+    for_group(comm, base) gives each task's group the same constraints or restraints as the
+    final refinement; None: no NCS.
 
     Every (half, weight) task is refined by one group of that half set's workers (weight_layout:
     the weights run in parallel when a half set has several workers), which also computes the
@@ -239,6 +242,9 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
         return summarise(inputs, geom, params, resolution, weights,
                          {key: _unpack(b, n_shells) for key, b in done.items()}, outdir)
 
+    def with_ncs(comm, base):
+        return base if ncs is None else ncs.for_group(comm, base)
+
     if single:
         for h in (1, 2):
             for k, w in enumerate(weights):
@@ -246,8 +252,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                     continue
                 if interrupts is not None and interrupts.poll():
                     raise Interrupted
-                done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w, minimise,
-                                          term_of(h))
+                done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w,
+                                          with_ncs(None, minimise), term_of(h))
                 if on_task is not None:
                     on_task((h, k), done[(h, k)])
         return finish()
@@ -262,8 +268,9 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
         group = hc.Split(hc.Get_rank() % groups, hc.Get_rank())
         mine = [k for k in range(len(weights)) if k % groups == hc.Get_rank() % groups]
 
-        def minimiser(x, term, g, w, iterations, p):
+        def shared(x, term, g, w, iterations, p):
             return distributed_minimise(group, x, term, g.r, res_first_atom, w, iterations, p)[0]
+        minimiser = with_ncs(group, shared)
         try:
             for h in ctx.halves_here():
                 for k in mine:

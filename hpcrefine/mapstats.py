@@ -45,12 +45,113 @@ def model_density(st: gemmi.Structure, shape_zyx: tuple, origin, voxel,
 
 
 def lowpass(data: np.ndarray, voxel: np.ndarray, resolution: float) -> np.ndarray:
-    """Sharp low-pass filter at 1/resolution (float32)."""
-    f = np.fft.rfftn(data)
-    kz, ky, kx = rfft_freqs(data.shape, voxel)
-    s2 = kx * kx + ky * ky + kz * kz
-    f[s2 > 1.0 / resolution**2] = 0
-    return np.fft.irfftn(f, s=data.shape, axes=(0, 1, 2)).astype(np.float32)
+    """Sharp low-pass filter at 1/resolution (float32; single-precision FFTW transforms, plane
+    by plane masking: 2.5 s for a 480^3 map here, against 8.4 s for numpy's double transforms)."""
+    from .simulate import _irfftn, _rfftn
+
+    f = _rfftn(np.asarray(data, dtype=np.float32))
+    lowpass_coefficients(f, data.shape, voxel, resolution)
+    return _irfftn(f, data.shape)
+
+
+def lowpass_coefficients(f: np.ndarray, shape_zyx, voxel, resolution: float) -> None:
+    """Zero the rfftn coefficients f of a map of shape_zyx beyond 1/resolution, in place, plane
+    by plane (no map-sized temporaries)."""
+    kz, ky, kx = rfft_freqs(shape_zyx, voxel)
+    lim = 1.0 / resolution ** 2
+    yx = ky * ky + kx * kx
+    for k in range(f.shape[0]):
+        f[k][(yx[0] + kz[k, 0, 0] ** 2) > lim] = 0
+
+
+# ------------------------------------------------------------------ model maps of Gaussian atoms
+
+FIT_POINTS = 200            # points of the form-factor fit over 0 <= s <= 1/resolution
+ATOM_CUT = 4.0              # sigmas: a model map's atoms end where their density is 3e-4 of the peak
+_FORM_FITS: dict = {}
+
+
+def electron_gaussian(element: str, s_max: float) -> tuple[float, float]:
+    """(A, B_f): the one Gaussian A exp(-B_f s^2 / 4) nearest (least squares over the Fourier
+    shells 0 <= s <= s_max, weighted by their number of coefficients, ~ s^2) to the element's
+    electron scattering factor, the five Gaussians of International Tables C 4.3.2.2 (gemmi's
+    Element.c4322, what gemmi's DensityCalculatorE sums). Up to s_max = 1 / 3.5 A the fit is
+    within 1 % of the table for C, N, O and S (within 3.4 % up to 1 / 2.34 A)."""
+    key = (element, round(float(s_max), 6))
+    got = _FORM_FITS.get(key)
+    if got is not None:
+        return got
+    el = gemmi.Element(element)
+    a, b = np.asarray(el.c4322.a), np.asarray(el.c4322.b)
+    if not np.any(a):                       # unknown element: carbon
+        el = gemmi.Element("C")
+        a, b = np.asarray(el.c4322.a), np.asarray(el.c4322.b)
+    s = np.linspace(0.0, s_max, FIT_POINTS)
+    f = np.sum(a[None] * np.exp(-0.25 * b[None] * s[:, None] ** 2), axis=1)
+    w = s * s
+    best = (np.inf, float(f[0]), 0.0)
+    for bf in np.arange(0.0, 100.0, 0.05):  # for each B_f the best A is linear least squares
+        g = np.exp(-0.25 * bf * s * s)
+        amp = float(np.sum(w * f * g) / np.sum(w * g * g))
+        r = float(np.sum(w * (f - amp * g) ** 2))
+        if r < best[0]:
+            best = (r, amp, float(bf))
+    _FORM_FITS[key] = best[1:]
+    return best[1:]
+
+
+def atom_density(xyz, elements, b, occ, shape_zyx: tuple, origin, voxel,
+                 resolution: float) -> np.ndarray:
+    """The density of the atoms (isotropic B, occupancy) on the grid (nz, ny, nx), float32
+    [z, y, x], each atom one Gaussian: its element's electron scattering factor fitted up to
+    1/resolution (electron_gaussian) and blurred by its B, summed out to ATOM_CUT sigmas by the
+    compiled loop of the density-fit target (core.modelmap). Low-passed at the resolution it
+    matches gemmi's DensityCalculatorE (five Gaussians per atom) to a correlation of 0.9999 on
+    the 7cth assembly, in a quarter of the time (3-4 s for a million atoms on a 480^3 grid)."""
+    elements = np.asarray(elements)
+    names, inverse = np.unique(elements, return_inverse=True)
+    fits = np.array([electron_gaussian(str(e), 1.0 / resolution) for e in names])
+    amp = fits[inverse, 0] * (1.0 if occ is None else np.asarray(occ, dtype=np.float64))
+    sig2 = (np.maximum(np.asarray(b, dtype=np.float64), 0.0) + fits[inverse, 1]) / (8.0 * math.pi ** 2)
+    out = np.zeros(tuple(int(n) for n in shape_zyx), dtype=np.float32)
+    _splat_separable(np.ascontiguousarray(xyz, dtype=np.float64), np.ascontiguousarray(amp),
+                     np.ascontiguousarray(sig2), np.asarray(origin, dtype=np.float64),
+                     np.asarray(voxel, dtype=np.float64), float(ATOM_CUT), out)
+    return out
+
+
+@njit(cache=True)
+def _splat_separable(xyz, amp, sig2, origin, voxel, cut, out):
+    """out += each atom's Gaussian amp (2 pi s2)^-1.5 exp(-d^2 / 2 s2) over the voxels of the box
+    of half-width cut sigma around it: the Gaussian is a product of one factor per axis, so each
+    voxel costs a multiply-add (no exponential)."""
+    nz, ny, nx = out.shape
+    wx = np.empty(nx)
+    wy = np.empty(ny)
+    wz = np.empty(nz)
+    for a in range(xyz.shape[0]):
+        s2 = sig2[a]
+        r = cut * math.sqrt(s2)
+        norm = amp[a] / (2.0 * math.pi * s2) ** 1.5
+        i0, i1 = _span(xyz[a, 0], r, origin[0], voxel[0], 0, nx - 1)
+        j0, j1 = _span(xyz[a, 1], r, origin[1], voxel[1], 0, ny - 1)
+        k0, k1 = _span(xyz[a, 2], r, origin[2], voxel[2], 0, nz - 1)
+        if i1 < i0 or j1 < j0 or k1 < k0:
+            continue
+        for i in range(i0, i1 + 1):
+            d = origin[0] + i * voxel[0] - xyz[a, 0]
+            wx[i - i0] = math.exp(-0.5 * d * d / s2)
+        for j in range(j0, j1 + 1):
+            d = origin[1] + j * voxel[1] - xyz[a, 1]
+            wy[j - j0] = math.exp(-0.5 * d * d / s2)
+        for k in range(k0, k1 + 1):
+            d = origin[2] + k * voxel[2] - xyz[a, 2]
+            wz[k - k0] = norm * math.exp(-0.5 * d * d / s2)
+        for k in range(k0, k1 + 1):
+            for j in range(j0, j1 + 1):
+                w = wz[k - k0] * wy[j - j0]
+                for i in range(i0, i1 + 1):
+                    out[k, j, i] += w * wx[i - i0]
 
 
 @njit(cache=True, inline="always")
@@ -107,15 +208,19 @@ def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) ->
     return float(np.dot(a, b) / den) if den > 0 else 0.0
 
 
-def model_map_at(st: gemmi.Structure, shape_zyx: tuple, origin, voxel, resolution: float) -> np.ndarray:
-    """The model's density on the map grid, low-passed at the resolution."""
-    return lowpass(model_density(st, shape_zyx, origin, voxel), np.asarray(voxel), resolution)
+def model_map_at(model, xyz, shape_zyx: tuple, origin, voxel, resolution: float, b=None,
+                 occ=None) -> np.ndarray:
+    """The model's density (atoms at xyz, B-factors b and occupancies occ, the model's own when
+    None) on the map grid, low-passed at the resolution (atom_density)."""
+    density = atom_density(xyz, model.element, model.b if b is None else b,
+                           model.occ if occ is None else occ, shape_zyx, origin, voxel, resolution)
+    return lowpass(density, np.asarray(voxel), resolution)
 
 
-def cc_mask(st: gemmi.Structure, exp_map: np.ndarray, origin, voxel, resolution: float,
-            xyz: np.ndarray, radius: float | None = None) -> float:
+def cc_mask(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resolution: float,
+            b=None, occ=None, radius: float | None = None) -> float:
     """Map-model correlation inside a mask around the atoms (model map low-passed at resolution)."""
-    calc = model_map_at(st, exp_map.shape, origin, voxel, resolution)
+    calc = model_map_at(model, xyz, exp_map.shape, origin, voxel, resolution, b, occ)
     mask = atom_mask(xyz, exp_map.shape, origin, voxel, radius or max(2.5, 0.8 * resolution))
     return correlation(np.asarray(exp_map), calc, mask)
 

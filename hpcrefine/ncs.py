@@ -762,20 +762,23 @@ class AveragedMap:
         self.key = None
 
 
-_AVERAGED: dict = {}        # the last AveragedMap made, reused while the map and operators stay
+AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
+_AVERAGED: list = []        # the AveragedMaps made last, reused while the map and operators stay
 
 
 def averaged_map(data, origin, voxel, rot, trans, master_xyz) -> AveragedMap:
     """The AveragedMap of this map and these operators, made once for as long as the same map
-    array is used (the weight trials and the macro-cycles on one map share it)."""
+    array is used (the weight trials and the macro-cycles on one map share it; a half set's
+    minimisations alternate between its map and its blurred copy, so a few are kept)."""
     key = (np.asarray(origin, dtype=np.float64).tobytes(), np.asarray(rot).tobytes(),
            np.asarray(trans).tobytes())
-    got = _AVERAGED.get("last")
-    if got is not None and got.source is data and got.key == key:
-        return got
+    for got in _AVERAGED:
+        if got.source is data and got.key == key:
+            return got
     avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz)
     avg.key = key
-    _AVERAGED["last"] = avg
+    _AVERAGED.append(avg)
+    del _AVERAGED[:-AVERAGED_KEEP]
     return avg
 
 
@@ -1020,6 +1023,17 @@ class ConstrainedMinimiser:
         self.on_poll = interrupts.poll if interrupts is not None else None
         self.last_target = None
 
+    def for_group(self, comm, base=None):
+        """The minimiser of one group of ranks that share a minimisation on their own (a
+        half-set task; comm None: one process), with the same constraints: every rank of comm
+        calls it and gets the result."""
+        info = self.info
+
+        def group_minimise(xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
+            return constrained_minimise(info, xyz0, data_term, geom.r, weight, iterations, params,
+                                        comm=comm)[0]
+        return group_minimise
+
     def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
         ctx = self.ctx
         if ctx is None or ctx.size == 1:
@@ -1135,6 +1149,11 @@ class RestrainedMinimiser:
         self.info = info
         self.inner = inner
         self.sigma = sigma
+
+    def for_group(self, comm, base):
+        """The same restraints around base, the minimiser of one group of ranks (a half-set
+        task)."""
+        return RestrainedMinimiser(self.info, base, self.sigma)
 
     def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
         term = NcsRestraintTerm(self.info, xyz0, self.sigma)

@@ -167,9 +167,8 @@ def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: 
     occupancies occ when given, e.g. after an adp or occupancy step, else the model's own)."""
     stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in geom.statistics(xyz).items()}
     if inputs.data is not None and with_map:
-        st = updated_structure(model, xyz, b, occ)
-        stats["cc_mask"] = round(cc_mask(st, inputs.data, inputs.map.origin, inputs.map.voxel,
-                                         resolution, xyz), 4)
+        stats["cc_mask"] = round(cc_mask(model, xyz, inputs.data, inputs.map.origin, inputs.map.voxel,
+                                         resolution, b, occ), 4)
     return stats
 
 
@@ -681,7 +680,8 @@ def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, re
 
     section = run_halfset(ctx, inputs, geom, params, resolution, xyz0, atom_weights(inputs.model),
                           outdir, inputs.model.res_first_atom, done=state.tasks,
-                          on_task=steps.task_done, interrupts=steps.interrupts)
+                          on_task=steps.task_done, interrupts=steps.interrupts,
+                          ncs=steps.inner if hasattr(steps.inner, "for_group") else None)
     if ctx is None or ctx.size == 1:
         return section, float(section["final_weight"])
     from .parallel.distributed import wait_quietly

@@ -38,9 +38,17 @@ try:  # FFTW when available; numpy's FFT otherwise (same conventions)
 
     def _rfftn(a: np.ndarray) -> np.ndarray:
         return _fft.rfftn(a, planner_effort="FFTW_ESTIMATE", threads=_n_threads())
+
+    def _irfftn(f: np.ndarray, shape) -> np.ndarray:
+        """The real map (float32) of shape whose rfftn is f (complex64 in, float32 out)."""
+        return _fft.irfftn(f, s=shape, axes=(0, 1, 2), planner_effort="FFTW_ESTIMATE",
+                           threads=_n_threads()).astype(np.float32, copy=False)
 except ImportError:  # pragma: no cover
     def _rfftn(a: np.ndarray) -> np.ndarray:
         return np.fft.rfftn(a)
+
+    def _irfftn(f: np.ndarray, shape) -> np.ndarray:
+        return np.fft.irfftn(f, s=shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------ grid
@@ -161,13 +169,17 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel, nbins=None) -> tuple[np.ndarray, np
     """
     if a.shape != b.shape:
         raise ValueError(f"fsc needs maps of the same shape, got {a.shape} and {b.shape}")
-    s = _shell_centres(a.shape, voxel, nbins)
-    fa = _rfftn(np.asarray(a, dtype=np.float32))
-    fb = _rfftn(np.asarray(b, dtype=np.float32))
+    return fsc_of_transforms(_rfftn(np.asarray(a, dtype=np.float32)),
+                             _rfftn(np.asarray(b, dtype=np.float32)), a.shape, voxel, nbins)
+
+
+def fsc_of_transforms(fa: np.ndarray, fb: np.ndarray, shape_zyx, voxel, nbins=None):
+    """fsc of two maps of shape_zyx given their rfftn transforms: (s_centres, fsc)."""
+    s = _shell_centres(shape_zyx, voxel, nbins)
     n = len(s)
     cross, pa, pb = np.zeros(n), np.zeros(n), np.zeros(n)
     # slab by slab: the only map-sized arrays are the two transforms
-    for sl, index, weight in _shell_slabs(a.shape, voxel, nbins):
+    for sl, index, weight in _shell_slabs(shape_zyx, voxel, nbins):
         ca, cb = fa[sl], fb[sl]
         cross += _shell_sum(index, weight, (ca * cb.conj()).real, n)
         pa += _shell_sum(index, weight, np.abs(ca) ** 2, n)

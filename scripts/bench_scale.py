@@ -436,6 +436,8 @@ def main(argv=None) -> int:
                     help="one more line of the parameter file, TOML (e.g. cycle_rotamers=false); repeatable")
     ap.add_argument("--sample", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--label", default="", help="suffix of the run folder")
+    ap.add_argument("--ncs", default="off", choices=("off", "constraints", "restraints", "auto"),
+                    help="refine's --ncs (default off)")
     ap.add_argument("--full-map", action="store_true",
                     help="refine against the full map alone (no half-set stage: every minimisation "
                          "shared by all the workers)")
@@ -465,7 +467,7 @@ def main(argv=None) -> int:
     params = write_params(args, work)
     out_dir = os.path.join(work, f"run_n{args.ranks}{args.label}")
     help_text = subprocess.run(hpcrefine_cmd("refine", "--help"), capture_output=True, text=True).stdout
-    extra = ["--ncs", "off"] if "--ncs" in help_text else []
+    extra = ["--ncs", args.ncs] if "--ncs" in help_text else []
     mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
     maps = ["--map", os.path.join(os.path.dirname(case["half_maps"][0]), "full.mrc")] if args.full_map \
         else ["--half-maps", *case["half_maps"]]

@@ -266,6 +266,48 @@ def test_constrained_refinement_keeps_copies_related_and_lowers_rmsd(small, tmp_
     assert np.sqrt(np.mean(np.sum((mpi.xyz - refined.xyz) ** 2, axis=1))) < 0.02
 
 
+def _halfset_frames(outdir):
+    import h5py
+    import json
+    with h5py.File(os.path.join(outdir, "checkpoint.h5"), "r") as f:
+        info = [json.loads(i) for i in f["trajectory/info"][()]]
+        xyz = f["trajectory/xyz"][()]
+    return [xyz[i].astype(np.float64) for i, d in enumerate(info) if d["stage"] == "halfset"]
+
+
+def test_half_sets_refine_under_the_same_constraints(small, tmp_path):
+    """With --ncs constraints every half-set model keeps its copies exact images of its master
+    (one process, and groups of workers under mpiexec -n 3); without NCS they differ."""
+    import shutil
+    import subprocess
+    import sys
+
+    from hpcrefine.refine import run_refine
+
+    halves = [str(small["dir"] / "maps" / f"half{h}.mrc") for h in (1, 2)]
+    g = ncs.find_ncs(small["model"]).groups[0]
+
+    def worst_copy_rmsd(xyz):
+        return max(ncs.superpose(xyz[g.master], xyz[g.copies[k]])[2] for k in range(1, g.n_copies))
+
+    for mode in ("constraints", "off"):
+        params = build_params(3.5, overrides={"ncs": mode, "macro_cycles": 1, "iterations": 8,
+                                              "weight_trial_iterations": 4})
+        run_refine(small["start"], str(tmp_path / mode), 3.5, params, half_maps=halves)
+        frames = _halfset_frames(str(tmp_path / mode))
+        assert len(frames) == 8
+        worst = max(worst_copy_rmsd(x) for x in frames)
+        assert (worst < 2e-3) if mode == "constraints" else (worst > 0.3), (mode, worst)
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine", small["start"],
+           "--half-maps", *halves, "--resolution", "3.5", "--output", str(tmp_path / "mpi"),
+           "--ncs", "constraints", "--cycles", "1", "--iterations", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frames = _halfset_frames(str(tmp_path / "mpi"))
+    assert len(frames) == 8 and max(worst_copy_rmsd(x) for x in frames) < 2e-3
+
+
 def test_ncs_restraint_gradient_and_pull(small):
     model = dataclass_copy(small["model"], small["xyz"])
     info = ncs.find_ncs(model)

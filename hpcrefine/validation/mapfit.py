@@ -27,9 +27,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..core.density import rfft_freqs
-from ..mapstats import _mark_spheres, _span, model_density
-from ..simulate import _rfftn, _shells, fsc_crossing
+from ..mapstats import _mark_spheres, _span, atom_density, lowpass_coefficients
+from ..simulate import _irfftn, _rfftn, _shells, fsc_crossing
 
 MASK_PROBE = 1.11          # A, added to the van der Waals radius for the molecular mask
 MASK_SHRINK = 0.9          # A, erosion of the molecular mask
@@ -147,21 +146,14 @@ def molecular_mask(xyz, element, shape_zyx, origin, voxel) -> np.ndarray:
     return mask
 
 
-def _lowpass_inplace(f: np.ndarray, shape_zyx, voxel, resolution: float) -> None:
-    """Zero the Fourier coefficients beyond 1/resolution, slab by slab (no full-size s array)."""
-    kz, ky, kx = rfft_freqs(shape_zyx, voxel)
-    kz, ky, kx = kz.ravel(), ky.reshape(1, -1, 1), kx.reshape(1, 1, -1)
-    lim = 1.0 / resolution ** 2
-    step = max(1, SLAB_VOXELS // max(1, f.shape[1] * f.shape[2]))
-    for k in range(0, f.shape[0], step):
-        s2 = kz[k:k + step].reshape(-1, 1, 1) ** 2 + ky ** 2 + kx ** 2
-        f[k:k + step][s2 > lim] = 0
-
-
-def model_map_and_fsc(st, exp_map: np.ndarray, origin, voxel, resolution: float):
-    """(low-passed model map float32 [z, y, x], FSC dict) with one FFT of each map."""
+def model_map_and_fsc(model, xyz, exp_map: np.ndarray, origin, voxel, resolution: float, b=None,
+                      occ=None):
+    """(low-passed model map float32 [z, y, x], FSC dict) with one FFT of each map; the model
+    map of the atoms at xyz with B-factors b and occupancies occ (the model's when None;
+    mapstats.atom_density)."""
     voxel = np.asarray(voxel, dtype=np.float64)
-    density = model_density(st, exp_map.shape, origin, voxel)
+    density = atom_density(xyz, model.element, model.b if b is None else b,
+                           model.occ if occ is None else occ, exp_map.shape, origin, voxel, resolution)
     f_calc = _rfftn(density)
     del density
     f_map = _rfftn(np.asarray(exp_map, dtype=np.float32))
@@ -180,8 +172,8 @@ def model_map_and_fsc(st, exp_map: np.ndarray, origin, voxel, resolution: float)
         curve = np.where(pc * pm > 0, cross / np.sqrt(pc * pm), 0.0)
     upto = (s <= 1.0 / resolution) & (s > 0)
     fsc_avg = float(np.sum(curve[upto] * count[upto]) / np.sum(count[upto])) if upto.any() else float("nan")
-    _lowpass_inplace(f_calc, exp_map.shape, voxel, resolution)
-    calc = np.fft.irfftn(f_calc, s=exp_map.shape, axes=(0, 1, 2)).astype(np.float32)
+    lowpass_coefficients(f_calc, exp_map.shape, voxel, resolution)
+    calc = _irfftn(f_calc, exp_map.shape)
     del f_calc
     info = {"s": s, "fsc": curve, "count": count, "fsc_avg": fsc_avg,
             "d_fsc_05": fsc_crossing(s, curve, 0.5)}
@@ -235,9 +227,10 @@ def residue_sums(exp_map: np.ndarray, calc: np.ndarray, xyz: np.ndarray, res_ind
     return sums
 
 
-def analyse(model, xyz: np.ndarray, st, exp_map: np.ndarray, origin, voxel, resolution: float) -> dict:
+def analyse(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resolution: float, b=None,
+            occ=None) -> dict:
     """All map-model figures; per-residue CC as an array (nan for residues owning no voxel)."""
-    calc, fsc_info = model_map_and_fsc(st, exp_map, origin, voxel, resolution)
+    calc, fsc_info = model_map_and_fsc(model, xyz, exp_map, origin, voxel, resolution, b, occ)
     mask = molecular_mask(xyz, model.element, exp_map.shape, origin, voxel)
     cc = correlations(exp_map, calc, mask)
     del mask

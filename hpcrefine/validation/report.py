@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..modelio import Model, updated_structure
+from ..modelio import Model
 from ..restraints import Restraints
 from . import cbeta, clash, geometry, mapfit, ramachandran, rotamer
 from .residues import residue_table
@@ -116,8 +116,7 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
         if not resolution or not resolution > 0:
             raise ValueError("validate_model needs a positive resolution with a map")
         t = time.perf_counter()
-        st = updated_structure(model, xyz, b, occ)
-        fit = mapfit.analyse(model, xyz, st, exp, map_grid.origin, map_grid.voxel, resolution)
+        fit = mapfit.analyse(model, xyz, exp, map_grid.origin, map_grid.voxel, resolution, b, occ)
         timings["map_fit"] = time.perf_counter() - t
         per_res["cc"] = fit["residue_cc"]
         f = fit["fsc"]
