@@ -96,20 +96,26 @@ def fsc_average(s: np.ndarray, f: np.ndarray, counts: np.ndarray, resolution: fl
     return float(np.sum(f[keep] * counts[keep]) / np.sum(counts[keep]))
 
 
-def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution: float) -> dict:
+def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution: float,
+                   expand=None) -> dict:
     """FSC_work and FSC_free of half-set models: models[h] = xyz refined against halves[h-1].
 
     Returns {h: {"s", "work", "free", "work_avg", "free_avg"}}. This is the one step that reads
     both half maps for one model. One transform per map: the model map is low-passed in
-    Fourier space, where its FSCs are taken."""
+    Fourier space, where its FSCs are taken. expand(xyz) -> (coordinates, model atom of each):
+    the atoms the map holds when the model is an asymmetric unit whose copies the NCS
+    operators make (ncs.ConstrainedMinimiser.expand_model); None: the model's atoms."""
     from .simulate import _rfftn, fsc_of_transforms
 
     shape = halves[0].shape
     s, counts = shell_counts(shape, voxel)
     out = {}
     for h, xyz in models.items():
-        calc = _rfftn(atom_density(xyz, model.element, model.b, model.occ, shape, origin, voxel,
-                                   resolution))
+        atoms = slice(None)
+        if expand is not None:
+            xyz, atoms = expand(xyz)
+        calc = _rfftn(atom_density(xyz, model.element[atoms], model.b[atoms], model.occ[atoms], shape,
+                                   origin, voxel, resolution))
         lowpass_coefficients(calc, shape, voxel, resolution)
         _, work = fsc_of_transforms(calc, _rfftn(np.asarray(halves[h - 1], dtype=np.float32)), shape, voxel)
         _, free = fsc_of_transforms(calc, _rfftn(np.asarray(halves[2 - h], dtype=np.float32)), shape, voxel)
@@ -169,21 +175,22 @@ def _half_terms(inputs, resolution: float, atom_weight) -> dict:
     return terms
 
 
-def compare_task(inputs, resolution: float, h: int, buf: np.ndarray) -> np.ndarray:
+def compare_task(inputs, resolution: float, h: int, buf: np.ndarray, expand=None) -> np.ndarray:
     """Fill the FSC curves of a packed half-set result (the compare step, on the master when
     there is a map store: it holds the half maps; the workers never transform a whole box)."""
     grid = inputs.map
     n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
     halves = tuple(np.asarray(m.data, dtype=np.float32) for m in inputs.half_maps)
     xyz = buf[2 * n_shells + 2:].reshape(-1, 3)
-    c = compare_models(inputs.model, {h: xyz}, halves, grid.origin, grid.voxel, resolution)[h]
+    c = compare_models(inputs.model, {h: xyz}, halves, grid.origin, grid.voxel, resolution, expand)[h]
     buf[:n_shells] = c["work"]
     buf[n_shells:2 * n_shells] = c["free"]
     log.debug("half set %d refined: FSC_work %.4f, FSC_free %.4f", h, c["work_avg"], c["free_avg"])
     return buf
 
 
-def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimiser, term) -> np.ndarray:
+def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimiser, term,
+               expand=None) -> np.ndarray:
     """Refine half set h's model at weight w against half map h alone (term: _half_terms), then
     (the refinement done) its geometry and, without a map store, the compare step for that model:
     FSC against its own half map (work) and the other (free). Returns the packed result (with a
@@ -193,7 +200,7 @@ def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimis
     n_shells = len(shell_counts(inputs.map.data.shape, inputs.map.voxel)[0])
     buf = _pack(np.full(n_shells, np.nan), np.full(n_shells, np.nan), st, xyz)
     if inputs.store is None:
-        compare_task(inputs, resolution, h, buf)
+        compare_task(inputs, resolution, h, buf, expand)
     return buf
 
 
@@ -240,7 +247,10 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
 
     def finish():
         return summarise(inputs, geom, params, resolution, weights,
-                         {key: _unpack(b, n_shells) for key, b in done.items()}, outdir)
+                         {key: _unpack(b, n_shells) for key, b in done.items()}, outdir,
+                         getattr(ncs, "parameters", None))
+
+    expand = getattr(ncs, "expand_model", None)
 
     def with_ncs(comm, base):
         return base if ncs is None else ncs.for_group(comm, base)
@@ -253,7 +263,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                 if interrupts is not None and interrupts.poll():
                     raise Interrupted
                 done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w,
-                                          with_ncs(None, minimise), term_of(h))
+                                          with_ncs(None, minimise), term_of(h), expand)
                 if on_task is not None:
                     on_task((h, k), done[(h, k)])
         return finish()
@@ -288,7 +298,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
             group.Free()
         return None
     def fill_curves(key, buf):
-        return compare_task(inputs, resolution, key[0], buf)
+        return compare_task(inputs, resolution, key[0], buf, expand)
     _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,
                    fill_curves if inputs.store is not None else None)
     return finish()
@@ -361,7 +371,8 @@ def free_minimum(weights, residuals, ok) -> tuple[float, int]:
     return float(weights[best]), best
 
 
-def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resolution: float) -> dict:
+def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resolution: float,
+                             constrained=None) -> dict:
     """The free/work residual ratio expected for a restrained refinement (Tickle, Laskowski & Moss
     1998): sqrt((f + m_eff) / (f - m_eff)).
 
@@ -370,6 +381,8 @@ def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resol
     parameters: 3 per atom less one per stiff restraint (bonds, angles, chiral volumes, and n - 3
     per plane of n atoms), at least 5% of 3N. This count of m_eff is an approximation: restraints
     are not infinitely stiff, so it is a lower bound and the ratio it gives a lower bound too.
+    constrained: (share, operators) under NCS constraints: the refined atoms are that share of
+    the model's (the masters and free atoms), plus that many operator parameters.
     """
     from .mapstats import atom_mask
 
@@ -379,12 +392,14 @@ def expected_free_work_ratio(xyz: np.ndarray, r, shape_zyx, origin, voxel, resol
     plane_sizes = np.diff(r.plane_start)
     stiff = len(r.bond_idx) + len(r.angle_idx) + len(r.chir_idx) + int(np.maximum(plane_sizes - 3, 0).sum())
     m_eff = max(3 * len(xyz) - stiff, 0.05 * 3 * len(xyz))
+    if constrained is not None:
+        m_eff = m_eff * constrained[0] + constrained[1]
     ratio = float(np.sqrt((f + m_eff) / (f - m_eff))) if f > m_eff else float("nan")
     return {"observations": round(f, 1), "effective_parameters": round(float(m_eff), 1),
             "ratio": round(ratio, 4)}
 
 
-def summarise(inputs, geom, params, resolution, weights, results, outdir) -> dict:
+def summarise(inputs, geom, params, resolution, weights, results, outdir, constrained=None) -> dict:
     """The choice of weight and the report section (master only): results[(h, k)] holds half set
     h's model at weights[k] with its FSC curves and geometry (computed by the workers)."""
     from .compare import per_residue_error
@@ -417,7 +432,7 @@ def summarise(inputs, geom, params, resolution, weights, results, outdir) -> dic
     t = trials[best]
     ratio = (1 - t["fsc_free_avg"]) / max(1 - t["fsc_work_avg"], 1e-9)
     expected = expected_free_work_ratio(models[1][best], geom.r, inputs.data.shape, grid.origin,
-                                        grid.voxel, resolution)
+                                        grid.voxel, resolution, constrained)
     # every weight tried gives one pair of independent half-set models: their differences,
     # averaged in quadrature, estimate the error with less noise than one pair (Spearman against
     # the real per-residue error on adk: 0.32 with the chosen weight's pair, 0.38 with all)

@@ -1023,6 +1023,28 @@ class ConstrainedMinimiser:
         self.on_poll = interrupts.poll if interrupts is not None else None
         self.last_target = None
 
+    @property
+    def parameters(self) -> tuple[float, int]:
+        """(share, operators): the refined atoms (masters and free atoms) as a share of the
+        model's atoms, and the refined operator parameters (6 per copy; none when the operators
+        are the file's, fixed)."""
+        info = self.info
+        if info.virtual:
+            return 1.0, 0
+        n_master = sum(g.copies.shape[1] for g in info.groups)
+        copies = sum(g.n_copies - 1 for g in info.groups)
+        return (n_master + len(info.free_atoms())) / info.n_atoms, 6 * copies
+
+    def expand_model(self, xyz):
+        """(coordinates of every copy, model atom of each) when the model is an asymmetric unit
+        whose copies are virtual (the file's operators), for maps of the whole assembly."""
+        g = self.info.groups[0]
+        if not self.info.virtual:
+            return xyz, np.arange(len(xyz))
+        k = g.n_copies
+        return (np.concatenate([xyz @ g.rot[c].T + g.trans[c] for c in range(k)]),
+                np.tile(np.arange(len(xyz)), k))
+
     def for_group(self, comm, base=None):
         """The minimiser of one group of ranks that share a minimisation on their own (a
         half-set task; comm None: one process), with the same constraints: every rank of comm

@@ -290,14 +290,19 @@ def test_half_sets_refine_under_the_same_constraints(small, tmp_path):
     def worst_copy_rmsd(xyz):
         return max(ncs.superpose(xyz[g.master], xyz[g.copies[k]])[2] for k in range(1, g.n_copies))
 
+    m_eff = {}
     for mode in ("constraints", "off"):
         params = build_params(3.5, overrides={"ncs": mode, "macro_cycles": 1, "iterations": 8,
                                               "weight_trial_iterations": 4})
-        run_refine(small["start"], str(tmp_path / mode), 3.5, params, half_maps=halves)
+        report = run_refine(small["start"], str(tmp_path / mode), 3.5, params, half_maps=halves)
+        m_eff[mode] = report["halfset"]["free_work_ratio_expected"]["effective_parameters"]
         frames = _halfset_frames(str(tmp_path / mode))
         assert len(frames) == 8
         worst = max(worst_copy_rmsd(x) for x in frames)
         assert (worst < 2e-3) if mode == "constraints" else (worst > 0.3), (mode, worst)
+    # the expected free/work ratio counts the constrained parameters: one copy of three, and
+    # 6 per operator of the two other copies
+    assert m_eff["constraints"] == pytest.approx(m_eff["off"] / 3 + 12, abs=1.0)
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     cmd = [mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine", small["start"],
            "--half-maps", *halves, "--resolution", "3.5", "--output", str(tmp_path / "mpi"),
@@ -438,6 +443,26 @@ def test_asymmetric_unit_constrained_by_its_assembly_operators(asu, small, tmp_p
     out = gemmi.read_structure(str(tmp_path / "run" / "refined.cif"))
     assert out[0].count_atom_sites() == 1737 and len(out.assemblies) == 1
     assert rmsd(str(tmp_path / "run" / "refined.cif"), str(truth))["rmsd_all"] < 0.5   # from 0.80
+
+
+def test_asymmetric_unit_half_sets_compare_the_whole_assembly(asu, small, tmp_path):
+    """An asymmetric unit refined with half maps under its file's operators: the half-set
+    compare step makes the model map of every copy, so its FSCs are those of the assembly the
+    maps hold (as high as the expanded model's), not of one copy in three."""
+    from hpcrefine.refine import run_refine
+
+    truth, model, *_ = _asu_three(asu, small, tmp_path)
+    start = simulate.shake(model.xyz, 0.8, seed=2)
+    write_model(updated_structure(model, start), str(tmp_path / "asu_start"))
+    halves = [str(small["dir"] / "maps" / f"half{h}.mrc") for h in (1, 2)]
+    work = {}
+    for name, path in (("asu", str(tmp_path / "asu_start.cif")), ("expanded", small["start"])):
+        params = build_params(3.5, overrides={"ncs": "constraints", "macro_cycles": 1, "iterations": 8,
+                                              "weight_trial_iterations": 4})
+        report = run_refine(path, str(tmp_path / name), 3.5, params, half_maps=halves)
+        work[name] = max(t["fsc_work_avg"] for t in report["halfset"]["weights_tried"])
+    assert work["expanded"] > 0.6
+    assert abs(work["asu"] - work["expanded"]) < 0.05, work
 
 
 def _asu_restraints(model):
