@@ -611,11 +611,15 @@ def split_restraints(r: Restraints, label: np.ndarray, masters: list):
     n_planes = len(r.plane_start) - 1
     plane_same = np.zeros(n_planes, dtype=bool)
     plane_lab = np.full(n_planes, -2, dtype=np.int64)
-    for p in range(n_planes):
-        lab = label[r.plane_atoms[r.plane_start[p]:r.plane_start[p + 1]]]
-        if len(lab):
-            plane_same[p] = bool(np.all(lab == lab[0])) and lab[0] != -2
-            plane_lab[p] = lab[0]
+    sizes = np.diff(r.plane_start)
+    filled = sizes > 0
+    if filled.any():
+        # per plane the smallest and largest label of its atoms, in one pass over all planes
+        lab = label[r.plane_atoms]
+        starts = np.asarray(r.plane_start[:-1])[filled]
+        lo, hi = np.minimum.reduceat(lab, starts), np.maximum.reduceat(lab, starts)
+        plane_lab[filled] = lab[starts]
+        plane_same[filled] = (lo == hi) & (lo != -2)
     out = []
     for atoms in masters:
         mlab = label[atoms[0]]
