@@ -89,15 +89,13 @@ def electron_gaussian(element: str, s_max: float) -> tuple[float, float]:
     s = np.linspace(0.0, s_max, FIT_POINTS)
     f = np.sum(a[None] * np.exp(-0.25 * b[None] * s[:, None] ** 2), axis=1)
     w = s * s
-    best = (np.inf, float(f[0]), 0.0)
-    for bf in np.arange(0.0, 100.0, 0.05):  # for each B_f the best A is linear least squares
-        g = np.exp(-0.25 * bf * s * s)
-        amp = float(np.sum(w * f * g) / np.sum(w * g * g))
-        r = float(np.sum(w * (f - amp * g) ** 2))
-        if r < best[0]:
-            best = (r, amp, float(bf))
-    _FORM_FITS[key] = best[1:]
-    return best[1:]
+    bf = np.arange(0.0, 100.0, 0.05)            # for each B_f the best A is linear least squares
+    g = np.exp(-0.25 * bf[:, None] * (s * s)[None])
+    amp = (g * (w * f)[None]).sum(axis=1) / (g * g * w[None]).sum(axis=1)
+    resid = (w[None] * (f[None] - amp[:, None] * g) ** 2).sum(axis=1)
+    k = int(np.argmin(resid))
+    _FORM_FITS[key] = (float(amp[k]), float(bf[k]))
+    return _FORM_FITS[key]
 
 
 def atom_density(xyz, elements, b, occ, shape_zyx: tuple, origin, voxel,
