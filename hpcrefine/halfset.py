@@ -29,6 +29,7 @@ writes the report section. With one process the compare step follows each task.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -80,13 +81,21 @@ def half_start(xyz0: np.ndarray, params, half: int) -> np.ndarray:
 
 
 def shell_counts(shape_zyx, voxel) -> tuple[np.ndarray, np.ndarray]:
-    """(s, number of Fourier coefficients per shell), the shells of simulate.fsc."""
+    """(s, number of Fourier coefficients per shell), the shells of simulate.fsc; made once per
+    grid (1.3 s for a 480^3 box) and kept."""
+    return _shell_counts(tuple(int(n) for n in shape_zyx), tuple(float(v) for v in voxel))
+
+
+@functools.lru_cache(maxsize=4)
+def _shell_counts(shape_zyx: tuple, voxel: tuple) -> tuple[np.ndarray, np.ndarray]:
     from .simulate import _shell_centres, _shell_slabs, _shell_sum
 
     s = _shell_centres(shape_zyx, voxel)
     counts = np.zeros(len(s))
     for _, index, weight in _shell_slabs(shape_zyx, voxel):      # no map-sized temporaries
         counts += _shell_sum(index, weight, np.ones(index.shape), len(s))
+    s.flags.writeable = False
+    counts.flags.writeable = False
     return s, counts
 
 

@@ -227,13 +227,12 @@ def fsc_weighted(full: np.ndarray, half1: np.ndarray, half2: np.ndarray, voxel) 
     """The full map weighted per shell by sqrt(2 FSC / (1 + FSC)) of the half maps (Rosenthal &
     Henderson's C_ref): shells that hold mostly noise are damped instead of cut at one resolution.
     Returns the weighted map (float32) and the curve used."""
-    from .simulate import _irfftn, _rfftn, _shells, fsc
+    from .simulate import _irfftn, _rfftn, fsc, scale_shells
 
     s, f = fsc(half1, half2, voxel)
     f_full = np.clip(2 * f / (1 + f), 0.0, 1.0)          # FSC of the full map (Rosenthal & Henderson)
     c_ref = np.sqrt(2 * f_full / (1 + f_full))
-    index, _, _ = _shells(full.shape, voxel)
-    w = np.where(index >= 0, c_ref[np.maximum(index, 0)], 0.0).astype(np.float32)
-    ft = _rfftn(np.asarray(full, dtype=np.float32)) * w
+    ft = _rfftn(np.asarray(full, dtype=np.float32))
+    scale_shells(ft, full.shape, voxel, c_ref)
     out = _irfftn(ft, full.shape)
     return out, {"s": s.tolist(), "fsc_half": f.tolist(), "c_ref": c_ref.tolist()}

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
 import gemmi
 import numpy as np
+from numba import njit
 
 from . import mapio, mapstats
 from .core.density import rfft_freqs
@@ -176,17 +178,67 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel, nbins=None) -> tuple[np.ndarray, np
                              _rfftn(np.asarray(b, dtype=np.float32)), a.shape, voxel, nbins)
 
 
+def shell_sums(fa: np.ndarray, fb: np.ndarray, shape_zyx, voxel, nbins=None):
+    """Per shell of _shells, over the rfftn coefficients a, b of two maps of shape_zyx:
+    (s_centres, sum Re(a b*), sum |a|^2, sum |b|^2, number of coefficients), each coefficient
+    counted twice when the half-complex layout leaves out its Friedel mate. One compiled pass
+    over the coefficients (0.25 s for a 480^3 map, against 1.2-1.5 s for the slabs of index
+    arrays and bincounts it replaces), with no temporaries."""
+    fz, fy, fx = rfft_freqs(shape_zyx, tuple(float(v) for v in voxel))
+    width, n = _shell_width(shape_zyx, voxel, nbins)
+    out = np.zeros((4, n))
+    _shell_kernel(fa, fb, np.ascontiguousarray(fz.ravel()), np.ascontiguousarray(fy.ravel()),
+                  np.ascontiguousarray(fx.ravel()), float(width), shape_zyx[2] % 2 == 0, out)
+    return _shell_centres(shape_zyx, voxel, nbins), out[0], out[1], out[2], out[3]
+
+
+@njit(cache=True)
+def _shell_kernel(fa, fb, fz, fy, fx, width, last_single, out):
+    """out[0..3, shell] += weight x (Re(a b*), |a|^2, |b|^2, 1) over the coefficients within
+    Nyquist (shells of _shell_slabs: index rint(s / width))."""
+    nz, ny, nh = fa.shape
+    n = out.shape[1]
+    for k in range(nz):
+        for j in range(ny):
+            szy = fz[k] * fz[k] + fy[j] * fy[j]
+            for i in range(nh):
+                idx = int(np.rint(math.sqrt(szy + fx[i] * fx[i]) / width))
+                if idx >= n:
+                    continue
+                w = 1.0 if (i == 0 or (last_single and i == nh - 1)) else 2.0
+                a = fa[k, j, i]
+                b = fb[k, j, i]
+                out[0, idx] += w * (a.real * b.real + a.imag * b.imag)
+                out[1, idx] += w * (a.real * a.real + a.imag * a.imag)
+                out[2, idx] += w * (b.real * b.real + b.imag * b.imag)
+                out[3, idx] += w
+
+
+@njit(cache=True)
+def _scale_kernel(f, fz, fy, fx, width, factor):
+    """f[k, j, i] *= factor[shell], 0 beyond the last shell (in place)."""
+    nz, ny, nh = f.shape
+    n = factor.shape[0]
+    for k in range(nz):
+        for j in range(ny):
+            szy = fz[k] * fz[k] + fy[j] * fy[j]
+            for i in range(nh):
+                idx = int(np.rint(math.sqrt(szy + fx[i] * fx[i]) / width))
+                f[k, j, i] *= factor[idx] if idx < n else 0.0
+
+
+def scale_shells(f: np.ndarray, shape_zyx, voxel, factor: np.ndarray) -> None:
+    """Multiply the rfftn coefficients f of a map of shape_zyx by factor[shell] (shells of
+    _shells; coefficients beyond Nyquist by 0), in place."""
+    fz, fy, fx = rfft_freqs(shape_zyx, tuple(float(v) for v in voxel))
+    width, _ = _shell_width(shape_zyx, voxel)
+    _scale_kernel(f, np.ascontiguousarray(fz.ravel()), np.ascontiguousarray(fy.ravel()),
+                  np.ascontiguousarray(fx.ravel()), float(width), np.asarray(factor, dtype=np.float64))
+
+
 def fsc_of_transforms(fa: np.ndarray, fb: np.ndarray, shape_zyx, voxel, nbins=None):
     """fsc of two maps of shape_zyx given their rfftn transforms: (s_centres, fsc)."""
-    s = _shell_centres(shape_zyx, voxel, nbins)
-    n = len(s)
-    cross, pa, pb = np.zeros(n), np.zeros(n), np.zeros(n)
-    # slab by slab: the only map-sized arrays are the two transforms
-    for sl, index, weight in _shell_slabs(shape_zyx, voxel, nbins):
-        ca, cb = fa[sl], fb[sl]
-        cross += _shell_sum(index, weight, (ca * cb.conj()).real, n)
-        pa += _shell_sum(index, weight, np.abs(ca) ** 2, n)
-        pb += _shell_sum(index, weight, np.abs(cb) ** 2, n)
+    s, cross, pa, pb, _ = shell_sums(fa, fb, shape_zyx, voxel, nbins)
     denom = np.sqrt(pa * pb)
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where(denom > 0, cross / denom, 0.0)

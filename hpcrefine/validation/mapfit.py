@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from ..mapstats import _mark_spheres, _span, atom_density, lowpass_coefficients
-from ..simulate import _irfftn, _rfftn, _shells, fsc_crossing
+from ..simulate import _irfftn, _rfftn, fsc_crossing, shell_sums
 
 MASK_PROBE = 1.11          # A, added to the van der Waals radius for the molecular mask
 MASK_SHRINK = 0.9          # A, erosion of the molecular mask
@@ -157,17 +157,8 @@ def model_map_and_fsc(model, xyz, exp_map: np.ndarray, origin, voxel, resolution
     f_calc = _rfftn(density)
     del density
     f_map = _rfftn(np.asarray(exp_map, dtype=np.float32))
-    index, weight, s = _shells(exp_map.shape, voxel)
-    keep = index >= 0
-    n = len(s)
-    idx = index[keep]
-    w = np.broadcast_to(weight, index.shape)[keep]
-    fc, fm = f_calc[keep], f_map[keep]
-    cross = np.bincount(idx, weights=w * (fc * fm.conj()).real, minlength=n)
-    pc = np.bincount(idx, weights=w * (fc.real ** 2 + fc.imag ** 2), minlength=n)
-    pm = np.bincount(idx, weights=w * (fm.real ** 2 + fm.imag ** 2), minlength=n)
-    count = np.bincount(idx, weights=w, minlength=n)
-    del fc, fm, idx, w, keep, index, f_map
+    s, cross, pc, pm, count = shell_sums(f_calc, f_map, exp_map.shape, voxel)
+    del f_map
     with np.errstate(invalid="ignore", divide="ignore"):
         curve = np.where(pc * pm > 0, cross / np.sqrt(pc * pm), 0.0)
     upto = (s <= 1.0 / resolution) & (s > 0)
