@@ -976,6 +976,13 @@ def _blocks(n: int, parts: int) -> np.ndarray:
     return (np.arange(n, dtype=np.int64) * parts) // max(n, 1)
 
 
+def virtual_copies(info: NcsInfo, xyz: np.ndarray) -> np.ndarray:
+    """The model (an asymmetric unit, the master) and its virtual copies by the file's operators,
+    copy after copy: (n_model x copies, 3)."""
+    g = info.groups[0]
+    return np.concatenate([xyz @ g.rot[c].T + g.trans[c] for c in range(g.n_copies)])
+
+
 def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints, weight: float,
                          iterations: int, params, comm=None) -> tuple[MinimiseResult, ConstrainedTarget]:
     """L-BFGS over the NCS parameters from xyz0 (operators superposed at xyz0, masters the
@@ -984,8 +991,7 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
     if info.virtual:
         # the model is the master; its virtual copies come from the file's operators
         k = info.groups[0].n_copies
-        g = info.groups[0]
-        full = np.concatenate([xyz0 @ g.rot[c].T + g.trans[c] for c in range(k)])
+        full = virtual_copies(info, xyz0)
         par = NcsParametrisation(info, full)
         data_term = _TiledData(data_term, k)
         restraints = expand_restraints(restraints, len(xyz0), k)
@@ -1042,12 +1048,9 @@ class ConstrainedMinimiser:
     def expand_model(self, xyz):
         """(coordinates of every copy, model atom of each) when the model is an asymmetric unit
         whose copies are virtual (the file's operators), for maps of the whole assembly."""
-        g = self.info.groups[0]
         if not self.info.virtual:
             return xyz, np.arange(len(xyz))
-        k = g.n_copies
-        return (np.concatenate([xyz @ g.rot[c].T + g.trans[c] for c in range(k)]),
-                np.tile(np.arange(len(xyz)), k))
+        return virtual_copies(self.info, xyz), np.tile(np.arange(len(xyz)), self.info.groups[0].n_copies)
 
     def for_group(self, comm, base=None):
         """The minimiser of one group of ranks that share a minimisation on their own (a
