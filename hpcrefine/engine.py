@@ -93,6 +93,15 @@ class MinimiseResult:
     iterations: int
     evaluations: int
     seconds: float
+    # GeometryTerm.statistics of xyz when the minimiser computed them (the workers' shares
+    # summed: parallel.distributed_minimise), so no rank makes them again over the whole model
+    statistics: dict | None = None
+
+
+def geometry_of(res: MinimiseResult, geom: GeometryTerm) -> dict:
+    """The geometry statistics of a minimisation's result: the minimiser's own when it made them
+    (the same numbers on every rank), else geom.statistics over the whole model."""
+    return res.statistics if res.statistics is not None else geom.statistics(res.xyz)
 
 
 def minimise(xyz0: np.ndarray, data_term, geom: GeometryTerm, weight: float, iterations: int,
@@ -142,7 +151,7 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
 
     def trial(w, limit):
         res = minimiser(xyz, data_term, geom, w, params.weight_trial_iterations, params)
-        st = geom.statistics(res.xyz)
+        st = geometry_of(res, geom)
         fd, _ = data_term.target(res.xyz)
         t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, geometry_ok(st, params, limit))
         trials.append(t)

@@ -16,10 +16,12 @@ so their difference has variance 2 sigma_h^2: a half model's error is diff / sqr
 model is refined against twice the data, halving the noise variance of its target, so its error
 is about sigma_h / sqrt(2) = diff / 2. The reported estimate is diff / 2 (ERROR_FACTOR).
 
-Parallel layout: the workers of half set h are split into groups, up to one per weight
-(weight_layout), so the weights are tried in parallel when there are enough ranks; the ranks of a
-group share each minimisation (distributed_minimise); a worker that plays both halves does half 1
-then half 2; with one process the plain engine.minimise runs. The half maps' data terms (low-pass,
+Parallel layout (params.halfset_layout "parallel"): the workers of half set h are split into
+groups, up to one per weight (weight_layout), so the weights are tried in parallel when there are
+enough ranks; the ranks of a group share each minimisation (distributed_minimise); a worker that
+plays both halves does half 1 then half 2; with one process the plain engine.minimise runs.
+"shared": all the workers form one group that refines every task in turn (half 1, then half 2), so
+each worker holds only its boxes' share of a task. The half maps' data terms (low-pass,
 normalisation, blur: transforms of the whole box) are prepared once by the master and
 memory-mapped by the workers (parallel.mapstore). After refining, the group computes its model's
 geometry, and its first rank sends it with the coordinates to the master (buffer Send; the master
@@ -35,7 +37,7 @@ import os
 
 import numpy as np
 
-from .engine import RealSpaceTerm, initial_weight, minimise
+from .engine import RealSpaceTerm, geometry_of, initial_weight, minimise
 from .mapstats import atom_density, lowpass, lowpass_coefficients
 
 log = logging.getLogger(__name__)
@@ -59,14 +61,19 @@ def half_term(half_map: np.ndarray, origin, voxel, resolution: float, atom_weigh
 
 
 def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimiser=None,
-                blurs=BLURS) -> np.ndarray:
-    """Macro-cycles of blur 40 -> 0 A^2, params.iterations each, at a fixed weight."""
+                blurs=BLURS) -> tuple[np.ndarray, dict]:
+    """Macro-cycles of blur 40 -> 0 A^2, params.iterations each, at a fixed weight. Returns the
+    refined coordinates and their geometry statistics (engine.geometry_of: the workers' own
+    when they shared the minimisation)."""
     minimiser = minimiser or minimise
     xyz = np.asarray(xyz0, dtype=np.float64)
+    res = None
     for b in blurs:
         t = term.blurred(b) if b > 0 else term
-        xyz = minimiser(xyz, t, geom, weight, params.iterations, params).xyz
-    return np.ascontiguousarray(xyz, dtype=np.float64)
+        res = minimiser(xyz, t, geom, weight, params.iterations, params)
+        xyz = res.xyz
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    return xyz, (geometry_of(res, geom) if res is not None else geom.statistics(xyz))
 
 
 def half_start(xyz0: np.ndarray, params, half: int) -> np.ndarray:
@@ -134,17 +141,18 @@ def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution
     return out
 
 
-def weight_layout(size: int, n_weights: int) -> dict:
+def weight_layout(size: int, n_weights: int, shared: bool = False) -> dict:
     """(half, weight index) -> world rank that refines that half-set model and sends its results.
 
     With N >= 3 ranks the workers of a half set are split into min(workers, n_weights) groups;
     weight k goes to group k mod groups, whose first rank (half-set rank = group index) sends.
-    With 1 rank everything is local; with 2 ranks worker 1 does every task."""
+    With 1 rank everything is local; with 2 ranks, or shared (halfset_layout "shared": every
+    task refined by all the workers), worker 1 sends every task."""
     from .parallel.context import half_members
 
     out = {}
     for h in (1, 2):
-        members = [0] if size == 1 else [1] if size == 2 else half_members(size, h)
+        members = [0] if size == 1 else [1] if size == 2 or shared else half_members(size, h)
         groups = min(len(members), n_weights)
         for k in range(n_weights):
             out[(h, k)] = members[k % groups]
@@ -204,8 +212,7 @@ def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimis
     (the refinement done) its geometry and, without a map store, the compare step for that model:
     FSC against its own half map (work) and the other (free). Returns the packed result (with a
     store, the master fills in the curves: compare_task)."""
-    xyz = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
-    st = geom.statistics(xyz)
+    xyz, st = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
     n_shells = len(shell_counts(inputs.map.data.shape, inputs.map.voxel)[0])
     buf = _pack(np.full(n_shells, np.nan), np.full(n_shells, np.nan), st, xyz)
     if inputs.store is None:
@@ -224,7 +231,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     final refinement; None: no NCS.
 
     Every (half, weight) task is refined by one group of that half set's workers (weight_layout:
-    the weights run in parallel when a half set has several workers), which also computes the
+    the weights run in parallel when a half set has several workers; with params.halfset_layout
+    "shared", by all the workers, task after task), which also computes the
     task's FSC curves and geometry; the group's first rank sends them with the coordinates to the
     master, which only chooses and reports.
 
@@ -254,10 +262,14 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
         return half_term(inputs.half_maps[h - 1].data, grid.origin, grid.voxel, resolution,
                          np.ones(len(xyz0)))
 
+    constrained = getattr(ncs, "parameters", None)
+    if constrained is not None and params.halfset_fixed_operators:
+        constrained = (constrained[0], 0)       # the half sets refine no operator
+
     def finish():
         return summarise(inputs, geom, params, resolution, weights,
                          {key: _unpack(b, n_shells) for key, b in done.items()}, outdir,
-                         getattr(ncs, "parameters", None))
+                         constrained)
 
     expand = getattr(ncs, "expand_model", None)
 
@@ -280,10 +292,13 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
 
     from .parallel.distributed import distributed_minimise
 
-    layout = weight_layout(ctx.size, len(weights))
+    shared_layout = params.halfset_layout == "shared"
+    layout = weight_layout(ctx.size, len(weights), shared_layout)
     if ctx.is_worker:
-        hc = ctx.half_comm
-        groups = n_weight_groups(hc.Get_size(), len(weights))
+        # the communicator whose workers split this rank's tasks, and the halves it plays
+        hc = ctx.workers if shared_layout else ctx.half_comm
+        halves = [1, 2] if shared_layout else ctx.halves_here()
+        groups = 1 if shared_layout else n_weight_groups(hc.Get_size(), len(weights))
         group = hc.Split(hc.Get_rank() % groups, hc.Get_rank())
         mine = [k for k in range(len(weights)) if k % groups == hc.Get_rank() % groups]
 
@@ -291,7 +306,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
             return distributed_minimise(group, x, term, g.r, res_first_atom, w, iterations, p)[0]
         minimiser = with_ncs(group, shared)
         try:
-            for h in ctx.halves_here():
+            for h in halves:
                 for k in mine:
                     if (h, k) in done:
                         continue
@@ -306,6 +321,10 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
         finally:
             group.Free()
         return None
+    senders = sorted(set(layout.values()))
+    log.info("half sets: %s", f"every task refined by all {ctx.n_workers} workers in turn (shared)"
+             if shared_layout else f"{len(senders)} group(s) of workers refine the tasks in parallel")
+
     def fill_curves(key, buf):
         return compare_task(inputs, resolution, key[0], buf, expand)
     _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,

@@ -128,8 +128,38 @@ def model_from_structure(st: gemmi.Structure) -> Model:
                  res_is_polymer=np.array(res_poly, dtype=bool), res_first_atom=np.array(first, dtype=np.int64))
 
 
-def read_model(path: str) -> Model:
-    """Read a PDB/mmCIF model into a Model (hydrogens removed)."""
+def read_model(path: str, comm=None) -> Model:
+    """Read a PDB/mmCIF model into a Model (hydrogens removed).
+
+    With a communicator of several ranks (collective over it), its rank 0 alone parses the file
+    and sends the Model (gemmi's Structure pickles compactly) to the others, which wait without
+    spinning: parsing an mmCIF file holds its whole text and tables at once (1.27 GB of peak
+    memory for a million atoms, against 0.4 GB for the Model), so the other ranks never do. A
+    bad file raises the same InputError on every rank."""
+    if comm is None or comm.Get_size() == 1:
+        return _read_model(path)
+    import pickle
+
+    from .parallel.distributed import bcast_bytes
+    model, payload = None, None
+    if comm.Get_rank() == 0:
+        try:
+            model = _read_model(path)
+            payload = b"M" + pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        except InputError as exc:
+            payload = b"E" + str(exc).encode()
+        except BaseException:
+            bcast_bytes(comm, b"X")       # the others stop too; rank 0's traceback says why
+            raise
+    payload = bcast_bytes(comm, payload)
+    if bytes(payload[:1]) == b"E":
+        raise InputError(bytes(payload[1:]).decode())
+    if bytes(payload[:1]) == b"X":
+        raise InputError(f"rank 0 failed reading model {path}")
+    return model if model is not None else pickle.loads(payload[1:])
+
+
+def _read_model(path: str) -> Model:
     model = model_from_structure(read_structure(path))
     if not np.all(np.isfinite(model.xyz)):
         raise InputError(f"model {path} has non-finite coordinates")

@@ -744,7 +744,7 @@ class AveragedMap:
     is the interpolation of the sampled sum (measured on the 7cth assembly in tests/test_ncs.py)."""
 
     def __init__(self, data, origin, voxel, rot, trans, master_xyz):
-        from .core.density import tricubic
+        from .core.density import summed_over_operators
 
         voxel = np.asarray(voxel, dtype=np.float64)
         lo = np.min(master_xyz, axis=0) - AVERAGE_MARGIN
@@ -752,35 +752,33 @@ class AveragedMap:
         nx, ny, nz = (np.ceil((hi - lo) / voxel).astype(np.int64) + 1).tolist()
         self.origin = lo
         self.voxel = voxel
-        gx = lo[0] + voxel[0] * np.arange(nx)
-        gy = lo[1] + voxel[1] * np.arange(ny)
-        self.data = np.zeros((nz, ny, nx), dtype=np.float64)
-        for z in range(nz):                   # plane by plane: a few MB at a time
-            yy, xx = np.meshgrid(gy, gx, indexing="ij")
-            pts = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, lo[2] + voxel[2] * z)], axis=1)
-            plane = np.zeros(len(pts))
-            for a, b in zip(rot, trans):
-                plane += tricubic(data, origin, voxel, pts @ np.asarray(a).T + b)[0]
-            self.data[z] = plane.reshape(ny, nx)
+        # one compiled pass per operator (60 operators, 16,667 master atoms: 10.4 s as numpy
+        # planes through tricubic(), about a fifth of that compiled; the same sums to 1e-14)
+        self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx))
         self.source = data          # the map it was made from (kept, so `is` identifies it)
         self.key = None
+        self.ident = None
 
 
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
 _AVERAGED: list = []        # the AveragedMaps made last, reused while the map and operators stay
 
 
-def averaged_map(data, origin, voxel, rot, trans, master_xyz) -> AveragedMap:
+def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> AveragedMap:
     """The AveragedMap of this map and these operators, made once for as long as the same map
-    array is used (the weight trials and the macro-cycles on one map share it; a half set's
-    minimisations alternate between its map and its blurred copy, so a few are kept)."""
+    is used (the weight trials and the macro-cycles on one map share it; a half set's
+    minimisations alternate between its map and its blurred copy, so a few are kept). The map
+    is the same array, or, with ident, the map named ident (a map store's key: each use maps
+    the file anew)."""
     key = (np.asarray(origin, dtype=np.float64).tobytes(), np.asarray(rot).tobytes(),
            np.asarray(trans).tobytes())
     for got in _AVERAGED:
-        if got.source is data and got.key == key:
+        same = got.ident == ident if ident is not None else got.source is data
+        if same and got.key == key:
             return got
     avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz)
     avg.key = key
+    avg.ident = ident
     _AVERAGED.append(avg)
     del _AVERAGED[:-AVERAGED_KEEP]
     return avg
@@ -834,8 +832,10 @@ class ConstrainedTarget:
             g = par.info.groups[0]
             w = np.asarray(data_term.atom_weight, dtype=np.float64)
             if all(np.array_equal(w[g.copies[k]], w[g.master]) for k in range(g.n_copies)):
+                store = getattr(data_term, "store", None)
                 self.averaged = averaged_map(data_term.data, data_term.origin, data_term.voxel,
-                                             g.rot, g.trans, par.master_start[0])
+                                             g.rot, g.trans, par.master_start[0],
+                                             None if store is None else (id(store), data_term.key))
         if self.averaged is not None:
             self.mine = np.flatnonzero((owner == self.part) & (par.copy_id < 0))
         if not self.generic:
@@ -984,9 +984,13 @@ def virtual_copies(info: NcsInfo, xyz: np.ndarray) -> np.ndarray:
 
 
 def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints, weight: float,
-                         iterations: int, params, comm=None) -> tuple[MinimiseResult, ConstrainedTarget]:
+                         iterations: int, params, comm=None, fixed_operators: bool = False
+                         ) -> tuple[MinimiseResult, ConstrainedTarget]:
     """L-BFGS over the NCS parameters from xyz0 (operators superposed at xyz0, masters the
-    average of their copies); collective over comm. Returns the full coordinates x = f(p)."""
+    average of their copies); collective over comm. Returns the full coordinates x = f(p).
+    fixed_operators: the operators stay at that superposition (only the masters and free atoms
+    move), so with one NCS group the data term of every copy comes from the map summed over
+    the operators (AveragedMap)."""
     xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
     if info.virtual:
         # the model is the master; its virtual copies come from the file's operators
@@ -998,6 +1002,7 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
     else:
         full = xyz0
         par = NcsParametrisation(info.refit(xyz0), xyz0)
+        par.fixed_operators = fixed_operators
     p0 = par.pack(full)
     target = ConstrainedTarget(par, data_term, restraints, params, weight, comm)
     t0 = time.perf_counter()
@@ -1018,6 +1023,7 @@ class _TiledData:
                              "target (--target fast)")
         self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
         self.atom_weight = np.tile(term.atom_weight, n_copies)
+        self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
 
 
 class ConstrainedMinimiser:
@@ -1060,7 +1066,7 @@ class ConstrainedMinimiser:
 
         def group_minimise(xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:
             return constrained_minimise(info, xyz0, data_term, geom.r, weight, iterations, params,
-                                        comm=comm)[0]
+                                        comm=comm, fixed_operators=params.halfset_fixed_operators)[0]
         return group_minimise
 
     def __call__(self, xyz0, data_term, geom, weight, iterations, params) -> MinimiseResult:

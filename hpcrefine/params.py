@@ -53,6 +53,13 @@ class RefineParams:
     # so the two half-set models do not share the start's errors (Spearman of the per-residue error
     # estimate against the real error on adk: 0.27 without, 0.32 with 0.3 A)
     halfset_start_shake: float = 0.3
+    # how the workers share the half-set tasks (half, weight): "parallel" = the two half sets at
+    # once on the odd and the even workers, each half's workers split into up to one group per
+    # weight (fastest while there are no more workers than tasks; a group of one worker holds a
+    # whole task: the whole model's optimiser history, neighbour list and map pages); "shared" =
+    # every task refined by all the workers together, one after another (each worker holds its
+    # boxes' share of a task, so a worker's memory falls with the workers; slower by the exchanges)
+    halfset_layout: str = "parallel"
     # checkpoints (OUTPUT/checkpoint.h5) at step boundaries: when this many seconds have passed
     # since the last one, or every checkpoint_steps steps (0: by time only); a signal always
     # checkpoints. These two may change in a restart.
@@ -67,6 +74,10 @@ class RefineParams:
     # fast target of all copies is taken from the map summed over the operators into the
     # master's frame (ncs.AveragedMap): one copy's work per evaluation instead of every copy's
     ncs_average_map: bool = True
+    # under --ncs constraints the half-set tasks hold each copy's operator at its superposition on
+    # the half set's start and refine the masters (and free atoms) alone, so with one NCS group
+    # the summed map above serves them too; the final refinement refines the operators
+    halfset_fixed_operators: bool = True
     # low-resolution restraints (hpcrefine.lowres); on/off defaults in resolution_defaults
     ss_restraints: bool = False        # helix and strand H-bonds found in the start model
     ss_helix_310_pi: bool = False      # also 3-10 (i -> i+3) and pi (i -> i+5) helices
@@ -263,9 +274,12 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
         raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
     if values.get("decomposition", "auto") not in ("auto", "boxes", "blocks"):
         raise InputError(f"decomposition must be auto, boxes or blocks, got {values['decomposition']!r}")
+    if values.get("halfset_layout", "parallel") not in ("parallel", "shared"):
+        raise InputError(f"halfset_layout must be parallel or shared, got {values['halfset_layout']!r}")
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
-    for name in ("ss_restraints", "rama_restraints", "rotamer_restraints", "cycle_rotamers"):
+    for name in ("ss_restraints", "rama_restraints", "rotamer_restraints", "cycle_rotamers",
+                 "ncs_average_map", "halfset_fixed_operators"):
         if not isinstance(values.get(name, False), bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}")
     params = RefineParams(**values)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import __version__
-from .engine import GeometryTerm, RealSpaceTerm, choose_weight, initial_weight, minimise
+from .engine import GeometryTerm, RealSpaceTerm, choose_weight, geometry_of, initial_weight, minimise
 from .errors import InputError
 from .log import Timer, run_header, setup_logging
 from .mapio import MapGrid, check_model_inside, check_same_grid, read_map
@@ -94,7 +94,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     which the other ranks then never hold (the workers wait without spinning). With
     share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
     in its MapStore once the inputs are checked)."""
-    model = read_model(model_path)
+    model = read_model(model_path, comm)
     grid = None
     data = None
     halves = None
@@ -204,6 +204,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     """
     from . import checkpoint as ck
     from .errors import Interrupted
+    from .parallel.context import release_free_memory
     from .parallel.interrupt import Interrupts
 
     t_start = time.perf_counter()
@@ -230,6 +231,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                              need_map=not idealize_only, params=params,
                              comm=ctx.world if ctx is not None else None,
                              share_map=ctx is None or ctx.size == 1)
+        release_free_memory()
     ident = None
     state = ck.RunState()
     if not idealize_only:
@@ -288,12 +290,19 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         from . import ncs
         with timer("ncs"):
             minimiser, ncs_report = ncs.setup(model, r, params, minimiser, ctx, interrupts)
+    if not is_master:
+        # the gemmi Structure serves the master's output; past the NCS search a worker needs
+        # only the arrays (0.12 GB less per worker at a million atoms)
+        model.st = None
+        release_free_memory()
 
     geom = GeometryTerm(r, params)
     xyz0 = model.xyz.copy()
-    with timer("statistics"):
-        before = model_statistics(model, xyz0, geom, inputs, resolution, with_map=is_master)
-    log.info("start: %s", _format_stats(before))
+    before = None
+    if is_master:       # the workers never make the whole model's statistics (nor its pair list)
+        with timer("statistics"):
+            before = model_statistics(model, xyz0, geom, inputs, resolution)
+        log.info("start: %s", _format_stats(before))
 
     writer = None
     if is_master and not idealize_only:
@@ -336,11 +345,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         if progress is not None:
             progress.close()
 
-    with timer("statistics"):
-        refined = (None, None) if idealize_only else (state.b, state.occ)
-        after = model_statistics(model, xyz, geom, inputs, resolution, with_map=is_master,
-                                 b=refined[0], occ=refined[1])
-    log.info("final: %s", _format_stats(after))
+    if is_master:
+        with timer("statistics"):
+            refined = (None, None) if idealize_only else (state.b, state.occ)
+            after = model_statistics(model, xyz, geom, inputs, resolution, b=refined[0], occ=refined[1])
+        log.info("final: %s", _format_stats(after))
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if not is_master:
         return {}
@@ -606,7 +615,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                      rotamers["changed"], rotamers["residues"], rotamers["searched"])
             if params.rotamer_restraints:
                 geom = retarget_lowres(inputs, params, xyz)
-        st = geom.statistics(xyz)
+        st = geometry_of(res, geom) if rotamers is None else geom.statistics(xyz)
         cycles.append({"cycle": cycle, "map_blur": blur, "weight": weight, "iterations": res.iterations,
                        "evaluations": res.evaluations, "seconds": round(res.seconds, 2),
                        "bond_rmsd": round(st["bond_rmsd"], 4), "angle_rmsd": round(st["angle_rmsd"], 3),

@@ -216,7 +216,7 @@ def prepare(args, work: str) -> dict:
 def write_params(args, work: str) -> str:
     step = "" if args.max_step is None else f"_step{args.max_step:g}"
     dec = "" if args.decomposition is None else f"_{args.decomposition}"
-    extra = "".join(f"_{kv.replace('=', '-')}" for kv in args.param)
+    extra = "".join(f"_{kv.replace('=', '-')}" for kv in args.param).replace('"', "").replace("'", "")
     path = os.path.join(work, f"params_{args.macro_cycles}x{args.iterations}_{args.trial_iterations}{step}{dec}"
                               f"{extra}.toml")
     with open(path, "w") as fh:

@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 from hpcrefine import halfset
 from hpcrefine.compare import per_residue_error
 from hpcrefine.engine import GeometryTerm
+from hpcrefine.errors import InputError
 from hpcrefine.modelio import read_model
 from hpcrefine.params import build_params
 from hpcrefine.refine import atom_weights, load_inputs
@@ -78,7 +79,7 @@ def test_free_statistics_use_unseen_data(adk_case):
     halves = tuple(np.asarray(h.data, dtype=np.float32) for h in inputs.half_maps)
     res = {}
     for f in (1, 4):
-        xyz = halfset.refine_half(inputs.model.xyz, term, geom, w * f, params)
+        xyz, _ = halfset.refine_half(inputs.model.xyz, term, geom, w * f, params)
         res[f] = halfset.compare_models(inputs.model, {1: xyz}, halves, g.origin, g.voxel, 3.5)[1]
         print(f"weight x{f}: FSC_work {res[f]['work_avg']:.4f} FSC_free {res[f]['free_avg']:.4f}")
     assert res[4]["work_avg"] > res[1]["work_avg"]
@@ -118,6 +119,11 @@ def test_weight_layout_spreads_weights_over_the_workers_of_each_half():
     assert [lay9[(2, k)] for k in range(n)] == [2, 4, 6, 8]
     lay5 = halfset.weight_layout(5, n)        # 2 workers per half: two weights each
     assert [lay5[(1, k)] for k in range(n)] == [1, 3, 1, 3]
+    # halfset_layout "shared": all the workers refine every task; the first worker sends
+    assert set(halfset.weight_layout(5, n, shared=True).values()) == {1}
+    assert build_params(3.5, overrides={"halfset_layout": "shared"}).halfset_layout == "shared"
+    with pytest.raises(InputError, match="halfset_layout must be parallel or shared"):
+        build_params(3.5, overrides={"halfset_layout": "one"})
 
 
 def test_refine_reports_validation_of_start_and_final(run):

@@ -290,19 +290,37 @@ def test_half_sets_refine_under_the_same_constraints(small, tmp_path):
     def worst_copy_rmsd(xyz):
         return max(ncs.superpose(xyz[g.master], xyz[g.copies[k]])[2] for k in range(1, g.n_copies))
 
-    m_eff = {}
-    for mode in ("constraints", "off"):
+    def operator_spread(frames):
+        """Largest difference between the half's frames of a copy's operator (rotation
+        elements; translation in A)."""
+        ops = [[ncs.superpose(x[g.master], x[g.copies[k]])[:2] for k in range(1, g.n_copies)]
+               for x in frames]
+        return (max(np.abs(o[k][0] - ops[0][k][0]).max() for o in ops for k in range(len(o))),
+                max(np.abs(o[k][1] - ops[0][k][1]).max() for o in ops for k in range(len(o))))
+
+    m_eff, spread = {}, {}
+    for mode, fixed in (("constraints", True), ("constraints", False), ("off", True)):
         params = build_params(3.5, overrides={"ncs": mode, "macro_cycles": 1, "iterations": 8,
-                                              "weight_trial_iterations": 4})
-        report = run_refine(small["start"], str(tmp_path / mode), 3.5, params, half_maps=halves)
-        m_eff[mode] = report["halfset"]["free_work_ratio_expected"]["effective_parameters"]
-        frames = _halfset_frames(str(tmp_path / mode))
+                                              "weight_trial_iterations": 4,
+                                              "halfset_fixed_operators": fixed})
+        out = str(tmp_path / f"{mode}{fixed}")
+        report = run_refine(small["start"], out, 3.5, params, half_maps=halves)
+        m_eff[mode, fixed] = report["halfset"]["free_work_ratio_expected"]["effective_parameters"]
+        frames = _halfset_frames(out)
         assert len(frames) == 8
         worst = max(worst_copy_rmsd(x) for x in frames)
         assert (worst < 2e-3) if mode == "constraints" else (worst > 0.3), (mode, worst)
+        if mode == "constraints":
+            spread[fixed] = operator_spread(frames[:4])      # half 1's four weights
+    # by default the half sets hold the operators at their superposition on the half's start:
+    # the four weights of a half set end with the same operators (to the float32 frames), where
+    # refined operators differ between them
+    assert spread[True][0] < 1e-5 and spread[True][1] < 1e-3, spread
+    assert spread[False][1] > 10 * spread[True][1], spread
     # the expected free/work ratio counts the constrained parameters: one copy of three, and
-    # 6 per operator of the two other copies
-    assert m_eff["constraints"] == pytest.approx(m_eff["off"] / 3 + 12, abs=1.0)
+    # 6 per operator of the two other copies when the operators are refined
+    assert m_eff["constraints", True] == pytest.approx(m_eff["off", True] / 3, abs=1.0)
+    assert m_eff["constraints", False] == pytest.approx(m_eff["off", True] / 3 + 12, abs=1.0)
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     cmd = [mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine", small["start"],
            "--half-maps", *halves, "--resolution", "3.5", "--output", str(tmp_path / "mpi"),

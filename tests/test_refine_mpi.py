@@ -72,6 +72,29 @@ def test_weights_tried_in_parallel_agree_with_one_process(runs):
     assert "ranks: 5" in log
 
 
+def test_shared_half_set_layout_agrees_with_one_process(adk_case, runs, tmp_path):
+    """halfset_layout = "shared": both workers of 3 ranks refine every half-set task together
+    (task after task) instead of one half set each; the half-set statistics are those of one
+    process, and each worker holds only its share of a task."""
+    params = tmp_path / "shared.toml"
+    params.write_text('[refine]\nhalfset_layout = "shared"\n')
+    out = tmp_path / "shared"
+    p = mpirun(3, ["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
+                   "--resolution", "3.5", "--params", str(params), "--output", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = (out / "refine.log").read_text()
+    assert "every task refined by all 2 workers in turn (shared)" in log
+    h1 = json.loads((runs[1] / "report.json").read_text())["halfset"]
+    hs = json.loads((out / "report.json").read_text())["halfset"]
+    for a, b in zip(h1["weights_tried"], hs["weights_tried"]):
+        assert a["weight"] == pytest.approx(b["weight"], rel=1e-9)
+        assert a["fsc_free_avg"] == pytest.approx(b["fsc_free_avg"], abs=2e-4)
+        assert a["bond_rmsd"] == pytest.approx(b["bond_rmsd"], abs=2e-4)
+    assert abs(np.log(hs["chosen_weight"] / h1["chosen_weight"])) < 0.2 * np.log(2.0)
+    # the default layout logs its groups: one worker per half set with 3 ranks
+    assert "2 group(s) of workers refine the tasks in parallel" in (runs[3] / "refine.log").read_text()
+
+
 def test_only_the_master_writes(runs):
     names = sorted(os.listdir(runs[3]))
     assert [n for n in names if not n.startswith("validation_")] == [

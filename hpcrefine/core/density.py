@@ -149,6 +149,40 @@ def tricubic(data, origin, voxel, xyz):
     return values, grad
 
 
+def summed_over_operators(data, origin, voxel, rot, trans, grid_origin, shape_zyx) -> np.ndarray:
+    """sum_k rho(A_k g + b_k) at the points g = grid_origin + (i, j, k) * voxel of a grid of
+    shape_zyx (float64, (nz, ny, nx)), rho interpolated as tricubic() does; rot (K, 3, 3),
+    trans (K, 3). One compiled pass per operator over the grid, whose points it maps to one
+    coherent region of the map (ncs.AveragedMap)."""
+    data = _prep_map(data)
+    rot = np.ascontiguousarray(rot, dtype=np.float64).reshape(-1, 3, 3)
+    trans = np.ascontiguousarray(trans, dtype=np.float64).reshape(-1, 3)
+    out = np.zeros(tuple(int(n) for n in shape_zyx), dtype=np.float64)
+    _summed_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), rot, trans,
+                   _vec3(grid_origin, "grid origin"), out)
+    return out
+
+
+@njit(cache=True)
+def _summed_kernel(data, origin, voxel, rot, trans, lo, out):
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    vx, vy, vz = voxel[0], voxel[1], voxel[2]
+    nz, ny, nx = out.shape
+    for k in range(rot.shape[0]):
+        a = rot[k]
+        b = trans[k]
+        for iz in range(nz):
+            gz = lo[2] + vz * iz
+            for iy in range(ny):
+                gy = lo[1] + vy * iy
+                for ix in range(nx):
+                    gx = lo[0] + vx * ix
+                    x = a[0, 0] * gx + a[0, 1] * gy + a[0, 2] * gz + b[0]
+                    y = a[1, 0] * gx + a[1, 1] * gy + a[1, 2] * gz + b[1]
+                    z = a[2, 0] * gx + a[2, 1] * gy + a[2, 2] * gz + b[2]
+                    out[iz, iy, ix] += _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)[0]
+
+
 def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scale: float = 1.0):
     """T = -scale * sum_i atom_weight_i * rho(x_i) and its gradient (added into grad_out if
     given; scale multiplies both). Non-finite coordinates make T NaN."""

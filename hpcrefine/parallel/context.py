@@ -77,3 +77,18 @@ def make_context(world) -> Context:
         half_comm.Free()
         return Context(world, None, None, 0, True, False)
     return Context(world, workers, half_comm, half, False, False)
+
+
+def release_free_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc malloc_trim; nothing elsewhere).
+    Building the restraints of a million atoms frees about 0.45 GB of temporaries that glibc
+    otherwise keeps in the process (RSS 0.97 GB after the build, 0.53 GB after the trim, measured
+    on the 7cth assembly); every rank calls it after reading its inputs."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -357,6 +357,20 @@ def _rms(sum_sq: float, count: float) -> float:
     return math.sqrt(sum_sq / count) if count > 0 else float("nan")
 
 
+STATISTICS_KEYS = ("bond_rmsd", "bond_rmsz", "bond_max_dev", "angle_rmsd", "angle_rmsz", "angle_max_dev",
+                   "torsion_rmsd", "chiral_rmsd", "chiral_inversions", "planarity_rmsd", "clashes")
+_COUNT_KEYS = ("chiral_inversions", "clashes")
+
+
+def statistics_to_array(st: dict) -> np.ndarray:
+    """gather_statistics' dict as STATISTICS_KEYS doubles (to send with a result)."""
+    return np.array([float(st[k]) for k in STATISTICS_KEYS])
+
+
+def statistics_from_array(a: np.ndarray) -> dict:
+    return {k: (int(v) if k in _COUNT_KEYS else float(v)) for k, v in zip(STATISTICS_KEYS, a)}
+
+
 def gather_statistics(comm, xyz: np.ndarray, share: Restraints, pairs) -> dict:
     """Geometry statistics of the whole model from each rank's share (collective over comm).
 
@@ -474,8 +488,11 @@ def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restrain
     if not same_on_all_ranks(comm, np.array([f, state.iteration, state.n_evals])):
         raise RuntimeError("the ranks' minimisations diverged: the reduced values differed "
                            "between ranks")
+    # the geometry of the result from each rank's share of the terms and pairs (two Allreduce
+    # calls), so no rank needs the whole model's neighbour list to report it
     result = MinimiseResult(xyz=x.reshape(xyz0.shape), f=f, iterations=state.iteration,
-                            evaluations=state.n_evals, seconds=seconds)
+                            evaluations=state.n_evals, seconds=seconds,
+                            statistics=target.statistics(x.reshape(xyz0.shape)))
     return result, target
 
 
@@ -498,6 +515,20 @@ def wait_quietly(comm, request, poll: float = POLL_SECONDS, timeout: float | Non
             on_poll()
         time.sleep(poll)
     return status
+
+
+def bcast_bytes(comm, data: bytes | None, root: int = 0):
+    """Broadcast a byte string from root (data ignored elsewhere); collective over comm, every
+    rank waiting without spinning (wait_quietly). Sent in pieces below MPI's 2^31 count limit.
+    Returns data on root, a memoryview of the received bytes elsewhere (no second copy)."""
+    size = np.array([len(data) if comm.Get_rank() == root else 0], dtype=np.int64)
+    wait_quietly(comm, comm.Ibcast(size, root=root))
+    n = int(size[0])
+    buf = np.frombuffer(data, dtype=np.uint8).copy() if comm.Get_rank() == root else np.empty(n, np.uint8)
+    piece = 1 << 30
+    for start in range(0, n, piece):
+        wait_quietly(comm, comm.Ibcast(buf[start:start + piece], root=root))
+    return data if comm.Get_rank() == root else memoryview(buf)
 
 
 def master_wait_for(world, poll: float = POLL_SECONDS, timeout: float | None = None) -> float:

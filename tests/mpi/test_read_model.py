@@ -1,0 +1,44 @@
+"""The model read once: rank 0 parses the file and the other ranks receive the same Model (its
+arrays and its gemmi Structure); a bad file is the same InputError on every rank. Run under
+mpiexec with K = 1, 2, 3, 5 ranks (tests/test_mpi_launch.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from hpcrefine import datasets
+from hpcrefine.errors import InputError
+from hpcrefine.modelio import read_model
+from hpcrefine.parallel.distributed import bcast_bytes
+
+WORLD = MPI.COMM_WORLD
+
+
+def test_every_rank_gets_the_model_rank_0_read():
+    if WORLD.Get_rank() == 0:
+        path = datasets.fetch(["adk_closed"])["adk_closed"]
+    path = WORLD.bcast(path if WORLD.Get_rank() == 0 else None, root=0)
+    shared = read_model(path, WORLD)
+    own = read_model(path)
+    for name in ("xyz", "b", "occ", "element", "atom_name", "res_name", "chain", "res_index",
+                 "altloc", "res_chain", "res_seqid", "res_label_seq", "res_names",
+                 "res_is_polymer", "res_first_atom"):
+        assert np.array_equal(getattr(shared, name), getattr(own, name)), name
+    assert shared.st[0].count_atom_sites() == own.st[0].count_atom_sites() == shared.n_atoms
+    assert [ch.name for ch in shared.st[0]] == [ch.name for ch in own.st[0]]
+    assert shared.st.cell.parameters == own.st.cell.parameters
+    assert shared.st.spacegroup_hm == own.st.spacegroup_hm
+
+
+def test_a_bad_model_is_one_error_on_every_rank(tmp_path_factory):
+    path = str(tmp_path_factory.getbasetemp() / "no-such-model.cif")
+    with pytest.raises(InputError, match="model file not found"):
+        read_model(path, WORLD)
+
+
+def test_bytes_broadcast_whole():
+    for n in (0, 1, 100_003):
+        data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+        got = bcast_bytes(WORLD, data if WORLD.Get_rank() == 0 else None)
+        assert bytes(got) == data
