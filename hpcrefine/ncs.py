@@ -779,6 +779,8 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
     avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz)
     avg.key = key
     avg.ident = ident
+    if ident is not None:
+        avg.source = None        # named by ident: not kept, so a stored map's pages are let go
     _AVERAGED.append(avg)
     del _AVERAGED[:-AVERAGED_KEEP]
     return avg
