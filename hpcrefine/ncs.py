@@ -743,7 +743,7 @@ class AveragedMap:
     every copy, and no copy carries a data gradient to reduce. The difference from the direct sum
     is the interpolation of the sampled sum (measured on the 7cth assembly in tests/test_ncs.py)."""
 
-    def __init__(self, data, origin, voxel, rot, trans, master_xyz):
+    def __init__(self, data, origin, voxel, rot, trans, master_xyz, key=None, ident=None):
         from .core.density import summed_over_operators
 
         voxel = np.asarray(voxel, dtype=np.float64)
@@ -755,9 +755,11 @@ class AveragedMap:
         # one compiled pass per operator (60 operators, 16,667 master atoms: 10.4 s as numpy
         # planes through tricubic(), about a fifth of that compiled; the same sums to 1e-14)
         self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx))
-        self.source = data          # the map it was made from (kept, so `is` identifies it)
-        self.key = None
-        self.ident = None
+        # the map it was made from, kept so that `is` identifies it; a map named by ident (a
+        # map store's key) is not kept, so the stored map's pages are let go
+        self.source = data if ident is None else None
+        self.key = key              # origin and operators it was made for (averaged_map)
+        self.ident = ident
 
 
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
@@ -776,11 +778,7 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
         same = got.ident == ident if ident is not None else got.source is data
         if same and got.key == key:
             return got
-    avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz)
-    avg.key = key
-    avg.ident = ident
-    if ident is not None:
-        avg.source = None        # named by ident: not kept, so a stored map's pages are let go
+    avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident)
     _AVERAGED.append(avg)
     del _AVERAGED[:-AVERAGED_KEEP]
     return avg

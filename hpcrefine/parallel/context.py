@@ -89,6 +89,8 @@ def release_free_memory() -> None:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    except OSError:
+        return                      # no C library under that name: nothing to give back
+    trim = getattr(libc, "malloc_trim", None)     # glibc only
+    if trim is not None:
+        trim(0)
