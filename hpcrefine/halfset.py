@@ -37,8 +37,10 @@ import os
 
 import numpy as np
 
-from .engine import RealSpaceTerm, geometry_of, initial_weight, minimise
-from .mapstats import atom_density, lowpass, lowpass_coefficients
+from .engine import RealSpaceTerm, initial_weight, minimise
+from .mapstats import atom_density, lowpass
+from .simulate import CroppedTransform
+from .topology import bond_angle_stats
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,9 @@ def half_term(half_map: np.ndarray, origin, voxel, resolution: float, atom_weigh
 def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimiser=None,
                 blurs=BLURS) -> tuple[np.ndarray, dict]:
     """Macro-cycles of blur 40 -> 0 A^2, params.iterations each, at a fixed weight. Returns the
-    refined coordinates and their geometry statistics (engine.geometry_of: the workers' own
-    when they shared the minimisation)."""
+    refined coordinates and their geometry statistics: the workers' own when they shared the
+    minimisation, else the bonds and angles (all the weight choice reads: no clash count, whose
+    neighbour list of a million atoms took 13 % of a constrained task's time)."""
     minimiser = minimiser or minimise
     xyz = np.asarray(xyz0, dtype=np.float64)
     res = None
@@ -73,7 +76,9 @@ def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimise
         res = minimiser(xyz, t, geom, weight, params.iterations, params)
         xyz = res.xyz
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    return xyz, (geometry_of(res, geom) if res is not None else geom.statistics(xyz))
+    if res is not None and res.statistics is not None:
+        return xyz, res.statistics
+    return xyz, bond_angle_stats(xyz, geom.r)
 
 
 def half_start(xyz0: np.ndarray, params, half: int) -> np.ndarray:
@@ -112,32 +117,72 @@ def fsc_average(s: np.ndarray, f: np.ndarray, counts: np.ndarray, resolution: fl
     return float(np.sum(f[keep] * counts[keep]) / np.sum(counts[keep]))
 
 
-def compare_models(model, models: dict, halves: tuple, origin, voxel, resolution: float,
-                   expand=None) -> dict:
-    """FSC_work and FSC_free of half-set models: models[h] = xyz refined against halves[h-1].
+class HalfTransforms:
+    """The two half maps' Fourier coefficients to the resolution (simulate.CroppedTransform), on
+    the rank that does the half sets' map work (the master with a map store; else the one
+    process), each transformed once and kept for the half-set stage (133 MB a half at 480^3 and
+    3.5 A). Each half map's low-passed map and its blurred copies, and every compare step's FSCs,
+    come from them: before, each compare step transformed both half maps again (13 s of the
+    master's 21 s per task at a million atoms here), and each blurred copy its low-passed map."""
+
+    def __init__(self, half_maps, resolution: float):
+        grid = half_maps[0]
+        self.origin = np.asarray(grid.origin, dtype=np.float64)
+        self.voxel = np.asarray(grid.voxel, dtype=np.float64)
+        self.resolution = float(resolution)
+        self.cube = CroppedTransform.for_resolution(grid.data.shape, self.voxel, resolution)
+        self._maps = half_maps
+        self._coefficients: dict[int, np.ndarray] = {}
+
+    def coefficients(self, h: int) -> np.ndarray:
+        """Half map h's coefficients in the cube (read-only; transformed on first use)."""
+        if h not in self._coefficients:
+            c = self.cube.transform(self._maps[h - 1].data)
+            c.flags.writeable = False
+            self._coefficients[h] = c
+        return self._coefficients[h]
+
+    def lowpassed(self, h: int, b_extra: float = 0.0) -> np.ndarray:
+        """Half map h low-passed at the resolution (mapstats.lowpass), blurred by
+        exp(-b_extra s^2 / 4) when b_extra > 0: one inverse transform."""
+        c = self.coefficients(h).copy()
+        self.cube.lowpass(c, self.resolution)
+        if b_extra > 0:
+            self.cube.blur(c, b_extra)
+        return self.cube.to_map(c)
+
+    def model_coefficients(self, model, xyz, atoms=slice(None)) -> np.ndarray:
+        """The low-passed model map's coefficients in the cube (atoms: the model's atom of each
+        coordinate)."""
+        shape = self.cube.shape
+        c = self.cube.transform(atom_density(xyz, model.element[atoms], model.b[atoms], model.occ[atoms],
+                                             shape, self.origin, self.voxel, self.resolution))
+        self.cube.lowpass(c, self.resolution)
+        return c
+
+
+def compare_models(model, models: dict, halves: HalfTransforms, expand=None) -> dict:
+    """FSC_work and FSC_free of half-set models: models[h] = xyz refined against half map h.
 
     Returns {h: {"s", "work", "free", "work_avg", "free_avg"}}. This is the one step that reads
-    both half maps for one model. One transform per map: the model map is low-passed in
-    Fourier space, where its FSCs are taken. expand(xyz) -> (coordinates, model atom of each):
-    the atoms the map holds when the model is an asymmetric unit whose copies the NCS
-    operators make (ncs.ConstrainedMinimiser.expand_model); None: the model's atoms."""
-    from .simulate import _rfftn, fsc_of_transforms
-
-    shape = halves[0].shape
-    s, counts = shell_counts(shape, voxel)
+    both half maps for one model: one transform of the model map, low-passed in Fourier space,
+    where its FSCs with the half maps' kept coefficients are taken. expand(xyz) -> (coordinates,
+    model atom of each): the atoms the map holds when the model is an asymmetric unit whose
+    copies the NCS operators make (ncs.ConstrainedMinimiser.expand_model); None: the model's
+    atoms."""
+    cube = halves.cube
+    s, counts = shell_counts(cube.shape, halves.voxel)
     out = {}
     for h, xyz in models.items():
         atoms = slice(None)
         if expand is not None:
             xyz, atoms = expand(xyz)
-        calc = _rfftn(atom_density(xyz, model.element[atoms], model.b[atoms], model.occ[atoms], shape,
-                                   origin, voxel, resolution))
-        lowpass_coefficients(calc, shape, voxel, resolution)
-        _, work = fsc_of_transforms(calc, _rfftn(np.asarray(halves[h - 1], dtype=np.float32)), shape, voxel)
-        _, free = fsc_of_transforms(calc, _rfftn(np.asarray(halves[2 - h], dtype=np.float32)), shape, voxel)
+        calc = halves.model_coefficients(model, xyz, atoms)
+        work = cube.fsc(calc, halves.coefficients(h))
+        free = cube.fsc(calc, halves.coefficients(3 - h))
         out[h] = {"s": s, "work": work, "free": free,
-                  "work_avg": fsc_average(s, work, counts, resolution),
-                  "free_avg": fsc_average(s, free, counts, resolution)}
+                  "work_avg": fsc_average(s, work, counts, halves.resolution),
+                  "free_avg": fsc_average(s, free, counts, halves.resolution)}
     return out
 
 
@@ -173,50 +218,45 @@ def _unpack(buf: np.ndarray, n_shells: int) -> dict:
             "angle_rmsd": float(buf[2 * ns + 1]), "xyz": buf[2 * ns + 2:].reshape(-1, 3)}
 
 
-def _half_terms(inputs, resolution: float, atom_weight) -> dict:
-    """The data terms of the two half sets, {h: term}: with a map store (several ranks), each
-    half map's low-passed, normalised map and its blurred copies are published by the master
-    (collective), so a worker maps the files and never transforms a whole box."""
+def _half_terms(inputs, halves: HalfTransforms | None, atom_weight) -> dict:
+    """The data terms of the two half sets with a map store (several ranks), {h: term}: each half
+    map's low-passed, normalised map and its blurred copies are made by the master from its
+    HalfTransforms (`halves`; None on the workers) and published (collective), so a worker maps
+    the files and never transforms a whole box."""
     from .refine import fast_term
 
-    grid = inputs.map
     terms = {}
     for h in (1, 2):
-        def raw(h=h):
-            return lowpass(np.asarray(inputs.half_maps[h - 1].data, dtype=np.float32),
-                           np.asarray(grid.voxel), resolution)
-        terms[h] = fast_term(inputs, f"half{h}", raw, atom_weight)
-        if inputs.store is not None:
-            for b in BLURS:
-                terms[h].blurred(b)          # published now, mapped again by the task
+        terms[h] = fast_term(inputs, f"half{h}", functools.partial(halves.lowpassed, h) if halves else None,
+                             atom_weight, functools.partial(halves.lowpassed, h) if halves else None)
+        for b in BLURS:
+            terms[h].blurred(b)          # published now, mapped again by the task
     return terms
 
 
-def compare_task(inputs, resolution: float, h: int, buf: np.ndarray, expand=None) -> np.ndarray:
+def compare_task(model, halves: HalfTransforms, h: int, buf: np.ndarray, expand=None) -> np.ndarray:
     """Fill the FSC curves of a packed half-set result (the compare step, on the master when
     there is a map store: it holds the half maps; the workers never transform a whole box)."""
-    grid = inputs.map
-    n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
-    halves = tuple(np.asarray(m.data, dtype=np.float32) for m in inputs.half_maps)
+    n_shells = halves.cube.n_shells
     xyz = buf[2 * n_shells + 2:].reshape(-1, 3)
-    c = compare_models(inputs.model, {h: xyz}, halves, grid.origin, grid.voxel, resolution, expand)[h]
+    c = compare_models(model, {h: xyz}, halves, expand)[h]
     buf[:n_shells] = c["work"]
     buf[n_shells:2 * n_shells] = c["free"]
     log.debug("half set %d refined: FSC_work %.4f, FSC_free %.4f", h, c["work_avg"], c["free_avg"])
     return buf
 
 
-def _half_task(inputs, geom, params, resolution, xyz0, h: int, w: float, minimiser, term,
+def _half_task(inputs, geom, params, xyz0, h: int, w: float, minimiser, term, halves=None,
                expand=None) -> np.ndarray:
-    """Refine half set h's model at weight w against half map h alone (term: _half_terms), then
-    (the refinement done) its geometry and, without a map store, the compare step for that model:
-    FSC against its own half map (work) and the other (free). Returns the packed result (with a
-    store, the master fills in the curves: compare_task)."""
+    """Refine half set h's model at weight w against half map h alone (term), then (the
+    refinement done) its geometry and, given the half maps' transforms (one process), the compare
+    step for that model: FSC against its own half map (work) and the other (free). Returns the
+    packed result (with a map store, the master fills in the curves: compare_task)."""
     xyz, st = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
     n_shells = len(shell_counts(inputs.map.data.shape, inputs.map.voxel)[0])
     buf = _pack(np.full(n_shells, np.nan), np.full(n_shells, np.nan), st, xyz)
-    if inputs.store is None:
-        compare_task(inputs, resolution, h, buf, expand)
+    if halves is not None:
+        compare_task(inputs.model, halves, h, buf, expand)
     return buf
 
 
@@ -253,14 +293,15 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
     n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1
+    # the half maps' transforms, on the rank that makes the maps and the compare steps
+    halves = HalfTransforms(inputs.half_maps, resolution) if single or ctx.is_master else None
     # the half maps' terms: made here when there is a map store (collective), else by each task
-    stored = _half_terms(inputs, resolution, atom_weight) if inputs.store is not None else None
+    stored = _half_terms(inputs, halves, atom_weight) if inputs.store is not None else None
 
     def term_of(h):
         if stored is not None:
             return stored[h]
-        return half_term(inputs.half_maps[h - 1].data, grid.origin, grid.voxel, resolution,
-                         np.ones(len(xyz0)))
+        return RealSpaceTerm(halves.lowpassed(h), grid.origin, grid.voxel, np.ones(len(xyz0)))
 
     constrained = getattr(ncs, "parameters", None)
     if constrained is not None and params.halfset_fixed_operators:
@@ -283,14 +324,14 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                     continue
                 if interrupts is not None and interrupts.poll():
                     raise Interrupted
-                done[(h, k)] = _half_task(inputs, geom, params, resolution, xyz0, h, w,
-                                          with_ncs(None, minimise), term_of(h), expand)
+                done[(h, k)] = _half_task(inputs, geom, params, xyz0, h, w, with_ncs(None, minimise),
+                                          term_of(h), halves, expand)
                 if on_task is not None:
                     on_task((h, k), done[(h, k)])
         return finish()
     from mpi4py import MPI
 
-    from .parallel.distributed import distributed_minimise
+    from .parallel.distributed import distributed_minimise, wait_quietly
 
     shared_layout = params.halfset_layout == "shared"
     layout = weight_layout(ctx.size, len(weights), shared_layout)
@@ -314,10 +355,12 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                         if group.Get_rank() == 0:
                             ctx.world.Send([np.zeros(1), MPI.DOUBLE], dest=0, tag=TAG_STOPPED)
                         raise Interrupted
-                    buf = _half_task(inputs, geom, params, resolution, xyz0, h, weights[k], minimiser,
-                                     term_of(h))
+                    buf = _half_task(inputs, geom, params, xyz0, h, weights[k], minimiser, term_of(h))
                     if group.Get_rank() == 0:
-                        ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_HALF + 10 * h + k)
+                        # the master may be busy with a compare step: wait for it sleeping (a
+                        # blocking Send spun a core, 10 % of a worker's time, that the master needed)
+                        wait_quietly(ctx.world, ctx.world.Isend([buf, MPI.DOUBLE], dest=0,
+                                                                tag=TAG_HALF + 10 * h + k))
         finally:
             group.Free()
         return None
@@ -326,9 +369,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
              if shared_layout else f"{len(senders)} group(s) of workers refine the tasks in parallel")
 
     def fill_curves(key, buf):
-        return compare_task(inputs, resolution, key[0], buf, expand)
-    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,
-                   fill_curves if inputs.store is not None else None)
+        return compare_task(inputs.model, halves, key[0], buf, expand)
+    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts, fill_curves)
     return finish()
 
 

@@ -763,6 +763,7 @@ class AveragedMap:
 
 
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
+OPERATOR_TOLERANCE = 1e-9   # rotation elements and translations (A) that count as the same
 _AVERAGED: list = []        # the AveragedMaps made last, reused while the map and operators stay
 
 
@@ -771,17 +772,27 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
     is used (the weight trials and the macro-cycles on one map share it; a half set's
     minimisations alternate between its map and its blurred copy, so a few are kept). The map
     is the same array, or, with ident, the map named ident (a map store's key: each use maps
-    the file anew)."""
-    key = (np.asarray(origin, dtype=np.float64).tobytes(), np.asarray(rot).tobytes(),
-           np.asarray(trans).tobytes())
+    the file anew). The operators are the same when they agree to OPERATOR_TOLERANCE: each
+    minimisation superposes them anew, and copies held at fixed operators superpose back to
+    them only to rounding, so an exact match made a half-set task sum the map again for its
+    second macro-cycle (a quarter of a constrained task's time)."""
+    key = (np.asarray(origin, dtype=np.float64), np.asarray(rot, dtype=np.float64),
+           np.asarray(trans, dtype=np.float64))
     for got in _AVERAGED:
         same = got.ident == ident if ident is not None else got.source is data
-        if same and got.key == key:
+        if same and _same_operators(got.key, key):
             return got
     avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident)
     _AVERAGED.append(avg)
     del _AVERAGED[:-AVERAGED_KEEP]
     return avg
+
+
+def _same_operators(a, b) -> bool:
+    """(origin, rot, trans) of two AveragedMaps: the same grid origin and the same operators."""
+    return (np.array_equal(a[0], b[0]) and a[1].shape == b[1].shape
+            and np.allclose(a[1], b[1], rtol=0, atol=OPERATOR_TOLERANCE)
+            and np.allclose(a[2], b[2], rtol=0, atol=OPERATOR_TOLERANCE))
 
 
 class ConstrainedTarget:

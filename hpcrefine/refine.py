@@ -47,16 +47,21 @@ class Inputs:
     # rotamer restraints after a rotamer step (retarget_lowres)
     covalent: Restraints | None = None
     reference: Model | None = None
+    # the half maps' FSC (s, curve), on the rank that weighted the full map by it (validation
+    # reports it again)
+    half_map_fsc: tuple | None = None
 
 
-def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight) -> RealSpaceTerm:
+def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight, blur_raw=None) -> RealSpaceTerm:
     """The fast real-space target over the map compute_raw() returns (normalised): with a map
     store, computed once by the master and memory-mapped by every rank under `key` (collective
-    unless published before); else in this process."""
+    unless published before), its blurred copies made by blur_raw(b) when given
+    (StoredRealSpaceTerm); else in this process."""
     grid = inputs.map
     if inputs.store is not None:
         from .parallel.mapstore import StoredRealSpaceTerm
-        return StoredRealSpaceTerm(inputs.store, key, compute_raw, grid.origin, grid.voxel, atom_weight)
+        return StoredRealSpaceTerm(inputs.store, key, compute_raw, grid.origin, grid.voxel, atom_weight,
+                                   blur_raw)
     return RealSpaceTerm(compute_raw(), grid.origin, grid.voxel, atom_weight)
 
 
@@ -98,6 +103,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     grid = None
     data = None
     halves = None
+    half_fsc = None
     if need_map and not map_path and not half_maps:
         raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
     if half_maps:
@@ -123,7 +129,8 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
             if data is None:
                 data = (h1 + h2) / 2
             # shells that hold mostly noise are damped by the half-map FSC (Rosenthal & Henderson)
-            data, _ = fsc_weighted(data, h1, h2, grid.voxel)
+            data, weighting = fsc_weighted(data, h1, h2, grid.voxel)
+            half_fsc = (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"]))
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
@@ -138,7 +145,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         reference = read_model(params.reference_model) if params.reference_model else None
         restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
-                  monlib_dir=lib_dir, covalent=covalent, reference=reference)
+                  monlib_dir=lib_dir, covalent=covalent, reference=reference, half_map_fsc=half_fsc)
 
 
 def retarget_lowres(inputs: Inputs, params: RefineParams, xyz: np.ndarray) -> GeometryTerm:
@@ -653,10 +660,16 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
     models: name -> (xyz, B-factors or None, occupancies or None)."""
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
+    from .simulate import _rfftn
+
     out = {}
+    # the map's transform and the half maps' FSC serve every model
+    map_coefficients = (_rfftn(np.asarray(inputs.data, dtype=np.float32))
+                        if inputs.data is not None and len(models) > 1 else None)
     for name, (xyz, b, occ) in models.items():
         res = validate_model(model, xyz, inputs.restraints, inputs.map, inputs.data,
-                             inputs.half_maps, resolution, b=b, occ=occ)
+                             inputs.half_maps, resolution, b=b, occ=occ,
+                             map_coefficients=map_coefficients, half_map_fsc=inputs.half_map_fsc)
         log.info("%s model:", name)
         for line in format_summary(res):
             log.info("  %s", line)

@@ -710,13 +710,8 @@ def _rms(x) -> float:
     return float(np.sqrt(np.mean(np.square(x)))) if len(x) else float("nan")
 
 
-def geometry_stats(xyz: np.ndarray, r: Restraints) -> dict:
-    """Deviations of coordinates xyz from the restraint targets (plain numpy).
-
-    Returns counts and: bond_rmsd (A), bond_rmsz, angle_rmsd (deg), angle_rmsz, torsion_rmsd
-    (deg, periodic), chiral_rmsd (A^3), chiral_inversions (signed volume of the opposite sign),
-    planarity_rmsd (A, distance of plane atoms from their least-squares plane).
-    """
+def bond_angle_stats(xyz: np.ndarray, r: Restraints) -> dict:
+    """The bond and angle part of geometry_stats (what the weight choices read)."""
     xyz = np.asarray(xyz, dtype=np.float64)
     out: dict = {}
     d = np.linalg.norm(xyz[r.bond_idx[:, 0]] - xyz[r.bond_idx[:, 1]], axis=1) - r.bond_target
@@ -725,6 +720,18 @@ def geometry_stats(xyz: np.ndarray, r: Restraints) -> dict:
     a = _angles_deg(xyz, r.angle_idx) - r.angle_target if len(r.angle_idx) else np.zeros(0)
     out.update(n_angles=len(a), angle_rmsd=_rms(a), angle_rmsz=_rms(a / r.angle_sigma) if len(a) else float("nan"),
                angle_max_dev=float(np.abs(a).max()) if len(a) else 0.0)
+    return out
+
+
+def geometry_stats(xyz: np.ndarray, r: Restraints) -> dict:
+    """Deviations of coordinates xyz from the restraint targets (plain numpy).
+
+    Returns counts and: bond_rmsd (A), bond_rmsz, angle_rmsd (deg), angle_rmsz, torsion_rmsd
+    (deg, periodic), chiral_rmsd (A^3), chiral_inversions (signed volume of the opposite sign),
+    planarity_rmsd (A, distance of plane atoms from their least-squares plane).
+    """
+    xyz = np.asarray(xyz, dtype=np.float64)
+    out = bond_angle_stats(xyz, r)
     if len(r.tors_idx):
         width = 360.0 / np.maximum(r.tors_period, 1)
         t = _torsions_deg(xyz, r.tors_idx) - r.tors_target

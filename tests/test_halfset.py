@@ -76,14 +76,50 @@ def test_free_statistics_use_unseen_data(adk_case):
     from hpcrefine.engine import RealSpaceTerm, initial_weight
     w = initial_weight(inputs.model.xyz, RealSpaceTerm(inputs.data, g.origin, g.voxel,
                                                        atom_weights(inputs.model)), geom)
-    halves = tuple(np.asarray(h.data, dtype=np.float32) for h in inputs.half_maps)
+    halves = halfset.HalfTransforms(inputs.half_maps, 3.5)
     res = {}
     for f in (1, 4):
         xyz, _ = halfset.refine_half(inputs.model.xyz, term, geom, w * f, params)
-        res[f] = halfset.compare_models(inputs.model, {1: xyz}, halves, g.origin, g.voxel, 3.5)[1]
+        res[f] = halfset.compare_models(inputs.model, {1: xyz}, halves)[1]
         print(f"weight x{f}: FSC_work {res[f]['work_avg']:.4f} FSC_free {res[f]['free_avg']:.4f}")
     assert res[4]["work_avg"] > res[1]["work_avg"]
     assert res[4]["free_avg"] <= res[1]["free_avg"] + 0.005
+
+
+def test_kept_half_map_transforms_give_the_full_transforms_results(adk_case):
+    """The compare step's FSCs from the half maps' kept coefficients (HalfTransforms, transformed
+    axis by axis keeping the cube) equal those of the whole maps' transforms up to the resolution
+    (to rounding); the low-passed half map is mapstats.lowpass's, its blurred copy
+    density.blur_map's (to float32 rounding)."""
+    from hpcrefine.core.density import blur_map, normalise_map
+    from hpcrefine.mapstats import atom_density, lowpass, lowpass_coefficients
+    from hpcrefine.simulate import _rfftn, fsc_of_transforms
+
+    inputs = load_inputs(adk_case["start"], None, [adk_case["half1"], adk_case["half2"]], None, [],
+                         need_map=True)
+    g, model = inputs.map, inputs.model
+    halves = halfset.HalfTransforms(inputs.half_maps, 3.5)
+    # the cube keeps the coefficients to 1/3.5 A and one shell more: well under the whole array
+    assert halves.coefficients(1).size < 0.5 * _rfftn(np.asarray(g.data, dtype=np.float32)).size
+    got = halfset.compare_models(model, {1: model.xyz, 2: model.xyz}, halves)
+    calc = _rfftn(atom_density(model.xyz, model.element, model.b, model.occ, g.data.shape, g.origin,
+                               g.voxel, 3.5))
+    lowpass_coefficients(calc, g.data.shape, g.voxel, 3.5)
+    s = got[1]["s"]
+    keep = s <= 1 / 3.5
+    for h in (1, 2):
+        for name, other in (("work", h), ("free", 3 - h)):
+            _, want = fsc_of_transforms(calc, _rfftn(np.asarray(inputs.half_maps[other - 1].data,
+                                                                 dtype=np.float32)), g.data.shape, g.voxel)
+            assert np.max(np.abs(got[h][name][keep] - want[keep])) < 1e-5, (h, name)
+            assert np.all(got[h][name][~keep] == 0) and np.all(want[~keep] == 0)
+    assert 0.3 < got[1]["free_avg"] < 1 and 0.3 < got[1]["work_avg"] < 1
+    data = np.asarray(inputs.half_maps[0].data, dtype=np.float32)
+    low = lowpass(data, np.asarray(g.voxel), 3.5)
+    assert np.max(np.abs(halves.lowpassed(1) - low)) < 1e-5 * np.max(np.abs(low))
+    want = normalise_map(blur_map(normalise_map(low), g.voxel, 40.0))
+    blurred = normalise_map(halves.lowpassed(1, 40.0))
+    assert np.max(np.abs(blurred - want)) < 1e-5 * np.max(np.abs(want))
 
 
 def test_expected_free_work_ratio_is_reported(run):

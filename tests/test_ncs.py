@@ -520,3 +520,20 @@ def test_summed_map_target_matches_the_direct_sum_over_copies(asu, small, tmp_pa
                 gs += gr
             assert abs(fs - f1) < 1e-8 * abs(f1)
             assert np.abs(gs - g1).max() < 1e-8 * np.abs(g1).max()
+
+
+def test_averaged_map_is_reused_for_operators_equal_to_rounding():
+    """A minimisation superposes the operators anew; copies held at fixed operators give them
+    back only to rounding, and the summed map made for them is reused (ncs.averaged_map)."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(24, 26, 28)).astype(np.float32)
+    origin, voxel = np.zeros(3), np.ones(3)
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([np.eye(3), [[c, -s, 0], [s, c, 0], [0, 0, 1]]])
+    trans = np.array([[0.0, 0.0, 0.0], [1.0, 0.5, -0.5]])
+    master = rng.uniform(10, 14, size=(30, 3))
+    first = ncs.averaged_map(data, origin, voxel, rot, trans, master)
+    assert ncs.averaged_map(data, origin, voxel, rot + 1e-13, trans - 1e-12, master) is first
+    moved = ncs.averaged_map(data, origin, voxel, rot, trans + 1e-6, master)
+    assert moved is not first
+    assert ncs.averaged_map(data.copy(), origin, voxel, rot, trans, master) is not first

@@ -241,6 +241,26 @@ def test_map_fit_on_simulated_adk(adk_case):
     assert good["per_chain_cc"]["A"] > poor["per_chain_cc"]["A"]
 
 
+def test_validation_reuses_the_map_transform_and_half_map_fsc(adk_case, tmp_path):
+    """refine validates its start and final models against one map: the map's transform and the
+    half maps' FSC (from weighting the full map) passed in give the same figures as computed."""
+    from hpcrefine.params import build_params
+    from hpcrefine.refine import _validate, load_inputs
+
+    inputs = load_inputs(adk_case["start"], None, [adk_case["half1"], adk_case["half2"]], None, [],
+                         need_map=True, params=build_params(3.5))
+    assert inputs.half_map_fsc is not None
+    xyz = inputs.model.xyz
+    own = validate_model(inputs.model, xyz, inputs.restraints, inputs.map, inputs.data, inputs.half_maps, 3.5)
+    reused = _validate(inputs.model, {"start": (xyz, None, None), "again": (xyz + 0.0, None, None)},
+                       inputs, 3.5, str(tmp_path))
+    for name in ("start", "again"):
+        got = reused[name]["map"]
+        for key in ("cc_mask", "cc_box", "cc_volume", "cc_peaks", "fsc_avg", "d_fsc_05", "fsc_curve",
+                    "half_map_fsc", "per_chain_cc"):
+            assert got[key] == own["map"][key], key
+
+
 def test_correlations_match_numpy(adk_case):
     """The one-pass kernels against plain numpy on the same arrays."""
     from hpcrefine.mapio import read_map

@@ -23,6 +23,7 @@ the whole map.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -138,11 +139,17 @@ class StoredRealSpaceTerm(RealSpaceTerm):
     Construction and blurred() are collective (MapStore.publish) unless the map was published
     before; target() is collective when the store is parallel (the master evaluates, every rank
     gets f and g by one broadcast); local(atoms) is what a worker evaluates in the distributed
-    minimisation and reads only the map around its atoms."""
+    minimisation and reads only the map around its atoms.
 
-    def __init__(self, store: MapStore, key: str, compute_raw, origin, voxel, atom_weight):
+    blur_raw(b), when given, makes the raw map blurred by exp(-b s^2 / 4) (what blurred(b)
+    publishes, normalised; the blur commutes with the normalisation), where the caller has a
+    cheaper way than transforming the stored map (halfset.HalfTransforms)."""
+
+    def __init__(self, store: MapStore, key: str, compute_raw, origin, voxel, atom_weight,
+                 blur_raw=None):
         self.store = store
         self.key = key
+        self.blur_raw = blur_raw
         data = store.publish(key, lambda: normalise_map(np.asarray(compute_raw(), dtype=np.float32)))
         super().__init__(data, origin, voxel, atom_weight, normalise=False)
 
@@ -150,8 +157,11 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         if b_extra <= 0:
             return self
         key = f"{self.key}_b{b_extra:g}"
-        return StoredRealSpaceTerm(self.store, key, lambda: blur_map(np.asarray(self.data), self.voxel, b_extra),
-                                   self.origin, self.voxel, self.atom_weight)
+        if self.blur_raw is not None:
+            raw = functools.partial(self.blur_raw, b_extra)
+        else:
+            raw = functools.partial(blur_map, self.data, self.voxel, b_extra)
+        return StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight)
 
     def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
         store = self.store

@@ -147,16 +147,16 @@ def molecular_mask(xyz, element, shape_zyx, origin, voxel) -> np.ndarray:
 
 
 def model_map_and_fsc(model, xyz, exp_map: np.ndarray, origin, voxel, resolution: float, b=None,
-                      occ=None):
-    """(low-passed model map float32 [z, y, x], FSC dict) with one FFT of each map; the model
-    map of the atoms at xyz with B-factors b and occupancies occ (the model's when None;
-    mapstats.atom_density)."""
+                      occ=None, map_coefficients=None):
+    """(low-passed model map float32 [z, y, x], FSC dict) with one FFT of each map (none of the
+    map when its rfftn, map_coefficients, is given); the model map of the atoms at xyz with
+    B-factors b and occupancies occ (the model's when None; mapstats.atom_density)."""
     voxel = np.asarray(voxel, dtype=np.float64)
     density = atom_density(xyz, model.element, model.b if b is None else b,
                            model.occ if occ is None else occ, exp_map.shape, origin, voxel, resolution)
     f_calc = _rfftn(density)
     del density
-    f_map = _rfftn(np.asarray(exp_map, dtype=np.float32))
+    f_map = _rfftn(np.asarray(exp_map, dtype=np.float32)) if map_coefficients is None else map_coefficients
     s, cross, pc, pm, count = shell_sums(f_calc, f_map, exp_map.shape, voxel)
     del f_map
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -219,9 +219,11 @@ def residue_sums(exp_map: np.ndarray, calc: np.ndarray, xyz: np.ndarray, res_ind
 
 
 def analyse(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resolution: float, b=None,
-            occ=None) -> dict:
-    """All map-model figures; per-residue CC as an array (nan for residues owning no voxel)."""
-    calc, fsc_info = model_map_and_fsc(model, xyz, exp_map, origin, voxel, resolution, b, occ)
+            occ=None, map_coefficients=None) -> dict:
+    """All map-model figures; per-residue CC as an array (nan for residues owning no voxel).
+    map_coefficients: the map's rfftn, when the caller has it (model_map_and_fsc)."""
+    calc, fsc_info = model_map_and_fsc(model, xyz, exp_map, origin, voxel, resolution, b, occ,
+                                       map_coefficients)
     mask = molecular_mask(xyz, model.element, exp_map.shape, origin, voxel)
     cc = correlations(exp_map, calc, mask)
     del mask

@@ -37,7 +37,8 @@ def _round(x, n=4):
 
 def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_grid=None,
                    data: np.ndarray | None = None, half_maps=None, resolution: float | None = None,
-                   b: np.ndarray | None = None, occ: np.ndarray | None = None) -> dict:
+                   b: np.ndarray | None = None, occ: np.ndarray | None = None,
+                   map_coefficients: np.ndarray | None = None, half_map_fsc=None) -> dict:
     """All validation figures of the model at coordinates xyz (with B-factors b and occupancies
     occ in its model map when given, else the model's own).
 
@@ -45,6 +46,9 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
     values; data: the map to compare with (e.g. refine's FSC-weighted map), on map_grid's grid;
     half_maps: a pair of MapGrid (their mean is used when neither map_grid data nor data is
     given; their FSC is reported); resolution (A) is needed whenever there is a map.
+    map_coefficients: the rfftn of the map compared with, when the caller has it (validating
+    several models against one map); half_map_fsc: (s, FSC) of the half maps when already
+    computed (simulate.fsc of the two).
     """
     t0 = time.perf_counter()
     timings = {}
@@ -116,7 +120,8 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
         if not resolution or not resolution > 0:
             raise ValueError("validate_model needs a positive resolution with a map")
         t = time.perf_counter()
-        fit = mapfit.analyse(model, xyz, exp, map_grid.origin, map_grid.voxel, resolution, b, occ)
+        fit = mapfit.analyse(model, xyz, exp, map_grid.origin, map_grid.voxel, resolution, b, occ,
+                             map_coefficients)
         timings["map_fit"] = time.perf_counter() - t
         per_res["cc"] = fit["residue_cc"]
         f = fit["fsc"]
@@ -133,7 +138,8 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
         }
         if half_maps is not None:
             from ..simulate import fsc, fsc_crossing
-            s, hf = fsc(half_maps[0].data, half_maps[1].data, map_grid.voxel)
+            s, hf = half_map_fsc if half_map_fsc is not None else fsc(half_maps[0].data, half_maps[1].data,
+                                                                      map_grid.voxel)
             section["half_map_fsc"] = {"s": np.round(s, 5).tolist(), "fsc": np.round(hf, 4).tolist(),
                                        "d_fsc_0143": _round(fsc_crossing(s, hf, 0.143), 3)}
         result["map"] = section
