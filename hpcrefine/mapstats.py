@@ -224,16 +224,25 @@ def cc_mask(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resoluti
     return correlation(np.asarray(exp_map), calc, mask)
 
 
-def fsc_weighted(full: np.ndarray, half1: np.ndarray, half2: np.ndarray, voxel) -> tuple[np.ndarray, dict]:
-    """The full map weighted per shell by sqrt(2 FSC / (1 + FSC)) of the half maps (Rosenthal &
-    Henderson's C_ref): shells that hold mostly noise are damped instead of cut at one resolution.
-    Returns the weighted map (float32) and the curve used."""
-    from .simulate import _irfftn, _rfftn, fsc, scale_shells
+def fsc_weighted(full: np.ndarray | None, half1: np.ndarray, half2: np.ndarray, voxel) -> tuple[np.ndarray, dict]:
+    """The full map (None: the mean of the half maps) weighted per shell by sqrt(2 FSC / (1 +
+    FSC)) of the half maps (Rosenthal & Henderson's C_ref): shells that hold mostly noise are
+    damped instead of cut at one resolution. Returns the weighted map (float32) and the curve
+    used. The mean's transform is the mean of the halves' (two transforms, not three)."""
+    from .simulate import _irfftn, _rfftn, fsc_of_transforms, scale_shells
 
-    s, f = fsc(half1, half2, voxel)
+    shape = half1.shape
+    f1 = _rfftn(np.asarray(half1, dtype=np.float32))
+    ft = _rfftn(np.asarray(half2, dtype=np.float32))
+    s, f = fsc_of_transforms(f1, ft, shape, voxel)
+    if full is None:
+        ft += f1
+        ft *= np.float32(0.5)
+    else:
+        ft = _rfftn(np.asarray(full, dtype=np.float32))
+    del f1
     f_full = np.clip(2 * f / (1 + f), 0.0, 1.0)          # FSC of the full map (Rosenthal & Henderson)
     c_ref = np.sqrt(2 * f_full / (1 + f_full))
-    ft = _rfftn(np.asarray(full, dtype=np.float32))
-    scale_shells(ft, full.shape, voxel, c_ref)
-    out = _irfftn(ft, full.shape)
+    scale_shells(ft, shape, voxel, c_ref)
+    out = _irfftn(ft, shape)
     return out, {"s": s.tolist(), "fsc_half": f.tolist(), "c_ref": c_ref.tolist()}

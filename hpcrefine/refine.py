@@ -126,9 +126,8 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         elif halves:
             h1 = np.asarray(halves[0].data, dtype=np.float32)
             h2 = np.asarray(halves[1].data, dtype=np.float32)
-            if data is None:
-                data = (h1 + h2) / 2
-            # shells that hold mostly noise are damped by the half-map FSC (Rosenthal & Henderson)
+            # the full map (None: the mean of the halves); shells that hold mostly noise are
+            # damped by the half-map FSC (Rosenthal & Henderson)
             data, weighting = fsc_weighted(data, h1, h2, grid.voxel)
             half_fsc = (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"]))
         if halves and shared and share_map:
