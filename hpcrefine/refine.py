@@ -249,7 +249,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             state = ck.load_state(restart, inputs.model.n_atoms)
     if ctx is not None and ctx.size > 1:
         check_rank_count(ctx, inputs.model)
-        ctx.world.Barrier()          # every rank has checked the inputs before rank 0 writes
+        # every rank has checked the inputs before rank 0 writes; the workers, done first, wait
+        # sleeping (a blocking Barrier spun their cores while the master weighted the full map)
+        from .parallel.distributed import wait_quietly
+        wait_quietly(ctx.world, ctx.world.Ibarrier())
         install_abort_on_error(ctx.world)
     interrupts = Interrupts(ctx.world if ctx is not None else None) if not idealize_only else None
     minimiser = RankMinimiser(ctx, inputs.model.res_first_atom, interrupts) if ctx is not None else minimise

@@ -537,3 +537,33 @@ def test_averaged_map_is_reused_for_operators_equal_to_rounding():
     moved = ncs.averaged_map(data, origin, voxel, rot, trans + 1e-6, master)
     assert moved is not first
     assert ncs.averaged_map(data.copy(), origin, voxel, rot, trans, master) is not first
+
+
+def test_constrained_targets_share_the_contacts_between_copies(small):
+    """A new ConstrainedTarget of the same restraints and copies takes the last one's list of
+    contacts between copies (refreshed where atoms moved): the same f and gradient as a target
+    that searches its own; after a move beyond the interface margin it searches anew."""
+    model, r, term = small["model"], small["restraints"], small["term"]
+    info = ncs.find_ncs(model)
+    par = ncs.NcsParametrisation(info.refit(small["xyz"]), small["xyz"])
+    params = build_params(3.5)
+    rng = np.random.default_rng(5)
+    ncs._CROSS_LISTS.clear()
+    first = ncs.ConstrainedTarget(par, term, r, params, 2.0)
+    first(par.pack(small["xyz"]))
+    assert first.cross_nbl is not None
+    moved = par.pack(small["xyz"] + rng.normal(0.0, 0.3, small["xyz"].shape))
+    second = ncs.ConstrainedTarget(par, term, r, params, 2.0)
+    assert second.cross_nbl is first.cross_nbl
+    f2, g2 = second(moved)
+    ncs._CROSS_LISTS.clear()
+    fresh = ncs.ConstrainedTarget(par, term, r, params, 2.0)
+    assert fresh.cross_nbl is None
+    f3, g3 = fresh(moved)
+    assert f2 == pytest.approx(f3, rel=1e-12, abs=1e-9)
+    assert np.allclose(g2, g3, rtol=1e-10, atol=1e-9)
+    far = par.pack(small["xyz"] + rng.normal(0.0, 3.0, small["xyz"].shape))
+    third = ncs.ConstrainedTarget(par, term, r, params, 2.0)
+    assert third.cross_nbl is fresh.cross_nbl
+    third(far)
+    assert third.cross_nbl is not fresh.cross_nbl
