@@ -133,6 +133,7 @@ class HalfTransforms:
         self.cube = CroppedTransform.for_resolution(grid.data.shape, self.voxel, resolution)
         self._maps = half_maps
         self._coefficients: dict[int, np.ndarray] = {}
+        self._density = None
 
     def coefficients(self, h: int) -> np.ndarray:
         """Half map h's coefficients in the cube (read-only; transformed on first use)."""
@@ -153,10 +154,15 @@ class HalfTransforms:
 
     def model_coefficients(self, model, xyz, atoms=slice(None)) -> np.ndarray:
         """The low-passed model map's coefficients in the cube (atoms: the model's atom of each
-        coordinate)."""
+        coordinate). The model map is made in one array kept for every compare step: a new
+        map-sized array a step cost page faults that took seconds on a virtual machine that
+        hands freed memory back to its host."""
         shape = self.cube.shape
+        if self._density is None:
+            self._density = np.empty(shape, dtype=np.float32)
         c = self.cube.transform(atom_density(xyz, model.element[atoms], model.b[atoms], model.occ[atoms],
-                                             shape, self.origin, self.voxel, self.resolution))
+                                             shape, self.origin, self.voxel, self.resolution,
+                                             out=self._density))
         self.cube.lowpass(c, self.resolution)
         return c
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..mapstats import _mark_spheres, _span, atom_density, lowpass_coefficients
+from ..mapstats import _cc_from_sums, _cc_sums, _mark_spheres, _span, atom_density, lowpass_coefficients
 from ..simulate import _irfftn, _rfftn, fsc_crossing, shell_sums
 
 MASK_PROBE = 1.11          # A, added to the van der Waals radius for the molecular mask
@@ -42,29 +42,6 @@ def per_residue_radius(resolution: float) -> float:
 
 
 # ------------------------------------------------------------------------------- kernels
-
-@njit(cache=True)
-def _cc_sums(a, b, mask, use_mask, ta, tb):
-    """Sums (n, sa, sb, saa, sbb, sab) over voxels selected by mask (use_mask) or else by
-    a >= ta or b >= tb (pass -inf, -inf for every voxel). a, b, mask: flat arrays."""
-    n = 0.0
-    sa = sb = saa = sbb = sab = 0.0
-    for v in range(a.shape[0]):
-        if use_mask:
-            if mask[v] == 0:
-                continue
-        elif not (a[v] >= ta or b[v] >= tb):
-            continue
-        x = float(a[v])
-        y = float(b[v])
-        n += 1.0
-        sa += x
-        sb += y
-        saa += x * x
-        sbb += y * y
-        sab += x * y
-    return np.array([n, sa, sb, saa, sbb, sab])
-
 
 @njit(cache=True)
 def _own_slab(xyz, atoms, origin, voxel, k0, best, owner, radius):
@@ -110,19 +87,6 @@ def _accumulate(exp_slab, calc_slab, owner, res_index, sums):
                 sums[r, 3] += x * x
                 sums[r, 4] += y * y
                 sums[r, 5] += x * y
-
-
-def _cc_from_sums(s: np.ndarray) -> np.ndarray:
-    """Pearson CC from rows of (n, sa, sb, saa, sbb, sab); nan where undefined."""
-    s = np.atleast_2d(s)
-    n = s[:, 0]
-    cov = n * s[:, 5] - s[:, 1] * s[:, 2]
-    va = n * s[:, 3] - s[:, 1] ** 2
-    vb = n * s[:, 4] - s[:, 2] ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cc = cov / np.sqrt(va * vb)
-    cc[(n < 2) | ~(va > 0) | ~(vb > 0)] = np.nan
-    return cc
 
 
 # ------------------------------------------------------------------------------ pieces
