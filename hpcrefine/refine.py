@@ -354,13 +354,22 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         if progress is not None:
             progress.close()
 
+    # a worker validates the start model while the master makes the final statistics and
+    # validates the final model (the workers have nothing else to do by then)
+    helper = None if idealize_only or ctx is None or ctx.size < 2 else VALIDATION_RANK
+    if ctx is not None and ctx.rank == helper:
+        from .parallel.distributed import send_object
+        from .validation import validate_model
+        send_object(ctx.world, validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
+                                              inputs.half_maps, resolution),
+                    0, VALIDATION_TAG)
     if is_master:
         with timer("statistics"):
             refined = (None, None) if idealize_only else (state.b, state.occ)
             after = model_statistics(model, xyz, geom, inputs, resolution, b=refined[0], occ=refined[1])
         log.info("final: %s", _format_stats(after))
-    resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if not is_master:
+        _rank_resources(ctx)
         return {}
     stem = os.path.join(outdir, "idealized" if idealize_only else "refined")
     with timer("write"):
@@ -371,7 +380,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if not idealize_only:
         with timer("validation"):
             validation = _validate(model, {"start": (xyz0, None, None), "final": (xyz, state.b, state.occ)},
-                                   inputs, resolution, outdir)
+                                   inputs, resolution, outdir,
+                                   elsewhere={} if helper is None else {"start": (ctx.world, helper)})
+    resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if inputs.store is not None:
         inputs.store.close()
     report = {
@@ -415,6 +426,8 @@ def _rank_resources(ctx) -> list[dict]:
            **EVALUATION_TOTALS.as_dict()}
     if ctx is None or ctx.size == 1:
         return [row]
+    from .parallel.distributed import wait_quietly
+    wait_quietly(ctx.world, ctx.world.Ibarrier())       # the ranks done first wait sleeping
     return ctx.world.gather(row, root=0) or []
 
 
@@ -656,22 +669,40 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
     return xyz, weight, halfset, cycles
 
 
-def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str) -> dict:
+VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks)
+VALIDATION_TAG = 61
+
+
+def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,
+              elsewhere: dict | None = None) -> dict:
     """The validation figures (hpcrefine.validation) of the start and final models against the
     refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report.
-    models: name -> (xyz, B-factors or None, occupancies or None)."""
+    models: name -> (xyz, B-factors or None, occupancies or None); elsewhere: name -> (comm,
+    rank) of the models another rank validates (it sends validate_model's result,
+    parallel.distributed.send_object), received once this rank's own are done."""
+    from .simulate import _rfftn
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
-    from .simulate import _rfftn
-
-    out = {}
+    elsewhere = elsewhere or {}
+    mine = [name for name in models if name not in elsewhere]
     # the map's transform and the half maps' FSC serve every model
     map_coefficients = (_rfftn(np.asarray(inputs.data, dtype=np.float32))
-                        if inputs.data is not None and len(models) > 1 else None)
-    for name, (xyz, b, occ) in models.items():
-        res = validate_model(model, xyz, inputs.restraints, inputs.map, inputs.data,
-                             inputs.half_maps, resolution, b=b, occ=occ,
-                             map_coefficients=map_coefficients, half_map_fsc=inputs.half_map_fsc)
+                        if inputs.data is not None and len(mine) > 1 else None)
+    results = {}
+    for name in mine:
+        xyz, b, occ = models[name]
+        results[name] = validate_model(model, xyz, inputs.restraints, inputs.map, inputs.data,
+                                       inputs.half_maps, resolution, b=b, occ=occ,
+                                       map_coefficients=map_coefficients,
+                                       half_map_fsc=inputs.half_map_fsc)
+    del map_coefficients
+    if elsewhere:
+        from .parallel.distributed import recv_object
+        for name, (comm, rank) in elsewhere.items():
+            results[name] = recv_object(comm, rank, VALIDATION_TAG)
+    out = {}
+    for name in models:
+        res = results[name]
         log.info("%s model:", name)
         for line in format_summary(res):
             log.info("  %s", line)

@@ -102,6 +102,16 @@ def test_only_the_master_writes(runs):
     assert {"validation_start.json", "validation_final.json", "validation_final_residues.csv"} <= set(names)
     log = (runs[3] / "refine.log").read_text()
     assert log.count("final:") == 1 and "ranks: 3" in log
+    # the start model is validated by a worker (while the master validates the final one): the
+    # same figures as one process makes, logged first
+    assert log.index("start model:") < log.index("final model:")
+    one, three = (json.loads((runs[n] / "report.json").read_text())["validation"]["start"] for n in (1, 3))
+    for section in ("geometry", "ramachandran", "rotamers", "cbeta", "clashes"):
+        assert three[section] == one[section], section
+    for key in ("cc_mask", "cc_box", "fsc_avg", "d_fsc_05"):
+        assert three["map"][key] == pytest.approx(one["map"][key], abs=1e-4), key
+    assert three["map"]["half_map_fsc"] == one["map"]["half_map_fsc"]
+    assert three["map"]["per_chain_cc"] == pytest.approx(one["map"]["per_chain_cc"], abs=1e-4)
 
 
 def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):

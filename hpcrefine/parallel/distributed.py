@@ -531,6 +531,31 @@ def bcast_bytes(comm, data: bytes | None, root: int = 0):
     return data if comm.Get_rank() == root else memoryview(buf)
 
 
+def send_object(comm, obj, dest: int, tag: int) -> None:
+    """Send a picklable object to rank dest (its size, then its bytes), waiting without
+    spinning until dest has received it (recv_object)."""
+    import pickle
+
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    wait_quietly(comm, comm.Isend(np.array([len(data)], dtype=np.int64), dest=dest, tag=tag))
+    piece = 1 << 30
+    for start in range(0, len(data), piece):
+        wait_quietly(comm, comm.Isend(data[start:start + piece], dest=dest, tag=tag))
+
+
+def recv_object(comm, source: int, tag: int, on_poll=None):
+    """The object rank source sends with send_object, received without spinning."""
+    import pickle
+
+    size = np.zeros(1, dtype=np.int64)
+    wait_quietly(comm, comm.Irecv(size, source=source, tag=tag), on_poll=on_poll)
+    buf = np.empty(int(size[0]), dtype=np.uint8)
+    piece = 1 << 30
+    for start in range(0, len(buf), piece):
+        wait_quietly(comm, comm.Irecv(buf[start:start + piece], source=source, tag=tag), on_poll=on_poll)
+    return pickle.loads(buf.tobytes())
+
+
 def master_wait_for(world, poll: float = POLL_SECONDS, timeout: float | None = None) -> float:
     """The master's side of the rendezvous with the workers (collective over world): returns,
     after the wall time in seconds it waited, once every worker has called notify_master(world).

@@ -42,3 +42,23 @@ def test_bytes_broadcast_whole():
         data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
         got = bcast_bytes(WORLD, data if WORLD.Get_rank() == 0 else None)
         assert bytes(got) == data
+
+
+def test_objects_sent_point_to_point():
+    """parallel.distributed.send_object / recv_object: the last rank sends rank 0 a validation-
+    sized result (numpy arrays in a dict) and an empty one."""
+    from hpcrefine.parallel.distributed import recv_object, send_object
+
+    last = WORLD.Get_size() - 1
+    if last == 0:
+        return
+    rng = np.random.default_rng(11)
+    payload = {"per_residue": {"cc": rng.normal(size=130_000)}, "name": "start", "n": 3}
+    if WORLD.Get_rank() == last:
+        send_object(WORLD, payload, 0, 77)
+        send_object(WORLD, {}, 0, 77)
+    elif WORLD.Get_rank() == 0:
+        got = recv_object(WORLD, last, 77)
+        assert got["name"] == "start" and got["n"] == 3
+        assert np.array_equal(got["per_residue"]["cc"], payload["per_residue"]["cc"])
+        assert recv_object(WORLD, last, 77) == {}
