@@ -344,7 +344,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     if ctx.is_worker:
         # the communicator whose workers split this rank's tasks, and the halves it plays
         hc = ctx.workers if shared_layout else ctx.half_comm
-        halves = [1, 2] if shared_layout else ctx.halves_here()
+        my_halves = [1, 2] if shared_layout else ctx.halves_here()
         groups = 1 if shared_layout else n_weight_groups(hc.Get_size(), len(weights))
         group = hc.Split(hc.Get_rank() % groups, hc.Get_rank())
         mine = [k for k in range(len(weights)) if k % groups == hc.Get_rank() % groups]
@@ -353,7 +353,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
             return distributed_minimise(group, x, term, g.r, res_first_atom, w, iterations, p)[0]
         minimiser = with_ncs(group, shared)
         try:
-            for h in halves:
+            for h in my_halves:
                 for k in mine:
                     if (h, k) in done:
                         continue

@@ -205,6 +205,9 @@ def atom_mask(xyz: np.ndarray, shape_zyx: tuple, origin: np.ndarray, voxel: np.n
 def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Pearson correlation of two maps over the voxels of mask (all without one): one compiled
     pass (_cc_sums), no copies of the masked voxels (a million-atom mask holds 40 M of them)."""
+    if np.shape(a) != np.shape(b) or (mask is not None and np.shape(mask) != np.shape(a)):
+        raise ValueError(f"maps and mask differ in shape: {np.shape(a)}, {np.shape(b)}, "
+                         f"{None if mask is None else np.shape(mask)}")
     a = np.ascontiguousarray(a).ravel()
     b = np.ascontiguousarray(b).ravel()
     m = np.zeros(1, dtype=np.uint8) if mask is None else np.ascontiguousarray(mask).view(np.uint8).ravel()

@@ -776,8 +776,8 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
     minimisation superposes them anew, and copies held at fixed operators superpose back to
     them only to rounding, so an exact match made a half-set task sum the map again for its
     second macro-cycle (a quarter of a constrained task's time)."""
-    key = (np.asarray(origin, dtype=np.float64), np.asarray(rot, dtype=np.float64),
-           np.asarray(trans, dtype=np.float64))
+    key = (np.array(origin, dtype=np.float64), np.array(rot, dtype=np.float64),
+           np.array(trans, dtype=np.float64))            # copies: the caller's arrays may change
     for got in _AVERAGED:
         same = got.ident == ident if ident is not None else got.source is data
         if same and _same_operators(got.key, key):
@@ -791,7 +791,8 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
 class _CrossLists:
     """The neighbour list of contacts between copies of the last ConstrainedTarget, for the next
     target of the same restraints, copies and share (every minimisation makes a new target: the
-    macro-cycles, weight trials and half-set tasks of one run). Building it searches the whole
+    macro-cycles, weight trials and half-set tasks of one run; they run one after another, so one
+    target at a time refreshes the shared list). Building it searches the whole
     model (a million atoms: 16 % of a constrained worker's time when each target built its own);
     a kept list is refreshed around the atoms that moved, and dropped when an atom has moved too
     far for its interface atoms (ConstrainedTarget._interface_moved)."""
@@ -800,11 +801,14 @@ class _CrossLists:
         self._last = None
 
     def get(self, restraints, label, owner, part):
-        """(list, coordinates its interface atoms were found at), or (None, None)."""
+        """(list, coordinates its interface atoms were found at), or (None, None); a list kept
+        for other restraints or copies is let go (NCS from assembly records expands the
+        restraints anew for every minimisation: nothing to share there)."""
         last = self._last
         if (last is not None and last[0] is restraints and last[3] == part
                 and np.array_equal(last[1], label) and np.array_equal(last[2], owner)):
             return last[4], last[5]
+        self._last = None
         return None, None
 
     def keep(self, restraints, label, owner, part, nbl, interface_xyz) -> None:

@@ -357,11 +357,17 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     # a worker validates the start model while the master makes the final statistics and
     # validates the final model (the workers have nothing else to do by then)
     helper = None if idealize_only or ctx is None or ctx.size < 2 else VALIDATION_RANK
-    if ctx is not None and ctx.rank == helper:
+    if helper is not None and is_master:
+        # the half maps' FSC the master computed (a few hundred numbers; two transforms of the
+        # box on the worker otherwise)
         from .parallel.distributed import send_object
+        send_object(ctx.world, inputs.half_map_fsc, helper, VALIDATION_TAG)
+    if ctx is not None and ctx.rank == helper:
+        from .parallel.distributed import recv_object, send_object
         from .validation import validate_model
+        half_fsc = recv_object(ctx.world, 0, VALIDATION_TAG)
         send_object(ctx.world, validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
-                                              inputs.half_maps, resolution),
+                                              inputs.half_maps, resolution, half_map_fsc=half_fsc),
                     0, VALIDATION_TAG)
     if is_master:
         with timer("statistics"):
@@ -670,7 +676,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
 
 
 VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks)
-VALIDATION_TAG = 61
+VALIDATION_TAG = 29        # outside the half-set tags (39-63) and the others in use
 
 
 def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,

@@ -331,8 +331,8 @@ class CroppedTransform:
         return _irfftn(f, self.shape)
 
     def fsc(self, ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
-        """The FSC per shell of the grid's shells (fsc_of_transforms) from two cropped transforms;
-        0 for the shells beyond the cube."""
+        """The FSC per shell of the grid's shells (fsc_of_transforms) from two cropped transforms:
+        exact for the shells the cube holds whole, partial sums for those it cuts, 0 beyond it."""
         out = np.zeros((4, self.n_shells))
         _over_shells(ca, cb, self.fz, self.fy, self.fx, float(self.width), self.last_single, out,
                      np.zeros(self.n_shells), False)

@@ -375,3 +375,5 @@ def test_masked_correlation_matches_numpy():
     assert correlation(a, b, mask) == pytest.approx(np.corrcoef(a[mask], b[mask])[0, 1], abs=1e-9)
     assert correlation(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-9)
     assert correlation(a, np.ones_like(a), mask) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        correlation(a, b[:-1], mask)
