@@ -233,8 +233,9 @@ def _half_terms(inputs, halves: HalfTransforms | None, atom_weight) -> dict:
 
     terms = {}
     for h in (1, 2):
-        terms[h] = fast_term(inputs, f"half{h}", functools.partial(halves.lowpassed, h) if halves else None,
-                             atom_weight, functools.partial(halves.lowpassed, h) if halves else None)
+        # lowpassed(h) is the raw map, lowpassed(h, b) its blurred copy
+        make = functools.partial(halves.lowpassed, h) if halves else None
+        terms[h] = fast_term(inputs, f"half{h}", make, atom_weight, make)
         for b in BLURS:
             terms[h].blurred(b)          # published now, mapped again by the task
     return terms

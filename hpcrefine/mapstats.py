@@ -54,14 +54,18 @@ def lowpass(data: np.ndarray, voxel: np.ndarray, resolution: float) -> np.ndarra
     return _irfftn(f, data.shape)
 
 
-def lowpass_coefficients(f: np.ndarray, shape_zyx, voxel, resolution: float) -> None:
+def lowpass_coefficients(f: np.ndarray, shape_zyx, voxel, resolution: float, freqs=None) -> None:
     """Zero the rfftn coefficients f of a map of shape_zyx beyond 1/resolution, in place, plane
-    by plane (no map-sized temporaries)."""
-    kz, ky, kx = rfft_freqs(shape_zyx, voxel)
+    by plane (no map-sized temporaries). freqs: the frequencies (kz, ky, kx) of f's planes, rows
+    and columns when f holds only some of the coefficients (simulate.CroppedTransform)."""
+    if freqs is None:
+        kz, ky, kx = (k.ravel() for k in rfft_freqs(shape_zyx, voxel))
+    else:
+        kz, ky, kx = freqs
     lim = 1.0 / resolution ** 2
-    yx = ky * ky + kx * kx
+    yx = ky[:, None] * ky[:, None] + kx[None, :] * kx[None, :]
     for k in range(f.shape[0]):
-        f[k][(yx[0] + kz[k, 0, 0] ** 2) > lim] = 0
+        f[k][(yx + kz[k] ** 2) > lim] = 0
 
 
 # ------------------------------------------------------------------ model maps of Gaussian atoms

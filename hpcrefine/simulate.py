@@ -311,11 +311,8 @@ class CroppedTransform:
         return out
 
     def lowpass(self, c: np.ndarray, resolution: float) -> None:
-        """Zero the coefficients beyond 1/resolution, in place (as mapstats.lowpass_coefficients)."""
-        lim = 1.0 / resolution ** 2
-        yx = self.fy[:, None] ** 2 + self.fx[None, :] ** 2
-        for k in range(c.shape[0]):
-            c[k][(yx + self.fz[k] ** 2) > lim] = 0
+        """Zero the coefficients beyond 1/resolution, in place (mapstats.lowpass_coefficients)."""
+        mapstats.lowpass_coefficients(c, self.shape, self.voxel, resolution, (self.fz, self.fy, self.fx))
 
     def blur(self, c: np.ndarray, b_extra: float) -> None:
         """Multiply the coefficients by exp(-b_extra s^2 / 4), in place (as density.blur_map;
