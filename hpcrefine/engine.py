@@ -130,9 +130,37 @@ def initial_weight(xyz: np.ndarray, data_term, geom: GeometryTerm) -> float:
     return 50.0 / max(rms, 1e-6)
 
 
-def geometry_ok(stats: dict, params: RefineParams, angle_limit: float | None = None) -> bool:
-    limit = params.angle_rmsd_max if angle_limit is None else angle_limit
-    return stats["bond_rmsd"] <= params.bond_rmsd_max and stats["angle_rmsd"] <= limit
+# how far above what the restraint-dominated (loosest) weight reaches the limits are raised when
+# even that weight is above them
+ANGLE_LIMIT_MARGIN = 0.2      # degrees
+BOND_LIMIT_MARGIN = 0.002     # A
+
+
+@dataclass(frozen=True)
+class GeometryLimits:
+    bond_rmsd: float
+    angle_rmsd: float
+
+    def ok(self, stats: dict) -> bool:
+        return stats["bond_rmsd"] <= self.bond_rmsd and stats["angle_rmsd"] <= self.angle_rmsd
+
+
+def geometry_limits(params: RefineParams, loosest: dict | None = None) -> GeometryLimits:
+    """The bond and angle rmsd limits of a weight choice. Given the geometry that the loosest
+    (restraint-dominated) weight reaches, a limit that even it misses is raised to what it reached
+    plus a margin: then what holds the geometry back is a few residues caught in a wrong local
+    minimum (a ring threaded through itself), or too few iterations to undo a distorted start,
+    not the data weight, and the choice goes on among the weights that do no worse."""
+    bond, angle = params.bond_rmsd_max, params.angle_rmsd_max
+    if loosest is not None:
+        bond = max(bond, loosest["bond_rmsd"] + BOND_LIMIT_MARGIN)
+        angle = max(angle, loosest["angle_rmsd"] + ANGLE_LIMIT_MARGIN)
+    return GeometryLimits(bond, angle)
+
+
+def trial_iterations(params: RefineParams) -> int:
+    """Iterations of one weight trial: params.weight_trial_iterations, at most params.iterations."""
+    return max(1, min(params.weight_trial_iterations, params.iterations))
 
 
 def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: RefineParams,
@@ -142,18 +170,22 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     from xyz keeps geometry within limits, and at most w_max when given (the ladder then starts
     at w_max and only goes down).
 
-    A few residues caught in a wrong local minimum (a ring threaded through itself, say) can hold
-    the angle rmsd above the limit at every weight; so the angle limit is raised to what a
-    restraint-dominated trial (weight / 16) reaches, plus 0.2 degrees, when that is higher.
+    The limits are raised to what a restraint-dominated trial (weight / 16) reaches, plus a
+    margin, when that is higher (geometry_limits).
+
+    A trial runs params.weight_trial_iterations, but never more than the macro-cycle's own
+    minimisation (params.iterations): a trial longer than the run it sets the weight for would
+    judge geometry the run never reaches, at more than the run's cost.
     """
     trials: list[WeightTrial] = []
     minimiser = minimiser or minimise
+    iterations = trial_iterations(params)
 
-    def trial(w, limit):
-        res = minimiser(xyz, data_term, geom, w, params.weight_trial_iterations, params)
+    def trial(w, limits):
+        res = minimiser(xyz, data_term, geom, w, iterations, params)
         st = geometry_of(res, geom)
         fd, _ = data_term.target(res.xyz)
-        t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, geometry_ok(st, params, limit))
+        t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, limits.ok(st))
         trials.append(t)
         log.info("  weight %9.3f: bonds %.4f A, angles %.2f deg, data %.1f  %s", w, t.bond_rmsd,
                  t.angle_rmsd, fd, "ok" if t.accepted else "too loose")
@@ -161,11 +193,14 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
 
     if w_max is not None:
         w_start = min(w_start, w_max)
-    floor = trial(w_start / 16, None)
-    limit = max(params.angle_rmsd_max, floor.angle_rmsd + 0.2)
-    if limit > params.angle_rmsd_max:
-        log.info("  angle limit raised to %.2f deg (restraint-dominated trial reaches %.2f)", limit,
-                 floor.angle_rmsd)
+    floor = trial(w_start / 16, geometry_limits(params))
+    limit = geometry_limits(params, {"bond_rmsd": floor.bond_rmsd, "angle_rmsd": floor.angle_rmsd})
+    if limit.angle_rmsd > params.angle_rmsd_max:
+        log.info("  angle limit raised to %.2f deg (restraint-dominated trial reaches %.2f)",
+                 limit.angle_rmsd, floor.angle_rmsd)
+    if limit.bond_rmsd > params.bond_rmsd_max:
+        log.info("  bond limit raised to %.4f A (restraint-dominated trial reaches %.4f)",
+                 limit.bond_rmsd, floor.bond_rmsd)
     t = trial(w_start, limit)
     if t.accepted and w_max is not None and w_start >= w_max:
         return w_start, trials

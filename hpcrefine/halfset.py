@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from .engine import RealSpaceTerm, initial_weight, minimise
+from .engine import RealSpaceTerm, geometry_limits, initial_weight, minimise
 from .mapstats import atom_density, lowpass
 from .simulate import CroppedTransform
 from .topology import bond_angle_stats
@@ -495,9 +495,9 @@ def summarise(inputs, geom, params, resolution, weights, results, outdir, constr
                        "angle_rmsd": round(float(np.mean([x["angle_rmsd"] for x in r])), 3)})
         log.info("half sets, weight %.3f: FSC_work %.4f  FSC_free %.4f  bonds %.4f A  angles %.2f deg",
                  w, work, free, trials[-1]["bond_rmsd"], trials[-1]["angle_rmsd"])
-    # the angle limit as in engine.choose_weight: raised when even the loosest weight is above it
-    angle_limit = max(params.angle_rmsd_max, min(t["angle_rmsd"] for t in trials) + 0.2)
-    ok = [t["bond_rmsd"] <= params.bond_rmsd_max and t["angle_rmsd"] <= angle_limit for t in trials]
+    # the limits as in engine.choose_weight: raised when even the loosest weight is above them
+    limits = geometry_limits(params, {g: min(t[g] for t in trials) for g in ("bond_rmsd", "angle_rmsd")})
+    ok = [limits.ok(t) for t in trials]
     if not any(ok):
         log.warning("no half-set weight met the geometry limits; using the lowest, %.3f", weights[0])
     w_free, best = free_minimum(weights, [t["free_residual"] for t in trials], ok)

@@ -35,7 +35,7 @@ class RefineParams:
     weight_by: str = "halfset"
     bond_rmsd_max: float = 0.012
     angle_rmsd_max: float = 1.5        # degrees
-    weight_trial_iterations: int = 60
+    weight_trial_iterations: int = 60  # at most `iterations` (engine.trial_iterations)
     # data term: "fast" (map values at atom centres) or "fit" (Gaussian-atom model map fitted to
     # the map voxel by voxel: unbiased at low resolution, several times slower)
     target: str = "fast"

@@ -308,10 +308,19 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     geom = GeometryTerm(r, params)
     xyz0 = model.xyz.copy()
     before = None
-    if is_master:       # the workers never make the whole model's statistics (nor its pair list)
+    # the start model's statistics: the master's, or, while the master prepares the half maps
+    # (the workers have nothing to do then), one worker's, sent to the master
+    start_stats = _start_statistics_rank(ctx, inputs, params, state, idealize_only)
+    pending_start = None
+    if is_master and start_stats is None:
         with timer("statistics"):
             before = model_statistics(model, xyz0, geom, inputs, resolution)
         log.info("start: %s", _format_stats(before))
+    elif ctx is not None and ctx.rank == start_stats:
+        from .parallel.distributed import post_object
+        pending_start = post_object(ctx.world, model_statistics(
+            model, xyz0, GeometryTerm(r, params), inputs, resolution), 0, START_STATISTICS_TAG)
+        release_free_memory()
 
     writer = None
     if is_master and not idealize_only:
@@ -342,6 +351,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             xyz, weight, halfset, cycles = _refine_stages(ctx, inputs, geom, params, resolution, xyz0,
                                                           outdir, state, steps, timer)
     except Interrupted:
+        _start_statistics_done(ctx, start_stats, pending_start)
         log.warning("stopping on %s: checkpoint %s written after the step in flight; continue with "
                     "--resume (exit code %d)", interrupts.describe(), ckpt_path, ck.INTERRUPTED_EXIT)
         if inputs.store is not None:
@@ -354,9 +364,22 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         if progress is not None:
             progress.close()
 
-    # a worker validates the start model while the master makes the final statistics and
-    # validates the final model (the workers have nothing else to do by then)
+    if start_stats is not None:
+        before = _start_statistics_done(ctx, start_stats, pending_start)
+    # a worker validates the start model while the master validates the final model, and with
+    # three ranks or more another worker makes the final statistics meanwhile (the workers have
+    # nothing else to do by then)
     helper = None if idealize_only or ctx is None or ctx.size < 2 else VALIDATION_RANK
+    final_stats = ctx.size - 1 if helper is not None and ctx.size > 2 else None
+    final_args = (None, None) if idealize_only else (state.b, state.occ)
+    if final_stats is not None and is_master:
+        from .parallel.distributed import send_object
+        send_object(ctx.world, (xyz, *final_args), final_stats, FINAL_STATISTICS_TAG)
+    if final_stats is not None and ctx.rank == final_stats:
+        from .parallel.distributed import recv_object, send_object
+        xyz_f, b_f, occ_f = recv_object(ctx.world, 0, FINAL_STATISTICS_TAG)
+        send_object(ctx.world, model_statistics(model, xyz_f, geom, inputs, resolution, b=b_f, occ=occ_f),
+                    0, FINAL_STATISTICS_TAG)
     if helper is not None and is_master:
         # the half maps' FSC the master computed (a few hundred numbers; two transforms of the
         # box on the worker otherwise)
@@ -369,10 +392,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         send_object(ctx.world, validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
                                               inputs.half_maps, resolution, half_map_fsc=half_fsc),
                     0, VALIDATION_TAG)
-    if is_master:
+    if is_master and final_stats is None:
         with timer("statistics"):
-            refined = (None, None) if idealize_only else (state.b, state.occ)
-            after = model_statistics(model, xyz, geom, inputs, resolution, b=refined[0], occ=refined[1])
+            after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0],
+                                     occ=final_args[1])
         log.info("final: %s", _format_stats(after))
     if not is_master:
         _rank_resources(ctx)
@@ -388,6 +411,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             validation = _validate(model, {"start": (xyz0, None, None), "final": (xyz, state.b, state.occ)},
                                    inputs, resolution, outdir,
                                    elsewhere={} if helper is None else {"start": (ctx.world, helper)})
+    if final_stats is not None:
+        from .parallel.distributed import recv_object
+        with timer("statistics"):           # the time the master waited for them
+            after = recv_object(ctx.world, final_stats, FINAL_STATISTICS_TAG)
+        log.info("final: %s", _format_stats(after))
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if inputs.store is not None:
         inputs.store.close()
@@ -677,6 +705,38 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
 
 VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks)
 VALIDATION_TAG = 29        # outside the half-set tags (39-63) and the others in use
+START_STATISTICS_TAG = 31
+FINAL_STATISTICS_TAG = 33
+
+
+def _start_statistics_rank(ctx, inputs: Inputs, params: RefineParams, state, idealize_only: bool):
+    """The worker that makes the start model's statistics (the last rank), or None for the
+    master: a worker does when the run begins with the half-set stage, whose maps the master
+    prepares alone first (not in idealize, without half maps, or with protocol steps before the
+    half sets, which all the workers run at once)."""
+    from .protocol.steps import split_protocol
+
+    if idealize_only or ctx is None or ctx.size < 2 or inputs.half_maps is None:
+        return None
+    pending_prepare = split_protocol(params.protocol)[0] and state.prepared is None
+    if state.stage != "halfset" or pending_prepare:
+        return None
+    return ctx.size - 1
+
+
+def _start_statistics_done(ctx, rank, pending):
+    """The start statistics made by worker `rank` (_start_statistics_rank): received and logged
+    on the master (returned), the send completed on that worker; nothing elsewhere."""
+    if rank is None:
+        return None
+    if ctx.is_master:
+        from .parallel.distributed import recv_object
+        before = recv_object(ctx.world, rank, START_STATISTICS_TAG)
+        log.info("start: %s", _format_stats(before))
+        return before
+    if pending is not None:
+        pending.wait()
+    return None
 
 
 def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,

@@ -74,3 +74,40 @@ def test_density_fit_target_is_closer_to_truth(adk_case, tmp_path):
     assert after["rmsd_all"] < 0.34
     report = json.loads((tmp_path / "fit" / "report.json").read_text())
     assert report["after"]["bond_rmsd"] <= 0.012 and report["after"]["angle_rmsd"] <= 1.6
+
+
+def test_weight_trials_never_run_longer_than_the_macro_cycle(adk_case):
+    """A weight trial runs weight_trial_iterations, capped at the macro-cycle's iterations; a bond
+    limit that even the restraint-dominated trial misses is raised to what it reached + 0.002 A."""
+    import numpy as np
+
+    from hpcrefine.engine import MinimiseResult, choose_weight
+    from hpcrefine.modelio import read_model
+    from hpcrefine.params import RefineParams
+
+    xyz = read_model(adk_case["start"]).xyz
+    asked = []
+
+    class Data:
+        def target(self, x):
+            return float(-np.sum(x)), -np.ones_like(x)
+
+    def minimiser_with(bond_floor):
+        def minimiser(x, term, geom, w, iterations, params):
+            asked.append(iterations)
+            stats = {"bond_rmsd": bond_floor + 0.001 * w, "angle_rmsd": 0.1}
+            return MinimiseResult(x, 0.0, iterations, iterations, 0.0, statistics=stats)
+        return minimiser
+
+    for iterations, trial, expected in ((150, 60, 60), (25, 60, 25), (10, 4, 4)):
+        asked.clear()
+        params = RefineParams(resolution=3.5, iterations=iterations, weight_trial_iterations=trial)
+        w, trials = choose_weight(xyz, Data(), None, params, 1.0, minimiser_with(0.0))
+        assert asked == [expected] * len(trials)
+        # bonds 0.001 w: the ladder to 8 (16 too loose at 0.016 A), then one bisection
+        assert w == pytest.approx(np.sqrt(8 * 16))
+    # every weight above 0.012 A (a start too distorted for the iterations): the limit becomes
+    # 0.03 + 0.001 / 16 + 0.002, so 1 and 2 pass, 4 and sqrt(8) do not
+    w, trials = choose_weight(xyz, Data(), None, params, 1.0, minimiser_with(0.03))
+    assert w == 2.0
+    assert [t.accepted for t in trials] == [False, True, True, False, False]

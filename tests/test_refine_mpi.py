@@ -114,6 +114,30 @@ def test_only_the_master_writes(runs):
     assert three["map"]["per_chain_cc"] == pytest.approx(one["map"]["per_chain_cc"], abs=1e-4)
 
 
+def test_statistics_made_by_workers_are_the_models(adk_case, runs):
+    """Under 3 ranks the last worker makes the start statistics (while the master prepares the
+    half maps) and the final ones (while the master validates): the start's are one process's,
+    the final ones those of the written model, recomputed here."""
+    from hpcrefine.engine import GeometryTerm
+    from hpcrefine.params import RefineParams
+    from hpcrefine.refine import load_inputs, model_statistics
+
+    one, three = (json.loads((runs[n] / "report.json").read_text()) for n in (1, 3))
+    assert three["before"] == one["before"]
+    log = (runs[3] / "refine.log").read_text()
+    assert log.count("start: ") == 1 and log.count("final: ") == 1
+    params = RefineParams(resolution=3.5)
+    inputs = load_inputs(str(runs[3] / "refined.cif"), None, [adk_case["half1"], adk_case["half2"]],
+                         None, [], True, params)
+    after = model_statistics(inputs.model, inputs.model.xyz, GeometryTerm(inputs.restraints, params),
+                             inputs, 3.5)
+    # the written model's coordinates are rounded to 0.001 A
+    for key in ("bond_rmsd", "angle_rmsd", "planarity_rmsd", "cc_mask"):
+        assert three["after"][key] == pytest.approx(after[key], rel=0.02, abs=2e-4), key
+    assert abs(three["after"]["clashes"] - after["clashes"]) <= 2
+    assert three["after"]["chiral_inversions"] == after["chiral_inversions"]
+
+
 def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):
     p = mpirun(3, ["refine", str(tmp_path / "missing.cif"), "--map", adk_case["full"], "--resolution", "3.5",
                    "--output", str(tmp_path / "out")], timeout=120)
