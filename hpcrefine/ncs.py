@@ -737,6 +737,11 @@ class AveragedMap:
     avg(g) = sum_k rho(A_k g + b_k) at the points g of a grid around the master's atoms (the map's
     voxel size, AVERAGE_MARGIN beyond the atoms), each rho(.) interpolated tricubically.
 
+    Only the points within AVERAGE_MARGIN of a master atom are summed (28 % of the box around the
+    7cth asymmetric unit); the others hold the least value summed, so an atom that wandered more
+    than about 4 A from every start position (the margin less the interpolation's reach of two
+    voxels) would find no false density there, only the emptiest.
+
     With the operators fixed, the fast target of every copy, -sum_k sum_i w_i rho(A_k x_i + b_k),
     is -sum_i w_i avg(x_i) for the master's atoms x_i (every copy's atoms weighted alike), and its
     gradient sum_k A_k^T grad rho is grad avg: so an evaluation interpolates one copy instead of
@@ -754,7 +759,12 @@ class AveragedMap:
         self.voxel = voxel
         # one compiled pass per operator (60 operators, 16,667 master atoms: 10.4 s as numpy
         # planes through tricubic(), about a fifth of that compiled; the same sums to 1e-14)
-        self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx))
+        from .mapstats import atom_mask
+
+        near = atom_mask(master_xyz, (nz, ny, nx), lo, voxel, AVERAGE_MARGIN)
+        self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx), near)
+        if near.any():
+            self.data[~near] = self.data[near].min()
         # the map it was made from, kept so that `is` identifies it; a map named by ident (a
         # map store's key) is not kept, so the stored map's pages are let go
         self.source = data if ident is None else None

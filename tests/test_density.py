@@ -211,3 +211,9 @@ def test_sum_over_operators_matches_interpolating_each_operator(smooth_map):
     want = sum(D.tricubic(data, origin, voxel, pts @ r.T + t)[0] for r, t in zip(rot, trans))
     assert got.shape == shape
     assert np.abs(got.ravel() - want).max() < 1e-12 * np.abs(want).max()
+    # with a mask only its points are summed, to the same values; the others stay 0
+    mask = rng.random(shape) < 0.4
+    part = D.summed_over_operators(data, origin, voxel, rot, trans, lo, shape, mask)
+    assert np.array_equal(part[mask], got[mask]) and not part[~mask].any()
+    with pytest.raises(ValueError, match="mask has shape"):
+        D.summed_over_operators(data, origin, voxel, rot, trans, lo, shape, mask[:2])

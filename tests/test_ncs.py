@@ -539,6 +539,31 @@ def test_averaged_map_is_reused_for_operators_equal_to_rounding():
     assert ncs.averaged_map(data.copy(), origin, voxel, rot, trans, master) is not first
 
 
+def test_averaged_map_sums_only_near_the_master():
+    """The summed map is made at the grid points within AVERAGE_MARGIN of a master atom (the
+    full sum there); every other point holds the least of those values."""
+    from hpcrefine.core.density import summed_over_operators
+
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(60, 62, 64)).astype(np.float32)
+    origin, voxel = np.zeros(3), np.ones(3)
+    c, s = np.cos(0.2), np.sin(0.2)
+    rot = np.array([np.eye(3), [[c, -s, 0], [s, c, 0], [0, 0, 1]]])
+    trans = np.array([[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]])
+    # two clusters of atoms far apart: most of the box between them is beyond the margin
+    master = np.concatenate([rng.uniform(12, 16, size=(20, 3)), rng.uniform(40, 44, size=(20, 3))])
+    avg = ncs.AveragedMap(data, origin, voxel, rot, trans, master)
+    full = summed_over_operators(data, origin, voxel, rot, trans, avg.origin, avg.data.shape)
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in avg.data.shape), indexing="ij")
+    pts = avg.origin + np.stack([xx, yy, zz], axis=-1) * voxel
+    d = np.min(np.linalg.norm(pts[..., None, :] - master, axis=-1), axis=-1)
+    near = d <= ncs.AVERAGE_MARGIN - 0.01
+    far = d > ncs.AVERAGE_MARGIN + 0.01
+    assert far.mean() > 0.5 and near.sum() > 1000
+    assert np.array_equal(avg.data[near], full[near])
+    assert np.all(avg.data[far] == avg.data[near].min())
+
+
 def test_constrained_targets_share_the_contacts_between_copies(small):
     """A new ConstrainedTarget of the same restraints and copies takes the last one's list of
     contacts between copies (refreshed where atoms moved): the same f and gradient as a target

@@ -149,22 +149,48 @@ def tricubic(data, origin, voxel, xyz):
     return values, grad
 
 
-def summed_over_operators(data, origin, voxel, rot, trans, grid_origin, shape_zyx) -> np.ndarray:
+def summed_over_operators(data, origin, voxel, rot, trans, grid_origin, shape_zyx,
+                          mask=None) -> np.ndarray:
     """sum_k rho(A_k g + b_k) at the points g = grid_origin + (i, j, k) * voxel of a grid of
     shape_zyx (float64, (nz, ny, nx)), rho interpolated as tricubic() does; rot (K, 3, 3),
     trans (K, 3). One compiled pass per operator over the grid, whose points it maps to one
-    coherent region of the map (ncs.AveragedMap)."""
+    coherent region of the map (ncs.AveragedMap). With mask (bool, shape_zyx) only its points
+    are summed; the others are 0."""
     data = _prep_map(data)
     rot = np.ascontiguousarray(rot, dtype=np.float64).reshape(-1, 3, 3)
     trans = np.ascontiguousarray(trans, dtype=np.float64).reshape(-1, 3)
-    out = np.zeros(tuple(int(n) for n in shape_zyx), dtype=np.float64)
+    shape = tuple(int(n) for n in shape_zyx)
+    out = np.zeros(shape, dtype=np.float64)
+    if mask is None:
+        mask = np.ones(shape, dtype=np.uint8)
+    elif np.shape(mask) != shape:
+        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
     _summed_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), rot, trans,
-                   _vec3(grid_origin, "grid origin"), out)
+                   _vec3(grid_origin, "grid origin"), np.ascontiguousarray(mask).view(np.uint8), out)
     return out
 
 
+@njit(cache=True, inline="always")
+def _value(data, ox, oy, oz, vx, vy, vz, x, y, z):
+    """_interp's value alone (the same sums in the same order, no derivatives)."""
+    ix, wx, _ = _axis(x, ox, vx, data.shape[2])
+    iy, wy, _ = _axis(y, oy, vy, data.shape[1])
+    iz, wz, _ = _axis(z, oz, vz, data.shape[0])
+    val = 0.0
+    for c in range(4):
+        k = iz[c]
+        sv = 0.0
+        for b in range(4):
+            j = iy[b]
+            rv = (wx[0] * float(data[k, j, ix[0]]) + wx[1] * float(data[k, j, ix[1]])
+                  + wx[2] * float(data[k, j, ix[2]]) + wx[3] * float(data[k, j, ix[3]]))
+            sv += wy[b] * rv
+        val += wz[c] * sv
+    return val
+
+
 @njit(cache=True)
-def _summed_kernel(data, origin, voxel, rot, trans, lo, out):
+def _summed_kernel(data, origin, voxel, rot, trans, lo, mask, out):
     ox, oy, oz = origin[0], origin[1], origin[2]
     vx, vy, vz = voxel[0], voxel[1], voxel[2]
     nz, ny, nx = out.shape
@@ -176,11 +202,13 @@ def _summed_kernel(data, origin, voxel, rot, trans, lo, out):
             for iy in range(ny):
                 gy = lo[1] + vy * iy
                 for ix in range(nx):
+                    if mask[iz, iy, ix] == 0:
+                        continue
                     gx = lo[0] + vx * ix
                     x = a[0, 0] * gx + a[0, 1] * gy + a[0, 2] * gz + b[0]
                     y = a[1, 0] * gx + a[1, 1] * gy + a[1, 2] * gz + b[1]
                     z = a[2, 0] * gx + a[2, 1] * gy + a[2, 2] * gz + b[2]
-                    out[iz, iy, ix] += _interp(data, ox, oy, oz, vx, vy, vz, x, y, z)[0]
+                    out[iz, iy, ix] += _value(data, ox, oy, oz, vx, vy, vz, x, y, z)
 
 
 def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scale: float = 1.0):
