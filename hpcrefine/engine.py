@@ -182,18 +182,20 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     iterations = trial_iterations(params)
 
     def trial(w, limits):
+        """limits None: the restraint-dominated trial, within the limits raised from it."""
         res = minimiser(xyz, data_term, geom, w, iterations, params)
         st = geometry_of(res, geom)
         fd, _ = data_term.target(res.xyz)
-        t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, limits.ok(st))
+        t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, limits is None or limits.ok(st))
         trials.append(t)
         log.info("  weight %9.3f: bonds %.4f A, angles %.2f deg, data %.1f  %s", w, t.bond_rmsd,
-                 t.angle_rmsd, fd, "ok" if t.accepted else "too loose")
+                 t.angle_rmsd, fd, "restraint-dominated" if limits is None
+                 else "ok" if t.accepted else "too loose")
         return t
 
     if w_max is not None:
         w_start = min(w_start, w_max)
-    floor = trial(w_start / 16, geometry_limits(params))
+    floor = trial(w_start / 16, None)
     limit = geometry_limits(params, {"bond_rmsd": floor.bond_rmsd, "angle_rmsd": floor.angle_rmsd})
     if limit.angle_rmsd > params.angle_rmsd_max:
         log.info("  angle limit raised to %.2f deg (restraint-dominated trial reaches %.2f)",
@@ -222,7 +224,8 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
             hi /= 2
         if lo is None:
             lo = w_start / 16
-            log.warning("no trial weight met the geometry limits; using %.3f", lo)
+            log.warning("no weight above the restraint-dominated one kept the geometry within the "
+                        "limits; using %.3f", lo)
             return lo, trials
     if hi is not None:
         mid = math.sqrt(lo * hi)

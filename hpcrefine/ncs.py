@@ -737,10 +737,12 @@ class AveragedMap:
     avg(g) = sum_k rho(A_k g + b_k) at the points g of a grid around the master's atoms (the map's
     voxel size, AVERAGE_MARGIN beyond the atoms), each rho(.) interpolated tricubically.
 
-    Only the points within AVERAGE_MARGIN of a master atom are summed (28 % of the box around the
-    7cth asymmetric unit); the others hold the least value summed, so an atom that wandered more
-    than about 4 A from every start position (the margin less the interpolation's reach of two
-    voxels) would find no false density there, only the emptiest.
+    Only the points within AVERAGE_MARGIN plus the interpolation's reach (2 sqrt(3) voxels, the
+    far corner of a 4 x 4 x 4 stencil) of a master atom are summed (42 % of the box around the
+    7cth asymmetric unit); the others hold the least value summed. So an atom reads only summed
+    points until it has moved AVERAGE_MARGIN from where it was when the map was made, and beyond
+    that it finds no false density, only the emptiest; averaged_map makes the map anew for a
+    master that has moved more than half the margin.
 
     With the operators fixed, the fast target of every copy, -sum_k sum_i w_i rho(A_k x_i + b_k),
     is -sum_i w_i avg(x_i) for the master's atoms x_i (every copy's atoms weighted alike), and its
@@ -752,8 +754,9 @@ class AveragedMap:
         from .core.density import summed_over_operators
 
         voxel = np.asarray(voxel, dtype=np.float64)
-        lo = np.min(master_xyz, axis=0) - AVERAGE_MARGIN
-        hi = np.max(master_xyz, axis=0) + AVERAGE_MARGIN
+        reach = AVERAGE_MARGIN + 2.0 * math.sqrt(3.0) * float(np.max(voxel))
+        lo = np.min(master_xyz, axis=0) - reach
+        hi = np.max(master_xyz, axis=0) + reach
         nx, ny, nz = (np.ceil((hi - lo) / voxel).astype(np.int64) + 1).tolist()
         self.origin = lo
         self.voxel = voxel
@@ -761,7 +764,7 @@ class AveragedMap:
         # planes through tricubic(), about a fifth of that compiled; the same sums to 1e-14)
         from .mapstats import atom_mask
 
-        near = atom_mask(master_xyz, (nz, ny, nx), lo, voxel, AVERAGE_MARGIN)
+        near = atom_mask(master_xyz, (nz, ny, nx), lo, voxel, reach)
         self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx), near)
         if near.any():
             self.data[~near] = self.data[near].min()
@@ -770,6 +773,7 @@ class AveragedMap:
         self.source = data if ident is None else None
         self.key = key              # origin and operators it was made for (averaged_map)
         self.ident = ident
+        self.master_xyz = np.array(master_xyz, dtype=np.float64)     # where its points were chosen
 
 
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
@@ -790,7 +794,7 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
            np.array(trans, dtype=np.float64))            # copies: the caller's arrays may change
     for got in _AVERAGED:
         same = got.ident == ident if ident is not None else got.source is data
-        if same and _same_operators(got.key, key):
+        if same and _same_operators(got.key, key) and _covers(got, master_xyz):
             return got
     avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident)
     _AVERAGED.append(avg)
@@ -829,6 +833,16 @@ class _CrossLists:
 
 
 _CROSS_LISTS = _CrossLists()
+
+
+def _covers(avg: AveragedMap, master_xyz) -> bool:
+    """True when no master atom has moved more than half of AVERAGE_MARGIN from where avg's
+    points were chosen (a minimisation from there keeps the other half)."""
+    xyz = np.asarray(master_xyz, dtype=np.float64)
+    if xyz.shape != avg.master_xyz.shape:
+        return False
+    d = xyz - avg.master_xyz
+    return bool(np.max(np.einsum("ij,ij->i", d, d), initial=0.0) <= (AVERAGE_MARGIN / 2) ** 2)
 
 
 def _same_operators(a, b) -> bool:

@@ -308,8 +308,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     geom = GeometryTerm(r, params)
     xyz0 = model.xyz.copy()
     before = None
-    # the start model's statistics: the master's, or, while the master prepares the half maps
-    # (the workers have nothing to do then), one worker's, sent to the master
+    # the start model's statistics: the master's, or one worker's, made in a thread of its own
+    # while the master prepares the half maps (the workers have nothing to do then) and sent to
+    # the master at the end
     start_stats = _start_statistics_rank(ctx, inputs, params, state, idealize_only)
     pending_start = None
     if is_master and start_stats is None:
@@ -317,10 +318,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             before = model_statistics(model, xyz0, geom, inputs, resolution)
         log.info("start: %s", _format_stats(before))
     elif ctx is not None and ctx.rank == start_stats:
-        from .parallel.distributed import post_object
-        pending_start = post_object(ctx.world, model_statistics(
-            model, xyz0, GeometryTerm(r, params), inputs, resolution), 0, START_STATISTICS_TAG)
-        release_free_memory()
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-statistics")
+        pending_start = pool.submit(model_statistics, model, xyz0, GeometryTerm(r, params), inputs,
+                                    resolution)
+        pool.shutdown(wait=False)           # the thread ends with its one task
 
     writer = None
     if is_master and not idealize_only:
@@ -725,17 +727,18 @@ def _start_statistics_rank(ctx, inputs: Inputs, params: RefineParams, state, ide
 
 
 def _start_statistics_done(ctx, rank, pending):
-    """The start statistics made by worker `rank` (_start_statistics_rank): received and logged
-    on the master (returned), the send completed on that worker; nothing elsewhere."""
+    """The start statistics made by worker `rank` (_start_statistics_rank; pending: the future
+    of its thread): sent by it, received and logged by the master (returned); nothing
+    elsewhere."""
     if rank is None:
         return None
+    from .parallel.distributed import recv_object, send_object
     if ctx.is_master:
-        from .parallel.distributed import recv_object
         before = recv_object(ctx.world, rank, START_STATISTICS_TAG)
         log.info("start: %s", _format_stats(before))
         return before
     if pending is not None:
-        pending.wait()
+        send_object(ctx.world, pending.result(), 0, START_STATISTICS_TAG)
     return None
 
 
@@ -797,15 +800,30 @@ def _half_sets(ctx, inputs: Inputs, geom: GeometryTerm, params: RefineParams, re
     """Run the half-set stage on every rank (skipping the tasks a checkpoint holds); returns
     (report section on the master, final weight on every rank: the master sends it to the
     workers, who wait without spinning)."""
+    from .errors import Interrupted
     from .halfset import run_halfset
 
-    section = run_halfset(ctx, inputs, geom, params, resolution, xyz0, atom_weights(inputs.model),
-                          outdir, inputs.model.res_first_atom, done=state.tasks,
-                          on_task=steps.task_done, interrupts=steps.interrupts,
-                          ncs=steps.inner if hasattr(steps.inner, "for_group") else None)
-    if ctx is None or ctx.size == 1:
+    parallel = ctx is not None and ctx.size > 1
+
+    def share(weight: float) -> float:
+        """The master's weight on every rank (NaN: the run stops), the workers waiting sleeping."""
+        from .parallel.distributed import wait_quietly
+        buf = np.array([weight if ctx.is_master else 0.0])
+        wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
+        return float(buf[0])
+    try:
+        section = run_halfset(ctx, inputs, geom, params, resolution, xyz0, atom_weights(inputs.model),
+                              outdir, inputs.model.res_first_atom, done=state.tasks,
+                              on_task=steps.task_done, interrupts=steps.interrupts,
+                              ncs=steps.inner if hasattr(steps.inner, "for_group") else None)
+    except Interrupted:
+        # the ranks that stopped meet the workers that finished their tasks, who learn it here
+        if parallel:
+            share(np.nan)
+        raise
+    if not parallel:
         return section, float(section["final_weight"])
-    from .parallel.distributed import wait_quietly
-    buf = np.array([section["final_weight"] if ctx.is_master else 0.0])
-    wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
-    return section, float(buf[0])
+    weight = share(section["final_weight"] if ctx.is_master else 0.0)
+    if not np.isfinite(weight):
+        raise Interrupted
+    return section, weight

@@ -540,8 +540,9 @@ def test_averaged_map_is_reused_for_operators_equal_to_rounding():
 
 
 def test_averaged_map_sums_only_near_the_master():
-    """The summed map is made at the grid points within AVERAGE_MARGIN of a master atom (the
-    full sum there); every other point holds the least of those values."""
+    """The summed map is made at the grid points within AVERAGE_MARGIN plus the interpolation's
+    reach of a master atom (the full sum there); every other point holds the least of those
+    values. A master moved beyond half the margin gets a map of its own."""
     from hpcrefine.core.density import summed_over_operators
 
     rng = np.random.default_rng(5)
@@ -551,17 +552,23 @@ def test_averaged_map_sums_only_near_the_master():
     rot = np.array([np.eye(3), [[c, -s, 0], [s, c, 0], [0, 0, 1]]])
     trans = np.array([[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]])
     # two clusters of atoms far apart: most of the box between them is beyond the margin
-    master = np.concatenate([rng.uniform(12, 16, size=(20, 3)), rng.uniform(40, 44, size=(20, 3))])
+    master = np.concatenate([rng.uniform(14, 17, size=(20, 3)), rng.uniform(44, 47, size=(20, 3))])
     avg = ncs.AveragedMap(data, origin, voxel, rot, trans, master)
     full = summed_over_operators(data, origin, voxel, rot, trans, avg.origin, avg.data.shape)
     zz, yy, xx = np.meshgrid(*(np.arange(n) for n in avg.data.shape), indexing="ij")
     pts = avg.origin + np.stack([xx, yy, zz], axis=-1) * voxel
     d = np.min(np.linalg.norm(pts[..., None, :] - master, axis=-1), axis=-1)
-    near = d <= ncs.AVERAGE_MARGIN - 0.01
-    far = d > ncs.AVERAGE_MARGIN + 0.01
-    assert far.mean() > 0.5 and near.sum() > 1000
+    reach = ncs.AVERAGE_MARGIN + 2 * np.sqrt(3)
+    near = d <= reach - 0.01
+    far = d > reach + 0.01
+    assert far.mean() > 0.3 and near.sum() > 1000
     assert np.array_equal(avg.data[near], full[near])
     assert np.all(avg.data[far] == avg.data[near].min())
+    first = ncs.averaged_map(data, origin, voxel, rot, trans, master)
+    assert ncs.averaged_map(data, origin, voxel, rot, trans, master + 1.5) is first
+    moved = master.copy()
+    moved[3] += ncs.AVERAGE_MARGIN / 2 + 0.1
+    assert ncs.averaged_map(data, origin, voxel, rot, trans, moved) is not first
 
 
 def test_constrained_targets_share_the_contacts_between_copies(small):

@@ -166,7 +166,7 @@ def summed_over_operators(data, origin, voxel, rot, trans, grid_origin, shape_zy
     elif np.shape(mask) != shape:
         raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
     _summed_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), rot, trans,
-                   _vec3(grid_origin, "grid origin"), np.ascontiguousarray(mask).view(np.uint8), out)
+                   _vec3(grid_origin, "grid origin"), np.ascontiguousarray(mask, dtype=bool).view(np.uint8), out)
     return out
 
 
