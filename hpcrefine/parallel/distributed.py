@@ -531,36 +531,16 @@ def bcast_bytes(comm, data: bytes | None, root: int = 0):
     return data if comm.Get_rank() == root else memoryview(buf)
 
 
-class PendingSend:
-    """Sends in flight (post_object): wait() completes them without spinning; the buffers they
-    read live as long as this object."""
-
-    def __init__(self, comm, requests: list, buffers: tuple):
-        self.comm, self.requests, self.buffers = comm, requests, buffers
-
-    def wait(self) -> None:
-        for req in self.requests:
-            wait_quietly(self.comm, req)
-
-
-def post_object(comm, obj, dest: int, tag: int) -> PendingSend:
-    """Start sending a picklable object to rank dest (its size, then its bytes, for
-    recv_object); the sender may go on with other work before it waits for the sends."""
-    import pickle
-
-    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-    size = np.array([len(data)], dtype=np.int64)
-    piece = 1 << 30
-    requests = [comm.Isend(size, dest=dest, tag=tag)]
-    requests += [comm.Isend(data[start:start + piece], dest=dest, tag=tag)
-                 for start in range(0, len(data), piece)]
-    return PendingSend(comm, requests, (size, data))
-
-
 def send_object(comm, obj, dest: int, tag: int) -> None:
     """Send a picklable object to rank dest (its size, then its bytes), waiting without
     spinning until dest has received it (recv_object)."""
-    post_object(comm, obj, dest, tag).wait()
+    import pickle
+
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    wait_quietly(comm, comm.Isend(np.array([len(data)], dtype=np.int64), dest=dest, tag=tag))
+    piece = 1 << 30
+    for start in range(0, len(data), piece):
+        wait_quietly(comm, comm.Isend(data[start:start + piece], dest=dest, tag=tag))
 
 
 def recv_object(comm, source: int, tag: int, on_poll=None):
