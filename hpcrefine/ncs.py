@@ -835,14 +835,17 @@ class _CrossLists:
 _CROSS_LISTS = _CrossLists()
 
 
+def _moved_beyond(xyz, reference, distance: float) -> bool:
+    """True when some atom of xyz is more than distance from its position in reference."""
+    d = np.asarray(xyz, dtype=np.float64) - reference
+    return bool(np.max(np.einsum("ij,ij->i", d, d), initial=0.0) > distance ** 2)
+
+
 def _covers(avg: AveragedMap, master_xyz) -> bool:
     """True when no master atom has moved more than half of AVERAGE_MARGIN from where avg's
     points were chosen (a minimisation from there keeps the other half)."""
-    xyz = np.asarray(master_xyz, dtype=np.float64)
-    if xyz.shape != avg.master_xyz.shape:
-        return False
-    d = xyz - avg.master_xyz
-    return bool(np.max(np.einsum("ij,ij->i", d, d), initial=0.0) <= (AVERAGE_MARGIN / 2) ** 2)
+    return (np.shape(master_xyz) == avg.master_xyz.shape
+            and not _moved_beyond(master_xyz, avg.master_xyz, AVERAGE_MARGIN / 2))
 
 
 def _same_operators(a, b) -> bool:
@@ -972,8 +975,7 @@ class ConstrainedTarget:
     def _interface_moved(self, x) -> bool:
         """True when some atom has moved more than INTERFACE_MARGIN / 2 since the interface
         atoms were found (so another atom may have come within reach of a copy)."""
-        d = x - self._interface_xyz
-        return bool(np.max(np.einsum("ij,ij->i", d, d), initial=0.0) > (INTERFACE_MARGIN / 2) ** 2)
+        return _moved_beyond(x, self._interface_xyz, INTERFACE_MARGIN / 2)
 
     def local(self, p: np.ndarray) -> tuple[float, np.ndarray]:
         """This rank's part of f and of the gradient with respect to p."""

@@ -374,26 +374,17 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     helper = None if idealize_only or ctx is None or ctx.size < 2 else VALIDATION_RANK
     final_stats = ctx.size - 1 if helper is not None and ctx.size > 2 else None
     final_args = (None, None) if idealize_only else (state.b, state.occ)
-    if final_stats is not None and is_master:
-        from .parallel.distributed import send_object
-        send_object(ctx.world, (xyz, *final_args), final_stats, FINAL_STATISTICS_TAG)
-    if final_stats is not None and ctx.rank == final_stats:
-        from .parallel.distributed import recv_object, send_object
-        xyz_f, b_f, occ_f = recv_object(ctx.world, 0, FINAL_STATISTICS_TAG)
-        send_object(ctx.world, model_statistics(model, xyz_f, geom, inputs, resolution, b=b_f, occ=occ_f),
-                    0, FINAL_STATISTICS_TAG)
-    if helper is not None and is_master:
-        # the half maps' FSC the master computed (a few hundred numbers; two transforms of the
-        # box on the worker otherwise)
-        from .parallel.distributed import send_object
-        send_object(ctx.world, inputs.half_map_fsc, helper, VALIDATION_TAG)
-    if ctx is not None and ctx.rank == helper:
-        from .parallel.distributed import recv_object, send_object
+    if final_stats is not None:
+        _hand_to(ctx, final_stats, FINAL_STATISTICS_TAG, (xyz, *final_args),
+                 lambda x, b, occ: model_statistics(model, x, geom, inputs, resolution, b=b, occ=occ))
+    if helper is not None:
         from .validation import validate_model
-        half_fsc = recv_object(ctx.world, 0, VALIDATION_TAG)
-        send_object(ctx.world, validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
-                                              inputs.half_maps, resolution, half_map_fsc=half_fsc),
-                    0, VALIDATION_TAG)
+
+        # with the half maps' FSC the master computed (a few hundred numbers; two transforms of
+        # the box on the worker otherwise)
+        _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,),
+                 lambda fsc: validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
+                                            inputs.half_maps, resolution, half_map_fsc=fsc))
     if is_master and final_stats is None:
         with timer("statistics"):
             after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0],
@@ -709,6 +700,16 @@ VALIDATION_RANK = 1        # the worker that validates the start model (runs of 
 VALIDATION_TAG = 29        # outside the half-set tags (39-63) and the others in use
 START_STATISTICS_TAG = 31
 FINAL_STATISTICS_TAG = 33
+
+
+def _hand_to(ctx, rank, tag: int, args: tuple, compute) -> None:
+    """The master sends args to worker `rank`, which sends back compute(*args) (the master
+    receives it later with recv_object from `rank`, `tag`); other ranks do nothing."""
+    from .parallel.distributed import recv_object, send_object
+    if ctx.is_master:
+        send_object(ctx.world, args, rank, tag)
+    elif ctx.rank == rank:
+        send_object(ctx.world, compute(*recv_object(ctx.world, 0, tag)), 0, tag)
 
 
 def _start_statistics_rank(ctx, inputs: Inputs, params: RefineParams, state, idealize_only: bool):
