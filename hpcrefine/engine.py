@@ -164,8 +164,8 @@ def trial_iterations(params: RefineParams) -> int:
 
 
 def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: RefineParams,
-                  w_start: float, minimiser=None, w_max: float | None = None
-                  ) -> tuple[float, list[WeightTrial]]:
+                  w_start: float, minimiser=None, w_max: float | None = None,
+                  kept: dict | None = None) -> tuple[float, list[WeightTrial]]:
     """Largest weight (on a factor-of-2 ladder, then one bisection step) whose short minimisation
     from xyz keeps geometry within limits, and at most w_max when given (the ladder then starts
     at w_max and only goes down).
@@ -176,6 +176,10 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     A trial runs params.weight_trial_iterations, but never more than the macro-cycle's own
     minimisation (params.iterations): a trial longer than the run it sets the weight for would
     judge geometry the run never reaches, at more than the run's cost.
+
+    kept (a dict, when given) receives the weight and the MinimiseResult of the largest accepted
+    trial ("weight", "result"), which is the weight returned: the macro-cycle continues from it
+    (continue_trial) instead of repeating its first iterations.
     """
     trials: list[WeightTrial] = []
     minimiser = minimiser or minimise
@@ -188,6 +192,9 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
         fd, _ = data_term.target(res.xyz)
         t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, limits is None or limits.ok(st))
         trials.append(t)
+        # the weight returned is always the largest accepted one (the ladder only raises lo)
+        if kept is not None and t.accepted and w >= kept.get("weight", -math.inf):
+            kept.update(weight=w, result=res)
         log.info("  weight %9.3f: bonds %.4f A, angles %.2f deg, data %.1f  %s", w, t.bond_rmsd,
                  t.angle_rmsd, fd, "restraint-dominated" if limits is None
                  else "ok" if t.accepted else "too loose")
@@ -232,3 +239,21 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
         if trial(mid, limit).accepted:
             lo = mid
     return lo, trials
+
+
+def continue_trial(minimiser, xyz: np.ndarray, data_term, geom, weight: float, params: RefineParams,
+                   kept: dict | None = None) -> MinimiseResult:
+    """A macro-cycle's minimisation at `weight` from xyz: params.iterations of L-BFGS. When its
+    weight trial (choose_weight's `kept`: same start, same weight) has run the first
+    trial_iterations of them, it continues from that trial's end for the rest, so they are not
+    run twice (with trials as long as the cycle, the trial is the cycle's minimisation)."""
+    if kept is None or kept.get("weight") != weight:
+        return minimiser(xyz, data_term, geom, weight, params.iterations, params)
+    first = kept["result"]
+    rest = params.iterations - trial_iterations(params)
+    if rest <= 0:
+        return first
+    res = minimiser(first.xyz, data_term, geom, weight, rest, params)
+    return MinimiseResult(xyz=res.xyz, f=res.f, iterations=first.iterations + res.iterations,
+                          evaluations=first.evaluations + res.evaluations,
+                          seconds=first.seconds + res.seconds, statistics=res.statistics)

@@ -81,15 +81,20 @@ def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimise
     return xyz, bond_angle_stats(xyz, geom.r)
 
 
-def half_start(xyz0: np.ndarray, params, half: int) -> np.ndarray:
+def half_start(xyz0: np.ndarray, params, half: int, restraints=None) -> np.ndarray:
     """The start of half set `half`: the model with its own small random displacements (rms
     params.halfset_start_shake A, seeded by params.seed and the half), so that the two half-set
-    models do not share the start's errors and their difference measures coordinate error."""
+    models do not share the start's errors and their difference measures coordinate error; then,
+    given the restraints and params.fix_chirality, its inverted chiral centres put back."""
     rms = params.halfset_start_shake
-    if rms <= 0:
-        return xyz0
-    from .simulate import shake
-    return shake(xyz0, rms, seed=1000 * params.seed + half)
+    xyz = xyz0
+    if rms > 0:
+        from .simulate import shake
+        xyz = shake(xyz0, rms, seed=1000 * params.seed + half)
+    if restraints is not None and params.fix_chirality:
+        from .core.geometry import correct_inversions
+        xyz = correct_inversions(xyz, restraints)[0]
+    return xyz
 
 
 def shell_counts(shape_zyx, voxel) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +264,7 @@ def _half_task(inputs, geom, params, xyz0, h: int, w: float, minimiser, term, ha
     refinement done) its geometry and, given the half maps' transforms (one process), the compare
     step for that model: FSC against its own half map (work) and the other (free). Returns the
     packed result (with a map store, the master fills in the curves: compare_task)."""
-    xyz, st = refine_half(half_start(xyz0, params, h), term, geom, w, params, minimiser)
+    xyz, st = refine_half(half_start(xyz0, params, h, geom.r), term, geom, w, params, minimiser)
     n_shells = len(shell_counts(inputs.map.data.shape, inputs.map.voxel)[0])
     buf = _pack(np.full(n_shells, np.nan), np.full(n_shells, np.nan), st, xyz)
     if halves is not None:

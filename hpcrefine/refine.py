@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import __version__
-from .engine import GeometryTerm, RealSpaceTerm, choose_weight, geometry_of, initial_weight, minimise
+from .engine import (GeometryTerm, RealSpaceTerm, choose_weight, continue_trial, geometry_of,
+                     initial_weight, minimise)
 from .errors import InputError
 from .log import Timer, run_header, setup_logging
 from .mapio import MapGrid, check_model_inside, check_same_grid, read_map
@@ -642,6 +643,9 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
     for cycle in range(state.cycle, (params.macro_cycles if do_minimise else 0) + 1):
         blur = blur_start * (params.macro_cycles - cycle) / max(params.macro_cycles - 1, 1)
         term = data_term.blurred(blur) if blur > 0 else data_term
+        if params.fix_chirality:
+            xyz = _put_back_chirals(xyz, geom.r, cycle)
+        kept: dict = {}
         with timer("weight"):
             if fixed_weight is not None:
                 weight, trials = fixed_weight, []
@@ -649,10 +653,12 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                 w0 = w_cap or weight or initial_weight(xyz, term, geom)
                 log.info("cycle %d: choosing the data weight (map blur %.0f A^2)", cycle, blur)
                 steps.label = f"cycle {cycle} weight trial"
-                weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser, w_max=w_cap)
+                weight, trials = choose_weight(xyz, term, geom, params, w0, minimiser, w_max=w_cap,
+                                               kept=kept)
         with timer("minimise"):
             steps.label = f"cycle {cycle} minimise"
-            res = minimiser(xyz, term, geom, weight, params.iterations, params)
+            res = continue_trial(minimiser, xyz, term, geom, weight, params, kept)
+        kept.clear()
         xyz = res.xyz
         rotamers = None
         if params.cycle_rotamers and cycle < params.macro_cycles:
@@ -694,6 +700,16 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                                                          coord_term, geom, params, on_step=step_line)
         state.protocol = state.protocol + records
     return xyz, weight, halfset, cycles
+
+
+def _put_back_chirals(xyz: np.ndarray, r, cycle: int) -> np.ndarray:
+    """The macro-cycle's start with its inverted chiral centres put back (the same on every rank)."""
+    from .core.geometry import correct_inversions
+    fixed, made, left = correct_inversions(xyz, r)
+    if made:
+        log.info("cycle %d: inverted chiral centres put back: %d reflection(s), %d still inverted",
+                 cycle, made, left)
+    return fixed if made else xyz
 
 
 VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks)

@@ -111,3 +111,87 @@ def test_weight_trials_never_run_longer_than_the_macro_cycle(adk_case):
     w, trials = choose_weight(xyz, Data(), None, params, 1.0, minimiser_with(0.03))
     assert w == 2.0
     assert [t.accepted for t in trials] == [True, True, True, False, False]   # the first: w / 16
+
+
+def test_macro_cycle_continues_from_its_accepted_trial(adk_case):
+    """The accepted weight trial is the first iterations of the macro-cycle: the cycle continues
+    from the trial's end for the rest, and runs nothing more when the trial was as long as the
+    cycle."""
+    import numpy as np
+
+    from hpcrefine.engine import MinimiseResult, choose_weight, continue_trial
+    from hpcrefine.modelio import read_model
+    from hpcrefine.params import RefineParams
+
+    xyz = read_model(adk_case["start"]).xyz
+    calls = []
+
+    class Data:
+        def target(self, x):
+            return float(-np.sum(x)), -np.ones_like(x)
+
+    def minimiser(x, term, geom, w, iterations, params):
+        calls.append((w, iterations, x))
+        moved = x + 0.01 * w                     # each run moves the model by its own amount
+        stats = {"bond_rmsd": 0.001 * w, "angle_rmsd": 0.1}
+        return MinimiseResult(moved, -w, iterations, iterations + 1, 0.5, statistics=stats)
+
+    for iterations, trial in ((150, 60), (30, 60)):
+        calls.clear()
+        params = RefineParams(resolution=3.5, iterations=iterations, weight_trial_iterations=trial)
+        kept = {}
+        w, trials = choose_weight(xyz, Data(), None, params, 1.0, minimiser, kept=kept)
+        assert w == pytest.approx(np.sqrt(8 * 16)) and kept["weight"] == w
+        n_trials = len(calls)
+        res = continue_trial(minimiser, xyz, Data(), None, w, params, kept)
+        first = kept["result"]
+        if iterations > trial:
+            assert len(calls) == n_trials + 1
+            w_c, it_c, x_c = calls[-1]
+            assert w_c == w and it_c == iterations - trial and x_c is first.xyz
+            assert res.iterations == iterations and res.evaluations == first.evaluations + it_c + 1
+            assert np.allclose(res.xyz, xyz + 0.02 * w)
+        else:
+            assert len(calls) == n_trials and res is first
+    # another weight than the kept trial's (a fixed weight, say): a whole minimisation from xyz
+    calls.clear()
+    res = continue_trial(minimiser, xyz, Data(), None, 3.0, params, kept)
+    assert calls[0][0] == 3.0 and calls[0][1] == params.iterations and calls[0][2] is xyz
+
+
+def test_inverted_chiral_centres_are_put_back(adk_case, tmp_path):
+    """The shaken start has inverted chiral centres; a short refinement leaves some of them
+    inverted, unless each macro-cycle's start puts them back (fix_chirality, the default)."""
+    from hpcrefine.core.geometry import correct_inversions, inverted_chirals
+    from hpcrefine.modelio import read_model
+    from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
+    from hpcrefine.topology import build_restraints
+
+    import numpy as np
+
+    model = read_model(adk_case["start"])
+    lib = MonomerLibrary(resolve_monlib_dir(None))
+    lib.load(set(model.res_names.tolist()), [])
+    r = build_restraints(model, lib)
+    bad = inverted_chirals(model.xyz, r)
+    assert len(bad) > 20
+    fixed, made, left = correct_inversions(model.xyz, r)
+    assert left == 0 and made >= len(bad) and len(inverted_chirals(fixed, r)) == 0
+    moved = np.flatnonzero(np.any(fixed != model.xyz, axis=1))
+    # only centre atoms move, and each keeps its distances to its three neighbours
+    assert set(moved) <= set(r.chir_idx[:, 0].tolist())
+    for c, a1, a2, a3 in r.chir_idx[bad]:
+        for a in (a1, a2, a3):
+            assert np.linalg.norm(fixed[c] - fixed[a]) == pytest.approx(
+                np.linalg.norm(model.xyz[c] - model.xyz[a]), abs=1e-9) or a in moved
+    inversions = {}
+    for fix in ("true", "false"):
+        out = tmp_path / fix
+        (tmp_path / f"{fix}.toml").write_text(f"[refine]\nfix_chirality = {fix}\n")
+        rc = main(["refine", adk_case["start"], "--map", adk_case["full"], "--resolution", "3.5",
+                   "--cycles", "1", "--iterations", "3", "--weight", "1", "--params",
+                   str(tmp_path / f"{fix}.toml"), "--output", str(out)])
+        assert rc == 0
+        inversions[fix] = json.loads((out / "report.json").read_text())["after"]["chiral_inversions"]
+    # measured 2 and 29 (the 2 inverted during the 3 iterations, from a start put right)
+    assert inversions["true"] <= 4 and inversions["false"] >= 20

@@ -43,10 +43,13 @@ def test_three_ranks_refine_like_one(adk_case, runs):
     # hundreds of iterations amplify summation-order differences, but the models stay one model.
     # They also move the half-set FSCs by about 1e-4, and where the free residual is flat the
     # weight chosen from it by several per cent (13.64 and 14.62 measured, final weights 19.3
-    # and 20.7); two refinements 7 % apart in weight ended 0.056 A apart
+    # and 20.7); two refinements 7 % apart in weight ended 0.056 A apart. A macro-cycle's trial
+    # at the half sets' weight can also land on either side of the bond limit (0.0121 and
+    # 0.0118 A measured at 26.35 and 25.62), and the weight ladder then takes one bisection step
+    # down (a factor sqrt(2)) in one run and not in the other
     w1 = json.loads((runs[1] / "report.json").read_text())["weight"]
     w3 = json.loads((runs[3] / "report.json").read_text())["weight"]
-    assert abs(np.log(w3 / w1)) < 0.2 * np.log(2.0)
+    assert abs(np.log(w3 / w1)) < 0.6 * np.log(2.0)
     assert np.sqrt(np.mean(np.sum((x1 - x3) ** 2, axis=1))) < (0.05 if abs(w3 / w1 - 1) < 1e-6 else 0.08)
     report = json.loads((runs[3] / "report.json").read_text())
     assert report["ranks"] == 3

@@ -348,6 +348,51 @@ def chiral_volumes(xyz, idx) -> np.ndarray:
     return _chiral_values(_coords(xyz), _ints(idx, 4))
 
 
+def inverted_chirals(xyz, r: Restraints) -> np.ndarray:
+    """Indices of the signed chiral terms of r whose volume has the sign opposite to its target
+    (terms flagged 'both' and zero targets are never inverted)."""
+    if len(r.chir_idx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    v = chiral_volumes(xyz, r.chir_idx)
+    bad = np.sign(v) * np.sign(_floats(r.chir_target)) < 0
+    both = _chir_both(r)
+    if both is not None:
+        bad &= ~_both(both, len(v))
+    return np.flatnonzero(bad)
+
+
+def correct_inversions(xyz, r: Restraints, max_passes: int = 10) -> tuple[np.ndarray, int, int]:
+    """Put inverted chiral centres back: each centre atom is reflected through the plane of its
+    three restrained neighbours. The reflection keeps the centre's distances to those neighbours
+    and the angles between them, so only the centre moves (twice its distance from the plane,
+    0.5-1 A) and no bond or angle among the four changes. A minimisation cannot do this from a
+    badly distorted start: the chiral term pulls the volume through zero against the bonds and
+    angles of a flat centre, and 30-50 iterations leave dozens of such centres inverted. Centres
+    that share atoms (the ring carbons of a sugar) can invert each other, so the reflections are
+    repeated on what is still inverted, up to max_passes times.
+
+    Returns (coordinates, reflections made, centres still inverted)."""
+    xyz = np.array(xyz, dtype=np.float64)
+    made = 0
+    bad = inverted_chirals(xyz, r)
+    for _ in range(max_passes):
+        if len(bad) == 0:
+            break
+        idx = np.asarray(r.chir_idx)[bad]
+        _, first = np.unique(idx[:, 0], return_index=True)   # a centre reflected once per pass
+        idx = idx[first]
+        c, a1, a2, a3 = (xyz[idx[:, k]] for k in range(4))
+        n = np.cross(a2 - a1, a3 - a1)
+        norm = np.linalg.norm(n, axis=1)
+        ok = norm > 1e-6                                     # neighbours not on one line
+        n = n[ok] / norm[ok, None]
+        d = np.sum((c[ok] - a1[ok]) * n, axis=1)
+        xyz[idx[ok, 0]] = c[ok] - 2.0 * d[:, None] * n
+        made += int(ok.sum())
+        bad = inverted_chirals(xyz, r)
+    return xyz, made, len(bad)
+
+
 # ----------------------------------------------------------------------------------------------
 # planes
 # ----------------------------------------------------------------------------------------------

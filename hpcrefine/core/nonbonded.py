@@ -415,11 +415,11 @@ def _movers(xyz, ref, limit):
 
 @njit(cache=True)
 def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, tstart, tpart, tcode,
-                 skin, rcut, dims, cstart, order, lo, cell, owned, fill, out_i, out_j, out_k):
+                 skin, rcut, dims, cstart, order, lo, cell, owned, out_i, out_j, out_k):
     """The accepted pairs (as _search_cells accepts them, at the reference positions ref) that
     involve a mover: every cell around each mover is scanned (27 cells); a pair of two movers
-    is taken from its lower atom's scan. With fill false, only counts; else writes out_*.
-    Returns the number of pairs."""
+    is taken from its lower atom's scan. Writes the pairs into out_* while they have room and
+    returns how many there are (more than the room: search again with larger arrays)."""
     use_own = owned.shape[0] > 0
     rc2 = rcut * rcut
     hb_lim = HBOND_D0 + skin
@@ -466,7 +466,7 @@ def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, 
                             lim14 = max(lim - D0_14_SHIFT, 0.0)
                             if d2 >= lim14 * lim14:
                                 continue
-                        if fill:
+                        if npairs < out_i.shape[0]:
                             out_i[npairs] = lo_
                             out_j[npairs] = hi_
                             out_k[npairs] = k14
@@ -475,22 +475,53 @@ def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, 
 
 
 @njit(cache=True)
-def _keep_unmoved(pi, pj, pk, is_mover):
-    """The pairs of which neither atom is a mover (order kept)."""
-    count = 0
+def _replace_mover_pairs(pi, pj, pk, is_mover, ni, nj, nk, nnew):
+    """The list (pi, pj, pk), sorted by (i, j), with every pair that involves a mover dropped and
+    the first nnew new pairs (ni, nj, nk: the movers' pairs, any order) merged in: exact-size
+    arrays sorted by (i, j), as _sort_by_first would give, in one pass over the old list."""
+    if nnew > 0:
+        n = np.int64(max(np.max(ni[:nnew]), np.max(nj[:nnew]))) + 1
+        key = np.empty(nnew, dtype=np.int64)
+        for t in range(nnew):
+            key[t] = np.int64(ni[t]) * n + np.int64(nj[t])
+        order = np.argsort(key)                  # keys are distinct: the order is unique
+    else:
+        order = np.zeros(0, dtype=np.int64)
+    count = nnew
     for t in range(pi.shape[0]):
         if not (is_mover[pi[t]] or is_mover[pj[t]]):
             count += 1
     oi = np.empty(count, dtype=np.int32)
     oj = np.empty(count, dtype=np.int32)
     ok = np.empty(count, dtype=np.int8)
-    count = 0
+    u = 0                                        # next new pair (in sorted order)
+    w = 0
     for t in range(pi.shape[0]):
-        if not (is_mover[pi[t]] or is_mover[pj[t]]):
-            oi[count] = pi[t]
-            oj[count] = pj[t]
-            ok[count] = pk[t]
-            count += 1
+        a = pi[t]
+        b = pj[t]
+        if is_mover[a] or is_mover[b]:
+            continue
+        while u < nnew:
+            q = order[u]
+            if ni[q] < a or (ni[q] == a and nj[q] < b):
+                oi[w] = ni[q]
+                oj[w] = nj[q]
+                ok[w] = nk[q]
+                w += 1
+                u += 1
+            else:
+                break
+        oi[w] = a
+        oj[w] = b
+        ok[w] = pk[t]
+        w += 1
+    while u < nnew:
+        q = order[u]
+        oi[w] = ni[q]
+        oj[w] = nj[q]
+        ok[w] = nk[q]
+        w += 1
+        u += 1
     return oi, oj, ok
 
 
@@ -596,6 +627,7 @@ class NeighbourList:
         self.n_builds = 0            # whole-list builds
         self.n_partial = 0           # updates around the atoms that moved (refresh)
         self._cap_hint = 0
+        self._mover_room = 0         # room for the movers' pairs of the next refresh
         self.update(xyz)
 
     def update(self, xyz) -> None:
@@ -689,13 +721,16 @@ class NeighbourList:
         mask_ex, mask_14, has_over, tstart, tpart, tcode = self._table
         args = (self.xyz_ref, movers, is_mover, self.radius, self.hbond, mask_ex, mask_14, has_over,
                 tstart, tpart, tcode, self.skin, self.rcut, dims, cstart, order, lo, cell, self.owned)
-        empty_i, empty_k = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int8)
-        count = _mover_pairs(*args, False, empty_i, empty_i, empty_k)
-        ni, nj, nk = np.empty(count, np.int32), np.empty(count, np.int32), np.empty(count, np.int8)
-        _mover_pairs(*args, True, ni, nj, nk)
-        ki, kj, kk = _keep_unmoved(self.i, self.j, self.kind, is_mover)
-        self.i, self.j, self.kind = _sort_by_first(n, np.concatenate((ki, ni)), np.concatenate((kj, nj)),
-                                                   np.concatenate((kk, nk)), len(ki) + count)
+        room = max(self._mover_room, 64 * len(movers))
+        while True:             # one search, a second only when the pairs outgrow the room
+            ni, nj, nk = np.empty(room, np.int32), np.empty(room, np.int32), np.empty(room, np.int8)
+            count = _mover_pairs(*args, ni, nj, nk)
+            if count <= room:
+                break
+            room = count
+        self._mover_room = count + count // 2
+        self.i, self.j, self.kind = _replace_mover_pairs(self.i, self.j, self.kind, is_mover, ni, nj,
+                                                         nk, count)
         self.n_partial += 1
         return True
 
