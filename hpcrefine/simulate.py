@@ -461,8 +461,9 @@ def write_simulated(model_path: str, resolution: float, outdir: str, seed: int, 
     return info
 
 
-def shake(xyz: np.ndarray, rms: float, seed: int) -> np.ndarray:
-    """Coordinates with random Gaussian displacements whose all-atom rms is exactly rms A."""
+def shake(xyz: np.ndarray, rms: float, seed) -> np.ndarray:
+    """Coordinates with random Gaussian displacements whose all-atom rms is exactly rms A (seed:
+    an integer or a sequence of integers, as numpy.random.default_rng takes it)."""
     xyz = np.asarray(xyz, dtype=np.float64)
     if rms < 0:
         raise InputError(f"shake rms must not be negative, got {rms}")

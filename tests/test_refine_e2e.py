@@ -195,3 +195,40 @@ def test_inverted_chiral_centres_are_put_back(adk_case, tmp_path):
         inversions[fix] = json.loads((out / "report.json").read_text())["after"]["chiral_inversions"]
     # measured 2 and 29 (the 2 inverted during the 3 iterations, from a start put right)
     assert inversions["true"] <= 4 and inversions["false"] >= 20
+
+
+@pytest.mark.parametrize("growth, expected", [
+    # bonds 0.002 + 0.0001 w^2 (faster at high weights, as measured on real models): the
+    # interpolation between the restraint-dominated trial (w = 2) and w = 32 lands below the
+    # limit at once
+    (lambda w: 0.002 + 1e-4 * w * w, [2.0, 32.0, 2.0 + 30 * (0.012 - 0.0024) / (0.1044 - 0.0024)]),
+    # bonds 0.002 + 0.004 sqrt(w) (faster at low weights): the prediction overshoots, then the
+    # next trial halves the weight
+    (lambda w: 0.002 + 0.004 * w ** 0.5, None),
+])
+def test_weight_above_the_limits_goes_down_to_the_predicted_weight(adk_case, growth, expected):
+    import numpy as np
+
+    from hpcrefine.engine import MinimiseResult, choose_weight
+    from hpcrefine.modelio import read_model
+    from hpcrefine.params import RefineParams
+
+    xyz = read_model(adk_case["start"]).xyz
+
+    class Data:
+        def target(self, x):
+            return 0.0, np.zeros_like(x)
+
+    def minimiser(x, term, geom, w, iterations, params):
+        return MinimiseResult(x, 0.0, iterations, iterations, 0.0,
+                              statistics={"bond_rmsd": growth(w), "angle_rmsd": 0.1})
+
+    params = RefineParams(resolution=3.5, iterations=30, weight_trial_iterations=30)
+    w, trials = choose_weight(xyz, Data(), None, params, 32.0, minimiser, w_max=32.0)
+    assert growth(w) <= 0.012 and [t.accepted for t in trials] == [True] + [False] * (len(trials) - 2) + [True]
+    if expected is not None:
+        assert [t.weight for t in trials] == pytest.approx(expected)
+    else:
+        # 32 too loose; predicted 9.67 too loose (0.0144 A); then min(prediction, 9.67 / 2)
+        assert len(trials) == 4 and trials[2].weight == pytest.approx(9.669, abs=0.01)
+        assert w == pytest.approx(trials[2].weight / 2)
