@@ -19,7 +19,8 @@ Layout (read it with plain h5py; every attribute is a number or a JSON string):
                     the final checkpoint), xyz (coordinates
                     at the start of the current macro-cycle, float64), tasks/<h>_<k> (half-set
                     results, float64), calls/<i> (the current macro-cycle's completed
-                    minimisations: float64 coordinates, attrs f, iterations, evaluations, seconds),
+                    minimisations: float64 coordinates, attrs f, iterations, evaluations, seconds
+                    and, when the minimiser made them, statistics (JSON)),
                     fftw_wisdom (bytes, when pyfftw has any)
 
 Atomic by construction: every checkpoint writes a complete new file next to the old one
@@ -66,6 +67,9 @@ class CallRecord:
     iterations: int
     evaluations: int
     seconds: float
+    # the geometry statistics the minimiser returned (MinimiseResult.statistics), so that a
+    # replayed weight trial is judged on the same numbers, bit for bit, as the original one
+    statistics: dict | None = None
 
 
 @dataclass
@@ -190,8 +194,10 @@ def load_state(path: str, n_atoms: int) -> RunState:
             st.tasks[(h, k)] = ds[()]
         for i in range(len(g["calls"])):
             ds = g["calls"][str(i)]
+            stats = ds.attrs.get("statistics")
             st.calls.append(CallRecord(ds[()], float(ds.attrs["f"]), int(ds.attrs["iterations"]),
-                                       int(ds.attrs["evaluations"]), float(ds.attrs["seconds"])))
+                                       int(ds.attrs["evaluations"]), float(ds.attrs["seconds"]),
+                                       json.loads(stats) if stats is not None else None))
         if "fftw_wisdom" in g:
             _import_wisdom(g["fftw_wisdom"][()])
     if st.xyz is not None and st.xyz.shape != (n_atoms, 3):
@@ -335,6 +341,10 @@ class CheckpointWriter:
             ds = calls.create_dataset(str(i), data=np.asarray(c.xyz, dtype=np.float64))
             ds.attrs.update({"f": c.f, "iterations": c.iterations, "evaluations": c.evaluations,
                              "seconds": c.seconds})
+            if c.statistics is not None:     # JSON keeps a float64 exactly (shortest repr)
+                ds.attrs["statistics"] = json.dumps({k: (int(v) if isinstance(v, (int, np.integer))
+                                                         else float(v))
+                                                     for k, v in c.statistics.items()})
         w = _export_wisdom()
         if w is not None:
             g.create_dataset("fftw_wisdom", data=w)

@@ -23,12 +23,14 @@ from .topology import geometry_stats
 log = logging.getLogger(__name__)
 
 
-def atom_order(order, xyz) -> np.ndarray:
+def atom_order(order, xyz) -> np.ndarray | None:
     """order when it is one for xyz's atoms, else their spatial_order at xyz: the map kernels'
     order of visiting the atoms, made once per term (the atoms move little while it is used,
-    and any order gives the same numbers)."""
+    and any order gives the same numbers). None (index order) for non-finite coordinates."""
     if order is not None and len(order) == len(xyz):
         return order
+    if not np.isfinite(xyz).all():
+        return None
     return spatial_order(xyz)
 
 
@@ -265,6 +267,8 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
             w = predicted_weight(floor, t, limit)
             if k:
                 w = min(w, t.weight / 2)
+            if w <= floor.weight:           # nothing left between the floor and what broke
+                break
             t = trial(w, limit)
             if t.accepted:
                 return w, trials

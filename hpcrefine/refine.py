@@ -485,7 +485,8 @@ class _Steps:
         if i < len(self.state.calls):
             c = self.state.calls[i]
             return MinimiseResult(xyz=c.xyz.copy(), f=c.f, iterations=c.iterations,
-                                  evaluations=c.evaluations, seconds=c.seconds)
+                                  evaluations=c.evaluations, seconds=c.seconds,
+                                  statistics=None if c.statistics is None else dict(c.statistics))
         if self.progress is not None:
             self.progress.begin(f"{self.label}, weight {weight:.4g}")
         res = self.inner(xyz0, term, geom, weight, iterations, params)
@@ -493,7 +494,8 @@ class _Steps:
             self.progress.step(f"{self.label}, weight {weight:.4g}", res.xyz, unit=False,
                                seconds=res.seconds, target=float(res.f), iterations=int(res.iterations))
         self.state.calls.append(CallRecord(res.xyz.copy(), float(res.f), int(res.iterations),
-                                           int(res.evaluations), float(res.seconds)))
+                                           int(res.evaluations), float(res.seconds),
+                                           None if res.statistics is None else dict(res.statistics)))
         self.boundary()
         return res
 

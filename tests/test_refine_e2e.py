@@ -184,6 +184,13 @@ def test_inverted_chiral_centres_are_put_back(adk_case, tmp_path):
         for a in (a1, a2, a3):
             assert np.linalg.norm(fixed[c] - fixed[a]) == pytest.approx(
                 np.linalg.norm(model.xyz[c] - model.xyz[a]), abs=1e-9) or a in moved
+    # a centre bonded to a fourth atom is left alone (the reflection would stretch that bond)
+    import dataclasses
+    c0 = int(r.chir_idx[bad[0], 0])
+    other = int(np.flatnonzero(np.linalg.norm(model.xyz - model.xyz[c0], axis=1) > 5)[0])
+    r4 = dataclasses.replace(r, bond_idx=np.vstack([r.bond_idx, [[c0, other]]]))
+    fixed4, made4, left4 = correct_inversions(model.xyz, r4)
+    assert np.array_equal(fixed4[c0], model.xyz[c0]) and left4 >= 1 and made4 == made - 1
     inversions = {}
     for fix in ("true", "false"):
         out = tmp_path / fix
@@ -232,3 +239,30 @@ def test_weight_above_the_limits_goes_down_to_the_predicted_weight(adk_case, gro
         # 32 too loose; predicted 9.67 too loose (0.0144 A); then min(prediction, 9.67 / 2)
         assert len(trials) == 4 and trials[2].weight == pytest.approx(9.669, abs=0.01)
         assert w == pytest.approx(trials[2].weight / 2)
+
+
+def test_predicted_weight_never_goes_below_the_restraint_dominated_one(adk_case):
+    """Geometry that grows steeply at the lowest weights (bonds 0.008 + 0.02 ((w - 1/16) /
+    (15/16))^0.1): every prediction breaks the limit; the trials stop at the restraint-dominated
+    weight, which is then the weight, and its trial is the one the macro-cycle continues from."""
+    import numpy as np
+
+    from hpcrefine.engine import MinimiseResult, choose_weight
+    from hpcrefine.modelio import read_model
+    from hpcrefine.params import RefineParams
+
+    xyz = read_model(adk_case["start"]).xyz
+
+    class Data:
+        def target(self, x):
+            return 0.0, np.zeros_like(x)
+
+    def minimiser(x, term, geom, w, iterations, params):
+        b = 0.008 + 0.02 * (max(w - 1 / 16, 0) / (15 / 16)) ** 0.1
+        return MinimiseResult(x.copy(), 0.0, iterations, iterations, 0.0,
+                              statistics={"bond_rmsd": b, "angle_rmsd": 1.0})
+
+    kept = {}
+    w, trials = choose_weight(xyz, Data(), None, RefineParams(resolution=3.5), 1.0, minimiser, kept=kept)
+    assert w == 1 / 16 and kept["weight"] == w
+    assert all(t.weight >= 1 / 16 for t in trials) and not any(t.accepted for t in trials[1:])

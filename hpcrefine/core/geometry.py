@@ -371,14 +371,23 @@ def correct_inversions(xyz, r: Restraints, max_passes: int = 10) -> tuple[np.nda
     that share atoms (the ring carbons of a sugar) can invert each other, so the reflections are
     repeated on what is still inverted, up to max_passes times.
 
+    A centre bonded to a fourth atom besides the three (no hydrogens are modelled, so a
+    quaternary carbon of a ligand, say) is left to the minimisation: the reflection would stretch
+    that bond by about 1 A.
+
     Returns (coordinates, reflections made, centres still inverted)."""
     xyz = np.array(xyz, dtype=np.float64)
     made = 0
     bad = inverted_chirals(xyz, r)
+    if len(bad) == 0:
+        return xyz, 0, 0
+    bonded = np.bincount(np.asarray(r.bond_idx).ravel(), minlength=len(xyz))
+    three = bonded[np.asarray(r.chir_idx)[:, 0]] <= 3
     for _ in range(max_passes):
-        if len(bad) == 0:
+        todo = bad[three[bad]]
+        if len(todo) == 0:
             break
-        idx = np.asarray(r.chir_idx)[bad]
+        idx = np.asarray(r.chir_idx)[todo]
         _, first = np.unique(idx[:, 0], return_index=True)   # a centre reflected once per pass
         idx = idx[first]
         c, a1, a2, a3 = (xyz[idx[:, k]] for k in range(4))
