@@ -10,7 +10,7 @@ NP=${HPCREFINE_DEMO_RANKS:-3}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"     # HPCREFINE_VENV relative or absolute
 TRUTH=$(hpcrefine data path adk_closed | cut -f2)
 mkdir -p "$OUT"
 [ -f "$OUT/maps/half1.mrc" ] || hpcrefine simulate "$TRUTH" --resolution 3.5 --seed 1 --output "$OUT/maps"

@@ -12,5 +12,5 @@ if [ ! -d "${HPCREFINE_REFMAC_DICT:-/usr/share/refmac/monomers}" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq refmac-dictionary >/dev/null
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"     # HPCREFINE_VENV relative or absolute
 "$VENV/bin/python" -m pytest -q -ra tests "$@"
