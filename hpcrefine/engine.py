@@ -181,9 +181,10 @@ def predicted_weight(floor: WeightTrial, over: WeightTrial, limits: GeometryLimi
     """The weight at which the bond and angle rmsd reach their limits, interpolated linearly in
     the weight between the restraint-dominated trial (floor, within the limits) and a trial that
     broke them (over); the lowest over the limits broken, kept within PREDICTED_MIN and
-    PREDICTED_MAX of over's weight. Geometry rmsd grows about linearly with the weight above the
-    restraints' floor (6zu5, second macro-cycle: bonds 0.0096 A at weight 3.3, 0.0174 A at 53.5;
-    predicted 0.012 A at 18.8, trial 0.0109 A at 18.9)."""
+    PREDICTED_MAX of over's weight. On real models the rmsd grows faster than linearly with the
+    weight above the restraints' floor, so the prediction errs low, inside the limits (6zu5,
+    second macro-cycle: bonds 0.0096 A at weight 3.3, 0.0174 A at 53.5; predicted 0.012 A at
+    18.8, where the trial reached 0.0109 A)."""
     w = over.weight
     for got, low, limit in ((over.bond_rmsd, floor.bond_rmsd, limits.bond_rmsd),
                             (over.angle_rmsd, floor.angle_rmsd, limits.angle_rmsd)):
@@ -204,7 +205,9 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     """Largest weight whose short minimisation from xyz keeps geometry within limits, and at most
     w_max when given. From w_start within the limits (and no w_max): up a factor-of-2 ladder, then
     one bisection step. From w_start beyond them: down to the weight where the limits are
-    predicted to be met (predicted_weight, up to 3 times).
+    predicted to be met (predicted_weight; at most 3 trials, the second and third also at most
+    half the weight that last broke the limits, none at or below the restraint-dominated weight,
+    which is the weight when they all break them).
 
     The limits are raised to what a restraint-dominated trial (weight / 16) reaches, plus a
     margin, when that is higher (geometry_limits).
