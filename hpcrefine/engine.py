@@ -14,24 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import geometry, nonbonded
-from .core.density import normalise_map, real_space_target, spatial_order
+from .core.density import normalise_map, real_space_target
 from .core.lbfgs import lbfgs
 from .params import RefineParams
 from .restraints import Restraints
 from .topology import geometry_stats
 
 log = logging.getLogger(__name__)
-
-
-def atom_order(order, xyz) -> np.ndarray | None:
-    """order when it is one for xyz's atoms, else their spatial_order at xyz: the map kernels'
-    order of visiting the atoms, made once per term (the atoms move little while it is used,
-    and any order gives the same numbers). None (index order) for non-finite coordinates."""
-    if order is not None and len(order) == len(xyz):
-        return order
-    if not np.isfinite(xyz).all():
-        return None
-    return spatial_order(xyz)
 
 
 class RealSpaceTerm:
@@ -43,12 +32,9 @@ class RealSpaceTerm:
         self.origin = np.asarray(origin, dtype=np.float64)
         self.voxel = np.asarray(voxel, dtype=np.float64)
         self.atom_weight = np.asarray(atom_weight, dtype=np.float64)
-        self.order = None       # the atoms in space order, from the first coordinates evaluated
 
     def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        self.order = atom_order(self.order, xyz)
-        return real_space_target(self.data, self.origin, self.voxel, xyz, self.atom_weight,
-                                 order=self.order)
+        return real_space_target(self.data, self.origin, self.voxel, xyz, self.atom_weight)
 
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         """The same term on the map blurred by exp(-b s^2/4) (a wider basin of attraction)."""
@@ -210,7 +196,8 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     which is the weight when they all break them).
 
     The limits are raised to what a restraint-dominated trial (weight / 16) reaches, plus a
-    margin, when that is higher (geometry_limits).
+    margin, when that is higher (geometry_limits); that trial runs only once a trial has broken
+    the parameters' own limits (its result would not change any decision before).
 
     A trial runs params.weight_trial_iterations, but never more than the macro-cycle's own
     minimisation (params.iterations): a trial longer than the run it sets the weight for would
@@ -223,56 +210,70 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
     trials: list[WeightTrial] = []
     minimiser = minimiser or minimise
     iterations = trial_iterations(params)
+    if w_max is not None:
+        w_start = min(w_start, w_max)
+    base = geometry_limits(params)
+    raised: dict = {}
 
-    def trial(w, limits):
-        """limits None: the restraint-dominated trial, within the limits raised from it."""
+    def raised_limits() -> GeometryLimits:
+        """The limits raised from the restraint-dominated trial, which runs the first time a
+        trial breaks the parameters' own limits (a trial within those is within any raised ones,
+        so when every trial is, it never runs)."""
+        if not raised:
+            floor = trial(w_start / 16, judged=False)
+            limit = geometry_limits(params, {"bond_rmsd": floor.bond_rmsd,
+                                             "angle_rmsd": floor.angle_rmsd})
+            if limit.angle_rmsd > params.angle_rmsd_max:
+                log.info("  angle limit raised to %.2f deg (restraint-dominated trial reaches %.2f)",
+                         limit.angle_rmsd, floor.angle_rmsd)
+            if limit.bond_rmsd > params.bond_rmsd_max:
+                log.info("  bond limit raised to %.4f A (restraint-dominated trial reaches %.4f)",
+                         limit.bond_rmsd, floor.bond_rmsd)
+            raised.update(floor=floor, limit=limit)
+        return raised["limit"]
+
+    def trial(w, judged=True):
+        """judged False: the restraint-dominated trial, within the limits raised from it."""
         res = minimiser(xyz, data_term, geom, w, iterations, params)
         st = geometry_of(res, geom)
         fd, _ = data_term.target(res.xyz)
-        t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, limits is None or limits.ok(st))
+        ok = not judged or base.ok(st) or raised_limits().ok(st)
+        t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, ok)
         trials.append(t)
         # the weight returned is always the largest accepted one (the ladder only raises lo)
         if kept is not None and t.accepted and w >= kept.get("weight", -math.inf):
             kept.update(weight=w, result=res)
         log.info("  weight %9.3f: bonds %.4f A, angles %.2f deg, data %.1f  %s", w, t.bond_rmsd,
-                 t.angle_rmsd, fd, "restraint-dominated" if limits is None
+                 t.angle_rmsd, fd, "restraint-dominated" if not judged
                  else "ok" if t.accepted else "too loose")
         return t
 
-    if w_max is not None:
-        w_start = min(w_start, w_max)
-    floor = trial(w_start / 16, None)
-    limit = geometry_limits(params, {"bond_rmsd": floor.bond_rmsd, "angle_rmsd": floor.angle_rmsd})
-    if limit.angle_rmsd > params.angle_rmsd_max:
-        log.info("  angle limit raised to %.2f deg (restraint-dominated trial reaches %.2f)",
-                 limit.angle_rmsd, floor.angle_rmsd)
-    if limit.bond_rmsd > params.bond_rmsd_max:
-        log.info("  bond limit raised to %.4f A (restraint-dominated trial reaches %.4f)",
-                 limit.bond_rmsd, floor.bond_rmsd)
-    t = trial(w_start, limit)
+    t = trial(w_start)
     if t.accepted and w_max is not None and w_start >= w_max:
         return w_start, trials
     if t.accepted:
         lo, hi = w_start, None
         for _ in range(4 if w_max is None else 0):
-            t = trial(lo * 2, limit)
+            t = trial(lo * 2)
             if not t.accepted:
                 hi = lo * 2
                 break
             lo *= 2
     else:
-        # the weight broke a limit: the next trial goes where the limits are predicted to be met,
-        # between the restraint-dominated trial and the lowest weight that broke them; accepted,
-        # it is the weight (it sits near the limit), else it bounds the next prediction, which
-        # then also halves the weight at least (geometry that grows faster at low weights than
-        # at high ones defeats the linear prediction)
+        # the weight broke a limit (so the restraint-dominated trial has run): the next trial
+        # goes where the limits are predicted to be met, between the restraint-dominated trial
+        # and the lowest weight that broke them; accepted, it is the weight (it sits near the
+        # limit), else it bounds the next prediction, which then also halves the weight at
+        # least (geometry that grows faster at low weights than at high ones defeats the linear
+        # prediction)
+        floor, limit = raised["floor"], raised["limit"]
         for k in range(3):
             w = predicted_weight(floor, t, limit)
             if k:
                 w = min(w, t.weight / 2)
             if w <= floor.weight:           # nothing left between the floor and what broke
                 break
-            t = trial(w, limit)
+            t = trial(w)
             if t.accepted:
                 return w, trials
         lo = w_start / 16
@@ -281,7 +282,7 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
         return lo, trials
     if hi is not None:
         mid = math.sqrt(lo * hi)
-        if trial(mid, limit).accepted:
+        if trial(mid).accepted:
             lo = mid
     return lo, trials
 

@@ -150,13 +150,6 @@ def test_spatial_order_is_a_permutation_and_changes_nothing(smooth_map):
     vs, gs = D.tricubic(smooth_map, ORIGIN, VOXEL, xyz[perm])
     np.testing.assert_array_equal(vs, v[perm])
     np.testing.assert_array_equal(gs, g[perm])
-    # the target visiting the atoms in that order: bit for bit the target in index order
-    w = rng.uniform(0.5, 2.0, len(xyz))
-    gout = np.ones_like(xyz)
-    t, gt = D.real_space_target(smooth_map, ORIGIN, VOXEL, xyz, w, grad_out=gout.copy(), scale=2.0)
-    to, go = D.real_space_target(smooth_map, ORIGIN, VOXEL, xyz, w, grad_out=gout.copy(), scale=2.0,
-                                 order=perm)
-    assert to == t and np.array_equal(go, gt)
 
 
 def test_normalise_map(smooth_map):

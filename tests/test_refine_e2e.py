@@ -104,8 +104,14 @@ def test_weight_trials_never_run_longer_than_the_macro_cycle(adk_case):
         params = RefineParams(resolution=3.5, iterations=iterations, weight_trial_iterations=trial)
         w, trials = choose_weight(xyz, Data(), None, params, 1.0, minimiser_with(0.0))
         assert asked == [expected] * len(trials)
-        # bonds 0.001 w: the ladder to 8 (16 too loose at 0.016 A), then one bisection
+        # bonds 0.001 w: the ladder to 8 (16 too loose at 0.016 A), then one bisection; the
+        # restraint-dominated trial runs once 16 breaks the limit (a trial within the
+        # parameters' limits is within any limits raised from it)
         assert w == pytest.approx(np.sqrt(8 * 16))
+        assert [t.weight for t in trials] == pytest.approx([1, 2, 4, 8, 1 / 16, 16, np.sqrt(128)])
+    # the half sets' weight as the cap and within the limits: one trial, nothing else
+    w, trials = choose_weight(xyz, Data(), None, params, 5.0, minimiser_with(0.0), w_max=5.0)
+    assert w == 5.0 and len(trials) == 1
     # every weight above 0.012 A (a start too distorted for the iterations): the limit becomes
     # 0.03 + 0.001 / 16 + 0.002, so 1 and 2 pass, 4 and sqrt(8) do not
     w, trials = choose_weight(xyz, Data(), None, params, 1.0, minimiser_with(0.03))

@@ -38,7 +38,7 @@ from mpi4py import MPI
 from ..core import geometry, nonbonded
 from ..core.density import real_space_target
 from ..core.lbfgs import lbfgs
-from ..engine import MinimiseResult, atom_order
+from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
 from .decompose import (PairShare, atom_blocks, owner_of_atoms, pairs_share, restraint_atoms,
@@ -118,20 +118,17 @@ class LocalRealSpaceTerm:
         self.voxel = term.voxel
         self.atoms = atoms
         self.atom_weight = np.ascontiguousarray(term.atom_weight[atoms], dtype=np.float64)
-        self.order = None
 
     def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:
         """scale * T_data of the owned atoms; the gradient is added into grad_out (n, 3)."""
         sl = self.atoms
-        own = xyz[sl]
-        self.order = atom_order(self.order, own)
         if isinstance(sl, slice):
-            f, _ = real_space_target(self.data, self.origin, self.voxel, own, self.atom_weight,
-                                     grad_out=grad_out[sl], scale=scale, order=self.order)
+            f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
+                                     grad_out=grad_out[sl], scale=scale)
             return f
         g = np.zeros((len(sl), 3))
-        f, _ = real_space_target(self.data, self.origin, self.voxel, own, self.atom_weight,
-                                 grad_out=g, scale=scale, order=self.order)
+        f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
+                                 grad_out=g, scale=scale)
         grad_out[sl] += g
         return f
 
