@@ -20,7 +20,7 @@ Layout (read it with plain h5py; every attribute is a number or a JSON string):
                     at the start of the current macro-cycle, float64), tasks/<h>_<k> (half-set
                     results, float64), calls/<i> (the current macro-cycle's completed
                     minimisations: float64 coordinates, attrs f, iterations, evaluations, seconds
-                    and, when the minimiser made them, statistics (JSON)),
+                    and, when the minimiser made them, statistics (float64, engine.STATISTICS_KEYS)),
                     fftw_wisdom (bytes, when pyfftw has any)
 
 Atomic by construction: every checkpoint writes a complete new file next to the old one
@@ -195,9 +195,11 @@ def load_state(path: str, n_atoms: int) -> RunState:
         for i in range(len(g["calls"])):
             ds = g["calls"][str(i)]
             stats = ds.attrs.get("statistics")
+            if stats is not None:
+                from .engine import statistics_from_array
+                stats = statistics_from_array(np.asarray(stats, dtype=np.float64))
             st.calls.append(CallRecord(ds[()], float(ds.attrs["f"]), int(ds.attrs["iterations"]),
-                                       int(ds.attrs["evaluations"]), float(ds.attrs["seconds"]),
-                                       json.loads(stats) if stats is not None else None))
+                                       int(ds.attrs["evaluations"]), float(ds.attrs["seconds"]), stats))
         if "fftw_wisdom" in g:
             _import_wisdom(g["fftw_wisdom"][()])
     if st.xyz is not None and st.xyz.shape != (n_atoms, 3):
@@ -341,10 +343,9 @@ class CheckpointWriter:
             ds = calls.create_dataset(str(i), data=np.asarray(c.xyz, dtype=np.float64))
             ds.attrs.update({"f": c.f, "iterations": c.iterations, "evaluations": c.evaluations,
                              "seconds": c.seconds})
-            if c.statistics is not None:     # JSON keeps a float64 exactly (shortest repr)
-                ds.attrs["statistics"] = json.dumps({k: (int(v) if isinstance(v, (int, np.integer))
-                                                         else float(v))
-                                                     for k, v in c.statistics.items()})
+            if c.statistics is not None:
+                from .engine import statistics_to_array
+                ds.attrs["statistics"] = statistics_to_array(c.statistics)
         w = _export_wisdom()
         if w is not None:
             g.create_dataset("fftw_wisdom", data=w)

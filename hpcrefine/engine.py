@@ -98,6 +98,22 @@ class MinimiseResult:
     statistics: dict | None = None
 
 
+# the keys of a MinimiseResult's statistics (parallel.distributed.gather_statistics)
+STATISTICS_KEYS = ("bond_rmsd", "bond_rmsz", "bond_max_dev", "angle_rmsd", "angle_rmsz", "angle_max_dev",
+                   "torsion_rmsd", "chiral_rmsd", "chiral_inversions", "planarity_rmsd", "clashes")
+_COUNT_KEYS = ("chiral_inversions", "clashes")
+
+
+def statistics_to_array(st: dict) -> np.ndarray:
+    """A MinimiseResult's statistics as STATISTICS_KEYS doubles (to send with a result, or to
+    keep in a checkpoint)."""
+    return np.array([float(st[k]) for k in STATISTICS_KEYS])
+
+
+def statistics_from_array(a: np.ndarray) -> dict:
+    return {k: (int(v) if k in _COUNT_KEYS else float(v)) for k, v in zip(STATISTICS_KEYS, a)}
+
+
 def geometry_of(res: MinimiseResult, geom: GeometryTerm) -> dict:
     """The geometry statistics of a minimisation's result: the minimiser's own when it made them
     (the same numbers on every rank), else geom.statistics over the whole model."""

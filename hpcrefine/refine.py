@@ -660,7 +660,6 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
         with timer("minimise"):
             steps.label = f"cycle {cycle} minimise"
             res = continue_trial(minimiser, xyz, term, geom, weight, params, kept)
-        kept.clear()
         xyz = res.xyz
         rotamers = None
         if params.cycle_rotamers and cycle < params.macro_cycles:

@@ -206,7 +206,11 @@ def test_a_macro_cycles_minimisations_keep_their_statistics(tmp_path):
 
     rng = np.random.default_rng(3)
     xyz = rng.normal(size=(7, 3))
-    stats = {"bond_rmsd": 0.1 / 3, "angle_rmsd": 2.0 / 7, "clashes": 12, "planarity_rmsd": float("nan")}
+    from hpcrefine.engine import STATISTICS_KEYS
+
+    stats = {k: 0.5 / (i + 3) for i, k in enumerate(STATISTICS_KEYS)}
+    stats.update(bond_rmsd=0.1 / 3, angle_rmsd=2.0 / 7, clashes=12, chiral_inversions=0,
+                 planarity_rmsd=float("nan"))
     state = RunState(stage="final", cycle=2, xyz=xyz)
     state.calls = [CallRecord(xyz + 1, -1.5, 30, 33, 2.5, dict(stats)), CallRecord(xyz + 2, -2.5, 30, 31, 2.0)]
     ident = RunIdentity(model="m.cif", model_sha256="0", maps={}, params={}, ranks=1, command="refine")

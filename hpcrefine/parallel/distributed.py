@@ -357,20 +357,6 @@ def _rms(sum_sq: float, count: float) -> float:
     return math.sqrt(sum_sq / count) if count > 0 else float("nan")
 
 
-STATISTICS_KEYS = ("bond_rmsd", "bond_rmsz", "bond_max_dev", "angle_rmsd", "angle_rmsz", "angle_max_dev",
-                   "torsion_rmsd", "chiral_rmsd", "chiral_inversions", "planarity_rmsd", "clashes")
-_COUNT_KEYS = ("chiral_inversions", "clashes")
-
-
-def statistics_to_array(st: dict) -> np.ndarray:
-    """gather_statistics' dict as STATISTICS_KEYS doubles (to send with a result)."""
-    return np.array([float(st[k]) for k in STATISTICS_KEYS])
-
-
-def statistics_from_array(a: np.ndarray) -> dict:
-    return {k: (int(v) if k in _COUNT_KEYS else float(v)) for k, v in zip(STATISTICS_KEYS, a)}
-
-
 def gather_statistics(comm, xyz: np.ndarray, share: Restraints, pairs) -> dict:
     """Geometry statistics of the whole model from each rank's share (collective over comm).
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import MinimiseResult, minimise
+from ..engine import STATISTICS_KEYS, MinimiseResult, minimise, statistics_from_array, statistics_to_array
 from .context import Context
-from .distributed import (STATISTICS_KEYS, distributed_minimise, statistics_from_array,
-                          statistics_to_array, wait_quietly)
+from .distributed import distributed_minimise, wait_quietly
 
 TAG_RESULT = 17
 
