@@ -114,6 +114,34 @@ def test_candidates_keep_bond_geometry_and_hit_the_chi_angles(adk):
     assert _wrap(candidate_chis("PHE", False)[:, 1]).min() < 0 < _wrap(candidate_chis("PHE", False)[:, 1]).max()
 
 
+def test_reach_bounds_every_conformation_and_pruned_contacts_score_the_same(adk):
+    """SideChain.reach: no chi angles take a side-chain atom beyond its bound from CB; the
+    contacts left out by that bound add nothing: every candidate's clash sum (and score) is the
+    one of the whole pair list, also for conformations from random chi angles."""
+    model, r = adk["model"], adk["r"]
+    scorer = make_scorer(model, r, adk["inputs"].data, adk["inputs"].map.origin,
+                         adk["inputs"].map.voxel, RefineParams(resolution=3.0), model.xyz, adk["chains"])
+    rng = np.random.default_rng(5)
+    n_pruned = n_all = 0
+    for sc in adk["chains"]:
+        chi = np.vstack([candidate_chis(sc.res_type, True), rng.uniform(-180, 180, (200, sc.n_chi))])
+        coords = set_chis(model.xyz[sc.atoms], sc, chi)
+        centre, bound = sc.reach(model.xyz[sc.atoms])
+        dist = np.linalg.norm(coords[:, sc.beyond_cb] - centre, axis=2)
+        assert np.all(dist <= bound + 1e-9), sc.res_type
+        assert np.all(dist.max(axis=0) > bound - 1.6)       # and not loose by more than a bond
+        env, _ = scorer.environment(sc, coords, soft=False)
+        moving = sc.atoms[sc.beyond_cb]
+        full = scorer.contacts(moving, env, model.xyz[env])
+        pruned = scorer.contacts(moving, env, model.xyz[env], (centre, bound))
+        n_all, n_pruned = n_all + len(full[0]), n_pruned + len(pruned[0])
+        a, b = scorer.penalty(coords[:, sc.beyond_cb], full), scorer.penalty(coords[:, sc.beyond_cb], pruned)
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+        assert np.array_equal(scorer.score(sc, coords, chi, pruned)[0], scorer.score(sc, coords, chi, pruned,
+                                                                                     scorer.prior(sc.res_type, chi))[0])
+    assert n_pruned < 0.6 * n_all           # most pairs can never touch
+
+
 def _placed(xyz, sc, coords):
     out = xyz.copy()
     out[sc.atoms] = coords

@@ -62,14 +62,16 @@ disulfide, a covalent ligand), which a rotation would break.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
+from numba import njit
 
-from ..core.geometry import torsion_values
+from ..core.density import _interp_atom, _prep_map
+from ..core.geometry import _torsion, torsion_values
 from ..core.nonbonded import HBOND_D0
 from ..errors import InputError
 from ..validation import rotamer
@@ -105,10 +107,21 @@ class SideChain:
     def n_chi(self) -> int:
         return len(self.quads)
 
-    @property
+    @functools.cached_property
     def beyond_cb(self) -> np.ndarray:
         """Local indices of the atoms beyond CB (those chi 1 turns)."""
         return np.nonzero(self.moving[0])[0]
+
+    def reach(self, xyz_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(CB's coordinates, (s,) bound): no chi angles put atom beyond_cb[i] farther than
+        bound[i] from CB. The last chi that turns an atom turns it about an axis through that
+        chi's atom c, and the earlier chis move both rigidly, so its distance to c never changes;
+        the same holds for each chi's c to the c before it, down to CB (triangle inequality)."""
+        c = self.quads[:, 2]
+        link = np.concatenate(([0.0], np.cumsum(np.linalg.norm(np.diff(xyz_res[c], axis=0), axis=1))))
+        sel = self.beyond_cb
+        last = self.n_chi - 1 - np.argmax(self.moving[::-1, sel], axis=0)     # the last chi turning it
+        return xyz_res[c[0]], np.linalg.norm(xyz_res[sel] - xyz_res[c[last]], axis=1) + link[last]
 
 
 def check_rotamer_params(params) -> None:
@@ -196,7 +209,7 @@ def side_chains(model, restraints) -> list[SideChain]:
     return out
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def candidate_chis(res: str, sample_sigma: bool) -> np.ndarray:
     """(K, n_chi) chi angles (degrees, in [-180, 180)): the library's rotamer means and, with
     sample_sigma, each rotamer with one chi at mean - sigma and at mean + sigma; in blocks of
@@ -215,30 +228,96 @@ def candidate_chis(res: str, sample_sigma: bool) -> np.ndarray:
     return chi
 
 
+def prior(res: str, chi: np.ndarray) -> np.ndarray:
+    """The score's prior: log p(chi), floored at the residue type's outlier level."""
+    return np.maximum(rotamer.log_density(res, chi), rotamer.library()[res]["outlier"])
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_prior(res: str, sample_sigma: bool) -> np.ndarray:
+    """prior() of candidate_chis(res, sample_sigma), the same for every side chain. Read-only."""
+    out = prior(res, candidate_chis(res, sample_sigma))
+    out.flags.writeable = False
+    return out
+
+
 def set_chis(xyz_res: np.ndarray, sc: SideChain, chi: np.ndarray) -> np.ndarray:
     """(K, m, 3) coordinates of the residue's atoms with chi angles chi (K, n_chi) degrees: for
     chi 1, 2, ... in turn, the atoms beyond that chi's bond b-c turn about the b->c axis by the
     difference between the target and the current dihedral (Rodrigues), so bond lengths and
     angles stay the model's own."""
-    chi = np.atleast_2d(np.asarray(chi, dtype=np.float64))
-    K, m = len(chi), len(xyz_res)
-    out = np.broadcast_to(np.asarray(xyz_res, dtype=np.float64), (K, m, 3)).copy()
-    offsets = (m * np.arange(K))[:, None]
-    for k in range(sc.n_chi):
-        _, b, c, _ = sc.quads[k]
-        now = torsion_values(out.reshape(-1, 3), sc.quads[k][None, :] + offsets)
-        delta = np.radians(chi[:, k] - now)
-        u = out[:, c] - out[:, b]
-        u /= np.linalg.norm(u, axis=1, keepdims=True)
-        mov = sc.moving[k]
-        p = out[:, mov] - out[:, c][:, None]
-        cos = np.cos(delta)[:, None, None]
-        sin = np.sin(delta)[:, None, None]
-        uu = u[:, None, :]
-        rot = (p * cos + np.cross(uu, p) * sin
-               + uu * np.sum(uu * p, axis=2, keepdims=True) * (1.0 - cos))
-        out[:, mov] = rot + out[:, c][:, None]
+    chi = np.ascontiguousarray(np.atleast_2d(chi), dtype=np.float64)
+    xyz_res = np.ascontiguousarray(xyz_res, dtype=np.float64)
+    out = np.empty((len(chi), len(xyz_res), 3))
+    _set_chis(xyz_res, np.ascontiguousarray(sc.quads, dtype=np.int64), sc.moving, chi, out)
     return out
+
+
+@njit(cache=True)
+def _set_chis(xyz_res, quads, moving, chi, out):
+    for k in range(chi.shape[0]):
+        x = out[k]
+        x[:] = xyz_res
+        for q in range(quads.shape[0]):
+            b, c = quads[q, 1], quads[q, 2]
+            now = _torsion(x, quads[q, 0], b, c, quads[q, 3])[6]
+            delta = (chi[k, q] - now) * (np.pi / 180.0)
+            cs, sn = np.cos(delta), np.sin(delta)
+            ux, uy, uz = x[c, 0] - x[b, 0], x[c, 1] - x[b, 1], x[c, 2] - x[b, 2]
+            n = np.sqrt(ux * ux + uy * uy + uz * uz)
+            ux, uy, uz = ux / n, uy / n, uz / n
+            for a in range(x.shape[0]):
+                if not moving[q, a]:
+                    continue
+                px, py, pz = x[a, 0] - x[c, 0], x[a, 1] - x[c, 1], x[a, 2] - x[c, 2]
+                dot = (ux * px + uy * py + uz * pz) * (1.0 - cs)
+                x[a, 0] = px * cs + (uy * pz - uz * py) * sn + ux * dot + x[c, 0]
+                x[a, 1] = py * cs + (uz * px - ux * pz) * sn + uy * dot + x[c, 1]
+                x[a, 2] = pz * cs + (ux * py - uy * px) * sn + uz * dot + x[c, 2]
+
+
+@njit(cache=True)
+def _rho_clash(data, origin, voxel, coords, sel, weight, i, fixed, d0, a, b, d0_ab, rho, clash):
+    """Per candidate k: rho[k], the weight-averaged map value at the atoms sel of coords[k]
+    (Scorer.rho), and clash[k] (_penalty) over the moving atoms coords[k, sel]."""
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    vx, vy, vz = voxel[0], voxel[1], voxel[2]
+    w_sum = 0.0
+    for s in range(sel.shape[0]):
+        w_sum += weight[s]
+    moving = np.empty((sel.shape[0], 3))
+    one = np.empty(1)
+    for k in range(coords.shape[0]):
+        t = 0.0
+        for s in range(sel.shape[0]):
+            for c in range(3):
+                moving[s, c] = coords[k, sel[s], c]
+            t += weight[s] * _interp_atom(data, ox, oy, oz, vx, vy, vz, moving, s)[0]
+        rho[k] = t / w_sum
+        _penalty(moving[None], i, fixed, d0, a, b, d0_ab, one)
+        clash[k] = one[0]
+
+
+@njit(cache=True)
+def _penalty(coords, i, fixed, d0, a, b, d0_ab, out):
+    """out[k] = sum over the pairs of max(0, limit - d)^2 for candidate k (Scorer.penalty)."""
+    for k in range(coords.shape[0]):
+        x = coords[k]
+        t = 0.0
+        for p in range(i.shape[0]):
+            dx, dy, dz = x[i[p], 0] - fixed[p, 0], x[i[p], 1] - fixed[p, 1], x[i[p], 2] - fixed[p, 2]
+            r2 = dx * dx + dy * dy + dz * dz
+            if r2 < d0[p] * d0[p]:
+                v = d0[p] - np.sqrt(r2)
+                t += v * v
+        for p in range(a.shape[0]):
+            u, w = a[p], b[p]
+            dx, dy, dz = x[u, 0] - x[w, 0], x[u, 1] - x[w, 1], x[u, 2] - x[w, 2]
+            r2 = dx * dx + dy * dy + dz * dz
+            if r2 < d0_ab[p] * d0_ab[p]:
+                v = d0_ab[p] - np.sqrt(r2)
+                t += v * v
+        out[k] = t
 
 
 def current_chis(xyz: np.ndarray, sc: SideChain) -> np.ndarray:
@@ -254,7 +333,9 @@ class Scorer:
     def __init__(self, data, origin, voxel, electrons, radius, hbond, excluded, movable, params, xyz):
         from scipy.spatial import cKDTree
 
-        self.map, self.origin, self.voxel = data, origin, voxel
+        self.map = _prep_map(data)
+        self.origin = np.ascontiguousarray(origin, dtype=np.float64)
+        self.voxel = np.ascontiguousarray(voxel, dtype=np.float64)
         self.electrons, self.radius, self.hbond = electrons, radius, hbond
         self.reach = 2.0 * float(radius.max()) if len(radius) else 0.0
         self.excluded, self.n = excluded, np.int64(len(radius))
@@ -262,7 +343,6 @@ class Scorer:
         self.params = params
         self.xyz = np.array(xyz, dtype=np.float64)
         self.tree = cKDTree(self.xyz)
-        self.outlier_level = {res: lib["outlier"] for res, lib in rotamer.library().items()}
 
     def update(self, xyz) -> None:
         """The model the next side chains are scored against."""
@@ -307,32 +387,42 @@ class Scorer:
         hb = (((hi & 1) != 0) & ((hj & 2) != 0)) | (((hi & 2) != 0) & ((hj & 1) != 0))
         return np.where(hb, np.minimum(d0, HBOND_D0), d0)
 
-    def contacts(self, atoms: np.ndarray, others: np.ndarray, others_xyz: np.ndarray) -> tuple:
+    def contacts(self, atoms: np.ndarray, others: np.ndarray, others_xyz: np.ndarray,
+                 bound: tuple | None = None) -> tuple:
         """The pairs a clash sum runs over, found once per side chain: moving atoms `atoms`
         against each other and against fixed atoms `others` (at others_xyz), excluded pairs
-        left out; as (i, fixed xyz, d0) and (a, b, d0) with i, a, b indices into atoms."""
+        left out; as (i, fixed xyz, d0) and (a, b, d0) with i, a, b indices into atoms.
+        bound: (centre, reach), no moving atom i ever farther than reach[i] from centre
+        (SideChain.reach): pairs with a fixed atom that can never come within contact of it are
+        left out too (they add nothing to any candidate's sum)."""
         s = len(atoms)
-        i = np.repeat(np.arange(s), len(others))
-        j = np.tile(np.arange(len(others)), s)
+        others_xyz = np.asarray(others_xyz, dtype=np.float64).reshape(-1, 3)
+        if bound is not None:
+            dist = np.linalg.norm(others_xyz - bound[0], axis=1)
+            i, j = np.nonzero(dist[None, :] < bound[1][:, None] + self.reach)
+        else:
+            i = np.repeat(np.arange(s), len(others))
+            j = np.tile(np.arange(len(others)), s)
         keep = ~self._is_excluded(atoms[i], others[j])
         i, j = i[keep], j[keep]
+        if bound is not None:
+            keep = dist[j] - bound[1][i] < self._contact(atoms[i], others[j]) - CLASH_ALLOWANCE
+            i, j = i[keep], j[keep]
         a, b = np.triu_indices(s, 1)
         keep = ~self._is_excluded(atoms[a], atoms[b])
         a, b = a[keep], b[keep]
-        return (i, np.asarray(others_xyz)[j], self._contact(atoms[i], others[j]) - CLASH_ALLOWANCE,
-                a, b, self._contact(atoms[a], atoms[b]) - CLASH_ALLOWANCE)
+        as_int = functools.partial(np.ascontiguousarray, dtype=np.int64)
+        return (as_int(i), np.ascontiguousarray(others_xyz[j]),
+                np.ascontiguousarray(self._contact(atoms[i], others[j]) - CLASH_ALLOWANCE, dtype=np.float64),
+                as_int(a), as_int(b),
+                np.ascontiguousarray(self._contact(atoms[a], atoms[b]) - CLASH_ALLOWANCE, dtype=np.float64))
 
     @staticmethod
     def penalty(coords: np.ndarray, pairs: tuple) -> np.ndarray:
         """sum max(0, overlap - CLASH_ALLOWANCE)^2 per candidate, moving atoms at coords (K, s, 3)."""
-        i, fixed, d0, a, b, d0_ab = pairs
-        total = np.zeros(len(coords))
-        for u, v, lim in ((coords[:, i], fixed[None], d0), (coords[:, a], coords[:, b], d0_ab)):
-            if lim.size:
-                diff = u - v
-                d = np.sqrt(np.einsum("kpc,kpc->kp", diff, diff))
-                total += np.sum(np.maximum(lim[None] - d, 0.0) ** 2, axis=1)
-        return total
+        out = np.empty(len(coords))
+        _penalty(np.ascontiguousarray(coords, dtype=np.float64), *pairs, out)
+        return out
 
     def clash(self, coords: np.ndarray, atoms: np.ndarray, others: np.ndarray,
               others_xyz: np.ndarray) -> np.ndarray:
@@ -341,7 +431,7 @@ class Scorer:
         return self.penalty(coords, self.contacts(atoms, others, others_xyz))
 
     def prior(self, res: str, chi: np.ndarray) -> np.ndarray:
-        return np.maximum(rotamer.log_density(res, chi), self.outlier_level[res])
+        return prior(res, chi)
 
     def environment(self, sc: SideChain, coords: np.ndarray, soft: bool) -> tuple[np.ndarray, float]:
         """Atoms (model indices) within contact reach of any candidate's moving atoms, the
@@ -350,20 +440,23 @@ class Scorer:
         beyond = sc.atoms[sc.beyond_cb]
         centre = self.xyz[sc.atoms[sc.ca]]
         radius = float(np.max(np.linalg.norm(coords - centre, axis=2))) + self.reach
-        near = np.asarray(self.tree.query_ball_point(centre, radius), dtype=np.int64)
-        if soft:
-            near = near[~self.movable[near]]
-        return np.setdiff1d(near, beyond), radius
+        near = np.asarray(self.tree.query_ball_point(centre, radius), dtype=np.int64)   # sorted
+        out = self.movable[near] if soft else np.zeros(len(near), dtype=bool)
+        out |= (near >= sc.atoms[0]) & (near <= sc.atoms[-1])           # the residue's own atoms...
+        out[out] = np.isin(near[out], beyond) | (soft & self.movable[near[out]])   # ...that move
+        return near[~out], radius
 
-    def score(self, sc: SideChain, coords: np.ndarray, chi: np.ndarray, pairs: tuple):
+    def score(self, sc: SideChain, coords: np.ndarray, chi: np.ndarray, pairs: tuple, prior=None):
         """(S, rho) per candidate: coords (K, m, 3) of the residue's atoms, chi (K, n_chi),
-        pairs: the contacts of its side chain with the atoms around (contacts)."""
+        pairs: the contacts of its side chain with the atoms around (contacts); prior: the
+        candidates' prior when known (candidate_prior)."""
         sel = sc.beyond_cb
-        moving = coords[:, sel]
-        rho = self.rho(moving, sc.atoms[sel])
-        clash = self.penalty(moving, pairs)
+        rho, clash = np.empty(len(coords)), np.empty(len(coords))
+        _rho_clash(self.map, self.origin, self.voxel, np.ascontiguousarray(coords, dtype=np.float64),
+                   sel, self.electrons[sc.atoms[sel]], *pairs, rho, clash)
         p = self.params
-        prior = self.prior(sc.res_type, chi)
+        if prior is None:
+            prior = self.prior(sc.res_type, chi)
         return rho - p.rotamer_clash_weight * clash + p.rotamer_prior_weight * prior, rho
 
     def refine(self, sc: SideChain, xyz_res: np.ndarray, chi: np.ndarray, s: np.ndarray,
@@ -396,8 +489,9 @@ class Scorer:
         chi = candidate_chis(sc.res_type, self.params.rotamer_sample_sigma)
         coords = set_chis(xyz_res, sc, chi)
         env, radius = self.environment(sc, coords, soft)
-        pairs = self.contacts(sc.atoms[sc.beyond_cb], env, self.xyz[env])
-        s, rho = self.score(sc, coords, chi, pairs)
+        pairs = self.contacts(sc.atoms[sc.beyond_cb], env, self.xyz[env], sc.reach(xyz_res))
+        s, rho = self.score(sc, coords, chi, pairs,
+                            candidate_prior(sc.res_type, self.params.rotamer_sample_sigma))
         # the starts of the local search: the best sample of each of the best rotamers (the
         # candidates come in blocks of one sample of every rotamer, candidate_chis)
         per = s.reshape(-1, len(rotamer.library()[sc.res_type]["prob"]))
@@ -549,8 +643,6 @@ def fit_rotamers(comm, model, restraints, data, origin, voxel, xyz, params,
     searched = select_side_chains(scorer, model, chains, select)
     picked = np.nonzero(searched)[0]
     scorer.fit_only([chains[k] for k in picked])
-    bounds = _shares([chains[k] for k in picked], size)
-    mine = picked[bounds[rank]:bounds[rank + 1]]        # this worker's share of the searched ones
     final = np.zeros((len(chains), ROW))
     current = np.array(xyz, dtype=np.float64)
     todo = searched.copy()
@@ -560,9 +652,10 @@ def fit_rotamers(comm, model, restraints, data, origin, voxel, xyz, params,
         soft = passes == 0                  # the first pass: side chains against fixed atoms
         passes += 1
         rows = np.zeros((len(chains), ROW))
-        for k in mine.tolist():
-            if todo[k]:
-                rows[k] = scorer.fit(chains[k], soft)
+        now = np.nonzero(todo)[0]
+        bounds = _shares([chains[k] for k in now], size)
+        for k in now[bounds[rank]:bounds[rank + 1]].tolist():     # this worker's share of the pass
+            rows[k] = scorer.fit(chains[k], soft)
         if comm is not None:
             from mpi4py import MPI
             comm.Allreduce(MPI.IN_PLACE, [rows, MPI.DOUBLE], op=MPI.SUM)

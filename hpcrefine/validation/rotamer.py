@@ -22,6 +22,7 @@ import os
 from functools import lru_cache
 
 import numpy as np
+from numba import njit
 
 from .residues import ResidueTable, dihedrals
 
@@ -60,26 +61,46 @@ def library() -> dict:
         doc = json.load(fh)
     out = {}
     for res, e in doc["residues"].items():
-        out[res] = {"prob": np.array(e["prob"]), "mean": np.array(e["mean"]), "sigma": np.array(e["sigma"]),
-                    "periods": np.array(e["periods"]), "outlier": e["log_density_outlier"],
-                    "allowed": e["log_density_allowed"]}
+        prob, sigma = np.array(e["prob"], dtype=np.float64), np.array(e["sigma"], dtype=np.float64)
+        out[res] = {"prob": prob, "mean": np.array(e["mean"], dtype=np.float64), "sigma": sigma,
+                    "periods": np.array(e["periods"], dtype=np.float64), "outlier": e["log_density_outlier"],
+                    "allowed": e["log_density_allowed"],
+                    # log of each rotamer's weight times its Gaussian's normalisation
+                    "log_norm": np.log(prob) - np.sum(np.log(np.sqrt(2.0 * np.pi) * sigma), axis=1)}
     return out
 
 
 def log_density(res: str, chi: np.ndarray) -> np.ndarray:
     """log p(chi) of the residue type's mixture for each row of chi (n, n_chi), degrees."""
     lib = library()[res]
-    prob, mean, sigma, periods = lib["prob"], lib["mean"], lib["sigma"], lib["periods"]
-    chi = np.asarray(chi, dtype=np.float64)
-    best = np.full(len(chi), -np.inf)
-    terms = np.empty((len(prob), len(chi)))
-    norm = np.log(prob) - np.sum(np.log(np.sqrt(2.0 * np.pi) * sigma), axis=1)
-    for k in range(len(prob)):
-        d = (chi - mean[k] + periods / 2) % periods - periods / 2
-        z = d / sigma[k]
-        terms[k] = norm[k] - 0.5 * np.sum(z * z, axis=1)
-    best = terms.max(axis=0)
-    return best + np.log(np.exp(terms - best).sum(axis=0))
+    chi = np.ascontiguousarray(chi, dtype=np.float64).reshape(-1, len(lib["periods"]))
+    out = np.empty(len(chi))
+    _log_density(chi, lib["log_norm"], lib["mean"], lib["sigma"], lib["periods"], out)
+    return out
+
+
+@njit(cache=True)
+def _log_density(chi, log_norm, mean, sigma, periods, out):
+    """out[i] = log sum_k exp(log_norm[k] - |z_ik|^2 / 2), z the wrapped differences from the
+    rotamer means in sigmas (a log-sum-exp, shifted by the largest term)."""
+    n_k, n_d = mean.shape
+    terms = np.empty(n_k)
+    for i in range(chi.shape[0]):
+        best = -np.inf
+        for k in range(n_k):
+            s = 0.0
+            for d in range(n_d):
+                p = periods[d]
+                x = chi[i, d] - mean[k, d] + 0.5 * p
+                z = (x - p * np.floor(x / p) - 0.5 * p) / sigma[k, d]
+                s += z * z
+            terms[k] = log_norm[k] - 0.5 * s
+            if terms[k] > best:
+                best = terms[k]
+        acc = 0.0
+        for k in range(n_k):
+            acc += np.exp(terms[k] - best)
+        out[i] = best + np.log(acc)
 
 
 def analyse(table: ResidueTable, xyz: np.ndarray) -> dict:
