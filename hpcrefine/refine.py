@@ -379,13 +379,15 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         _hand_to(ctx, final_stats, FINAL_STATISTICS_TAG, (xyz, *final_args),
                  lambda x, b, occ: model_statistics(model, x, geom, inputs, resolution, b=b, occ=occ))
     if helper is not None:
-        from .validation import validate_model
+        from .validation import validate_model, write_outputs
 
         # with the half maps' FSC the master computed (a few hundred numbers; two transforms of
-        # the box on the worker otherwise)
+        # the box on the worker otherwise); the worker writes the start model's files (plots,
+        # 1-2 s at 165,000 atoms) while the master writes the final model's
         _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,),
                  lambda fsc: validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
-                                            inputs.half_maps, resolution, half_map_fsc=fsc))
+                                            inputs.half_maps, resolution, half_map_fsc=fsc),
+                 then=lambda res: write_outputs(res, outdir, prefix="validation_start"))
     if is_master and final_stats is None:
         with timer("statistics"):
             after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0],
@@ -719,14 +721,18 @@ START_STATISTICS_TAG = 31
 FINAL_STATISTICS_TAG = 33
 
 
-def _hand_to(ctx, rank, tag: int, args: tuple, compute) -> None:
+def _hand_to(ctx, rank, tag: int, args: tuple, compute, then=None) -> None:
     """The master sends args to worker `rank`, which sends back compute(*args) (the master
-    receives it later with recv_object from `rank`, `tag`); other ranks do nothing."""
+    receives it later with recv_object from `rank`, `tag`) and then, given `then`, calls
+    then(result) itself; other ranks do nothing."""
     from .parallel.distributed import recv_object, send_object
     if ctx.is_master:
         send_object(ctx.world, args, rank, tag)
     elif ctx.rank == rank:
-        send_object(ctx.world, compute(*recv_object(ctx.world, 0, tag)), 0, tag)
+        result = compute(*recv_object(ctx.world, 0, tag))
+        send_object(ctx.world, result, 0, tag)
+        if then is not None:
+            then(result)
 
 
 def _start_statistics_rank(ctx, inputs: Inputs, params: RefineParams, state, idealize_only: bool):
@@ -766,7 +772,8 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
     refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report.
     models: name -> (xyz, B-factors or None, occupancies or None); elsewhere: name -> (comm,
     rank) of the models another rank validates (it sends validate_model's result,
-    parallel.distributed.send_object), received once this rank's own are done."""
+    parallel.distributed.send_object, and writes their files itself), received once this rank's
+    own are done."""
     from .simulate import _rfftn
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
@@ -782,6 +789,7 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
                                        inputs.half_maps, resolution, b=b, occ=occ,
                                        map_coefficients=map_coefficients,
                                        half_map_fsc=inputs.half_map_fsc)
+        write_outputs(results[name], outdir, prefix=f"validation_{name}")
     del map_coefficients
     if elsewhere:
         from .parallel.distributed import recv_object
@@ -793,7 +801,6 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
         log.info("%s model:", name)
         for line in format_summary(res):
             log.info("  %s", line)
-        write_outputs(res, outdir, prefix=f"validation_{name}")
         out[name] = json_ready(res)
     return out
 

@@ -98,11 +98,21 @@ def test_shared_half_set_layout_agrees_with_one_process(adk_case, runs, tmp_path
     assert "2 group(s) of workers refine the tasks in parallel" in (runs[3] / "refine.log").read_text()
 
 
-def test_only_the_master_writes(runs):
+def test_the_master_writes_the_outputs_and_a_worker_the_start_validation(runs):
     names = sorted(os.listdir(runs[3]))
     assert [n for n in names if not n.startswith("validation_")] == [
         "checkpoint.h5", "fsc_halfset.png", "refine.log", "refined.cif", "refined.pdb", "report.json"]
-    assert {"validation_start.json", "validation_final.json", "validation_final_residues.csv"} <= set(names)
+    # the worker that validated the start model wrote its files, the same set as the master's
+    # for the final model and as one process writes
+    assert sorted(n for n in os.listdir(runs[1]) if n.startswith("validation_")) == \
+        sorted(n for n in names if n.startswith("validation_"))
+    start = sorted(n for n in names if n.startswith("validation_start"))
+    assert [n.replace("start", "final") for n in start] == sorted(n for n in names if n.startswith("validation_final"))
+    assert {"validation_start.json", "validation_start_residues.csv", "validation_start_ramachandran.png",
+            "validation_final.json"} <= set(names)
+    for n in (1, 3):
+        saved = json.loads((runs[n] / "validation_start.json").read_text())
+        assert saved["geometry"] == json.loads((runs[n] / "report.json").read_text())["validation"]["start"]["geometry"]
     log = (runs[3] / "refine.log").read_text()
     assert log.count("final:") == 1 and "ranks: 3" in log
     # the start model is validated by a worker (while the master validates the final one): the
