@@ -146,6 +146,13 @@ class HalfTransforms:
         self._coefficients: dict[int, np.ndarray] = {}
         self._density = None
 
+    def share(self, store) -> None:
+        """Publish both half maps' coefficients in the map store (collective: the master
+        transforms, every rank maps them), so that any rank can make compare steps."""
+        for h in (1, 2):
+            self._coefficients[h] = store.publish(f"half{h}_coefficients", functools.partial(self.coefficients, h),
+                                                  dtype=np.complex64)
+
     def coefficients(self, h: int) -> np.ndarray:
         """Half map h's coefficients in the cube (read-only; transformed on first use)."""
         if h not in self._coefficients:
@@ -311,17 +318,26 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
     n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1
-    # the half maps' transforms, on the rank that makes the maps and the compare steps
-    halves = HalfTransforms(inputs.half_maps, resolution) if single or ctx.is_master else None
+    # under NCS constraints a task refines one copy but its compare step maps every copy: the
+    # master would make all eight in turn while the workers wait (38 of its 54 s of this stage at
+    # a million atoms), so each task's group makes its own, from the half maps' coefficients
+    # that the master publishes in the map store (mapped by every rank)
+    constrained = getattr(ncs, "parameters", None)
+    workers_compare = constrained is not None and not single and inputs.store is not None
+    # the half maps' transforms, on the ranks that make the maps and the compare steps
+    halves = (HalfTransforms(inputs.half_maps, resolution)
+              if single or ctx.is_master or workers_compare else None)
+    if workers_compare:
+        halves.share(inputs.store)
     # the half maps' terms: made here when there is a map store (collective), else by each task
-    stored = _half_terms(inputs, halves, atom_weight) if inputs.store is not None else None
+    stored = _half_terms(inputs, halves if single or ctx.is_master else None, atom_weight) \
+        if inputs.store is not None else None
 
     def term_of(h):
         if stored is not None:
             return stored[h]
         return RealSpaceTerm(halves.lowpassed(h), grid.origin, grid.voxel, np.ones(len(xyz0)))
 
-    constrained = getattr(ncs, "parameters", None)
     if constrained is not None and params.halfset_fixed_operators:
         constrained = (constrained[0], 0)       # the half sets refine no operator
 
@@ -375,6 +391,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                         raise Interrupted
                     buf = _half_task(inputs, geom, params, xyz0, h, weights[k], minimiser, term_of(h))
                     if group.Get_rank() == 0:
+                        if workers_compare:
+                            compare_task(inputs.model, halves, h, buf, expand)
                         # the master may be busy with a compare step: wait for it sleeping (a
                         # blocking Send spun a core, 10 % of a worker's time, that the master needed)
                         wait_quietly(ctx.world, ctx.world.Isend([buf, MPI.DOUBLE], dest=0,
@@ -388,7 +406,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
 
     def fill_curves(key, buf):
         return compare_task(inputs.model, halves, key[0], buf, expand)
-    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts, fill_curves)
+    _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,
+                   None if workers_compare else fill_curves)
     return finish()
 
 

@@ -110,7 +110,7 @@ def atom_density(xyz, elements, b, occ, shape_zyx: tuple, origin, voxel,
     sigmas around it by a compiled separable loop (_splat_separable). Low-passed at the
     resolution it matches gemmi's DensityCalculatorE (five Gaussians per atom) to a correlation
     of 0.999997 on the 7cth assembly, at a fraction of the cost: the density of a million atoms
-    on a 480^3 grid in 0.8-1.7 s, against 12.7 s for gemmi's. out: a float32 array of the
+    on a 480^3 grid in 0.7 s, against 12.7 s for gemmi's. out: a float32 array of the
     grid's shape to fill (zeroed first) instead of a new one, for a caller that makes many."""
     elements = np.asarray(elements)
     names, inverse = np.unique(elements, return_inverse=True)
@@ -130,13 +130,15 @@ def atom_density(xyz, elements, b, occ, shape_zyx: tuple, origin, voxel,
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def _splat_separable(xyz, amp, sig2, origin, voxel, cut, out):
     """out += each atom's Gaussian amp (2 pi s2)^-1.5 exp(-d^2 / 2 s2) over the voxels of the box
     of half-width cut sigma around it: the Gaussian is a product of one factor per axis, so each
-    voxel costs a multiply-add (no exponential)."""
+    voxel costs a multiply-add (no exponential), in float32 along x (the map's precision; a
+    vectorised loop: 0.7 s at a million atoms on a 480^3 grid against 2.2 s in float64, the
+    same map to 2e-7 of its largest value)."""
     nz, ny, nx = out.shape
-    wx = np.empty(nx)
+    wx = np.empty(nx, dtype=np.float32)
     wy = np.empty(ny)
     wz = np.empty(nz)
     for a in range(xyz.shape[0]):
@@ -157,11 +159,13 @@ def _splat_separable(xyz, amp, sig2, origin, voxel, cut, out):
         for k in range(k0, k1 + 1):
             d = origin[2] + k * voxel[2] - xyz[a, 2]
             wz[k - k0] = norm * math.exp(-0.5 * d * d / s2)
+        n = i1 - i0 + 1
         for k in range(k0, k1 + 1):
             for j in range(j0, j1 + 1):
-                w = wz[k - k0] * wy[j - j0]
-                for i in range(i0, i1 + 1):
-                    out[k, j, i] += w * wx[i - i0]
+                w = np.float32(wz[k - k0] * wy[j - j0])
+                row = out[k, j, i0:i1 + 1]
+                for i in range(n):
+                    row[i] += w * wx[i]
 
 
 @njit(cache=True, inline="always")

@@ -4,6 +4,7 @@ distributed split of the constrained target, constrained refinement of a real ca
 restraint term, and mmCIF output of models that do not fit the PDB format."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -329,6 +330,18 @@ def test_half_sets_refine_under_the_same_constraints(small, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     frames = _halfset_frames(str(tmp_path / "mpi"))
     assert len(frames) == 8 and max(worst_copy_rmsd(x) for x in frames) < 2e-3
+    # under constraints the workers make the compare steps (from the half maps' coefficients in
+    # the map store): the FSCs of one process
+    at = cmd.index("--output")
+    one = subprocess.run([mpiexec, "-n", "1", *cmd[3:at + 1], str(tmp_path / "one"), *cmd[at + 2:]],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    tried = [json.loads((tmp_path / d / "report.json").read_text())["halfset"]["weights_tried"]
+             for d in ("one", "mpi")]
+    assert len(tried[0]) == len(tried[1]) == 4
+    for a, b in zip(*tried):
+        assert a["fsc_work_avg"] == pytest.approx(b["fsc_work_avg"], abs=2e-4)
+        assert a["fsc_free_avg"] == pytest.approx(b["fsc_free_avg"], abs=2e-4)
 
 
 def test_ncs_restraint_gradient_and_pull(small):
@@ -481,6 +494,20 @@ def test_asymmetric_unit_half_sets_compare_the_whole_assembly(asu, small, tmp_pa
         work[name] = max(t["fsc_work_avg"] for t in report["halfset"]["weights_tried"])
     assert work["expanded"] > 0.6
     assert abs(work["asu"] - work["expanded"]) < 0.05, work
+    # under mpiexec the workers make the compare steps, of the whole assembly too
+    import shutil
+    import subprocess
+    import sys
+    (tmp_path / "p.toml").write_text("[refine]\nweight_trial_iterations = 4\n")
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    proc = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine",
+                           str(tmp_path / "asu_start.cif"), "--half-maps", *halves, "--resolution", "3.5",
+                           "--output", str(tmp_path / "asu_mpi"), "--ncs", "constraints", "--cycles", "1",
+                           "--iterations", "8", "--params", str(tmp_path / "p.toml")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tried = json.loads((tmp_path / "asu_mpi" / "report.json").read_text())["halfset"]["weights_tried"]
+    assert max(t["fsc_work_avg"] for t in tried) == pytest.approx(work["asu"], abs=2e-3)
 
 
 def _asu_restraints(model):

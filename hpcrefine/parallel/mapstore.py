@@ -82,13 +82,14 @@ class MapStore:
                                "sees, or set HPCREFINE_MAP_DIR to one")
         return np.asarray(np.load(path, mmap_mode="r"))     # an ndarray view of the mapping
 
-    def publish(self, key: str, compute) -> np.ndarray:
+    def publish(self, key: str, compute, dtype=np.float32) -> np.ndarray:
         """The map compute() returns, computed once by the master (collective over the world
-        when parallel; an already published key is only mapped). Returns it read-only."""
+        when parallel; an already published key is only mapped). Returns it read-only, as
+        dtype (float32; complex64 for Fourier coefficients)."""
         if self.has(key):
             return self.get(key)
         if not self.parallel:
-            a = np.asarray(compute(), dtype=np.float32)
+            a = np.asarray(compute(), dtype=dtype)
             a.flags.writeable = False
             self._memory[key] = a
             return a
@@ -98,7 +99,7 @@ class MapStore:
             path = self._path(key)
             tmp = path + ".part"
             try:
-                a = np.ascontiguousarray(compute(), dtype=np.float32)
+                a = np.ascontiguousarray(compute(), dtype=dtype)
                 with open(tmp, "wb") as fh:
                     np.save(fh, a)
                 del a
