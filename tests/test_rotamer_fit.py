@@ -211,6 +211,8 @@ def test_selection_searches_outliers_and_poor_fits_and_leaves_the_rest(adk):
     sel = select_side_chains(scorer, model, chains, "outliers_poor_map")
     assert np.array_equal(sel, is_outlier | (rho < params.cycle_rotamer_poor_map))
     assert select_side_chains(scorer, model, chains, "all").all()
+    # "outliers": the rotamer outliers alone, so not the wrong library rotamers of the start
+    assert np.array_equal(select_side_chains(scorer, model, chains, "outliers"), is_outlier)
     wrong = np.isin([c.residue for c in chains], [c.residue for c in picked])
     assert sel[wrong].all() and not is_outlier[wrong].any()
     assert rho[wrong].max() < params.cycle_rotamer_poor_map < np.median(rho[~wrong])
@@ -226,7 +228,7 @@ def test_selection_searches_outliers_and_poor_fits_and_leaves_the_rest(adk):
     _, rec_all = rotamer_step(ParamRunner(None), inputs, start, params)
     assert rec_all["select"] == "all" and rec_all["searched"] == len(chains)
     with pytest.raises(InputError):
-        build_params(3.0, overrides={"cycle_rotamer_select": "outliers"})
+        build_params(3.0, overrides={"cycle_rotamer_select": "poor_map"})
 
 
 def test_margin_decides_what_changes(adk):

@@ -88,7 +88,7 @@ LOCAL_ROUNDS = 4           # moves at most per step
 # one row per side chain in the exchanged buffer: changed, chi 1-4, gain, rho before, rho after,
 # the radius around CA within which a moved atom changes its score, searched (0/1)
 ROW = 10
-SELECT_MODES = ("all", "outliers_poor_map")     # which side chains a step searches (select_side_chains)
+SELECT_MODES = ("all", "outliers_poor_map", "outliers")     # which side chains a step searches (select_side_chains)
 
 
 @dataclass
@@ -541,15 +541,18 @@ def select_side_chains(scorer: Scorer, model, chains: list[SideChain], select: s
     """(n_chains,) bool: the side chains a step searches at the scorer's coordinates. "all":
     every one; "outliers_poor_map": the rotamer outliers (validation.rotamer) and those whose
     current rho is below params.cycle_rotamer_poor_map map sd, as phenix.real_space_refine fits
-    "outliers and poor map" side chains in its macro-cycles. Deterministic in the coordinates and
-    the map: every worker picks the same."""
+    "outliers and poor map" side chains in its macro-cycles; "outliers": the rotamer outliers
+    alone (a library rotamer that fits the map poorly stays). Deterministic in the coordinates
+    and the map: every worker picks the same."""
     if select == "all":
         return np.ones(len(chains), dtype=bool)
-    if select != "outliers_poor_map":
+    if select not in ("outliers_poor_map", "outliers"):
         raise InputError(f"unknown side-chain selection {select!r}")
     rot = rotamer.analyse(residue_table(model, scorer.xyz, rotamer.ATOM_NAMES), scorer.xyz)
     outliers = set(rot["residue"][rot["category"] == rotamer.OUTLIER].tolist())
     outlier = np.array([sc.residue in outliers for sc in chains], dtype=bool)
+    if select == "outliers":
+        return outlier
     return outlier | (scorer.current_rho(chains) < scorer.params.cycle_rotamer_poor_map)
 
 
