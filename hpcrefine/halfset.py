@@ -150,8 +150,8 @@ class HalfTransforms:
         """Publish both half maps' coefficients in the map store (collective: the master
         transforms, every rank maps them), so that any rank can make compare steps."""
         for h in (1, 2):
-            self._coefficients[h] = store.publish(f"half{h}_coefficients", functools.partial(self.coefficients, h),
-                                                  dtype=np.complex64)
+            self._coefficients[h] = store.publish(f"half{h}_coefficients",
+                                                  functools.partial(self.coefficients, h), dtype=np.complex64)
 
     def coefficients(self, h: int) -> np.ndarray:
         """Half map h's coefficients in the cube (read-only; transformed on first use)."""

@@ -88,7 +88,7 @@ LOCAL_ROUNDS = 4           # moves at most per step
 # one row per side chain in the exchanged buffer: changed, chi 1-4, gain, rho before, rho after,
 # the radius around CA within which a moved atom changes its score, searched (0/1)
 ROW = 10
-SELECT_MODES = ("all", "outliers_poor_map", "outliers")     # which side chains a step searches (select_side_chains)
+SELECT_MODES = ("all", "outliers_poor_map", "outliers")     # what a step searches (select_side_chains)
 
 
 @dataclass
@@ -255,6 +255,7 @@ def set_chis(xyz_res: np.ndarray, sc: SideChain, chi: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def _set_chis(xyz_res, quads, moving, chi, out):
+    """out[k]: xyz_res with the chi angles chi[k] (set_chis), one candidate after another."""
     for k in range(chi.shape[0]):
         x = out[k]
         x[:] = xyz_res
@@ -278,8 +279,8 @@ def _set_chis(xyz_res, quads, moving, chi, out):
 
 @njit(cache=True)
 def _rho_clash(data, origin, voxel, coords, sel, weight, i, fixed, d0, a, b, d0_ab, rho, clash):
-    """Per candidate k: rho[k], the weight-averaged map value at the atoms sel of coords[k]
-    (Scorer.rho), and clash[k] (_penalty) over the moving atoms coords[k, sel]."""
+    """Per candidate k: rho[k], the weight-averaged map value (tricubic) at the atoms sel of
+    coords[k], and clash[k] (_penalty) over the moving atoms coords[k, sel]."""
     ox, oy, oz = origin[0], origin[1], origin[2]
     vx, vy, vz = voxel[0], voxel[1], voxel[2]
     w_sum = 0.0
@@ -368,13 +369,6 @@ class Scorer:
         values, _ = tricubic(self.map, self.origin, self.voxel, self.xyz[atoms])
         w = self.electrons[atoms]
         return np.add.reduceat(values * w, starts) / np.add.reduceat(w, starts)
-
-    def rho(self, coords: np.ndarray, atoms: np.ndarray) -> np.ndarray:
-        """Electron-weighted mean map value at coords (K, s, 3) of the atoms `atoms` (s,)."""
-        from ..core.density import tricubic
-        values, _ = tricubic(self.map, self.origin, self.voxel, coords.reshape(-1, 3))
-        w = self.electrons[atoms]
-        return values.reshape(coords.shape[:2]) @ w / w.sum()
 
     def _is_excluded(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         key = np.minimum(i, j) * self.n + np.maximum(i, j)
