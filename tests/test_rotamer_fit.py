@@ -22,9 +22,9 @@ from hpcrefine.modelio import read_model, read_structure, updated_structure, wri
 from hpcrefine.monlib import MonomerLibrary
 from hpcrefine.params import RefineParams, build_params
 from hpcrefine.protocol.param import ParamRunner
-from hpcrefine.protocol.rotamer_fit import (candidate_chis, check_rotamer_params, current_chis,
-                                            make_scorer, rotamer_step, select_side_chains, set_chis,
-                                            side_chains)
+from hpcrefine.protocol.rotamer_fit import (candidate_chis, candidate_prior, check_rotamer_params,
+                                            current_chis, make_scorer, rotamer_step, select_side_chains,
+                                            set_chis, side_chains)
 from hpcrefine.protocol.steps import parse_protocol, split_protocol
 from hpcrefine.topology import build_restraints
 from hpcrefine.validation import rotamer
@@ -137,8 +137,11 @@ def test_reach_bounds_every_conformation_and_pruned_contacts_score_the_same(adk)
         n_all, n_pruned = n_all + len(full[0]), n_pruned + len(pruned[0])
         a, b = scorer.penalty(coords[:, sc.beyond_cb], full), scorer.penalty(coords[:, sc.beyond_cb], pruned)
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-        assert np.array_equal(scorer.score(sc, coords, chi, pruned)[0], scorer.score(sc, coords, chi, pruned,
-                                                                                     scorer.prior(sc.res_type, chi))[0])
+        np.testing.assert_allclose(scorer.score(sc, coords, chi, pruned)[0],
+                                   scorer.score(sc, coords, chi, full)[0], rtol=1e-12, atol=1e-12)
+        # the library candidates' prior, kept per residue type, is the one computed afresh
+        k = len(candidate_chis(sc.res_type, True))
+        assert np.array_equal(candidate_prior(sc.res_type, True), scorer.prior(sc.res_type, chi[:k]))
     assert n_pruned < 0.6 * n_all           # most pairs can never touch
 
 
