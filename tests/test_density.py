@@ -138,20 +138,6 @@ def test_real_space_target(smooth_map):
     np.testing.assert_allclose(gout, 1 + 3 * gt, rtol=1e-13)
 
 
-def test_spatial_order_is_a_permutation_and_changes_nothing(smooth_map):
-    rng = np.random.default_rng(6)
-    xyz = positions(rng, smooth_map.shape, 500, 0.0)
-    perm = D.spatial_order(xyz, block=4.0)
-    assert np.array_equal(np.sort(perm), np.arange(len(xyz)))
-    blocks = np.floor((xyz[perm] - xyz.min(0)) / 4.0).astype(int)
-    key = (blocks[:, 2] * 100 + blocks[:, 1]) * 100 + blocks[:, 0]
-    assert np.all(np.diff(key) >= 0)
-    v, g = D.tricubic(smooth_map, ORIGIN, VOXEL, xyz)
-    vs, gs = D.tricubic(smooth_map, ORIGIN, VOXEL, xyz[perm])
-    np.testing.assert_array_equal(vs, v[perm])
-    np.testing.assert_array_equal(gs, g[perm])
-
-
 def test_normalise_map(smooth_map):
     data = (smooth_map * 3.0 + 7.0).astype(np.float32)
     n = D.normalise_map(data)

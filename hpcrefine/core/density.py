@@ -11,9 +11,6 @@ interpolating polynomial. Edges: stencil indices are clamped to 0..n-1, which is
 interpolating the map extended by repeating its edge planes forever. The interpolant therefore stays
 C1 everywhere; outside the map the value tends to the nearest edge value and the gradient across
 the edge to zero (an atom more than 2 voxels outside feels no force along that axis).
-
-For speed with large models, evaluate atoms in a spatially coherent order (`spatial_order`): the
-values depend only on each atom's own position, so any order gives the same numbers.
 """
 from __future__ import annotations
 
@@ -225,21 +222,6 @@ def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scal
     t = _target_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, w,
                        float(scale), grad_out)
     return float(t), grad_out
-
-
-def spatial_order(xyz, block: float = 8.0) -> np.ndarray:
-    """Permutation that groups atoms by cubic blocks of edge `block` A (blocks in z, y, x
-    row-major order, atoms within a block in their original order): xyz[perm] is a cache-friendly
-    order for the interpolation kernels."""
-    xyz = _prep_xyz(xyz)
-    if len(xyz) == 0:
-        return np.zeros(0, dtype=np.int64)
-    if block <= 0:
-        raise ValueError("block must be > 0")
-    b = np.floor((xyz - xyz.min(axis=0)) / block).astype(np.int64)
-    dims = b.max(axis=0) + 1
-    key = (b[:, 2] * dims[1] + b[:, 1]) * dims[0] + b[:, 0]
-    return np.argsort(key, kind="stable")
 
 
 def _chunks(n0: int, plane: int, chunk_voxels: int):

@@ -399,15 +399,15 @@ class Scorer:
             j = np.tile(np.arange(len(others)), s)
         keep = ~self._is_excluded(atoms[i], others[j])
         i, j = i[keep], j[keep]
+        d0 = self._contact(atoms[i], others[j]) - CLASH_ALLOWANCE
         if bound is not None:
-            keep = dist[j] - bound[1][i] < self._contact(atoms[i], others[j]) - CLASH_ALLOWANCE
-            i, j = i[keep], j[keep]
+            keep = dist[j] - bound[1][i] < d0
+            i, j, d0 = i[keep], j[keep], d0[keep]
         a, b = np.triu_indices(s, 1)
         keep = ~self._is_excluded(atoms[a], atoms[b])
         a, b = a[keep], b[keep]
         as_int = functools.partial(np.ascontiguousarray, dtype=np.int64)
-        return (as_int(i), np.ascontiguousarray(others_xyz[j]),
-                np.ascontiguousarray(self._contact(atoms[i], others[j]) - CLASH_ALLOWANCE, dtype=np.float64),
+        return (as_int(i), np.ascontiguousarray(others_xyz[j]), np.ascontiguousarray(d0, dtype=np.float64),
                 as_int(a), as_int(b),
                 np.ascontiguousarray(self._contact(atoms[a], atoms[b]) - CLASH_ALLOWANCE, dtype=np.float64))
 
