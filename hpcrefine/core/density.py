@@ -43,18 +43,26 @@ def _vec3(v, what) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
-def _axis(x, o, v, n):
-    """Along one axis: clamped stencil indices of the samples at -1, 0, 1, 2 around the
-    fractional position, their Catmull-Rom weights and the weights' derivatives."""
+def _cell(x, o, v, n):
+    """Along one axis of n voxels: the voxel index below the position (its floor, the position
+    limited to -3..n+2 first: far outside, every stencil index clamps to the same edge and the
+    int stays small) and the fraction above it."""
     u = (x - o) / v
-    # far outside every stencil index clamps to the same edge; limiting u keeps ints small
     if u < -3.0:
         u = -3.0
     elif u > n + 2.0:
         u = n + 2.0
     f = math.floor(u)
-    w, dw = catmull_rom(u - f)
-    i0 = int(f) - 1
+    return int(f), u - f
+
+
+@njit(cache=True, inline="always")
+def _axis(x, o, v, n):
+    """Along one axis: clamped stencil indices of the samples at -1, 0, 1, 2 around the
+    fractional position, their Catmull-Rom weights and the weights' derivatives."""
+    f, t = _cell(x, o, v, n)
+    w, dw = catmull_rom(t)
+    i0 = f - 1
     hi = n - 1
     idx = (min(max(i0, 0), hi), min(max(i0 + 1, 0), hi), min(max(i0 + 2, 0), hi),
            min(max(i0 + 3, 0), hi))
@@ -62,27 +70,47 @@ def _axis(x, o, v, n):
 
 
 @njit(cache=True, inline="always")
+def _stencil_within(x, o, v, n, lo, m):
+    """True when the clamped stencil of _axis lies in voxels lo..lo+m-1 of the axis."""
+    f, _ = _cell(x, o, v, n)
+    hi = n - 1
+    return min(max(f - 1, 0), hi) >= lo and min(max(f + 2, 0), hi) < lo + m
+
+
+@njit(cache=True, inline="always")
 def _interp(data, ox, oy, oz, vx, vy, vz, x, y, z):
     """Value and d/dx, d/dy, d/dz at one (finite) point."""
     nz, ny, nx = data.shape
+    return _interp_in(data, 0, 0, 0, nx, ny, nz, ox, oy, oz, vx, vy, vz, x, y, z)
+
+
+@njit(cache=True, inline="always")
+def _interp_in(data, li, lj, lk, nx, ny, nz, ox, oy, oz, vx, vy, vz, x, y, z):
+    """_interp on a sub-grid: data holds voxels (li.., lj.., lk..) of a map of (nx, ny, nz)
+    voxels whose voxel (0, 0, 0) sits at the origin; the stencil must lie inside data
+    (_stencil_within). The same sums in the same order as on the whole map."""
     ix, wx, dwx = _axis(x, ox, vx, nx)
     iy, wy, dwy = _axis(y, oy, vy, ny)
     iz, wz, dwz = _axis(z, oz, vz, nz)
+    i0 = ix[0] - li
+    i1 = ix[1] - li
+    i2 = ix[2] - li
+    i3 = ix[3] - li
     val = 0.0
     gx = 0.0
     gy = 0.0
     gz = 0.0
     for c in range(4):
-        k = iz[c]
+        k = iz[c] - lk
         sv = 0.0      # sums over the (j, i) plane k
         sgx = 0.0
         sgy = 0.0
         for b in range(4):
-            j = iy[b]
-            r0 = float(data[k, j, ix[0]])
-            r1 = float(data[k, j, ix[1]])
-            r2 = float(data[k, j, ix[2]])
-            r3 = float(data[k, j, ix[3]])
+            j = iy[b] - lj
+            r0 = float(data[k, j, i0])
+            r1 = float(data[k, j, i1])
+            r2 = float(data[k, j, i2])
+            r3 = float(data[k, j, i3])
             rv = wx[0] * r0 + wx[1] * r1 + wx[2] * r2 + wx[3] * r3
             rd = dwx[0] * r0 + dwx[1] * r1 + dwx[2] * r2 + dwx[3] * r3
             sv += wy[b] * rv
@@ -131,6 +159,46 @@ def _target_kernel(data, origin, voxel, xyz, weight, scale, grad):
         grad[a, 1] += c * gy
         grad[a, 2] += c * gz
     return t
+
+
+@njit(cache=True)
+def _owned_target_kernel(data, lo, n, origin, voxel, xyz, atoms, weight, scale, grad):
+    """_target_kernel over the atoms xyz[atoms] (weight[a] for atoms[a]) on a sub-grid of the map
+    (_interp_in: lo, n = (x, y, z) offsets and whole-map sizes), the gradient added into the rows
+    grad[atoms]. Returns (T, -1), or (0, a) without touching grad when the stencil of atoms[a]
+    leaves the sub-grid (non-finite positions count as inside; they make T NaN)."""
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    vx, vy, vz = voxel[0], voxel[1], voxel[2]
+    li, lj, lk = lo[0], lo[1], lo[2]
+    nx, ny, nz = n[0], n[1], n[2]
+    mz, my, mx = data.shape
+    for a in range(atoms.shape[0]):
+        p = atoms[a]
+        x = xyz[p, 0]
+        y = xyz[p, 1]
+        z = xyz[p, 2]
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
+            continue
+        if not (_stencil_within(x, ox, vx, nx, li, mx) and _stencil_within(y, oy, vy, ny, lj, my)
+                and _stencil_within(z, oz, vz, nz, lk, mz)):
+            return 0.0, a
+    t = 0.0
+    for a in range(atoms.shape[0]):
+        p = atoms[a]
+        x = xyz[p, 0]
+        y = xyz[p, 1]
+        z = xyz[p, 2]
+        if math.isfinite(x) and math.isfinite(y) and math.isfinite(z):
+            v, gx, gy, gz = _interp_in(data, li, lj, lk, nx, ny, nz, ox, oy, oz, vx, vy, vz,
+                                       x, y, z)
+        else:
+            v = gx = gy = gz = np.nan
+        c = -scale * weight[a]
+        t += c * v
+        grad[p, 0] += c * gx
+        grad[p, 1] += c * gy
+        grad[p, 2] += c * gz
+    return t, -1
 
 
 def tricubic(data, origin, voxel, xyz):
@@ -222,6 +290,28 @@ def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scal
     t = _target_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, w,
                        float(scale), grad_out)
     return float(t), grad_out
+
+
+def owned_target(sub, lo, full_shape, origin, voxel, xyz, atoms, atom_weight, grad_out,
+                 scale: float = 1.0) -> tuple[float, int]:
+    """real_space_target of the atoms xyz[atoms] (atom_weight per listed atom) read from a
+    sub-grid of the map: sub holds voxels lo (x, y, z) onwards of a map of full_shape
+    (nz, ny, nx). The gradient is added into grad_out[atoms] (grad_out: the whole (n, 3)).
+    Returns (T, -1), bitwise what real_space_target gives on the whole map, or (0, a) with
+    grad_out untouched when the stencil of atom atoms[a] is not inside sub."""
+    sub = _prep_map(sub)
+    xyz = _prep_xyz(xyz)
+    grad_out = grad_array(xyz, grad_out)
+    atoms = np.ascontiguousarray(atoms, dtype=np.int64)
+    w = np.ascontiguousarray(atom_weight, dtype=np.float64)
+    if w.shape != atoms.shape:
+        raise ValueError(f"atom_weight has shape {w.shape}, expected {atoms.shape}")
+    nz, ny, nx = (int(v) for v in full_shape)
+    lo = np.ascontiguousarray(lo, dtype=np.int64).reshape(3)
+    t, outside = _owned_target_kernel(sub, lo, np.array([nx, ny, nz], dtype=np.int64),
+                                      _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, atoms,
+                                      w, float(scale), grad_out)
+    return float(t), int(outside)
 
 
 def _chunks(n0: int, plane: int, chunk_voxels: int):

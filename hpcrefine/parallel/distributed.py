@@ -36,7 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core import geometry, nonbonded
-from ..core.density import real_space_target
+from ..core.density import owned_target
 from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
@@ -55,6 +55,12 @@ NEIGHBOUR_SKIN = 1.0     # A, the skin of the workers' neighbour lists (nonbonde
 # on 2 (exchange 14 against 24 s in a run), at 50,001-300,006 on 4 (18-24 against 64-268 ms), and
 # slower at 16,667 on 4 (13 against 11 ms).
 BOXES_FROM = 400_000
+# A rank's data term reads the map within SUBGRID_MARGIN A of its atoms' interpolation stencils
+# into memory of its own (LocalRealSpaceTerm), unless that is more than SUBGRID_MAX_FRACTION of
+# the map. The margin is what the atoms may move before the rank reads again (a few voxels: a
+# sub-grid of a quarter of a 480^3 map takes about 0.1 s to read from the page cache).
+SUBGRID_MARGIN = 3.0
+SUBGRID_MAX_FRACTION = 0.5
 
 
 class EvaluationTotals:
@@ -78,6 +84,8 @@ class EvaluationTotals:
         self.halo_evaluations = 0
         self.halo_atoms = 0
         self.halo_builds = 0
+        self.subgrid_reads = 0          # map sub-grids read by the data terms (LocalRealSpaceTerm)
+        self.subgrid_bytes = 0          # the largest of them
 
     def add(self, seconds_local: float, seconds_reduce: float, atoms: int, buffer_bytes: int,
             shared: bool = True) -> None:
@@ -94,7 +102,8 @@ class EvaluationTotals:
                 "reduce_bytes": self.reduce_bytes, "nbl_builds": self.nbl_builds,
                 "seconds_nbl": round(self.seconds_nbl, 2), "shared_evaluations": self.shared_evaluations,
                 "halo_evaluations": self.halo_evaluations, "halo_atoms": self.halo_atoms,
-                "halo_builds": self.halo_builds}
+                "halo_builds": self.halo_builds, "subgrid_reads": self.subgrid_reads,
+                "subgrid_mb": round(self.subgrid_bytes / 2**20, 1)}
 
 
 EVALUATION_TOTALS = EvaluationTotals()     # this process's totals, read by the run report
@@ -107,8 +116,14 @@ class LocalRealSpaceTerm:
     an index array for a box of decompose.spatial_parts).
 
     accumulate(xyz, grad_out, scale) reads only xyz[atoms] and adds only into grad_out[atoms]:
-    its cost is proportional to the rank's atoms, not to the model, and it reads only the part of
-    the map around them."""
+    its cost is proportional to the rank's atoms, not to the model. When the term's map comes
+    from a file every rank reads (a parallel MapStore: the term has `box_reader`), the rank
+    reads only the sub-grid around its atoms into memory of its own: the box of their stencils
+    plus SUBGRID_MARGIN A on every side, read from the file, not mapped (the pages of the file
+    stay in the node's page cache, shared, and out of this process). While every stencil stays
+    inside, the values are bitwise those of the whole map; an atom that leaves it makes the rank
+    read the sub-grid again around the atoms' new positions. A sub-grid of more than
+    SUBGRID_MAX_FRACTION of the map is not read: the whole map is used in place."""
 
     reads_own_atoms_only = True
 
@@ -117,19 +132,46 @@ class LocalRealSpaceTerm:
         self.origin = term.origin
         self.voxel = term.voxel
         self.atoms = atoms
+        self.index = (np.arange(atoms.start or 0, atoms.stop, dtype=np.int64) if isinstance(atoms, slice)
+                      else np.ascontiguousarray(atoms, dtype=np.int64))
         self.atom_weight = np.ascontiguousarray(term.atom_weight[atoms], dtype=np.float64)
+        reader = getattr(term, "box_reader", None)
+        self.read_box = reader() if reader is not None else None
+        self.sub = None                  # the sub-grid in use, from voxel self.lo (x, y, z) on
+        self.lo = np.zeros(3, dtype=np.int64)
+
+    def _cut(self, xyz: np.ndarray) -> None:
+        """Read the sub-grid around the current positions of the atoms (or take the whole map)."""
+        nz, ny, nx = self.data.shape
+        full = np.array([nx, ny, nz], dtype=np.int64)
+        p = xyz[self.index]
+        p = p[np.all(np.isfinite(p), axis=1)]
+        self.sub, self.lo = self.data, np.zeros(3, dtype=np.int64)
+        if self.read_box is None or not len(p):
+            return
+        margin = np.ceil(SUBGRID_MARGIN / self.voxel).astype(np.int64)
+        u = (p - self.origin) / self.voxel
+        lo = np.clip(np.floor(u.min(axis=0)).astype(np.int64) - 2 - margin, 0, full)
+        hi = np.clip(np.floor(u.max(axis=0)).astype(np.int64) + 4 + margin, 0, full)
+        if np.prod(hi - lo) > SUBGRID_MAX_FRACTION * np.prod(full) or np.any(hi <= lo):
+            return
+        self.sub, self.lo = self.read_box(lo, hi), lo
+        EVALUATION_TOTALS.subgrid_reads += 1
+        EVALUATION_TOTALS.subgrid_bytes = max(EVALUATION_TOTALS.subgrid_bytes, self.sub.nbytes)
 
     def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:
         """scale * T_data of the owned atoms; the gradient is added into grad_out (n, 3)."""
-        sl = self.atoms
-        if isinstance(sl, slice):
-            f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
-                                     grad_out=grad_out[sl], scale=scale)
-            return f
-        g = np.zeros((len(sl), 3))
-        f, _ = real_space_target(self.data, self.origin, self.voxel, xyz[sl], self.atom_weight,
-                                 grad_out=g, scale=scale)
-        grad_out[sl] += g
+        if self.sub is None:
+            self._cut(xyz)
+        f, outside = owned_target(self.sub, self.lo, self.data.shape, self.origin, self.voxel, xyz,
+                                  self.index, self.atom_weight, grad_out, scale)
+        if outside >= 0:         # an atom left the sub-grid: read it again where the atoms are
+            self._cut(xyz)
+            f, outside = owned_target(self.sub, self.lo, self.data.shape, self.origin, self.voxel,
+                                      xyz, self.index, self.atom_weight, grad_out, scale)
+            if outside >= 0:
+                raise RuntimeError(f"atom {self.index[outside]} is outside the map sub-grid read "
+                                   "around it")
         return f
 
 

@@ -82,6 +82,37 @@ class MapStore:
                                "sees, or set HPCREFINE_MAP_DIR to one")
         return np.asarray(np.load(path, mmap_mode="r"))     # an ndarray view of the mapping
 
+    def read_box(self, key: str, lo, hi) -> np.ndarray:
+        """Voxels lo..hi - 1 ((x, y, z) indices) of a published map of the files, as an array of
+        this process's own, (nz, ny, nx) of the box. Read from the file, not through a mapping:
+        only the box stays in this process's memory (the file's pages go through the node's page
+        cache), one plane's rows at a time."""
+        if key not in self._published:
+            raise KeyError(f"map {key!r} was not published to a file")
+        (i0, j0, k0), (i1, j1, k1) = (int(v) for v in lo), (int(v) for v in hi)
+        with open(self._path(key), "rb", buffering=0) as fh:
+            version = np.lib.format.read_magic(fh)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = header(fh)
+            offset = fh.tell()
+            nz, ny, nx = shape
+            if fortran or not (0 <= i0 < i1 <= nx and 0 <= j0 < j1 <= ny and 0 <= k0 < k1 <= nz):
+                raise ValueError(f"box {lo}..{hi} is not inside map {key!r} of {nx} x {ny} x {nz}")
+            out = np.empty((k1 - k0, j1 - j0, i1 - i0), dtype=dtype)
+            rows = np.empty((j1 - j0, nx), dtype=dtype)
+            view = memoryview(rows).cast("B")
+            for k in range(k0, k1):
+                pos = offset + (k * ny + j0) * nx * dtype.itemsize
+                done = 0
+                while done < len(view):
+                    got = os.preadv(fh.fileno(), [view[done:]], pos + done)
+                    if got <= 0:
+                        raise OSError(f"the file of map {key!r} ended early")
+                    done += got
+                out[k - k0] = rows[:, i0:i1]
+        return out
+
     def publish(self, key: str, compute, dtype=np.float32) -> np.ndarray:
         """The map compute() returns, computed once by the master (collective over the world
         when parallel; an already published key is only mapped). Returns it read-only, as
@@ -153,6 +184,14 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         self.blur_raw = blur_raw
         data = store.publish(key, lambda: normalise_map(np.asarray(compute_raw(), dtype=np.float32)))
         super().__init__(data, origin, voxel, atom_weight, normalise=False)
+
+    def box_reader(self):
+        """A function (lo, hi) -> the map's voxels lo..hi - 1 read from its file (MapStore.
+        read_box), for the ranks' sub-grids (distributed.LocalRealSpaceTerm); None when the map
+        is in memory (one rank)."""
+        if not self.store.parallel:
+            return None
+        return functools.partial(self.store.read_box, self.key)
 
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         if b_extra <= 0:

@@ -90,3 +90,71 @@ def test_stored_fast_target_equals_the_in_memory_one(shared_dir):
     assert store.has("m_b30")
     WORLD.Barrier()
     store.close()
+
+
+def _mapped_kb(path: str) -> int:
+    """This process's resident kB of the mappings of file `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:      # a mapping's first line
+                inside = len(head) >= 6 and os.path.realpath(head[5]) == os.path.realpath(path)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_a_rank_reads_only_the_sub_grid_around_its_atoms(shared_dir):
+    """A worker's data term (LocalRealSpaceTerm over a stored map) reads the box around its atoms
+    from the file into memory of its own, never the mapping, gives bitwise the whole map's
+    target, and reads again when its atoms leave the box."""
+    from hpcrefine.core.density import real_space_target
+    from hpcrefine.parallel.distributed import EVALUATION_TOTALS, SUBGRID_MARGIN, LocalRealSpaceTerm
+
+    ctx = make_context(WORLD)
+    store = MapStore(ctx, shared_dir)
+    rng = np.random.default_rng(11)
+    shape = (48, 56, 40)
+    big = rng.normal(size=shape).astype(np.float32)
+    origin, voxel = np.array([-3.0, 2.0, 1.0]), np.array([1.2, 1.1, 1.0])
+    n = 90
+    weight = rng.uniform(0.5, 2.0, n)
+    plain = RealSpaceTerm(big, origin, voxel, weight)
+    stored = StoredRealSpaceTerm(store, "big", lambda: big, origin, voxel, weight)
+    # every rank owns a cluster of atoms, 10 voxels across, in its own corner of the map
+    rank = WORLD.Get_rank()
+    xyz = origin + rng.uniform(4, 14, size=(n, 3)) * voxel
+    atoms = np.arange(rank % 3, n, 3)
+    xyz[atoms] += (rank % 2) * 12 * voxel
+    local = LocalRealSpaceTerm(stored, atoms)
+
+    def both(x):
+        f_whole, g_atoms = real_space_target(plain.data, origin, voxel, x[atoms], weight[atoms],
+                                             scale=2.5)
+        g_whole = np.zeros((n, 3))
+        g_whole[atoms] = g_atoms
+        g = np.zeros((n, 3))
+        f = local.accumulate(x, g, 2.5)
+        assert f == f_whole and np.array_equal(g, g_whole)
+        assert not np.any(g[np.setdiff1d(np.arange(n), atoms)])
+
+    reads = EVALUATION_TOTALS.subgrid_reads
+    both(xyz)
+    parallel = WORLD.Get_size() > 1
+    if parallel:
+        assert EVALUATION_TOTALS.subgrid_reads == reads + 1
+        assert local.sub.size < 0.25 * big.size and local.sub.flags.owndata
+    else:
+        assert local.sub is plain.data or local.sub.size == big.size     # one rank: the map in place
+    # moved less than the margin: the same sub-grid; moved beyond it: read again
+    both(xyz + 0.5 * SUBGRID_MARGIN)
+    assert EVALUATION_TOTALS.subgrid_reads == reads + parallel
+    moved = xyz + np.array([2.0, 1.0, -1.5]) * SUBGRID_MARGIN
+    both(moved)
+    assert EVALUATION_TOTALS.subgrid_reads == reads + 2 * parallel
+    if parallel:
+        # nothing of the map file is resident in this process: its pages were read, not mapped
+        assert _mapped_kb(store._path("big")) == 0
+    WORLD.Barrier()
+    store.close()
