@@ -65,6 +65,13 @@ class RefineParams:
     # every task refined by all the workers together, one after another (each worker holds its
     # boxes' share of a task, so a worker's memory falls with the workers; slower by the exchanges)
     halfset_layout: str = "parallel"
+    # whole-model figures made by spare workers while the master does other work: the start
+    # model's statistics (the last worker, while the master prepares the half-set maps), its
+    # validation (worker 1) and the final statistics (the last worker), each over the whole model
+    # (at a million atoms those workers peak at 2.8-3.8 GB instead of their share). false: the
+    # master makes them all (it holds the whole model anyway; longer wall time), so a worker
+    # holds only its share of the refinement and its memory falls with the workers
+    whole_model_on_workers: bool = True
     # checkpoints (OUTPUT/checkpoint.h5) at step boundaries: when this many seconds have passed
     # since the last one, or every checkpoint_steps steps (0: by time only); a signal always
     # checkpoints. These two may change in a restart.
@@ -287,7 +294,7 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
     for name in ("ss_restraints", "rama_restraints", "rotamer_restraints", "cycle_rotamers",
-                 "ncs_average_map", "halfset_fixed_operators"):
+                 "ncs_average_map", "halfset_fixed_operators", "whole_model_on_workers"):
         if not isinstance(values.get(name, False), bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}")
     params = RefineParams(**values)

@@ -372,7 +372,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     # a worker validates the start model while the master validates the final model, and with
     # three ranks or more another worker makes the final statistics meanwhile (the workers have
     # nothing else to do by then)
-    helper = None if idealize_only or ctx is None or ctx.size < 2 else VALIDATION_RANK
+    helper = (None if idealize_only or ctx is None or ctx.size < 2 or not params.whole_model_on_workers
+              else VALIDATION_RANK)
     final_stats = ctx.size - 1 if helper is not None and ctx.size > 2 else None
     final_args = (None, None) if idealize_only else (state.b, state.occ)
     if final_stats is not None:
@@ -738,11 +739,12 @@ def _hand_to(ctx, rank, tag: int, args: tuple, compute, then=None) -> None:
 def _start_statistics_rank(ctx, inputs: Inputs, params: RefineParams, state, idealize_only: bool):
     """The worker that makes the start model's statistics (the last rank), or None for the
     master: a worker does when the run begins with the half-set stage, whose maps the master
-    prepares alone first (not in idealize, without half maps, or with protocol steps before the
-    half sets, which all the workers run at once)."""
+    prepares alone first (not in idealize, without half maps, with protocol steps before the
+    half sets, which all the workers run at once, or with whole_model_on_workers off)."""
     from .protocol.steps import split_protocol
 
-    if idealize_only or ctx is None or ctx.size < 2 or inputs.half_maps is None:
+    if (idealize_only or ctx is None or ctx.size < 2 or inputs.half_maps is None
+            or not params.whole_model_on_workers):
         return None
     pending_prepare = split_protocol(params.protocol)[0] and state.prepared is None
     if state.stage != "halfset" or pending_prepare:

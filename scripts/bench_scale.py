@@ -295,6 +295,9 @@ def print_result(res: dict) -> None:
             print(f"rank {r['rank']}: halo {r['halo_atoms'] / r['halo_evaluations']:,.0f} atoms on average over "
                   f"{r['halo_evaluations']} evaluations with boxes, {r['halo_builds']} list builds; "
                   f"{r['reduce_bytes'] / max(r['shared_evaluations'], 1) / 1e6:.2f} MB sent per shared evaluation")
+        if r.get("subgrid_reads"):
+            print(f"rank {r['rank']}: {r['subgrid_reads']} map sub-grids read, the largest "
+                  f"{r['subgrid_mb']} MB")
     b, a = res["before"], res["after"]
     print(f"start: RMSD {b['rmsd_all']:.3f} A (CA {b['rmsd_ca']:.3f}), bonds {b['bond_rmsd']:.4f} A, "
           f"angles {b['angle_rmsd']:.2f} deg, CC_mask {b['cc_mask']}")

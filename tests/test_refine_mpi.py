@@ -151,6 +151,26 @@ def test_statistics_made_by_workers_are_the_models(adk_case, runs):
     assert three["after"]["chiral_inversions"] == after["chiral_inversions"]
 
 
+def test_whole_model_figures_on_the_master_change_nothing_else(adk_case, runs, tmp_path):
+    """whole_model_on_workers = false: the master makes the start and final statistics and both
+    validations itself, so the workers hold only their shares; the refinement is the same run
+    (the same coordinates to the last digit), and so are the figures."""
+    params = tmp_path / "master.toml"
+    params.write_text("[refine]\nwhole_model_on_workers = false\n")
+    out = tmp_path / "n3_master"
+    p = mpirun(3, ["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
+                   "--resolution", "3.5", "--params", str(params), "--output", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "refined.cif").read_text() == (runs[3] / "refined.cif").read_text()
+    mine, default = (json.loads((d / "report.json").read_text()) for d in (out, runs[3]))
+    assert mine["parameters"]["whole_model_on_workers"] is False
+    assert mine["before"] == default["before"] and mine["after"] == default["after"]
+    for name in ("start", "final"):
+        for section in ("geometry", "ramachandran", "rotamers", "cbeta", "clashes"):
+            assert mine["validation"][name][section] == default["validation"][name][section]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(runs[3]))
+
+
 def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):
     p = mpirun(3, ["refine", str(tmp_path / "missing.cif"), "--map", adk_case["full"], "--resolution", "3.5",
                    "--output", str(tmp_path / "out")], timeout=120)
