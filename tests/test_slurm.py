@@ -17,6 +17,10 @@ The test waits for both to complete, asserts that each was interrupted at least 
 final refined.cif holds exactly the coordinates of an uninterrupted `mpiexec -n 3 hpcrefine refine`
 with the same inputs. Needs root or passwordless sudo (slurmd runs as root): without them the test
 fails, on purpose. About 5-8 minutes on a 2-core machine.
+
+test_signal_after_the_ranks_ended needs no cluster (stand-ins for srun, squeue and scancel): a
+warning or a SIGTERM that reaches the batch shell just after the ranks have exited must not keep it
+from logging `done` and cancelling the rest of the chain.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -225,3 +230,71 @@ def test_interrupted_runs_under_slurm_match_uninterrupted(slurm, adk_case, tmp_p
         assert report["restarts"] >= 1
         assert np.array_equal(x, x_ref), f"{out}: the resumed run differs from the uninterrupted one by {diff} A"
     print(f"SLURM test wall {time.monotonic() - t0:.0f} s")
+
+
+# `hpcrefine refine` for test_signal_after_the_ranks_ended, launched by a stand-in srun that execs it:
+# its parent is the batch shell. It exits 0 once the shell catches SIGUSR1 (the trap is set); a child
+# of it waits until the shell stops catching SIGUSR1 (its launcher loop is over), then sends it one
+# signal, the signal argv[1]: where a warning, or the time limit's SIGTERM, lands when it comes just
+# as the run finished.
+FAKE_RUN = """\
+import os, signal, sys, time
+
+shell, sig = os.getppid(), int(sys.argv[1])
+
+
+def shell_catches_usr1():
+    with open(f"/proc/{shell}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1)
+
+
+deadline = time.monotonic() + 30
+if os.fork() == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    try:
+        seen = False
+        while time.monotonic() < deadline:
+            caught = shell_catches_usr1()
+            if seen and not caught:
+                os.kill(shell, sig)
+                break
+            seen = seen or caught
+            time.sleep(0.0002)
+    except (OSError, StopIteration):     # the shell has exited
+        pass
+    os._exit(0)
+while not shell_catches_usr1() and time.monotonic() < deadline:
+    time.sleep(0.001)
+print("refinement finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_signal_after_the_ranks_ended(tmp_path, sig):
+    """A chain job whose refinement has finished logs `done` and cancels the rest of the chain even
+    when a signal reaches its batch shell between the launcher's exit and its own (the failure seen
+    in CI: the warning killed the shell, the job ended FAILED and the next job of the chain ran)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"srun": '#!/bin/bash\nshift\nexec "$@"\n',              # drops --mpi=...
+             "squeue": "#!/bin/bash\necho 1002\necho 1003\n",        # the chain's pending jobs
+             "scancel": f'#!/bin/bash\necho "$@" >> {tmp_path}/cancelled\n'}
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "fake_run.py").write_text(FAKE_RUN)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HPCREFINE_VENV=str(tmp_path / "none"),
+               HPCREFINE_LAUNCHER="srun", HPCREFINE_REQUEUE="0", SLURM_JOB_ID="1001",
+               SLURM_JOB_NAME="chain", HPCREFINE_COMMAND=f"{sys.executable} {tmp_path / 'fake_run.py'} {int(sig)}")
+    p = subprocess.run(["bash", str(SBATCH_SCRIPT), "model.cif"], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    print(p.stdout + p.stderr)
+    assert p.returncode == 0, f"the batch shell ended with {p.returncode}"
+    assert "refinement finished" in p.stdout
+    assert re.search(r"hpcrefine job 1001: done$", p.stdout, re.M)
+    assert (tmp_path / "cancelled").read_text().split() == ["1002", "1003"]
+    if sig == signal.SIGTERM:
+        assert "SIGTERM (cancelled or time limit) after the ranks ended" in p.stdout
