@@ -122,9 +122,10 @@ class LocalRealSpaceTerm:
     stay in the node's page cache, shared, and out of this process). While every stencil stays
     inside, the values are bitwise those of the whole map; an atom that leaves it makes the rank
     read the sub-grid again around the atoms' new positions. Even a rank whose atoms span the
-    whole map reads it (about 0.3 s for 480^3 from the page cache): the copy goes with the
-    minimisation, where the pages of a mapping would stay in the process for every map it ever
-    read."""
+    whole map reads it (about 0.3 s for 480^3 from the page cache): the pages of a mapping would
+    stay in the process for every map it ever read, where the store keeps one sub-grid, the last
+    read, which the next minimisations of the same map use again while their atoms lie inside it
+    (MapStore.sub_grid)."""
 
     reads_own_atoms_only = True
 
@@ -152,12 +153,16 @@ class LocalRealSpaceTerm:
             return
         margin = np.ceil(SUBGRID_MARGIN / self.voxel).astype(np.int64)
         u = (p - self.origin) / self.voxel
-        lo = np.clip(np.floor(u.min(axis=0)).astype(np.int64) - 2 - margin, 0, full)
-        hi = np.clip(np.floor(u.max(axis=0)).astype(np.int64) + 4 + margin, 0, full)
-        if np.any(hi <= lo):
+        # the stencils' box (a voxel more each side than they reach, for rounding), and with
+        # the margin; a kept sub-grid that holds the stencils is used again
+        need_lo = np.clip(np.floor(u.min(axis=0)).astype(np.int64) - 2, 0, full)
+        need_hi = np.clip(np.floor(u.max(axis=0)).astype(np.int64) + 4, 0, full)
+        if np.any(need_hi <= need_lo):
             return
-        self.sub, self.lo = self.read_box(lo, hi), lo
-        EVALUATION_TOTALS.subgrid_reads += 1
+        lo, hi = np.maximum(need_lo - margin, 0), np.minimum(need_hi + margin, full)
+        self.sub = None                  # let go of the one in use before reading another
+        self.lo, self.sub, read = self.read_box(lo, hi, need_lo, need_hi)
+        EVALUATION_TOTALS.subgrid_reads += int(read)
         EVALUATION_TOTALS.subgrid_bytes = max(EVALUATION_TOTALS.subgrid_bytes, self.sub.nbytes)
 
     def accumulate(self, xyz: np.ndarray, grad_out: np.ndarray, scale: float) -> float:

@@ -6,10 +6,10 @@ copies, so every worker held several full-box arrays (1 map = 442 MB at 480^3) w
 the model it refined. Now the master computes each map once and writes it to a file of the store
 (a directory under the run's output folder, or $HPCREFINE_MAP_DIR, which must be readable by every
 rank: a shared filesystem on a cluster, /dev/shm on one machine), and every rank maps the file
-read-only. A worker then holds in memory only the pages around its own atoms, which its data term
-reads (its share of the model: a box of decompose.spatial_parts in the coordinate minimisation,
-so about the sub-grid around the box; decompose.atom_blocks elsewhere); the page cache holds one
-copy per node.
+read-only. A worker's data term in a minimisation reads from the file (read_box, not through the
+mapping) only the sub-grid around its own atoms (distributed.LocalRealSpaceTerm: its share of the
+model, a box of decompose.spatial_parts in the coordinate minimisation), into memory of its own
+for the minimisation's length; the page cache holds one copy of the file per node.
 
 Collective use: publish(key, compute) must be called by every rank of the world (the driver that
 all ranks run); the master computes and writes while the workers wait without spinning, then all
@@ -56,6 +56,7 @@ class MapStore:
         self.parallel = ctx is not None and ctx.size > 1
         self._memory: dict[str, np.ndarray] = {}
         self._published: set[str] = set()
+        self._last_box = None          # (key, lo, hi, array): the sub-grid sub_grid read last
         if self.parallel and ctx.is_master:
             shutil.rmtree(directory, ignore_errors=True)      # maps of an earlier run
             os.makedirs(directory)
@@ -113,6 +114,26 @@ class MapStore:
                 out[k - k0] = rows[:, i0:i1]
         return out
 
+    def sub_grid(self, key: str, lo, hi, need_lo=None, need_hi=None) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(lo', array, read): a sub-grid of a published map from voxel lo' ((x, y, z) indices)
+        on, read now (read: True) with voxels lo..hi - 1. The last sub-grid read is kept and
+        given again (read: False) while it holds voxels need_lo..need_hi - 1 (default lo, hi):
+        the minimisations of one map in a row (the weight trials, the half-set tasks of one half)
+        read it once. Another is read (read_box) after letting go of it, so that at most one is
+        held here."""
+        lo = np.asarray(lo, dtype=np.int64)
+        hi = np.asarray(hi, dtype=np.int64)
+        need_lo = lo if need_lo is None else np.asarray(need_lo, dtype=np.int64)
+        need_hi = hi if need_hi is None else np.asarray(need_hi, dtype=np.int64)
+        last = self._last_box
+        if (last is not None and last[0] == key and np.all(last[1] <= need_lo)
+                and np.all(need_hi <= last[2])):
+            return last[1], last[3], False
+        self._last_box = None
+        box = self.read_box(key, lo, hi)
+        self._last_box = (key, lo, hi, box)
+        return lo, box, True
+
     def publish(self, key: str, compute, dtype=np.float32) -> np.ndarray:
         """The map compute() returns, computed once by the master (collective over the world
         when parallel; an already published key is only mapped). Returns it read-only, as
@@ -155,6 +176,7 @@ class MapStore:
         """Remove the files (the master; the others only forget them)."""
         self._memory.clear()
         self._published.clear()
+        self._last_box = None
         if self.parallel and self.ctx.is_master:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -186,12 +208,12 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         super().__init__(data, origin, voxel, atom_weight, normalise=False)
 
     def box_reader(self):
-        """A function (lo, hi) -> the map's voxels lo..hi - 1 read from its file (MapStore.
-        read_box), for the ranks' sub-grids (distributed.LocalRealSpaceTerm); None when the map
-        is in memory (one rank)."""
+        """A function (lo, hi, need_lo, need_hi) -> (lo', sub-grid from voxel lo' on, whether it
+        was read now) from the map's file (MapStore.sub_grid), for the ranks' sub-grids
+        (distributed.LocalRealSpaceTerm); None when the map is in memory (one rank)."""
         if not self.store.parallel:
             return None
-        return functools.partial(self.store.read_box, self.key)
+        return functools.partial(self.store.sub_grid, self.key)
 
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         if b_extra <= 0:

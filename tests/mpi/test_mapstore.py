@@ -153,8 +153,18 @@ def test_a_rank_reads_only_the_sub_grid_around_its_atoms(shared_dir):
     moved = xyz + np.array([2.0, 1.0, -1.5]) * SUBGRID_MARGIN
     both(moved)
     assert EVALUATION_TOTALS.subgrid_reads == reads + 2 * parallel
+    # the next minimisation of the same map, its atoms inside the kept sub-grid: nothing read
+    local = LocalRealSpaceTerm(stored, atoms)
+    both(moved + 0.3)
+    assert EVALUATION_TOTALS.subgrid_reads == reads + 2 * parallel
+    # another map: read, and the kept one let go
+    other = StoredRealSpaceTerm(store, "big2", lambda: big[::-1].copy(), origin, voxel, weight)
+    local, plain = LocalRealSpaceTerm(other, atoms), RealSpaceTerm(big[::-1].copy(), origin, voxel, weight)
+    both(moved)
+    assert EVALUATION_TOTALS.subgrid_reads == reads + 3 * parallel
     if parallel:
-        # nothing of the map file is resident in this process: its pages were read, not mapped
-        assert _mapped_kb(store._path("big")) == 0
+        assert store._last_box[0] == "big2"
+        # nothing of the map files is resident in this process: their pages were read, not mapped
+        assert _mapped_kb(store._path("big")) == 0 and _mapped_kb(store._path("big2")) == 0
     WORLD.Barrier()
     store.close()
