@@ -21,6 +21,18 @@ def mpirun(n, args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def refine_with_params(case, tmp_path, name: str, line: str, ranks: int = 3):
+    """A refinement of the adk case under `ranks` ranks with one [refine] parameter line; its
+    output folder."""
+    params = tmp_path / f"{name}.toml"
+    params.write_text(f"[refine]\n{line}\n")
+    out = tmp_path / name
+    p = mpirun(ranks, ["refine", case["start"], "--half-maps", case["half1"], case["half2"],
+                       "--resolution", "3.5", "--params", str(params), "--output", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(adk_case, tmp_path_factory):
     out = tmp_path_factory.mktemp("mpi")
@@ -79,12 +91,7 @@ def test_shared_half_set_layout_agrees_with_one_process(adk_case, runs, tmp_path
     """halfset_layout = "shared": both workers of 3 ranks refine every half-set task together
     (task after task) instead of one half set each; the half-set statistics are those of one
     process, and each worker holds only its share of a task."""
-    params = tmp_path / "shared.toml"
-    params.write_text('[refine]\nhalfset_layout = "shared"\n')
-    out = tmp_path / "shared"
-    p = mpirun(3, ["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
-                   "--resolution", "3.5", "--params", str(params), "--output", str(out)])
-    assert p.returncode == 0, p.stderr[-3000:]
+    out = refine_with_params(adk_case, tmp_path, "shared", 'halfset_layout = "shared"')
     log = (out / "refine.log").read_text()
     assert "every task refined by all 2 workers in turn (shared)" in log
     h1 = json.loads((runs[1] / "report.json").read_text())["halfset"]
@@ -155,12 +162,7 @@ def test_whole_model_figures_on_the_master_change_nothing_else(adk_case, runs, t
     """whole_model_on_workers = false: the master makes the start and final statistics and both
     validations itself, so the workers hold only their shares; the refinement is the same run
     (the same coordinates to the last digit), and so are the figures."""
-    params = tmp_path / "master.toml"
-    params.write_text("[refine]\nwhole_model_on_workers = false\n")
-    out = tmp_path / "n3_master"
-    p = mpirun(3, ["refine", adk_case["start"], "--half-maps", adk_case["half1"], adk_case["half2"],
-                   "--resolution", "3.5", "--params", str(params), "--output", str(out)])
-    assert p.returncode == 0, p.stderr[-3000:]
+    out = refine_with_params(adk_case, tmp_path, "n3_master", "whole_model_on_workers = false")
     assert (out / "refined.cif").read_text() == (runs[3] / "refined.cif").read_text()
     mine, default = (json.loads((d / "report.json").read_text()) for d in (out, runs[3]))
     assert mine["parameters"]["whole_model_on_workers"] is False
