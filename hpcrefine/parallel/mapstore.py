@@ -8,8 +8,9 @@ the model it refined. Now the master computes each map once and writes it to a f
 rank: a shared filesystem on a cluster, /dev/shm on one machine), and every rank maps the file
 read-only. A worker's data term in a minimisation reads from the file (read_box, not through the
 mapping) only the sub-grid around its own atoms (distributed.LocalRealSpaceTerm: its share of the
-model, a box of decompose.spatial_parts in the coordinate minimisation), into memory of its own
-for the minimisation's length; the page cache holds one copy of the file per node.
+model, a box of decompose.spatial_parts in the coordinate minimisation), into memory of its own;
+the store keeps the last sub-grid a rank read for the next minimisations of the same map
+(sub_grid). The page cache holds one copy of the file per node.
 
 Collective use: publish(key, compute) must be called by every rank of the world (the driver that
 all ranks run); the master computes and writes while the workers wait without spinning, then all
@@ -84,7 +85,7 @@ class MapStore:
         return np.asarray(np.load(path, mmap_mode="r"))     # an ndarray view of the mapping
 
     def read_box(self, key: str, lo, hi) -> np.ndarray:
-        """Voxels lo..hi - 1 ((x, y, z) indices) of a published map of the files, as an array of
+        """Voxels lo..hi - 1 ((x, y, z) indices) of a map published to a file, as an array of
         this process's own, (nz, ny, nx) of the box. Read from the file, not through a mapping:
         only the box stays in this process's memory (the file's pages go through the node's page
         cache), one plane's rows at a time."""
