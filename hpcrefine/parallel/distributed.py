@@ -618,6 +618,9 @@ def install_abort_on_error(world):
                              f"{exc_type.__name__}, aborting all ranks\n")
             traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
             sys.stderr.flush()
+            # let mpiexec's output forwarding pass the message on before the abort tears the job
+            # down (an abort right after the write once left the job's stderr empty)
+            time.sleep(0.5)
         finally:
             world.Abort(1)
 
