@@ -147,24 +147,9 @@ def _tricubic_kernel(data, origin, voxel, xyz, values, grad):
 
 
 @njit(cache=True)
-def _target_kernel(data, origin, voxel, xyz, weight, scale, grad):
-    ox, oy, oz = origin[0], origin[1], origin[2]
-    vx, vy, vz = voxel[0], voxel[1], voxel[2]
-    t = 0.0
-    for a in range(xyz.shape[0]):
-        v, gx, gy, gz = _interp_atom(data, ox, oy, oz, vx, vy, vz, xyz, a)
-        c = -scale * weight[a]
-        t += c * v
-        grad[a, 0] += c * gx
-        grad[a, 1] += c * gy
-        grad[a, 2] += c * gz
-    return t
-
-
-@njit(cache=True)
 def _owned_target_kernel(data, lo, n, origin, voxel, xyz, atoms, weight, scale, grad):
-    """_target_kernel over the atoms xyz[atoms] (weight[a] for atoms[a]) on a sub-grid of the map
-    (_interp_in: lo, n = (x, y, z) offsets and whole-map sizes), the gradient added into the rows
+    """-scale * sum_a weight[a] * rho(xyz[atoms[a]]) on a sub-grid of the map (_interp_in:
+    lo, n = (x, y, z) offsets and whole-map sizes), the gradient added into the rows
     grad[atoms]. Returns (T, -1), or (0, a) without touching grad when the stencil of atoms[a]
     leaves the sub-grid (non-finite positions count as inside; they make T NaN)."""
     ox, oy, oz = origin[0], origin[1], origin[2]
@@ -287,9 +272,9 @@ def real_space_target(data, origin, voxel, xyz, atom_weight, grad_out=None, scal
     if w.shape != (len(xyz),):
         raise ValueError(f"atom_weight has shape {w.shape}, expected ({len(xyz)},)")
     grad_out = grad_array(xyz, grad_out)
-    t = _target_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), xyz, w,
-                       float(scale), grad_out)
-    return float(t), grad_out
+    t, _ = owned_target(data, (0, 0, 0), data.shape, origin, voxel, xyz,
+                        np.arange(len(xyz), dtype=np.int64), w, grad_out, scale)
+    return t, grad_out
 
 
 def owned_target(sub, lo, full_shape, origin, voxel, xyz, atoms, atom_weight, grad_out,
