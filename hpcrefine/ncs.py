@@ -837,8 +837,23 @@ _CROSS_LISTS = _CrossLists()
 
 def _moved_beyond(xyz, reference, distance: float) -> bool:
     """True when some atom of xyz is more than distance from its position in reference."""
-    d = np.asarray(xyz, dtype=np.float64) - reference
-    return bool(np.max(np.einsum("ij,ij->i", d, d), initial=0.0) > distance ** 2)
+    return bool(_largest_move2(np.ascontiguousarray(xyz, dtype=np.float64),
+                               np.ascontiguousarray(reference, dtype=np.float64)) > distance ** 2)
+
+
+@njit(cache=True)
+def _largest_move2(xyz, reference):
+    """The largest squared displacement of an atom (one pass, no temporaries: checked at every
+    evaluation over the whole model)."""
+    m = 0.0
+    for a in range(xyz.shape[0]):
+        dx = xyz[a, 0] - reference[a, 0]
+        dy = xyz[a, 1] - reference[a, 1]
+        dz = xyz[a, 2] - reference[a, 2]
+        d2 = dx * dx + dy * dy + dz * dz
+        if d2 > m:
+            m = d2
+    return m
 
 
 def _covers(avg: AveragedMap, master_xyz) -> bool:
@@ -957,20 +972,29 @@ class ConstrainedTarget:
             self._interface_xyz = np.array(x, dtype=np.float64)
             search = 2.0 * float(np.max(self.restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
             owned = (self.owner == self.part) & interface_atoms(x, self.label, search + INTERFACE_MARGIN)
-            # a wide skin: this list spans the whole model, so rebuilds are what it costs
+            # a wide skin: this list spans the whole model, so rebuilds are what it costs. Only
+            # pairs of two copies (or with a free atom) are listed: an interface atom's pairs
+            # within its own copy, 28 of every 29 it has at a million atoms, are never written
             nbl = self.cross_nbl = nonbonded.NeighbourList(x, self.restraints, owned=owned,
-                                                           cutoff_extra=CROSS_SKIN)
+                                                           cutoff_extra=CROSS_SKIN,
+                                                           group=self._contact_groups())
             _CROSS_LISTS.keep(self.restraints, self.label, self.owner, self.part, nbl, self._interface_xyz)
         elif not nbl.refresh(x) and self.cross_pairs is not None:
             return self.cross_pairs
-        li, lj = self.label[nbl.i], self.label[nbl.j]
-        keep = (li != lj) | (li == -2)
         from .parallel.decompose import PairShare
-        self.cross_pairs = PairShare(i=nbl.i[keep], j=nbl.j[keep], kind=nbl.kind[keep],
-                                     radius=nbl.radius, hbond=nbl.hbond)
+        self.cross_pairs = PairShare(i=nbl.i, j=nbl.j, kind=nbl.kind, radius=nbl.radius,
+                                     hbond=nbl.hbond)
         self.touched = np.unique(np.concatenate([self.touched_terms, self.cross_pairs.i,
                                                  self.cross_pairs.j]).astype(np.int64))
         return self.cross_pairs
+
+    def _contact_groups(self) -> np.ndarray:
+        """The groups of the contact list: an atom's copy (each master its group's label), and
+        every free atom a group of its own (free atoms meet every atom, each other included)."""
+        group = self.label.copy()
+        free = np.flatnonzero(group == -2)
+        group[free] = -(1 << 40) - free
+        return group
 
     def _interface_moved(self, x) -> bool:
         """True when some atom has moved more than INTERFACE_MARGIN / 2 since the interface

@@ -191,6 +191,39 @@ def test_owned_lists_partition_the_full_list(adk_truth):
         assert all(kind[tuple(x)] == k for x, k in zip(pl.pairs.tolist(), pl.kind.tolist()))
 
 
+def test_grouped_list_holds_exactly_the_pairs_between_groups():
+    """With a group per atom (NCS copies), a list holds exactly the pairs of the ungrouped list
+    whose atoms lie in different groups, in the same order and with the same kinds; refreshed
+    around movers it keeps every such contact, with the repulsion bitwise that of a grouped list
+    built afresh. Atoms of a group of their own meet everyone."""
+    xyz, rad, hb, excl, p14 = system(n=600, box=19.0, seed=5)
+    group = (xyz[:, 0] > 9.5).astype(np.int64) + 2 * (xyz[:, 1] > 9.5)
+    group[::37] = -100 - np.arange(len(group))[::37]          # a group each
+    kw = dict(cutoff_extra=1.0, vdw_radius=rad, hbond_type=hb, excl_pairs=excl, pair14=p14)
+    rng = np.random.default_rng(3)
+    x = xyz.copy()
+    grouped = NB.NeighbourList(x, None, group=group, **kw)
+    full = NB.NeighbourList(x, None, **kw)
+    keep = group[full.i] != group[full.j]
+    assert 0 < keep.sum() < len(full)
+    assert np.array_equal(grouped.i, full.i[keep]) and np.array_equal(grouped.j, full.j[keep])
+    assert np.array_equal(grouped.kind, full.kind[keep])
+    for step in range(12):
+        x = x + rng.normal(scale=0.05, size=x.shape)
+        x[rng.choice(len(x), 5, replace=False)] += 0.5
+        grouped.refresh(x)
+        full = NB.NeighbourList(x, None, **kw)
+        between = {(i, j, k) for i, j, k in _contacts(x, full) if group[i] != group[j]}
+        assert _contacts(x, grouped) == between and len(between) > 0, step
+        fresh = NB.NeighbourList(x, None, group=group, **kw)
+        e1, g1 = NB.repulsion(x, grouped, sigma=0.2)
+        e2, g2 = NB.repulsion(x, fresh, sigma=0.2)
+        assert e1 == e2 and np.array_equal(g1, g2), step
+    assert grouped.n_partial > 5
+    with pytest.raises(ValueError):
+        NB.NeighbourList(x, None, group=group[:10], **kw)
+
+
 def _contacts(xyz, nbl):
     """The listed pairs within their contact distance at xyz, with their 1-4 flag."""
     d = np.linalg.norm(xyz[nbl.i] - xyz[nbl.j], axis=1)

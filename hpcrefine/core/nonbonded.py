@@ -197,13 +197,15 @@ def _stencil_row(r, cx, cy, cz, nx, ny, nz):
 
 @njit(cache=True)
 def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart,
-                  tstart, tpart, tcode, owned, cell_owned, out_i, out_j, out_k, npairs):
+                  tstart, tpart, tcode, owned, cell_owned, gs, out_i, out_j, out_k, npairs):
     """Pairs of cells c_begin, c_begin + 1, ... (half-shell stencil) appended to out_* from
     position npairs. Stops before a cell whose candidates might not fit; returns (npairs, the
     next cell to do, the room that cell needs). With a non-empty owned (uint8 per atom), only
     pairs whose lower index is owned are kept, and cells without owned atoms in their stencil
-    are skipped."""
+    are skipped. With a non-empty gs (the atoms' groups, int64, in cell order), pairs of two
+    atoms of the same group are skipped."""
     use_own = owned.shape[0] > 0
+    use_group = gs.shape[0] > 0
     rc2 = rcut * rcut
     hb_lim = HBOND_D0 + skin
     cap = out_i.shape[0]
@@ -249,7 +251,10 @@ def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, c
                     ri = rs[p] + skin
                     hi = np.int64(hs[p])
                     oi = np.int64(order[p])
+                    gi = gs[p] if use_group else 0
                     for q in range(q0, b1):
+                        if use_group and gs[q] == gi:
+                            continue
                         ddx = xs[q, 0] - xi
                         ddy = xs[q, 1] - yi
                         ddz = xs[q, 2] - zi
@@ -284,7 +289,7 @@ def _search_cells(c_begin, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, c
 
 @njit(cache=True)
 def _search(xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart, tstart, tpart, tcode,
-            cap, owned):
+            cap, owned, group):
     """All accepted pairs. xs, rs, hs, mex, m14, mov hold coordinates, radii, H-bond types and
     special-pair masks in cell order (xs[p] = xyz[order[p]]), so the loops read memory nearly
     sequentially. Returns (i, j, kind, npairs); the arrays may be longer than npairs. (The
@@ -300,12 +305,15 @@ def _search(xs, rs, hs, mex, m14, mov, order, skin, rcut, dims, cstart, tstart, 
                 if owned[order[p]]:
                     cell_owned[c] = 1
                     break
+    gs = np.empty(order.shape[0] if group.shape[0] > 0 else 0, dtype=np.int64)
+    for p in range(gs.shape[0]):
+        gs[p] = group[order[p]]
     npairs = 0
     c = 0
     while True:
         npairs, c, need = _search_cells(c, xs, rs, hs, mex, m14, mov, order, skin, rcut, dims,
-                                        cstart, tstart, tpart, tcode, owned, cell_owned, out_i,
-                                        out_j, out_k, npairs)
+                                        cstart, tstart, tpart, tcode, owned, cell_owned, gs,
+                                        out_i, out_j, out_k, npairs)
         if c >= ncell:
             break
         cap = max(cap + cap // 2, npairs + need + 1024)
@@ -415,12 +423,13 @@ def _movers(xyz, ref, limit):
 
 @njit(cache=True)
 def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, tstart, tpart, tcode,
-                 skin, rcut, dims, cstart, order, lo, cell, owned, out_i, out_j, out_k):
+                 skin, rcut, dims, cstart, order, lo, cell, owned, group, out_i, out_j, out_k):
     """The accepted pairs (as _search_cells accepts them, at the reference positions ref) that
     involve a mover: every cell around each mover is scanned (27 cells); a pair of two movers
     is taken from its lower atom's scan. Writes the pairs into out_* while they have room and
     returns how many there are (more than the room: search again with larger arrays)."""
     use_own = owned.shape[0] > 0
+    use_group = group.shape[0] > 0
     rc2 = rcut * rcut
     hb_lim = HBOND_D0 + skin
     nx = dims[0]
@@ -445,6 +454,8 @@ def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, 
                         lo_ = min(a, b)
                         hi_ = max(a, b)
                         if use_own and owned[lo_] == 0:
+                            continue
+                        if use_group and group[a] == group[b]:
                             continue
                         ddx = ref[b, 0] - ref[a, 0]
                         ddy = ref[b, 1] - ref[a, 1]
@@ -585,11 +596,13 @@ class NeighbourList:
     """
 
     def __init__(self, xyz, restraints=None, cutoff_extra: float = 1.0, *, vdw_radius=None,
-                 hbond_type=None, excl_pairs=None, pair14=None, owned=None):
+                 hbond_type=None, excl_pairs=None, pair14=None, owned=None, group=None):
         """Build from xyz and a Restraints (vdw_radius, hbond_type, excl_pairs, pair14); any of
         the four can be given as keyword arrays instead (they override the Restraints).
         owned (bool per atom): list only the pairs whose lower index is owned (one rank's share
-        of a distributed list; the search skips the space far from owned atoms)."""
+        of a distributed list; the search skips the space far from owned atoms).
+        group (int per atom): list only the pairs of atoms in different groups (the contacts
+        between NCS copies: the pairs within a copy are never written, kept or sorted)."""
         xyz = _coords(xyz)
         n = len(xyz)
         if n >= 2**31 - 1:
@@ -624,6 +637,10 @@ class NeighbourList:
                       else np.ascontiguousarray(owned, dtype=np.uint8))
         if self.owned.size and self.owned.shape != (n,):
             raise ValueError(f"owned has shape {self.owned.shape}, expected ({n},)")
+        self.group = (np.zeros(0, dtype=np.int64) if group is None
+                      else np.ascontiguousarray(group, dtype=np.int64))
+        if self.group.size and self.group.shape != (n,):
+            raise ValueError(f"group has shape {self.group.shape}, expected ({n},)")
         self.n_builds = 0            # whole-list builds
         self.n_partial = 0           # updates around the atoms that moved (refresh)
         self._cap_hint = 0
@@ -652,7 +669,7 @@ class NeighbourList:
             n_own = int(self.owned.sum()) if self.owned.size else n
             cap = self._cap_hint if self._cap_hint else 6 * n_own + 1024
             bi, bj, bk, npairs = _search(*cell_data, order, self.skin, self.rcut, dims, cstart,
-                                         tstart, tpart, tcode, cap, self.owned)
+                                         tstart, tpart, tcode, cap, self.owned, self.group)
             del cell_data, order, cstart
             self.i, self.j, self.kind = _sort_by_first(n, bi, bj, bk, npairs)
             self._cap_hint = int(npairs * 1.1) + 1024
@@ -720,7 +737,8 @@ class NeighbourList:
         dims, cstart, order, lo, cell = _cells(self.xyz_ref, self.rcut)
         mask_ex, mask_14, has_over, tstart, tpart, tcode = self._table
         args = (self.xyz_ref, movers, is_mover, self.radius, self.hbond, mask_ex, mask_14, has_over,
-                tstart, tpart, tcode, self.skin, self.rcut, dims, cstart, order, lo, cell, self.owned)
+                tstart, tpart, tcode, self.skin, self.rcut, dims, cstart, order, lo, cell, self.owned,
+                self.group)
         room = max(self._mover_room, 64 * len(movers))
         while True:             # one search, a second only when the pairs outgrow the room
             ni, nj, nk = np.empty(room, np.int32), np.empty(room, np.int32), np.empty(room, np.int8)
@@ -736,7 +754,8 @@ class NeighbourList:
 
     def nbytes(self) -> int:
         return (self.i.nbytes + self.j.nbytes + self.kind.nbytes + self.radius.nbytes
-                + self.hbond.nbytes + self.xyz_ref.nbytes + sum(a.nbytes for a in self._table))
+                + self.hbond.nbytes + self.xyz_ref.nbytes + self.group.nbytes
+                + sum(a.nbytes for a in self._table))
 
 
 def repulsion(xyz, nbl: NeighbourList, sigma: float = 0.2, grad_out=None, weight: float = 1.0):
