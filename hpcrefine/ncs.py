@@ -1056,15 +1056,20 @@ class ConstrainedTarget:
         return f, gp
 
     def __call__(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        from .parallel.distributed import EVALUATION_TOTALS
         t0 = time.perf_counter()
         self.local(np.ascontiguousarray(p, dtype=np.float64))
         t1 = time.perf_counter()
-        if self.comm is not None and self.size > 1:
+        shared = self.comm is not None and self.size > 1
+        if shared:
             from mpi4py import MPI
             self.comm.Allreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
+        t2 = time.perf_counter()
         self.seconds_local += t1 - t0
-        self.seconds_reduce += time.perf_counter() - t1
+        self.seconds_reduce += t2 - t1
         self.n_evals += 1
+        # the run report's per-rank figures (atom-evaluations: the atoms of this rank's data term)
+        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, len(self.mine), self._buf.nbytes if shared else 0, shared)
         return float(self._buf[-1]), self._buf[:-1].copy()
 
 

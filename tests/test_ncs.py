@@ -265,6 +265,13 @@ def test_constrained_refinement_keeps_copies_related_and_lowers_rmsd(small, tmp_
     mpi = read_model(str(tmp_path / "mpi" / "refined.cif"))
     assert ncs.find_ncs(mpi).max_rmsd < 2e-3
     assert np.sqrt(np.mean(np.sum((mpi.xyz - refined.xyz) ** 2, axis=1))) < 0.02
+    # the run report counts the constrained evaluations of every worker and what they exchanged
+    import json
+    workers = json.loads((tmp_path / "mpi" / "report.json").read_text())["rank_resources"][1:]
+    assert len(workers) == 2
+    assert all(w["evaluations"] > 20 and w["reduce_bytes"] > 0 and w["atom_evaluations"] > 0
+               for w in workers)
+    assert workers[0]["evaluations"] == workers[1]["evaluations"]
 
 
 def _halfset_frames(outdir):
