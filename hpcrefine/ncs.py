@@ -836,24 +836,9 @@ _CROSS_LISTS = _CrossLists()
 
 
 def _moved_beyond(xyz, reference, distance: float) -> bool:
-    """True when some atom of xyz is more than distance from its position in reference."""
-    return bool(_largest_move2(np.ascontiguousarray(xyz, dtype=np.float64),
-                               np.ascontiguousarray(reference, dtype=np.float64)) > distance ** 2)
-
-
-@njit(cache=True)
-def _largest_move2(xyz, reference):
-    """The largest squared displacement of an atom (one pass, no temporaries: checked at every
-    evaluation over the whole model)."""
-    m = 0.0
-    for a in range(xyz.shape[0]):
-        dx = xyz[a, 0] - reference[a, 0]
-        dy = xyz[a, 1] - reference[a, 1]
-        dz = xyz[a, 2] - reference[a, 2]
-        d2 = dx * dx + dy * dy + dz * dz
-        if d2 > m:
-            m = d2
-    return m
+    """True when some atom of xyz is more than distance from its position in reference (one
+    compiled pass: checked at every evaluation over the whole model)."""
+    return nonbonded.largest_move(xyz, reference) > distance
 
 
 def _covers(avg: AveragedMap, master_xyz) -> bool:

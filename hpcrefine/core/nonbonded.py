@@ -402,6 +402,11 @@ def _two_largest_moves(xyz, ref):
     return np.sqrt(m1), np.sqrt(m2)
 
 
+def largest_move(xyz, ref) -> float:
+    """The largest displacement (A) of any atom from ref to xyz."""
+    return float(_two_largest_moves(_coords(xyz), _coords(ref))[0])
+
+
 @njit(cache=True)
 def _movers(xyz, ref, limit):
     """Indices of the atoms that moved more than `limit` (A) from ref."""
