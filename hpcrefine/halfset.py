@@ -31,6 +31,7 @@ writes the report section. With one process the compare step follows each task.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -287,7 +288,7 @@ def _half_task(inputs, geom, params, xyz0, h: int, w: float, minimiser, term, ha
 
 def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight, outdir: str,
                 res_first_atom, done: dict | None = None, on_task=None, interrupts=None,
-                ncs=None) -> dict | None:
+                ncs=None, prefetch=None) -> dict | None:
     """Collective over ctx.world (ctx may be None: one process). Returns the report section on
     the master (None elsewhere).
 
@@ -300,6 +301,10 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     "shared", by all the workers, task after task), which also computes the
     task's FSC curves and geometry; the group's first rank sends them with the coordinates to the
     master, which only chooses and reports.
+
+    prefetch(final_term), when given, is called by the master as the workers start their tasks,
+    with the full map's term (the final stage's data term): it starts writing the maps the
+    final stage will publish (MapStore.prefetch), while the master has little else to do.
 
     Restart and interruption: tasks in `done` ((half, k) -> packed result, from a checkpoint) are
     not run again; the master calls on_task(key, packed) as each task arrives (it checkpoints).
@@ -314,7 +319,8 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     grid = inputs.map
     # the normalised full map (the final stage's data term, kept when there is a map store;
     # otherwise released as soon as the weight is known)
-    w_ref = initial_weight(xyz0, fast_term(inputs, "final", lambda: inputs.data, atom_weight), geom)
+    final = fast_term(inputs, "final", lambda: inputs.data, atom_weight)
+    w_ref = initial_weight(xyz0, final, geom)
     weights = [float(w_ref * f) for f in WEIGHT_FACTORS]
     n_shells = len(shell_counts(grid.data.shape, grid.voxel)[0])
     single = ctx is None or ctx.size == 1
@@ -405,7 +411,10 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
              if shared_layout else f"{len(senders)} group(s) of workers refine the tasks in parallel")
 
     def fill_curves(key, buf):
-        return compare_task(inputs.model, halves, key[0], buf, expand)
+        with inputs.store.heavy if inputs.store is not None else contextlib.nullcontext():
+            return compare_task(inputs.model, halves, key[0], buf, expand)
+    if prefetch is not None:
+        prefetch(final)
     _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,
                    None if workers_compare else fill_curves)
     return finish()

@@ -48,6 +48,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
+from .core.common import unique_sorted
 from .modelio import Model
 from .protocol.rotamer_fit import current_chis, side_chains
 from .restraints import Restraints
@@ -143,7 +144,7 @@ class _PairSet:
 
     def __init__(self, i: np.ndarray, j: np.ndarray, n: int):
         self.n = n
-        self.keys = np.unique(i.astype(np.int64) * n + j)
+        self.keys = unique_sorted(i.astype(np.int64) * n + j)
 
     def has(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         ok = (i >= 0) & (j >= 0)

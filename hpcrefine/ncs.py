@@ -52,6 +52,7 @@ import numpy as np
 from numba import njit
 
 from .core import geometry, nonbonded
+from .core.common import unique_sorted
 from .core.density import real_space_target
 from .core.lbfgs import lbfgs
 from .engine import MinimiseResult
@@ -969,8 +970,8 @@ class ConstrainedTarget:
         from .parallel.decompose import PairShare
         self.cross_pairs = PairShare(i=nbl.i, j=nbl.j, kind=nbl.kind, radius=nbl.radius,
                                      hbond=nbl.hbond)
-        self.touched = np.unique(np.concatenate([self.touched_terms, self.cross_pairs.i,
-                                                 self.cross_pairs.j]).astype(np.int64))
+        self.touched = unique_sorted(np.concatenate([self.touched_terms, self.cross_pairs.i,
+                                                     self.cross_pairs.j]).astype(np.int64))
         return self.cross_pairs
 
     def _contact_groups(self) -> np.ndarray:

@@ -279,3 +279,15 @@ def test_refresh_rebuilds_when_many_atoms_move_and_respects_ownership(adk_truth)
     assert _contacts(moved, part) == _contacts(moved, fresh) and np.all(owner[part.i] == 1)
     everywhere = moved + rng.normal(scale=0.6, size=x.shape)
     assert part.refresh(everywhere) and part.n_builds == 2 and part.n_partial == 1
+
+
+def test_unique_sorted_is_numpys_unique():
+    """core.common.unique_sorted (a sort and one pass) gives np.unique's answer: the sorted
+    distinct values, for many distinct keys, many repeats, one value and none."""
+    from hpcrefine.core.common import unique_sorted
+
+    rng = np.random.default_rng(5)
+    for a in (rng.integers(0, 10**10, 50_000), rng.integers(0, 30, 5000), np.array([7]),
+              np.zeros(0, dtype=np.int64), rng.integers(-5, 5, (40, 3))):
+        got = unique_sorted(a)
+        assert got.dtype == a.dtype and np.array_equal(got, np.unique(a))

@@ -18,6 +18,19 @@ from numba import njit
 # argument checks (Python)
 # ----------------------------------------------------------------------------------------------
 
+def unique_sorted(a) -> np.ndarray:
+    """np.unique(a) of a 1-D array by a sort and one comparison pass. numpy 2.3 and later find
+    the unique values of an integer array with a hash table when no index is asked for: 1.2 s
+    for 1.3 M int64 keys here, against 12 ms sorted."""
+    s = np.sort(np.asarray(a).ravel())
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def coords(xyz) -> np.ndarray:
     """xyz as a C-contiguous float64 (n, 3) array (no copy when it already is one)."""
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)

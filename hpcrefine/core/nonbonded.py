@@ -493,8 +493,10 @@ def _mover_pairs(ref, movers, is_mover, radius, hb, mask_ex, mask_14, has_over, 
 @njit(cache=True)
 def _replace_mover_pairs(pi, pj, pk, is_mover, ni, nj, nk, nnew):
     """The list (pi, pj, pk), sorted by (i, j), with every pair that involves a mover dropped and
-    the first nnew new pairs (ni, nj, nk: the movers' pairs, any order) merged in: exact-size
-    arrays sorted by (i, j), as _sort_by_first would give, in one pass over the old list."""
+    the first nnew new pairs (ni, nj, nk: the movers' pairs, any order) merged in: arrays sorted
+    by (i, j), as _sort_by_first would give, in one pass over the old list. They are the leading
+    part of arrays sized for the old list plus the new pairs (views: the dropped pairs' room is
+    not worth a second pass to count them first)."""
     if nnew > 0:
         n = np.int64(max(np.max(ni[:nnew]), np.max(nj[:nnew]))) + 1
         key = np.empty(nnew, dtype=np.int64)
@@ -503,30 +505,31 @@ def _replace_mover_pairs(pi, pj, pk, is_mover, ni, nj, nk, nnew):
         order = np.argsort(key)                  # keys are distinct: the order is unique
     else:
         order = np.zeros(0, dtype=np.int64)
-    count = nnew
-    for t in range(pi.shape[0]):
-        if not (is_mover[pi[t]] or is_mover[pj[t]]):
-            count += 1
-    oi = np.empty(count, dtype=np.int32)
-    oj = np.empty(count, dtype=np.int32)
-    ok = np.empty(count, dtype=np.int8)
-    u = 0                                        # next new pair (in sorted order)
+    cap = pi.shape[0] + nnew
+    oi = np.empty(cap, dtype=np.int32)
+    oj = np.empty(cap, dtype=np.int32)
+    ok = np.empty(cap, dtype=np.int8)
+    u = 0                                        # next new pair (in sorted order): (qi, qj)
     w = 0
+    past = np.int32(2**31 - 1)                   # qi when no new pair is left (no atom index)
+    qi = ni[order[0]] if nnew > 0 else past
+    qj = nj[order[0]] if nnew > 0 else np.int32(0)
     for t in range(pi.shape[0]):
         a = pi[t]
         b = pj[t]
         if is_mover[a] or is_mover[b]:
             continue
-        while u < nnew:
-            q = order[u]
-            if ni[q] < a or (ni[q] == a and nj[q] < b):
-                oi[w] = ni[q]
-                oj[w] = nj[q]
-                ok[w] = nk[q]
-                w += 1
-                u += 1
+        while qi < a or (qi == a and qj < b):
+            oi[w] = qi
+            oj[w] = qj
+            ok[w] = nk[order[u]]
+            w += 1
+            u += 1
+            if u < nnew:
+                qi = ni[order[u]]
+                qj = nj[order[u]]
             else:
-                break
+                qi = past
         oi[w] = a
         oj[w] = b
         ok[w] = pk[t]
@@ -538,7 +541,7 @@ def _replace_mover_pairs(pi, pj, pk, is_mover, ni, nj, nk, nnew):
         ok[w] = nk[q]
         w += 1
         u += 1
-    return oi, oj, ok
+    return oi[:w], oj[:w], ok[:w]
 
 
 @njit(cache=True)

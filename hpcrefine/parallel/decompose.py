@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 
+from ..core.common import unique_sorted
 from ..restraints import Restraints
 
 # term arrays of a Restraints selected row by row, keyed by the index array whose first column
@@ -193,4 +194,4 @@ def restraint_atoms(r: Restraints) -> np.ndarray:
     _ROW_TERMS and the plane atoms)."""
     parts = [np.asarray(getattr(r, name), dtype=np.int64).ravel() for name in _ROW_TERMS]
     parts.append(np.asarray(r.plane_atoms, dtype=np.int64).ravel())
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    return unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)

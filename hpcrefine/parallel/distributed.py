@@ -41,7 +41,7 @@ from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
-from .decompose import (PairShare, atom_blocks, owner_of_atoms, pairs_share, restraint_atoms,
+from .decompose import (PairShare, atom_blocks, owner_of_atoms, restraint_atoms,
                         restraints_share, spatial_parts)
 from .halo import HaloExchange, halo_buffer
 
@@ -197,6 +197,35 @@ def reads_own_atoms_only(data_term) -> bool:
     return not hasattr(data_term, "local") or bool(getattr(data_term, "reads_own_atoms_only", False))
 
 
+_KEPT_LIST: list = []      # [(restraints, owned, list)]: the last neighbour list of this process
+
+
+def kept_neighbour_list(xyz, restraints: Restraints, owned: np.ndarray) -> nonbonded.NeighbourList:
+    """A neighbour list valid at xyz of the pairs whose lower atom is owned: the list of the
+    process's previous minimisation refreshed (NeighbourList.refresh: rebuilt in place when many
+    atoms moved far, else searched again around those that did), when it was made from the same
+    restraints object and the same owned atoms; otherwise a new one, which is kept instead.
+    A minimisation that continues the previous one's coordinates (a half-set task's second
+    macro-cycle, a trial continued) so skips the whole search and the exclusion tables: 150 ms
+    a build at 165,000 atoms on one rank. Energies are bitwise those of a fresh list (refresh)."""
+    owned = np.asarray(owned, dtype=bool)
+    if _KEPT_LIST:
+        r, kept_owned, nbl = _KEPT_LIST[0]
+        if r is restraints and np.array_equal(kept_owned, owned) and nbl.xyz_ref.shape == xyz.shape:
+            nbl.refresh(xyz)
+            return nbl
+        _KEPT_LIST.clear()           # let go of the old list before building another
+        del nbl
+    nbl = nonbonded.NeighbourList(xyz, restraints, cutoff_extra=NEIGHBOUR_SKIN, owned=owned)
+    _KEPT_LIST.append((restraints, owned, nbl))
+    return nbl
+
+
+def release_kept_list() -> None:
+    """Let go of the kept neighbour list (kept_neighbour_list)."""
+    _KEPT_LIST.clear()
+
+
 class DistributedTarget:
     """f, g of weight * T_data + T_restraints + T_repulsion summed over the ranks of comm.
 
@@ -261,11 +290,14 @@ class DistributedTarget:
         t0 = time.perf_counter()
         if self.nbl is None:
             # only this rank's pairs are searched for: the build costs ~1/ranks of the whole list
-            self.nbl = nonbonded.NeighbourList(xyz, self.restraints, cutoff_extra=NEIGHBOUR_SKIN,
-                                               owned=self.atom_owner == self.part)
-        elif not self.nbl.refresh(xyz):
-            return self.pairs
-        self.pairs = pairs_share(self.nbl, self.atom_owner, self.part)
+            self.nbl = kept_neighbour_list(xyz, self.restraints, self.atom_owner == self.part)
+        elif not self.nbl.refresh(xyz) and self.pairs is not None and self.pairs.i is self.nbl.i:
+            return self.pairs           # (the list is kept: another target may have refreshed it)
+        # the list holds only the pairs whose lower atom this rank owns (owned=), which is what
+        # pairs_share would select: its arrays are this rank's share as they are (a filtered copy
+        # took 3-5 ms of every refresh at 165,000 atoms)
+        nbl = self.nbl
+        self.pairs = PairShare(i=nbl.i, j=nbl.j, kind=nbl.kind, radius=nbl.radius, hbond=nbl.hbond)
         self.n_nbl_builds += 1
         EVALUATION_TOTALS.nbl_builds += 1
         EVALUATION_TOTALS.seconds_nbl += time.perf_counter() - t0

@@ -28,6 +28,7 @@ import functools
 import os
 import re
 import shutil
+import threading
 
 import numpy as np
 
@@ -58,6 +59,11 @@ class MapStore:
         self._memory: dict[str, np.ndarray] = {}
         self._published: set[str] = set()
         self._last_box = None          # (key, lo, hi, array): the sub-grid sub_grid read last
+        self._ahead: dict = {}         # key -> Future of a map the master is writing ahead (prefetch)
+        self._pool = None
+        # held by a map written ahead while it is made, and by the master's other full-box work
+        # (halfset's compare steps): the two never hold their full-box temporaries at once
+        self.heavy = threading.Lock()
         if self.parallel and ctx.is_master:
             shutil.rmtree(directory, ignore_errors=True)      # maps of an earlier run
             os.makedirs(directory)
@@ -135,6 +141,35 @@ class MapStore:
         self._last_box = (key, lo, hi, box)
         return lo, box, True
 
+    def _write(self, key: str, compute, dtype) -> None:
+        """The master: compute the map and write its file (under a temporary name until complete)."""
+        path = self._path(key)
+        tmp = path + ".part"
+        a = np.ascontiguousarray(compute(), dtype=dtype)
+        with open(tmp, "wb") as fh:
+            np.save(fh, a)
+        del a
+        os.replace(tmp, path)
+
+    def prefetch(self, key: str, compute, dtype=np.float32) -> None:
+        """The master (alone, not collective) starts computing and writing map `key` in a thread of
+        its own while it waits for the workers (the half-set stage), so that the publish(key) to
+        come finds the file written instead of making the workers wait for it. The same compute
+        publish would run: the file holds the same bits. Does nothing on other ranks, with one
+        rank, or for a key published or under way."""
+        if not (self.parallel and self.ctx.is_master) or self.has(key) or key in self._ahead:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            # one thread: the maps are made one after another (numpy and the transforms let go
+            # of the interpreter lock, so the master's polling thread goes on meanwhile)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcrefine-maps")
+        self._ahead[key] = self._pool.submit(self._write_alone, key, compute, dtype)
+
+    def _write_alone(self, key: str, compute, dtype) -> None:
+        with self.heavy:
+            self._write(key, compute, dtype)
+
     def publish(self, key: str, compute, dtype=np.float32) -> np.ndarray:
         """The map compute() returns, computed once by the master (collective over the world
         when parallel; an already published key is only mapped). Returns it read-only, as
@@ -149,14 +184,12 @@ class MapStore:
         ctx = self.ctx
         failure = None
         if ctx.is_master:
-            path = self._path(key)
-            tmp = path + ".part"
+            ahead = self._ahead.pop(key, None)
             try:
-                a = np.ascontiguousarray(compute(), dtype=dtype)
-                with open(tmp, "wb") as fh:
-                    np.save(fh, a)
-                del a
-                os.replace(tmp, path)
+                if ahead is not None:
+                    ahead.result()              # written ahead (prefetch): wait for it if needed
+                else:
+                    self._write(key, compute, dtype)
             except BaseException as exc:        # tell the workers before raising
                 failure = exc
             flag = np.array([0 if failure is None else 1], dtype=np.int32)
@@ -174,12 +207,22 @@ class MapStore:
         return self.get(key)
 
     def close(self) -> None:
-        """Remove the files (the master; the others only forget them)."""
+        """Remove the files (the master; the others only forget them), after the maps still
+        being written ahead are done (their errors do not matter any more)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead.clear()
         self._memory.clear()
         self._published.clear()
         self._last_box = None
         if self.parallel and self.ctx.is_master:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _normalised(compute_raw) -> np.ndarray:
+    """The map compute_raw() makes, as float32, normalised (what a StoredRealSpaceTerm stores)."""
+    return normalise_map(np.asarray(compute_raw(), dtype=np.float32))
 
 
 def _rendezvous(ctx) -> None:
@@ -205,7 +248,7 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         self.store = store
         self.key = key
         self.blur_raw = blur_raw
-        data = store.publish(key, lambda: normalise_map(np.asarray(compute_raw(), dtype=np.float32)))
+        data = store.publish(key, functools.partial(_normalised, compute_raw))
         super().__init__(data, origin, voxel, atom_weight, normalise=False)
 
     def box_reader(self):
@@ -216,15 +259,25 @@ class StoredRealSpaceTerm(RealSpaceTerm):
             return None
         return functools.partial(self.store.sub_grid, self.key)
 
+    def _blur(self, b_extra: float):
+        """(key, raw map maker) of the copy blurred by b_extra."""
+        key = f"{self.key}_b{b_extra:g}"
+        if self.blur_raw is not None:
+            return key, functools.partial(self.blur_raw, b_extra)
+        return key, functools.partial(blur_map, self.data, self.voxel, b_extra)
+
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         if b_extra <= 0:
             return self
-        key = f"{self.key}_b{b_extra:g}"
-        if self.blur_raw is not None:
-            raw = functools.partial(self.blur_raw, b_extra)
-        else:
-            raw = functools.partial(blur_map, self.data, self.voxel, b_extra)
+        key, raw = self._blur(b_extra)
         return StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight)
+
+    def prefetch_blurred(self, b_extra: float) -> None:
+        """The master starts writing the copy blurred(b_extra) will publish (MapStore.prefetch;
+        not collective)."""
+        if b_extra > 0:
+            key, raw = self._blur(b_extra)
+            self.store.prefetch(key, functools.partial(_normalised, raw))
 
     def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
         store = self.store

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from ..core.common import unique_sorted
 from ..core.density import _interp_atom, _prep_map
 from ..core.geometry import _torsion, torsion_values
 from ..core.nonbonded import HBOND_D0
@@ -504,23 +505,52 @@ class Scorer:
         return row
 
 
-def make_scorer(model, restraints, data, origin, voxel, params, xyz, chains: list[SideChain]) -> Scorer:
+def _blurred_map(data, voxel, b_extra: float) -> np.ndarray:
+    from ..core.density import blur_map
+    data = np.asarray(data, dtype=np.float32)
+    return blur_map(data, np.asarray(voxel, dtype=np.float64), b_extra) if b_extra > 0 else data
+
+
+def scoring_map(inputs, params) -> np.ndarray:
+    """The map the side chains are scored against, before its normalisation around the atoms:
+    inputs.data blurred by params.rotamer_map_blur. With a map store (several ranks) the master
+    makes it once, perhaps ahead (prefetch_scoring_map), and every rank maps the file
+    (collective); before, every worker transformed the whole box for it."""
+    b = params.rotamer_map_blur
+    make = functools.partial(_blurred_map, inputs.data, inputs.map.voxel, b)
+    store = getattr(inputs, "store", None)
+    if store is None or b <= 0:
+        return make()
+    return store.publish(f"rotamer_b{b:g}", make)
+
+
+def prefetch_scoring_map(inputs, params) -> None:
+    """The master starts writing scoring_map's map (MapStore.prefetch; not collective)."""
+    b = params.rotamer_map_blur
+    if inputs.store is not None and b > 0:
+        inputs.store.prefetch(f"rotamer_b{b:g}",
+                              functools.partial(_blurred_map, inputs.data, inputs.map.voxel, b))
+
+
+def make_scorer(model, restraints, data, origin, voxel, params, xyz, chains: list[SideChain],
+                blurred: bool = False) -> Scorer:
     """The Scorer of the side chains `chains` at xyz: the map blurred by params.rotamer_map_blur
-    and normalised within params.fit_mask_radius of the atoms."""
-    from ..core.density import blur_map, normalise_map
+    (blurred: data is that already, scoring_map) and normalised within params.fit_mask_radius of
+    the atoms."""
+    from ..core.density import normalise_map
     from ..mapstats import atom_mask
 
     origin = np.asarray(origin, dtype=np.float64)
     voxel = np.asarray(voxel, dtype=np.float64)
+    if not blurred:
+        data = _blurred_map(data, voxel, params.rotamer_map_blur)
     data = np.asarray(data, dtype=np.float32)
-    if params.rotamer_map_blur > 0:
-        data = blur_map(data, voxel, params.rotamer_map_blur)
     mask = atom_mask(xyz, data.shape, origin, voxel, params.fit_mask_radius)
     n = model.n_atoms
     hb = np.asarray(restraints.hbond_type, dtype=np.int64)
     pairs = np.concatenate([np.asarray(restraints.excl_pairs, dtype=np.int64).reshape(-1, 2),
                             np.asarray(restraints.pair14, dtype=np.int64).reshape(-1, 2)])
-    excluded = np.unique(pairs.min(axis=1) * np.int64(n) + pairs.max(axis=1)) if len(pairs) \
+    excluded = unique_sorted(pairs.min(axis=1) * np.int64(n) + pairs.max(axis=1)) if len(pairs) \
         else np.zeros(0, dtype=np.int64)
     movable = np.zeros(n, dtype=bool)
     for sc in chains:
@@ -629,14 +659,15 @@ def _affected(chains: list[SideChain], xyz: np.ndarray, radius: np.ndarray, move
 
 
 def fit_rotamers(comm, model, restraints, data, origin, voxel, xyz, params,
-                 chains: list[SideChain], select: str = "all") -> np.ndarray:
+                 chains: list[SideChain], select: str = "all", blurred: bool = False) -> np.ndarray:
     """The collective search of the workers in comm (None: this process alone) over the side
-    chains `select` picks (select_side_chains; the others stay, as fixed atoms). Returns the
+    chains `select` picks (select_side_chains; the others stay, as fixed atoms); data: the map,
+    or with blurred, scoring_map's map. Returns the
     rows (n_chains, ROW) of the final choice against xyz (chi to set where changed, gain and rho
     of the last pass that changed the side chain, searched), then passes run and seconds, flat."""
     t0 = time.perf_counter()
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-    scorer = make_scorer(model, restraints, data, origin, voxel, params, xyz, chains)
+    scorer = make_scorer(model, restraints, data, origin, voxel, params, xyz, chains, blurred)
     searched = select_side_chains(scorer, model, chains, select)
     picked = np.nonzero(searched)[0]
     scorer.fit_only([chains[k] for k in picked])
@@ -690,9 +721,11 @@ def rotamer_step(runner, inputs, xyz, params, select: str = "all"):
     chains = side_chains(model, r)
     xyz = np.asarray(xyz, dtype=np.float64)
 
+    data = scoring_map(inputs, params)         # collective with a map store
+
     def work(comm):
-        return fit_rotamers(comm, model, r, inputs.data, grid.origin, grid.voxel, xyz, params, chains,
-                            select)
+        return fit_rotamers(comm, model, r, data, grid.origin, grid.voxel, xyz, params, chains,
+                            select, blurred=True)
     n = len(chains) * ROW
     out = runner.run(work, n + 2, what="rotamer choices", same=n + 1)
     rows = out[:n].reshape(len(chains), ROW)

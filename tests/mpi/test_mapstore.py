@@ -92,6 +92,45 @@ def test_stored_fast_target_equals_the_in_memory_one(shared_dir):
     store.close()
 
 
+def test_a_map_written_ahead_is_published_without_computing_again(shared_dir):
+    """The master's prefetch writes the map in its own thread while the ranks go on (no
+    collective); the publish that follows maps that file on every rank, bitwise the map that
+    publish alone makes, and its compute is not called again. A prefetched blurred copy of a
+    stored term equals blurred() made without it. A failing prefetch fails the publish on every
+    rank."""
+    ctx = make_context(WORLD)
+    store = MapStore(ctx, shared_dir)
+    origin, voxel = np.array([1.0, -2.0, 0.5]), np.array([1.1, 1.1, 1.1])
+    calls = []
+
+    def compute():
+        calls.append("ahead")
+        return _map() * 3
+    store.prefetch("thrice", compute)
+    a = store.publish("thrice", lambda: calls.append("publish") or _map() * 3)
+    assert np.array_equal(a, _map() * 3)
+    counted = WORLD.allgather(calls)
+    parallel = WORLD.Get_size() > 1
+    # ahead on the master only (several ranks); with one rank nothing is written ahead
+    assert counted[0] == (["ahead"] if parallel else ["publish"])
+    assert all(c == [] for c in counted[1:])
+
+    weight = np.ones(10)
+    plain = StoredRealSpaceTerm(store, "p", _map, origin, voxel, weight).blurred(25.0)
+    term = StoredRealSpaceTerm(store, "q", _map, origin, voxel, weight)
+    term.prefetch_blurred(25.0)
+    ahead = term.blurred(25.0)
+    assert np.array_equal(np.asarray(ahead.data), np.asarray(plain.data))
+
+    def broken():
+        raise ValueError("deliberate")
+    store.prefetch("broken_ahead", broken)
+    with pytest.raises((ValueError, RuntimeError)):
+        store.publish("broken_ahead", broken)
+    WORLD.Barrier()
+    store.close()
+
+
 def _mapped_kb(path: str) -> int:
     """This process's resident kB of the mappings of file `path` (/proc/self/smaps)."""
     total, inside = 0, False

@@ -157,6 +157,30 @@ def test_boxes_and_blocks_minimise_alike(ctx, case):
     assert worst[0] < 1e-6
 
 
+def test_a_continued_minimisation_keeps_the_neighbour_list_and_its_results(ctx, case):
+    """A second minimisation from where the first ended (a macro-cycle continued) takes over the
+    first's neighbour list, refreshed, instead of building one: the same list object, no new
+    whole-list build, and bitwise the coordinates of the same minimisation with a list built
+    afresh."""
+    from hpcrefine.parallel import distributed
+
+    same = np.ones(2)                 # a master without work agrees
+    if ctx.is_worker:
+        args = (case["term"], case["r"], case["model"].res_first_atom, WEIGHT, 10, case["params"])
+        distributed.release_kept_list()
+        first, t1 = distributed_minimise(ctx.workers, case["xyz0"], *args)
+        builds = t1.nbl.n_builds
+        second, t2 = distributed_minimise(ctx.workers, first.xyz, *args)
+        kept = t2.nbl is t1.nbl and t2.nbl.n_builds == builds
+        distributed.release_kept_list()
+        fresh, t3 = distributed_minimise(ctx.workers, first.xyz, *args)
+        assert t3.nbl is not t1.nbl
+        same[:] = [kept, np.array_equal(second.xyz, fresh.xyz) and second.f == fresh.f]
+        distributed.release_kept_list()
+    WORLD.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
+    assert same[0] == 1.0 and same[1] == 1.0
+
+
 def test_statistics_equal_the_engine(ctx, case):
     keys = ("bond_rmsd", "bond_rmsz", "bond_max_dev", "angle_rmsd", "angle_rmsz", "angle_max_dev",
             "torsion_rmsd", "chiral_rmsd", "chiral_inversions", "planarity_rmsd", "clashes")
