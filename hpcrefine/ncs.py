@@ -803,37 +803,14 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
     return avg
 
 
-class _CrossLists:
-    """The neighbour list of contacts between copies of the last ConstrainedTarget, for the next
-    target of the same restraints, copies and share (every minimisation makes a new target: the
-    macro-cycles, weight trials and half-set tasks of one run; they run one after another, so one
-    target at a time refreshes the shared list). Building it searches the whole
-    model (a million atoms: 16 % of a constrained worker's time when each target built its own);
-    a kept list is refreshed around the atoms that moved, and dropped when an atom has moved too
-    far for its interface atoms (ConstrainedTarget._interface_moved)."""
-
-    def __init__(self):
-        self._last = None
-
-    def get(self, restraints, label, owner, part):
-        """(list, coordinates its interface atoms were found at), or (None, None); a list kept
-        for other restraints or copies is let go (NCS from assembly records expands the
-        restraints anew for every minimisation: nothing to share there)."""
-        last = self._last
-        if (last is not None and last[0] is restraints and last[3] == part
-                and np.array_equal(last[1], label) and np.array_equal(last[2], owner)):
-            return last[4], last[5]
-        self._last = None
-        return None, None
-
-    def keep(self, restraints, label, owner, part, nbl, interface_xyz) -> None:
-        self._last = (restraints, label, owner, part, nbl, interface_xyz)
-
-    def clear(self) -> None:
-        self._last = None
-
-
-_CROSS_LISTS = _CrossLists()
+# the neighbour list of contacts between copies of the last ConstrainedTarget, for the next
+# target of the same restraints, copies and share (the macro-cycles, weight trials and half-set
+# tasks of one run). Building it searches the whole model (a million atoms: 16 % of a
+# constrained worker's time when each target built its own); a kept list is refreshed around the
+# atoms that moved, and dropped when an atom has moved too far for its interface atoms
+# (ConstrainedTarget._interface_moved). NCS from assembly records expands the restraints anew
+# for every minimisation: nothing is shared there.
+_CROSS_LISTS = nonbonded.ListKeeper()
 
 
 def _moved_beyond(xyz, reference, distance: float) -> bool:
@@ -926,8 +903,9 @@ class ConstrainedTarget:
         self.label = label
         self.master_nbl = [None] * len(self.master_r)
         # the contacts between copies: the list of the last target of these restraints and
-        # copies, when there is one (_CrossLists), else made at the first evaluation
-        self.cross_nbl, self._interface_xyz = _CROSS_LISTS.get(restraints, label, owner, self.part)
+        # copies, when there is one (_CROSS_LISTS), else made at the first evaluation
+        self.cross_nbl, self._interface_xyz = (_CROSS_LISTS.get(restraints, label, owner, self.part)
+                                               or (None, None))
         self.cross_pairs = None
         self.touched_terms = restraint_atoms(self.cross)
         self.touched = self.touched_terms
@@ -964,7 +942,7 @@ class ConstrainedTarget:
             nbl = self.cross_nbl = nonbonded.NeighbourList(x, self.restraints, owned=owned,
                                                            cutoff_extra=CROSS_SKIN,
                                                            group=self._contact_groups())
-            _CROSS_LISTS.keep(self.restraints, self.label, self.owner, self.part, nbl, self._interface_xyz)
+            _CROSS_LISTS.keep(self.restraints, (self.label, self.owner, self.part), (nbl, self._interface_xyz))
         elif not nbl.refresh(x) and self.cross_pairs is not None:
             return self.cross_pairs
         from .parallel.decompose import PairShare

@@ -766,6 +766,32 @@ class NeighbourList:
                 + sum(a.nbytes for a in self._table))
 
 
+class ListKeeper:
+    """One neighbour list (and whatever goes with it) kept from a minimisation's target for the
+    next target of the same restraints object and the same keys (arrays compared by value):
+    every minimisation makes a new target, and they run one after another, so one target at a
+    time refreshes the kept list instead of searching the whole model again. Asking with other
+    restraints or keys lets go of the kept list (nothing to share then)."""
+
+    def __init__(self):
+        self._last = None
+
+    def get(self, restraints, *keys):
+        """The value kept for these restraints and keys, or None (and nothing kept any more)."""
+        last = self._last
+        if (last is not None and last[0] is restraints and len(last[1]) == len(keys)
+                and all(np.array_equal(a, b) for a, b in zip(last[1], keys))):
+            return last[2]
+        self._last = None
+        return None
+
+    def keep(self, restraints, keys: tuple, value) -> None:
+        self._last = (restraints, tuple(keys), value)
+
+    def clear(self) -> None:
+        self._last = None
+
+
 def repulsion(xyz, nbl: NeighbourList, sigma: float = 0.2, grad_out=None, weight: float = 1.0):
     """Repulsion energy sum_{d < d0} weight ((d0 - d) / sigma)^2 over the listed pairs, and its
     gradient (added into grad_out if given)."""

@@ -197,7 +197,7 @@ def reads_own_atoms_only(data_term) -> bool:
     return not hasattr(data_term, "local") or bool(getattr(data_term, "reads_own_atoms_only", False))
 
 
-_KEPT_LIST: list = []      # [(restraints, owned, list)]: the last neighbour list of this process
+_KEPT_LIST = nonbonded.ListKeeper()     # the last minimisation's neighbour list of this process
 
 
 def kept_neighbour_list(xyz, restraints: Restraints, owned: np.ndarray) -> nonbonded.NeighbourList:
@@ -209,15 +209,12 @@ def kept_neighbour_list(xyz, restraints: Restraints, owned: np.ndarray) -> nonbo
     macro-cycle, a trial continued) so skips the whole search and the exclusion tables: 150 ms
     a build at 165,000 atoms on one rank. Energies are bitwise those of a fresh list (refresh)."""
     owned = np.asarray(owned, dtype=bool)
-    if _KEPT_LIST:
-        r, kept_owned, nbl = _KEPT_LIST[0]
-        if r is restraints and np.array_equal(kept_owned, owned) and nbl.xyz_ref.shape == xyz.shape:
-            nbl.refresh(xyz)
-            return nbl
-        _KEPT_LIST.clear()           # let go of the old list before building another
-        del nbl
+    nbl = _KEPT_LIST.get(restraints, owned)     # (a list kept for others is let go of here)
+    if nbl is not None:
+        nbl.refresh(xyz)
+        return nbl
     nbl = nonbonded.NeighbourList(xyz, restraints, cutoff_extra=NEIGHBOUR_SKIN, owned=owned)
-    _KEPT_LIST.append((restraints, owned, nbl))
+    _KEPT_LIST.keep(restraints, (owned,), nbl)
     return nbl
 
 
