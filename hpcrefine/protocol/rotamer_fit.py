@@ -511,25 +511,28 @@ def _blurred_map(data, voxel, b_extra: float) -> np.ndarray:
     return blur_map(data, np.asarray(voxel, dtype=np.float64), b_extra) if b_extra > 0 else data
 
 
+def _scoring_job(inputs, params):
+    """(map store, key, maker) of scoring_map's map; the store is None when the map is made in
+    this process (one rank, or no blur: the map itself)."""
+    b = params.rotamer_map_blur
+    store = getattr(inputs, "store", None) if b > 0 else None
+    return store, f"rotamer_b{b:g}", functools.partial(_blurred_map, inputs.data, inputs.map.voxel, b)
+
+
 def scoring_map(inputs, params) -> np.ndarray:
     """The map the side chains are scored against, before its normalisation around the atoms:
     inputs.data blurred by params.rotamer_map_blur. With a map store (several ranks) the master
     makes it once, perhaps ahead (prefetch_scoring_map), and every rank maps the file
     (collective); before, every worker transformed the whole box for it."""
-    b = params.rotamer_map_blur
-    make = functools.partial(_blurred_map, inputs.data, inputs.map.voxel, b)
-    store = getattr(inputs, "store", None)
-    if store is None or b <= 0:
-        return make()
-    return store.publish(f"rotamer_b{b:g}", make)
+    store, key, make = _scoring_job(inputs, params)
+    return make() if store is None else store.publish(key, make)
 
 
 def prefetch_scoring_map(inputs, params) -> None:
     """The master starts writing scoring_map's map (MapStore.prefetch; not collective)."""
-    b = params.rotamer_map_blur
-    if inputs.store is not None and b > 0:
-        inputs.store.prefetch(f"rotamer_b{b:g}",
-                              functools.partial(_blurred_map, inputs.data, inputs.map.voxel, b))
+    store, key, make = _scoring_job(inputs, params)
+    if store is not None:
+        store.prefetch(key, make)
 
 
 def make_scorer(model, restraints, data, origin, voxel, params, xyz, chains: list[SideChain],
