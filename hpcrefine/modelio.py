@@ -181,44 +181,54 @@ def updated_structure(model: Model, xyz: np.ndarray, b: np.ndarray | None = None
                       occ: np.ndarray | None = None) -> gemmi.Structure:
     """A copy of the model's structure with new coordinates (and B-factors, and occupancies)."""
     st = model.st.clone()
+    rows = np.asarray(xyz, dtype=np.float64).tolist()       # Python floats once, not per atom
+    bs = None if b is None else np.asarray(b, dtype=np.float64).tolist()
+    occs = None if occ is None else np.asarray(occ, dtype=np.float64).tolist()
     i = 0
     for ch in st[0]:
         for res in ch:
             for at in res:
-                at.pos = gemmi.Position(*xyz[i])
-                if b is not None:
-                    at.b_iso = float(b[i])
-                if occ is not None:
-                    at.occ = float(occ[i])
+                at.pos = gemmi.Position(*rows[i])
+                if bs is not None:
+                    at.b_iso = bs[i]
+                if occs is not None:
+                    at.occ = occs[i]
                 i += 1
-    assert i == len(xyz), "structure and coordinate array disagree"
+    assert i == len(rows), "structure and coordinate array disagree"
     return st
 
 
-def _atomic_write(path: str, data, mode: str) -> None:
-    """Write through path.part, synced, then renamed over path: a reader sees either the old
-    file or the whole new one, never a partial write."""
+def atomic_write_with(path: str, write) -> None:
+    """write(part) writes the file path.part, which is then synced and renamed over path: a
+    reader sees either the old file or the whole new one, never a partial write."""
     tmp = path + ".part"
-    with open(tmp, mode) as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
+def _write_all(path: str, data, mode: str) -> None:
+    with open(path, mode) as fh:
+        fh.write(data)
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, text, "w")
+    atomic_write_with(path, lambda tmp: _write_all(tmp, text, "w"))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    _atomic_write(path, data, "wb")
+    atomic_write_with(path, lambda tmp: _write_all(tmp, data, "wb"))
 
 
 def write_model(st: gemmi.Structure, stem: str) -> list[str]:
     """Write stem.cif always and stem.pdb when the model fits PDB; returns the paths written."""
     doc = st.make_mmcif_document()
     paths = [stem + ".cif"]
-    atomic_write_text(paths[0], doc.as_string())
+    atomic_write_with(paths[0], doc.write_file)     # from gemmi's text, not a Python string of it
     ok, why = fits_pdb(st)
     if ok:
         atomic_write_text(stem + ".pdb", st.make_pdb_string())

@@ -371,25 +371,32 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
 
     if start_stats is not None:
         before = _start_statistics_done(ctx, start_stats, pending_start)
-    # a worker validates the start model while the master validates the final model, and with
-    # three ranks or more another worker makes the final statistics meanwhile (the workers have
-    # nothing else to do by then)
+    # a worker validates the start model, and with three ranks or more the last worker makes
+    # the final statistics and validates the final model, while the master writes the model
+    # (the workers have nothing else to do by then; at a million atoms writing the model and
+    # validating one took about 10 s each); with two ranks the master validates the final model
     helper = (None if idealize_only or ctx is None or ctx.size < 2 or not params.whole_model_on_workers
               else VALIDATION_RANK)
     final_stats = ctx.size - 1 if helper is not None and ctx.size > 2 else None
     final_args = (None, None) if idealize_only else (state.b, state.occ)
-    if final_stats is not None:
-        _hand_to(ctx, final_stats, FINAL_STATISTICS_TAG, (xyz, *final_args),
-                 lambda x, b, occ: model_statistics(model, x, geom, inputs, resolution, b=b, occ=occ))
     if helper is not None:
         from .validation import validate_model, write_outputs
 
         # with the half maps' FSC the master computed (a few hundred numbers; two transforms of
-        # the box on the worker otherwise); the worker writes the start model's files (plots,
-        # 1-2 s at 165,000 atoms) while the master writes the final model's
+        # the box on the worker otherwise); each worker writes its model's files (plots, 1-2 s
+        # at 165,000 atoms) after sending its figures
+        def validated(x, b=None, occ=None, fsc=None):
+            return validate_model(model, x, inputs.restraints, inputs.map, inputs.data,
+                                  inputs.half_maps, resolution, b=b, occ=occ, half_map_fsc=fsc)
+
+        if final_stats is not None:
+            _hand_to(ctx, final_stats, FINAL_STATISTICS_TAG, (xyz, *final_args, inputs.half_map_fsc),
+                     lambda x, b, occ, fsc: (model_statistics(model, x, geom, inputs, resolution, b=b,
+                                                              occ=occ),
+                                             validated(x, b, occ, fsc)),
+                     then=lambda res: write_outputs(res[1], outdir, prefix="validation_final"))
         _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,),
-                 lambda fsc: validate_model(model, xyz0, inputs.restraints, inputs.map, inputs.data,
-                                            inputs.half_maps, resolution, half_map_fsc=fsc),
+                 lambda fsc: validated(xyz0, fsc=fsc),
                  then=lambda res: write_outputs(res, outdir, prefix="validation_start"))
     if is_master and final_stats is None:
         with timer("statistics"):
@@ -404,17 +411,19 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         written = write_model(updated_structure(model, xyz, None if idealize_only else state.b,
                                                 None if idealize_only else state.occ), stem)
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
+    given = {}
+    if final_stats is not None:
+        from .parallel.distributed import recv_object
+        with timer("statistics"):       # the time the master waited for them (and the validation)
+            after, given["final"] = recv_object(ctx.world, final_stats, FINAL_STATISTICS_TAG)
+        log.info("final: %s", _format_stats(after))
     validation = {}
     if not idealize_only:
         with timer("validation"):
             validation = _validate(model, {"start": (xyz0, None, None), "final": (xyz, state.b, state.occ)},
                                    inputs, resolution, outdir,
-                                   elsewhere={} if helper is None else {"start": (ctx.world, helper)})
-    if final_stats is not None:
-        from .parallel.distributed import recv_object
-        with timer("statistics"):           # the time the master waited for them
-            after = recv_object(ctx.world, final_stats, FINAL_STATISTICS_TAG)
-        log.info("final: %s", _format_stats(after))
+                                   elsewhere={} if helper is None else {"start": (ctx.world, helper)},
+                                   given=given)
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if inputs.store is not None:
         inputs.store.close()
@@ -795,22 +804,23 @@ def _start_statistics_done(ctx, rank, pending):
 
 
 def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,
-              elsewhere: dict | None = None) -> dict:
+              elsewhere: dict | None = None, given: dict | None = None) -> dict:
     """The validation figures (hpcrefine.validation) of the start and final models against the
     refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report.
     models: name -> (xyz, B-factors or None, occupancies or None); elsewhere: name -> (comm,
     rank) of the models another rank validates (it sends validate_model's result,
     parallel.distributed.send_object, and writes their files itself), received once this rank's
-    own are done."""
+    own are done; given: name -> validate_model's result of the models another rank validated
+    and sent already (it writes their files)."""
     from .simulate import _rfftn
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
     elsewhere = elsewhere or {}
-    mine = [name for name in models if name not in elsewhere]
+    results = dict(given or {})
+    mine = [name for name in models if name not in elsewhere and name not in results]
     # the map's transform and the half maps' FSC serve every model
     map_coefficients = (_rfftn(np.asarray(inputs.data, dtype=np.float32))
                         if inputs.data is not None and len(mine) > 1 else None)
-    results = {}
     for name in mine:
         xyz, b, occ = models[name]
         results[name] = validate_model(model, xyz, inputs.restraints, inputs.map, inputs.data,

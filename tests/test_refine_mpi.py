@@ -105,12 +105,12 @@ def test_shared_half_set_layout_agrees_with_one_process(adk_case, runs, tmp_path
     assert "2 group(s) of workers refine the tasks in parallel" in (runs[3] / "refine.log").read_text()
 
 
-def test_the_master_writes_the_outputs_and_a_worker_the_start_validation(runs):
+def test_the_master_writes_the_outputs_and_workers_the_validations(runs):
     names = sorted(os.listdir(runs[3]))
     assert [n for n in names if not n.startswith("validation_")] == [
         "checkpoint.h5", "fsc_halfset.png", "refine.log", "refined.cif", "refined.pdb", "report.json"]
-    # the worker that validated the start model wrote its files, the same set as the master's
-    # for the final model and as one process writes
+    # the workers that validated the start and the final model wrote their files, the same set
+    # for both models and as one process writes
     assert sorted(n for n in os.listdir(runs[1]) if n.startswith("validation_")) == \
         sorted(n for n in names if n.startswith("validation_"))
     start = sorted(n for n in names if n.startswith("validation_start"))
@@ -122,8 +122,8 @@ def test_the_master_writes_the_outputs_and_a_worker_the_start_validation(runs):
         assert saved["geometry"] == json.loads((runs[n] / "report.json").read_text())["validation"]["start"]["geometry"]
     log = (runs[3] / "refine.log").read_text()
     assert log.count("final:") == 1 and "ranks: 3" in log
-    # the start model is validated by a worker (while the master validates the final one): the
-    # same figures as one process makes, logged first
+    # the start model is validated by a worker (and the final one by another, while the master
+    # writes the model): the same figures as one process makes, logged first
     assert log.index("start model:") < log.index("final model:")
     one, three = (json.loads((runs[n] / "report.json").read_text())["validation"]["start"] for n in (1, 3))
     for section in ("geometry", "ramachandran", "rotamers", "cbeta", "clashes"):
@@ -136,8 +136,9 @@ def test_the_master_writes_the_outputs_and_a_worker_the_start_validation(runs):
 
 def test_statistics_made_by_workers_are_the_models(adk_case, runs):
     """Under 3 ranks the last worker makes the start statistics (while the master prepares the
-    half maps) and the final ones (while the master validates): the start's are one process's,
-    the final ones those of the written model, recomputed here."""
+    half maps) and the final ones (with the final model's validation, while the master writes the
+    model): the start's are one process's, the final ones those of the written model,
+    recomputed here."""
     from hpcrefine.engine import GeometryTerm
     from hpcrefine.params import RefineParams
     from hpcrefine.refine import load_inputs, model_statistics
@@ -161,7 +162,8 @@ def test_statistics_made_by_workers_are_the_models(adk_case, runs):
 def test_whole_model_figures_on_the_master_change_nothing_else(adk_case, runs, tmp_path):
     """whole_model_on_workers = false: the master makes the start and final statistics and both
     validations itself, so the workers hold only their shares; the refinement is the same run
-    (the same coordinates to the last digit), and so are the figures."""
+    (the same coordinates to the last digit), and so are the figures (the workers' validations
+    of the default run are the master's)."""
     out = refine_with_params(adk_case, tmp_path, "n3_master", "whole_model_on_workers = false")
     assert (out / "refined.cif").read_text() == (runs[3] / "refined.cif").read_text()
     mine, default = (json.loads((d / "report.json").read_text()) for d in (out, runs[3]))
@@ -170,6 +172,9 @@ def test_whole_model_figures_on_the_master_change_nothing_else(adk_case, runs, t
     for name in ("start", "final"):
         for section in ("geometry", "ramachandran", "rotamers", "cbeta", "clashes"):
             assert mine["validation"][name][section] == default["validation"][name][section]
+        for key in ("cc_mask", "cc_box", "fsc_avg", "d_fsc_05"):
+            assert mine["validation"][name]["map"][key] == pytest.approx(
+                default["validation"][name]["map"][key], abs=1e-4), (name, key)
     assert sorted(os.listdir(out)) == sorted(os.listdir(runs[3]))
 
 
