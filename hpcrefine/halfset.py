@@ -137,7 +137,10 @@ class HalfTransforms:
     come from them: before, each compare step transformed both half maps again (13 s of the
     master's 21 s per task at a million atoms here), and each blurred copy its low-passed map."""
 
-    def __init__(self, half_maps, resolution: float):
+    def __init__(self, half_maps, resolution: float, coefficients: tuple | None = None):
+        """coefficients: both half maps' coefficients in this cube when made already (the crops
+        of the full map's FSC weighting, refine.Inputs.half_coefficients; within rounding of
+        transform()'s, 2e-7 of the largest); ignored when their shape is not the cube's."""
         grid = half_maps[0]
         self.origin = np.asarray(grid.origin, dtype=np.float64)
         self.voxel = np.asarray(grid.voxel, dtype=np.float64)
@@ -145,6 +148,11 @@ class HalfTransforms:
         self.cube = CroppedTransform.for_resolution(grid.data.shape, self.voxel, resolution)
         self._maps = half_maps
         self._coefficients: dict[int, np.ndarray] = {}
+        cube_shape = (len(self.cube.iz), len(self.cube.iy), self.cube.nx)
+        if coefficients is not None and all(c.shape == cube_shape for c in coefficients):
+            for h, c in zip((1, 2), coefficients):
+                c.flags.writeable = False
+                self._coefficients[h] = c
         self._density = None
 
     def share(self, store) -> None:
@@ -331,7 +339,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     constrained = getattr(ncs, "parameters", None)
     workers_compare = constrained is not None and not single and inputs.store is not None
     # the half maps' transforms, on the ranks that make the maps and the compare steps
-    halves = (HalfTransforms(inputs.half_maps, resolution)
+    halves = (HalfTransforms(inputs.half_maps, resolution, inputs.take_half_coefficients())
               if single or ctx.is_master or workers_compare else None)
     if workers_compare:
         halves.share(inputs.store)

@@ -276,16 +276,21 @@ def cc_mask(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resoluti
     return correlation(np.asarray(exp_map), calc, mask)
 
 
-def fsc_weighted(full: np.ndarray | None, half1: np.ndarray, half2: np.ndarray, voxel) -> tuple[np.ndarray, dict]:
+def fsc_weighted(full: np.ndarray | None, half1: np.ndarray, half2: np.ndarray, voxel,
+                 seen=None) -> tuple[np.ndarray, dict]:
     """The full map (None: the mean of the half maps) weighted per shell by sqrt(2 FSC / (1 +
     FSC)) of the half maps (Rosenthal & Henderson's C_ref): shells that hold mostly noise are
     damped instead of cut at one resolution. Returns the weighted map (float32) and the curve
-    used. The mean's transform is the mean of the halves' (two transforms, not three)."""
+    used. The mean's transform is the mean of the halves' (two transforms, not three).
+    seen(f1, f2), when given, is called with the half maps' whole rfftn arrays before they are
+    used up (read-only: the caller keeps what it needs of them, e.g. a CroppedTransform.crop)."""
     from .simulate import _irfftn, _rfftn, fsc_of_transforms, scale_shells
 
     shape = half1.shape
     f1 = _rfftn(np.asarray(half1, dtype=np.float32))
     ft = _rfftn(np.asarray(half2, dtype=np.float32))
+    if seen is not None:
+        seen(f1, ft)
     s, f = fsc_of_transforms(f1, ft, shape, voxel)
     if full is None:
         ft += f1

@@ -51,6 +51,14 @@ class Inputs:
     # the half maps' FSC (s, curve), on the rank that weighted the full map by it (validation
     # reports it again)
     half_map_fsc: tuple | None = None
+    # the half maps' coefficients in the resolution's cube (simulate.CroppedTransform), cropped
+    # from the transforms of the FSC weighting on the rank that made it, for the half-set stage
+    # (halfset.HalfTransforms takes them: two fewer transforms of the box); None once taken
+    half_coefficients: tuple | None = None
+
+    def take_half_coefficients(self) -> tuple | None:
+        kept, self.half_coefficients = self.half_coefficients, None
+        return kept
 
 
 def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight, blur_raw=None) -> RealSpaceTerm:
@@ -105,6 +113,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     data = None
     halves = None
     half_fsc = None
+    kept = []                # the half maps' cropped coefficients (Inputs.half_coefficients)
     if need_map and not map_path and not half_maps:
         raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
     if half_maps:
@@ -129,7 +138,12 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
             h2 = np.asarray(halves[1].data, dtype=np.float32)
             # the full map (None: the mean of the halves); shells that hold mostly noise are
             # damped by the half-map FSC (Rosenthal & Henderson)
-            data, weighting = fsc_weighted(data, h1, h2, grid.voxel)
+            from .simulate import CroppedTransform
+            cube = (CroppedTransform.for_resolution(h1.shape, grid.voxel, params.resolution)
+                    if params is not None and params.resolution > 0 else None)
+            data, weighting = fsc_weighted(
+                data, h1, h2, grid.voxel,
+                seen=None if cube is None else lambda f1, f2: kept.extend((cube.crop(f1), cube.crop(f2))))
             half_fsc = (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"]))
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
@@ -145,7 +159,8 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         reference = read_model(params.reference_model) if params.reference_model else None
         restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
-                  monlib_dir=lib_dir, covalent=covalent, reference=reference, half_map_fsc=half_fsc)
+                  monlib_dir=lib_dir, covalent=covalent, reference=reference, half_map_fsc=half_fsc,
+                  half_coefficients=tuple(kept) or None)
 
 
 def retarget_lowres(inputs: Inputs, params: RefineParams, xyz: np.ndarray) -> GeometryTerm:
@@ -371,13 +386,13 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
 
     if start_stats is not None:
         before = _start_statistics_done(ctx, start_stats, pending_start)
-    # a worker validates the start model, and with three ranks or more the last worker makes
-    # the final statistics and validates the final model, while the master writes the model
-    # (the workers have nothing else to do by then; at a million atoms writing the model and
-    # validating one took about 10 s each); with two ranks the master validates the final model
+    # a worker validates the start model and, with three ranks or more, the last worker the
+    # final model, while the master writes the model and makes its statistics (the workers have
+    # nothing else to do by then; at a million atoms writing the model, its statistics and each
+    # validation took 7-12 s each); with two ranks the master validates the final model
     helper = (None if idealize_only or ctx is None or ctx.size < 2 or not params.whole_model_on_workers
               else VALIDATION_RANK)
-    final_stats = ctx.size - 1 if helper is not None and ctx.size > 2 else None
+    final_rank = ctx.size - 1 if helper is not None and ctx.size > 2 else None
     final_args = (None, None) if idealize_only else (state.b, state.occ)
     if helper is not None:
         from .validation import validate_model, write_outputs
@@ -389,20 +404,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             return validate_model(model, x, inputs.restraints, inputs.map, inputs.data,
                                   inputs.half_maps, resolution, b=b, occ=occ, half_map_fsc=fsc)
 
-        if final_stats is not None:
-            _hand_to(ctx, final_stats, FINAL_STATISTICS_TAG, (xyz, *final_args, inputs.half_map_fsc),
-                     lambda x, b, occ, fsc: (model_statistics(model, x, geom, inputs, resolution, b=b,
-                                                              occ=occ),
-                                             validated(x, b, occ, fsc)),
-                     then=lambda res: write_outputs(res[1], outdir, prefix="validation_final"))
-        _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,),
-                 lambda fsc: validated(xyz0, fsc=fsc),
+        if final_rank is not None:
+            _hand_to(ctx, final_rank, VALIDATION_TAG, (xyz, *final_args, inputs.half_map_fsc), validated,
+                     then=lambda res: write_outputs(res, outdir, prefix="validation_final"))
+        _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,), lambda fsc: validated(xyz0, fsc=fsc),
                  then=lambda res: write_outputs(res, outdir, prefix="validation_start"))
-    if is_master and final_stats is None:
-        with timer("statistics"):
-            after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0],
-                                     occ=final_args[1])
-        log.info("final: %s", _format_stats(after))
     if not is_master:
         _rank_resources(ctx)
         return {}
@@ -410,20 +416,18 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     with timer("write"):
         written = write_model(updated_structure(model, xyz, None if idealize_only else state.b,
                                                 None if idealize_only else state.occ), stem)
+    with timer("statistics"):
+        after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0], occ=final_args[1])
+    log.info("final: %s", _format_stats(after))
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
-    given = {}
-    if final_stats is not None:
-        from .parallel.distributed import recv_object
-        with timer("statistics"):       # the time the master waited for them (and the validation)
-            after, given["final"] = recv_object(ctx.world, final_stats, FINAL_STATISTICS_TAG)
-        log.info("final: %s", _format_stats(after))
     validation = {}
     if not idealize_only:
+        elsewhere = {} if helper is None else {"start": (ctx.world, helper)}
+        if final_rank is not None:
+            elsewhere["final"] = (ctx.world, final_rank)
         with timer("validation"):
             validation = _validate(model, {"start": (xyz0, None, None), "final": (xyz, state.b, state.occ)},
-                                   inputs, resolution, outdir,
-                                   elsewhere={} if helper is None else {"start": (ctx.world, helper)},
-                                   given=given)
+                                   inputs, resolution, outdir, elsewhere=elsewhere)
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if inputs.store is not None:
         inputs.store.close()
@@ -637,6 +641,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                     raise
             state.halfset, state.w_half, state.stage = halfset, w_half, "final"
             steps.boundary(force=True)
+        inputs.take_half_coefficients()       # let go of them when no half set took them
         w_half = state.w_half
         if fixed_weight is None and params.weight_by == "halfset" and params.target == "fit":
             log.info("the half sets refine with the fast target, whose weight does not carry "
@@ -754,7 +759,6 @@ def _put_back_chirals(xyz: np.ndarray, r, cycle: int) -> np.ndarray:
 VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks)
 VALIDATION_TAG = 29        # outside the half-set tags (39-63) and the others in use
 START_STATISTICS_TAG = 31
-FINAL_STATISTICS_TAG = 33
 
 
 def _hand_to(ctx, rank, tag: int, args: tuple, compute, then=None) -> None:
@@ -804,20 +808,19 @@ def _start_statistics_done(ctx, rank, pending):
 
 
 def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,
-              elsewhere: dict | None = None, given: dict | None = None) -> dict:
+              elsewhere: dict | None = None) -> dict:
     """The validation figures (hpcrefine.validation) of the start and final models against the
     refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report.
     models: name -> (xyz, B-factors or None, occupancies or None); elsewhere: name -> (comm,
     rank) of the models another rank validates (it sends validate_model's result,
     parallel.distributed.send_object, and writes their files itself), received once this rank's
-    own are done; given: name -> validate_model's result of the models another rank validated
-    and sent already (it writes their files)."""
+    own are done."""
     from .simulate import _rfftn
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
     elsewhere = elsewhere or {}
-    results = dict(given or {})
-    mine = [name for name in models if name not in elsewhere and name not in results]
+    results = {}
+    mine = [name for name in models if name not in elsewhere]
     # the map's transform and the half maps' FSC serve every model
     map_coefficients = (_rfftn(np.asarray(inputs.data, dtype=np.float32))
                         if inputs.data is not None and len(mine) > 1 else None)

@@ -122,6 +122,40 @@ def test_kept_half_map_transforms_give_the_full_transforms_results(adk_case):
     assert np.max(np.abs(blurred - want)) < 1e-5 * np.max(np.abs(want))
 
 
+def test_the_weighting_transforms_give_the_half_sets_coefficients(adk_case, monkeypatch):
+    """load_inputs keeps the half maps' coefficients in the resolution's cube, cropped from the
+    transforms of the full map's FSC weighting, and HalfTransforms takes them instead of
+    transforming the half maps again: within rounding of its own transform, and the same
+    compare-step FSCs; taken once, and only when their cube is the stage's."""
+    from hpcrefine.simulate import CroppedTransform
+
+    inputs = load_inputs(adk_case["start"], None, [adk_case["half1"], adk_case["half2"]], None, [],
+                         need_map=True, params=build_params(3.5))
+    kept = inputs.half_coefficients
+    assert kept is not None and len(kept) == 2
+    fresh = halfset.HalfTransforms(inputs.half_maps, 3.5)
+    for h in (1, 2):
+        want = fresh.coefficients(h)
+        assert kept[h - 1].shape == want.shape
+        assert np.max(np.abs(kept[h - 1] - want)) < 1e-6 * np.max(np.abs(want))
+    calls = []
+    transform = CroppedTransform.transform
+    monkeypatch.setattr(CroppedTransform, "transform",
+                        lambda self, data, slab=16: calls.append(data.shape) or transform(self, data, slab))
+    halves = halfset.HalfTransforms(inputs.half_maps, 3.5, inputs.take_half_coefficients())
+    assert inputs.half_coefficients is None and inputs.take_half_coefficients() is None
+    assert halves.coefficients(1) is kept[0] and halves.coefficients(2) is kept[1] and not calls
+    model = inputs.model
+    got, want = (halfset.compare_models(model, {1: model.xyz, 2: model.xyz}, t) for t in (halves, fresh))
+    for h in (1, 2):
+        for name in ("work", "free"):
+            assert np.max(np.abs(got[h][name] - want[h][name])) < 1e-5, (h, name)
+    # another resolution's cube: the kept arrays do not fit and the half maps are transformed
+    calls.clear()
+    other = halfset.HalfTransforms(inputs.half_maps, 5.0, kept)
+    assert other.coefficients(1).shape != kept[0].shape and len(calls) == 1
+
+
 def test_expected_free_work_ratio_is_reported(run):
     _, report = run
     exp = report["halfset"]["free_work_ratio_expected"]

@@ -123,7 +123,8 @@ def test_the_master_writes_the_outputs_and_workers_the_validations(runs):
     log = (runs[3] / "refine.log").read_text()
     assert log.count("final:") == 1 and "ranks: 3" in log
     # the start model is validated by a worker (and the final one by another, while the master
-    # writes the model): the same figures as one process makes, logged first
+    # writes the model and makes its statistics): the same figures as one process makes, logged
+    # first
     assert log.index("start model:") < log.index("final model:")
     one, three = (json.loads((runs[n] / "report.json").read_text())["validation"]["start"] for n in (1, 3))
     for section in ("geometry", "ramachandran", "rotamers", "cbeta", "clashes"):
@@ -136,9 +137,8 @@ def test_the_master_writes_the_outputs_and_workers_the_validations(runs):
 
 def test_statistics_made_by_workers_are_the_models(adk_case, runs):
     """Under 3 ranks the last worker makes the start statistics (while the master prepares the
-    half maps) and the final ones (with the final model's validation, while the master writes the
-    model): the start's are one process's, the final ones those of the written model,
-    recomputed here."""
+    half maps), the master the final ones (while the workers validate): the start's are one
+    process's, the final ones those of the written model, recomputed here."""
     from hpcrefine.engine import GeometryTerm
     from hpcrefine.params import RefineParams
     from hpcrefine.refine import load_inputs, model_statistics
