@@ -299,7 +299,7 @@ def owned_target(sub, lo, full_shape, origin, voxel, xyz, atoms, atom_weight, gr
     return float(t), int(outside)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _masked_sums(data, mask, use_mask, mean):
     """Over the voxels of data (3-D, any strides; within mask where use_mask): their count, the
     sum of (value - mean) and of its square, in float64, read in place (no temporaries)."""
@@ -323,7 +323,7 @@ def _masked_sums(data, mask, use_mask, mean):
     return count, s1, s2
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _normalised_into(data, mean, std, out):
     nz, ny, nx = data.shape
     for k in range(nz):

@@ -225,6 +225,26 @@ def _normalised(compute_raw) -> np.ndarray:
     return normalise_map(np.asarray(compute_raw(), dtype=np.float32))
 
 
+def blurred_key(key: str, b_extra: float) -> str:
+    """The store key of map `key`'s copy blurred by b_extra (StoredRealSpaceTerm.blurred)."""
+    return f"{key}_b{b_extra:g}"
+
+
+def blurred_copy(key: str, blur_raw, b_extra: float):
+    """(key, raw map maker) of map `key`'s copy blurred by b_extra when blur_raw(b) makes the raw
+    blurred map: what StoredRealSpaceTerm(..., key, ..., blur_raw).blurred(b_extra) publishes
+    (normalised), known before that term is made (so the master can write it ahead)."""
+    return blurred_key(key, b_extra), functools.partial(blur_raw, b_extra)
+
+
+def prefetch_blurred_copy(store: "MapStore", key: str, blur_raw, b_extra: float) -> None:
+    """The master starts writing map `key`'s copy blurred by b_extra (blurred_copy; MapStore.
+    prefetch, not collective; nothing for b_extra <= 0)."""
+    if b_extra > 0:
+        copy_key, raw = blurred_copy(key, blur_raw, b_extra)
+        store.prefetch(copy_key, functools.partial(_normalised, raw))
+
+
 def _rendezvous(ctx) -> None:
     """Every rank of the world meets here, sleeping between polls instead of spinning."""
     from .distributed import wait_quietly
@@ -261,10 +281,9 @@ class StoredRealSpaceTerm(RealSpaceTerm):
 
     def _blur(self, b_extra: float):
         """(key, raw map maker) of the copy blurred by b_extra."""
-        key = f"{self.key}_b{b_extra:g}"
         if self.blur_raw is not None:
-            return key, functools.partial(self.blur_raw, b_extra)
-        return key, functools.partial(blur_map, self.data, self.voxel, b_extra)
+            return blurred_copy(self.key, self.blur_raw, b_extra)
+        return blurred_key(self.key, b_extra), functools.partial(blur_map, self.data, self.voxel, b_extra)
 
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         if b_extra <= 0:

@@ -13,7 +13,8 @@ from mpi4py import MPI
 
 from hpcrefine.engine import RealSpaceTerm
 from hpcrefine.parallel.context import make_context
-from hpcrefine.parallel.mapstore import MapStore, StoredRealSpaceTerm
+from hpcrefine.parallel.mapstore import (MapStore, StoredRealSpaceTerm, blurred_key,
+                                        prefetch_blurred_copy)
 
 WORLD = MPI.COMM_WORLD
 
@@ -96,8 +97,8 @@ def test_a_map_written_ahead_is_published_without_computing_again(shared_dir):
     """The master's prefetch writes the map in its own thread while the ranks go on (no
     collective); the publish that follows maps that file on every rank, bitwise the map that
     publish alone makes, and its compute is not called again. A prefetched blurred copy of a
-    stored term equals blurred() made without it. A failing prefetch fails the publish on every
-    rank."""
+    stored term equals blurred() made without it, also when written before the term exists. A
+    failing prefetch fails the publish on every rank."""
     ctx = make_context(WORLD)
     store = MapStore(ctx, shared_dir)
     origin, voxel = np.array([1.0, -2.0, 0.5]), np.array([1.1, 1.1, 1.1])
@@ -121,6 +122,21 @@ def test_a_map_written_ahead_is_published_without_computing_again(shared_dir):
     term.prefetch_blurred(25.0)
     ahead = term.blurred(25.0)
     assert np.array_equal(np.asarray(ahead.data), np.asarray(plain.data))
+    # a copy written ahead before its term exists (the half maps' blurred copies while the
+    # master makes the plain maps): the term's blurred() finds it, computed once, the same bits
+    made = []
+
+    def blur_raw(b):
+        made.append(b)
+        return StoredRealSpaceTerm(store, "p", _map, origin, voxel, weight).blurred(b).data * 1.0
+    prefetch_blurred_copy(store, "r", blur_raw, 25.0)
+    prefetch_blurred_copy(store, "r", blur_raw, 0.0)          # nothing to write at no blur
+    early = StoredRealSpaceTerm(store, "r", _map, origin, voxel, weight, blur_raw).blurred(25.0)
+    assert store.has(blurred_key("r", 25.0)) and not store.has(blurred_key("r", 0.0))
+    assert WORLD.allgather(made)[0] == [25.0] and all(m == [] for m in WORLD.allgather(made)[1:])
+    late = StoredRealSpaceTerm(store, "s", _map, origin, voxel, weight, blur_raw).blurred(25.0)
+    assert np.array_equal(np.asarray(early.data), np.asarray(late.data))
+    assert np.allclose(early.data, plain.data, atol=1e-5)
 
     def broken():
         raise ValueError("deliberate")
