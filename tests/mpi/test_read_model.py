@@ -62,3 +62,36 @@ def test_objects_sent_point_to_point():
         assert got["name"] == "start" and got["n"] == 3
         assert np.array_equal(got["per_residue"]["cc"], payload["per_residue"]["cc"])
         assert recv_object(WORLD, last, 77) == {}
+
+
+def test_the_full_map_weighted_by_a_worker_is_rank_0s_own(tmp_path_factory, monkeypatch):
+    """With several ranks, worker 1 weights the full map by the half maps' FSC (and crops the
+    half maps' coefficients) while rank 0 reads the model, and sends them to rank 0: bitwise
+    what one process makes; when the worker has none to give, rank 0 makes them itself."""
+    from hpcrefine import refine, simulate
+    from hpcrefine.params import build_params
+
+    if WORLD.Get_rank() == 0:
+        path = datasets.fetch(["adk_closed"])["adk_closed"]
+        out = str(tmp_path_factory.mktemp("weighting") / "maps")
+        simulate.write_simulated(path, 4.0, out, seed=1)
+    path, out = WORLD.bcast((path, out) if WORLD.Get_rank() == 0 else None, root=0)
+    halves = [f"{out}/half1.mrc", f"{out}/half2.mrc"]
+    params = build_params(4.0)
+
+    def read(comm):
+        return refine.load_inputs(path, None, halves, None, [], True, params=params, comm=comm,
+                                  share_map=False)
+    shared = read(WORLD)
+    if WORLD.Get_rank() == 0:
+        own = read(None)
+        assert np.array_equal(shared.data, own.data)
+        assert all(np.array_equal(a, b) for a, b in zip(shared.half_map_fsc, own.half_map_fsc))
+        assert len(shared.half_coefficients) == 2
+        assert all(np.array_equal(a, b) for a, b in zip(shared.half_coefficients, own.half_coefficients))
+    else:
+        assert shared.data is None and shared.half_coefficients is None
+    monkeypatch.setattr(refine, "_early_weighting", lambda *args: None)
+    fallback = read(WORLD)
+    if WORLD.Get_rank() == 0:
+        assert np.array_equal(fallback.data, own.data)
