@@ -180,10 +180,12 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
     in its MapStore once the inputs are checked)."""
     shared = comm is not None and comm.Get_size() > 1
+    # a worker weights the full map while rank 0 parses the model (the workers would wait for
+    # the model meanwhile): at a million atoms 3-5 s of rank 0's reading; not when the workers
+    # are to hold only their shares (whole_model_on_workers off: it transforms the whole box)
+    on_worker = bool(shared and half_maps and (params is None or params.whole_model_on_workers))
     early = None
-    if shared and half_maps and comm.Get_rank() == WEIGHTING_RANK:
-        # this worker weights the full map while rank 0 parses the model (the workers would
-        # wait for the model meanwhile): at a million atoms 3-5 s of rank 0's reading
+    if on_worker and comm.Get_rank() == WEIGHTING_RANK:
         early = _early_weighting(map_path, half_maps, params)
     model = read_model(model_path, comm)
     grid = None
@@ -208,11 +210,11 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         if map_path:
             data = np.asarray(grid.data, dtype=np.float32)
         if halves and shared and comm.Get_rank() > 0:
-            if comm.Get_rank() == WEIGHTING_RANK:
+            if on_worker and comm.Get_rank() == WEIGHTING_RANK:
                 _send_weighting(comm, early)
             data = np.empty(halves[0].data.shape, dtype=np.float32) if share_map else None
         elif halves:
-            got = _recv_weighting(comm, halves[0].data.shape, grid.voxel, params) if shared else None
+            got = _recv_weighting(comm, halves[0].data.shape, grid.voxel, params) if on_worker else None
             if got is None:
                 got = _weighting(data, halves[0].data, halves[1].data, grid.voxel, params)
             data, half_fsc, kept = got

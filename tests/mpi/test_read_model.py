@@ -95,3 +95,9 @@ def test_the_full_map_weighted_by_a_worker_is_rank_0s_own(tmp_path_factory, monk
     fallback = read(WORLD)
     if WORLD.Get_rank() == 0:
         assert np.array_equal(fallback.data, own.data)
+    # workers that hold only their shares leave it to rank 0
+    params = build_params(4.0, overrides={"whole_model_on_workers": False})
+    monkeypatch.setattr(refine, "_early_weighting", lambda *args: pytest.fail("made on a worker"))
+    alone = read(WORLD)
+    if WORLD.Get_rank() == 0:
+        assert np.array_equal(alone.data, own.data)
