@@ -113,9 +113,6 @@ def _early_weighting(map_path, half_maps, params):
         return None
 
 
-_WEIGHTING_TAG = 27
-
-
 def _send_weighting(comm, early) -> None:
     """WEIGHTING_RANK: _early_weighting's result to rank 0 (a flag, then the map, the FSC and
     the cropped coefficients as buffers), or the flag that it has none."""
@@ -130,7 +127,7 @@ def _send_weighting(comm, early) -> None:
         wait_quietly(comm, comm.Isend([np.ascontiguousarray(a), t], dest=0, tag=_WEIGHTING_TAG))
 
 
-def _recv_weighting(comm, shape, voxel, params):
+def _recv_weighting(comm, shape):
     """Rank 0: what _send_weighting sends, as _weighting returns it, or None."""
     from .parallel.distributed import recv_object, wait_quietly
     from mpi4py import MPI
@@ -214,7 +211,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
                 _send_weighting(comm, early)
             data = np.empty(halves[0].data.shape, dtype=np.float32) if share_map else None
         elif halves:
-            got = _recv_weighting(comm, halves[0].data.shape, grid.voxel, params) if on_worker else None
+            got = _recv_weighting(comm, halves[0].data.shape) if on_worker else None
             if got is None:
                 got = _weighting(data, halves[0].data, halves[1].data, grid.voxel, params)
             data, half_fsc, kept = got
@@ -829,9 +826,11 @@ def _put_back_chirals(xyz: np.ndarray, r, cycle: int) -> np.ndarray:
     return fixed if made else xyz
 
 
-VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks)
+VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks;
+                           # the last worker validates the final model with three ranks or more)
 VALIDATION_TAG = 29        # outside the half-set tags (39-63) and the others in use
 START_STATISTICS_TAG = 31
+_WEIGHTING_TAG = 27        # the full map weighted on a worker (_send_weighting)
 
 
 def _hand_to(ctx, rank, tag: int, args: tuple, compute, then=None) -> None:
@@ -892,11 +891,11 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
     elsewhere = elsewhere or {}
-    results = {}
     mine = [name for name in models if name not in elsewhere]
     # the map's transform and the half maps' FSC serve every model
     map_coefficients = (_rfftn(np.asarray(inputs.data, dtype=np.float32))
                         if inputs.data is not None and len(mine) > 1 else None)
+    results = {}
     for name in mine:
         xyz, b, occ = models[name]
         results[name] = validate_model(model, xyz, inputs.restraints, inputs.map, inputs.data,
