@@ -96,20 +96,12 @@ def _weighting(full, half1, half2, voxel, params):
     return data, (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"])), kept
 
 
-def _early_weighting(map_path, half_maps, params):
-    """_weighting of the maps read on their own (WEIGHTING_RANK, before the model is read), or
-    None when they cannot be read or do not match: the inputs' checks then say why on every
-    rank, and rank 0 weights the map itself."""
+def _early_weighting(full, halves, voxel, params):
+    """_weighting on WEIGHTING_RANK while rank 0 reads the model, or None when it fails (rank 0
+    then weights the map itself)."""
     try:
-        h1, h2 = read_map(half_maps[0]), read_map(half_maps[1])
-        check_same_grid(h1, h2)
-        full = None
-        if map_path:
-            grid = read_map(map_path)
-            check_same_grid(grid, h1)
-            full = grid.data
-        return _weighting(full, h1.data, h2.data, h1.voxel, params)
-    except Exception:                # noqa: BLE001 - reported by the checks that follow
+        return _weighting(full, halves[0].data, halves[1].data, voxel, params)
+    except Exception:                # noqa: BLE001 - rank 0 makes it instead
         return None
 
 
@@ -172,26 +164,21 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     """Read and check every input; raises InputError before anything is written. With params,
     the low-resolution restraints they ask for are added (hpcrefine.lowres). With a
     communicator of several ranks (collective over it), the FSC-weighted map of half maps is
-    computed by its rank 0 alone and broadcast: its FFTs need several map-sized temporaries,
-    which the other ranks then never hold (the workers wait without spinning). With
+    computed by worker 1 while rank 0 reads the model and sent to rank 0 (by rank 0 itself with
+    whole_model_on_workers off), then broadcast: its FFTs need several map-sized temporaries,
+    which the other workers then never hold (they wait without spinning). With
     share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
     in its MapStore once the inputs are checked)."""
     shared = comm is not None and comm.Get_size() > 1
-    # a worker weights the full map while rank 0 parses the model (the workers would wait for
-    # the model meanwhile): at a million atoms 3-5 s of rank 0's reading; not when the workers
-    # are to hold only their shares (whole_model_on_workers off: it transforms the whole box)
-    on_worker = bool(shared and half_maps and (params is None or params.whole_model_on_workers))
-    early = None
-    if on_worker and comm.Get_rank() == WEIGHTING_RANK:
-        early = _early_weighting(map_path, half_maps, params)
-    model = read_model(model_path, comm)
     grid = None
     data = None
     halves = None
     half_fsc = None
     kept = []                # the half maps' cropped coefficients (Inputs.half_coefficients)
-    if need_map and not map_path and not half_maps:
-        raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
+    # the maps first (memory-mapped and checked on every rank), so that a worker can weight the
+    # full map while rank 0 parses the model (the workers would wait for the model meanwhile):
+    # at a million atoms 3-5 s of rank 0's reading; not when the workers are to hold only their
+    # shares (whole_model_on_workers off: it transforms the whole box)
     if half_maps:
         h1, h2 = read_map(half_maps[0]), read_map(half_maps[1])
         check_same_grid(h1, h2)
@@ -202,6 +189,13 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
             check_same_grid(grid, halves[0])
     elif halves:
         grid = halves[0]
+    on_worker = bool(shared and halves and (params is None or params.whole_model_on_workers))
+    early = None
+    if on_worker and comm.Get_rank() == WEIGHTING_RANK:
+        early = _early_weighting(grid.data if map_path else None, halves, grid.voxel, params)
+    model = read_model(model_path, comm)
+    if need_map and not map_path and not half_maps:
+        raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
     if grid is not None:
         check_model_inside(model.xyz, grid)
         if map_path:
