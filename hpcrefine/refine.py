@@ -74,9 +74,6 @@ def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight, blur_raw=None)
     return RealSpaceTerm(compute_raw(), grid.origin, grid.voxel, atom_weight)
 
 
-WEIGHTING_RANK = 1          # the worker that weights the full map while rank 0 reads the model
-
-
 def _weighting(full, half1, half2, voxel, params):
     """(the full map weighted by the half maps' FSC, the half-map FSC (s, curve), the half maps'
     coefficients in the resolution's cube or []): mapstats.fsc_weighted, the coefficients
@@ -94,44 +91,6 @@ def _weighting(full, half1, half2, voxel, params):
         None if full is None else np.asarray(full, dtype=np.float32), h1, h2, voxel,
         seen=None if cube is None else lambda f1, f2: kept.extend((cube.crop(f1), cube.crop(f2))))
     return data, (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"])), kept
-
-
-def _early_weighting(full, halves, voxel, params):
-    """_weighting on WEIGHTING_RANK while rank 0 reads the model, or None when it fails (rank 0
-    then weights the map itself)."""
-    try:
-        return _weighting(full, halves[0].data, halves[1].data, voxel, params)
-    except Exception:                # noqa: BLE001 - rank 0 makes it instead
-        return None
-
-
-def _send_weighting(comm, early) -> None:
-    """WEIGHTING_RANK: _early_weighting's result to rank 0 (a flag, then the map, the FSC and
-    the cropped coefficients as buffers), or the flag that it has none."""
-    from .parallel.distributed import send_object, wait_quietly
-    from mpi4py import MPI
-    if early is None:
-        send_object(comm, None, 0, _WEIGHTING_TAG)
-        return
-    data, half_fsc, kept = early
-    send_object(comm, (half_fsc, [c.shape for c in kept]), 0, _WEIGHTING_TAG)
-    for a, t in [(data, MPI.FLOAT)] + [(c, MPI.C_FLOAT_COMPLEX) for c in kept]:
-        wait_quietly(comm, comm.Isend([np.ascontiguousarray(a), t], dest=0, tag=_WEIGHTING_TAG))
-
-
-def _recv_weighting(comm, shape):
-    """Rank 0: what _send_weighting sends, as _weighting returns it, or None."""
-    from .parallel.distributed import recv_object, wait_quietly
-    from mpi4py import MPI
-    head = recv_object(comm, WEIGHTING_RANK, _WEIGHTING_TAG)
-    if head is None:
-        return None
-    half_fsc, shapes = head
-    data = np.empty(shape, dtype=np.float32)
-    kept = [np.empty(sh, dtype=np.complex64) for sh in shapes]
-    for a, t in [(data, MPI.FLOAT)] + [(c, MPI.C_FLOAT_COMPLEX) for c in kept]:
-        wait_quietly(comm, comm.Irecv([a, t], source=WEIGHTING_RANK, tag=_WEIGHTING_TAG))
-    return data, half_fsc, kept
 
 
 def check_output_dir(outdir: str, overwrite: bool) -> None:
@@ -164,21 +123,18 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     """Read and check every input; raises InputError before anything is written. With params,
     the low-resolution restraints they ask for are added (hpcrefine.lowres). With a
     communicator of several ranks (collective over it), the FSC-weighted map of half maps is
-    computed by worker 1 while rank 0 reads the model and sent to rank 0 (by rank 0 itself with
-    whole_model_on_workers off), then broadcast: its FFTs need several map-sized temporaries,
-    which the other workers then never hold (they wait without spinning). With
+    computed by its rank 0 alone and broadcast: its FFTs need several map-sized temporaries,
+    which the other ranks then never hold (the workers wait without spinning). With
     share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
     in its MapStore once the inputs are checked)."""
-    shared = comm is not None and comm.Get_size() > 1
+    model = read_model(model_path, comm)
     grid = None
     data = None
     halves = None
     half_fsc = None
     kept = []                # the half maps' cropped coefficients (Inputs.half_coefficients)
-    # the maps first (memory-mapped and checked on every rank), so that a worker can weight the
-    # full map while rank 0 parses the model (the workers would wait for the model meanwhile):
-    # at a million atoms 3-5 s of rank 0's reading; not when the workers are to hold only their
-    # shares (whole_model_on_workers off: it transforms the whole box)
+    if need_map and not map_path and not half_maps:
+        raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
     if half_maps:
         h1, h2 = read_map(half_maps[0]), read_map(half_maps[1])
         check_same_grid(h1, h2)
@@ -189,26 +145,15 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
             check_same_grid(grid, halves[0])
     elif halves:
         grid = halves[0]
-    on_worker = bool(shared and halves and (params is None or params.whole_model_on_workers))
-    early = None
-    if on_worker and comm.Get_rank() == WEIGHTING_RANK:
-        early = _early_weighting(grid.data if map_path else None, halves, grid.voxel, params)
-    model = read_model(model_path, comm)
-    if need_map and not map_path and not half_maps:
-        raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
     if grid is not None:
         check_model_inside(model.xyz, grid)
         if map_path:
             data = np.asarray(grid.data, dtype=np.float32)
+        shared = comm is not None and comm.Get_size() > 1
         if halves and shared and comm.Get_rank() > 0:
-            if on_worker and comm.Get_rank() == WEIGHTING_RANK:
-                _send_weighting(comm, early)
             data = np.empty(halves[0].data.shape, dtype=np.float32) if share_map else None
         elif halves:
-            got = _recv_weighting(comm, halves[0].data.shape) if on_worker else None
-            if got is None:
-                got = _weighting(data, halves[0].data, halves[1].data, grid.voxel, params)
-            data, half_fsc, kept = got
+            data, half_fsc, kept = _weighting(data, halves[0].data, halves[1].data, grid.voxel, params)
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
@@ -824,7 +769,6 @@ VALIDATION_RANK = 1        # the worker that validates the start model (runs of 
                            # the last worker validates the final model with three ranks or more)
 VALIDATION_TAG = 29        # outside the half-set tags (39-63) and the others in use
 START_STATISTICS_TAG = 31
-_WEIGHTING_TAG = 27        # the full map weighted on a worker (_send_weighting)
 
 
 def _hand_to(ctx, rank, tag: int, args: tuple, compute, then=None) -> None:
