@@ -259,18 +259,18 @@ def _half_terms(inputs, halves: HalfTransforms | None, atom_weight) -> dict:
     from .parallel.mapstore import prefetch_blurred_copy
     from .refine import fast_term
 
+    # lowpassed(h) is the raw map, lowpassed(h, b) its blurred copy
+    makers = {h: functools.partial(halves.lowpassed, h) if halves else None for h in (1, 2)}
     if halves is not None:
         # the master writes the blurred copies in its map thread while it makes the plain maps
         # (each a transform of the whole box, a normalisation and a write; the workers wait for
         # all four): about half the time at 480^3
         for h in (1, 2):
             for b in BLURS:
-                prefetch_blurred_copy(inputs.store, f"half{h}", functools.partial(halves.lowpassed, h), b)
+                prefetch_blurred_copy(inputs.store, f"half{h}", makers[h], b)
     terms = {}
     for h in (1, 2):
-        # lowpassed(h) is the raw map, lowpassed(h, b) its blurred copy
-        make = functools.partial(halves.lowpassed, h) if halves else None
-        terms[h] = fast_term(inputs, f"half{h}", make, atom_weight, make)
+        terms[h] = fast_term(inputs, f"half{h}", makers[h], atom_weight, makers[h])
         for b in BLURS:
             terms[h].blurred(b)          # published now, mapped again by the task
     return terms

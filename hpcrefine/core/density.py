@@ -337,7 +337,11 @@ def map_mean_std(data, mask=None) -> tuple[float, float]:
     a memory-mapped map is never loaded whole, and no map-sized temporary is made (on a machine
     where every first touch of new memory costs, converting a 240^3 map to float64 in slabs
     took 0.2-0.3 s of a fresh process, against 20 ms)."""
-    data = _prep_map(data)
+    return _mean_std(_prep_map(data), mask)
+
+
+def _mean_std(data: np.ndarray, mask) -> tuple[float, float]:
+    """map_mean_std of a map _prep_map gave."""
     if mask is None:
         mask, use = np.zeros((1, 1, 1), dtype=np.bool_), False
     else:
@@ -355,10 +359,10 @@ def map_mean_std(data, mask=None) -> tuple[float, float]:
 def normalise_map(data, mask=None) -> np.ndarray:
     """Float32 C-contiguous copy of the map as (x - mean) / std, with mean and std over the mask
     (boolean array of the map's shape) or the whole map; the map is read in place."""
-    mean, std = map_mean_std(data, mask)
+    data = _prep_map(data)              # once: a copy for a big-endian or integer map
+    mean, std = _mean_std(data, mask)
     if not std > 0:
         raise ValueError("the map is constant (standard deviation 0); cannot normalise it")
-    data = _prep_map(data)
     out = np.empty(data.shape, dtype=np.float32)
     _normalised_into(data, float(mean), float(std), out)
     return out

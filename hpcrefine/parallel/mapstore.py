@@ -241,8 +241,12 @@ def prefetch_blurred_copy(store: "MapStore", key: str, blur_raw, b_extra: float)
     """The master starts writing map `key`'s copy blurred by b_extra (blurred_copy; MapStore.
     prefetch, not collective; nothing for b_extra <= 0)."""
     if b_extra > 0:
-        copy_key, raw = blurred_copy(key, blur_raw, b_extra)
-        store.prefetch(copy_key, functools.partial(_normalised, raw))
+        _write_ahead(store, *blurred_copy(key, blur_raw, b_extra))
+
+
+def _write_ahead(store: "MapStore", key: str, raw) -> None:
+    """The master starts writing map `key`, raw() normalised, as publish would store it."""
+    store.prefetch(key, functools.partial(_normalised, raw))
 
 
 def _rendezvous(ctx) -> None:
@@ -295,8 +299,7 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         """The master starts writing the copy blurred(b_extra) will publish (MapStore.prefetch;
         not collective)."""
         if b_extra > 0:
-            key, raw = self._blur(b_extra)
-            self.store.prefetch(key, functools.partial(_normalised, raw))
+            _write_ahead(self.store, *self._blur(b_extra))
 
     def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
         store = self.store
