@@ -21,7 +21,9 @@ Finding copies (`find_ncs`):
   (one generator of st.assemblies covering all its subchains, one operator the identity) is the
   master and the other operators make virtual copies (`assembly_ncs`): the data term and the
   contacts run over all copies, the operators stay fixed (the file's symmetry), and the model
-  written is the asymmetric unit with its records. Otherwise the records are only logged.
+  written is the asymmetric unit with its records. Otherwise the records are only logged. When
+  the operators form a group (an icosahedral assembly's 60), `SymmetricTarget` evaluates that
+  whole-assembly target from the asymmetric unit and the images of its atoms near it alone.
 
 Modes (RefineParams.ncs):
   * constraints: parameters are the master coordinates, the free atoms and a rigid operator
@@ -1037,6 +1039,189 @@ class ConstrainedTarget:
         return float(self._buf[-1]), self._buf[:-1].copy()
 
 
+GROUP_ROTATION_TOLERANCE = 1e-4     # rotation elements that count as the same in closed_group
+GROUP_TRANSLATION_TOLERANCE = 1e-2  # A, the same for translations
+
+
+def closed_group(rot: np.ndarray, trans: np.ndarray) -> bool:
+    """True when the operators x -> rot[k] x + trans[k] form a group: T_k^-1 T_l is one of them
+    for every k, l (the 60 operators of an icosahedral assembly; not the first few of them)."""
+    rot = np.asarray(rot, dtype=np.float64)
+    trans = np.asarray(trans, dtype=np.float64)
+    kk = len(rot)
+    flat = rot.reshape(kk, 9)
+    for k in range(kk):
+        # T_k^-1 T_l x = R_k^T R_l x + R_k^T (t_l - t_k), for every l at once
+        comp_r = np.einsum("ji,ljm->lim", rot[k], rot).reshape(kk, 9)
+        comp_t = (trans - trans[k]) @ rot[k]
+        same = ((np.abs(comp_r[:, None, :] - flat[None]).max(axis=2) < GROUP_ROTATION_TOLERANCE)
+                & (np.abs(comp_t[:, None, :] - trans[None]).max(axis=2) < GROUP_TRANSLATION_TOLERANCE))
+        if not same.any(axis=1).all():
+            return False
+    return True
+
+
+@njit(cache=True)
+def _image_kernel(xm, rot, trans, op, src, out, offset):
+    """out[offset + e] = rot[op[e]] @ xm[src[e]] + trans[op[e]]."""
+    for e in range(op.shape[0]):
+        a = rot[op[e]]
+        b = trans[op[e]]
+        s = src[e]
+        for r in range(3):
+            out[offset + e, r] = a[r, 0] * xm[s, 0] + a[r, 1] * xm[s, 1] + a[r, 2] * xm[s, 2] + b[r]
+
+
+class SymmetricTarget:
+    """The constrained target of an asymmetric unit whose virtual copies are made by a closed
+    group of fixed operators (the file's assembly), in terms of the asymmetric unit alone:
+    T(x) = weight * T_avg(x) + K (T_restraints(x) + T_repulsion within x) + (K / 2) S(x), with
+    S(x) the repulsion between the asymmetric unit and its images g x under the other
+    operators g. It is the whole assembly's target: the copies k < l meet as copy 0 meets
+    T_k^-1 T_l, which runs over every other operator once for each k (closed_group), so the
+    contacts between copies are K / 2 times S; and each atom's gradient is K times its side of
+    S's pairs (the image side of a pair is the same pair seen from the other copy). Only the
+    images of atoms within reach of the asymmetric unit are made (`mates`), so no evaluation
+    touches the other copies' atoms: ConstrainedTarget made all K copies at every evaluation
+    and searched their contacts over the whole assembly.
+
+    Work of a rank of comm: its block of the atoms (data term, restraints whose first atom it
+    owns, pairs whose first atom it owns); one buffer Allreduce of 3 n + 1 values."""
+
+    def __init__(self, info: NcsInfo, data_term, restraints: Restraints, params, weight: float,
+                 xyz0: np.ndarray, comm=None):
+        g = info.groups[0]
+        self.k = g.n_copies
+        self.rot = np.ascontiguousarray(g.rot[1:], dtype=np.float64)       # rot[0]: the identity
+        self.trans = np.ascontiguousarray(g.trans[1:], dtype=np.float64)
+        self.comm = comm
+        self.size = 1 if comm is None else comm.Get_size()
+        self.part = 0 if comm is None else comm.Get_rank()
+        self.weight = float(weight)
+        self.nb_sigma = params.nonbonded_sigma
+        self.nb_weight = params.nonbonded_weight
+        n = self.n = len(xyz0)
+        owner = _blocks(n, self.size)
+        self.owned = owner == self.part
+        self.mine = np.flatnonzero(self.owned)
+        self.restraints = restraints
+        self.share = _share_terms(restraints, owner, self.part)
+        store = getattr(data_term, "store", None)
+        self.averaged = averaged_map(data_term.data, data_term.origin, data_term.voxel, g.rot, g.trans,
+                                     xyz0, None if store is None else (id(store), data_term.key))
+        self.atom_weight = np.ascontiguousarray(np.asarray(data_term.atom_weight)[self.mine], dtype=np.float64)
+        self.reach = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
+        self.master_nbl = None
+        self.mates = None             # (operator index, source atom) of the images kept
+        self.mate_nbl = None
+        self._mates_xyz = None        # the atoms when the images were chosen
+        self._z = None
+        self._buf = np.zeros(3 * n + 1)
+        self.n_evals = 0
+        self.seconds_local = 0.0
+        self.seconds_reduce = 0.0
+
+    def _choose_mates(self, x: np.ndarray) -> None:
+        """The images within reach + INTERFACE_MARGIN of an atom of x (operators whose image of
+        x's bounding sphere comes that near first), and their contact list with x."""
+        from scipy.spatial import cKDTree
+
+        far = self.reach + INTERFACE_MARGIN
+        centre = x.mean(axis=0)
+        radius = float(np.sqrt(np.max(np.sum((x - centre) ** 2, axis=1))))
+        tree = cKDTree(x)
+        ops, src = [], []
+        for o in range(len(self.rot)):
+            if np.linalg.norm(self.rot[o] @ centre + self.trans[o] - centre) > 2.0 * radius + far:
+                continue
+            dist, _ = tree.query(x @ self.rot[o].T + self.trans[o], distance_upper_bound=far)
+            near = np.flatnonzero(np.isfinite(dist))
+            ops.append(np.full(len(near), o, dtype=np.int64))
+            src.append(near.astype(np.int64))
+        op = np.concatenate(ops) if ops else np.zeros(0, dtype=np.int64)
+        sr = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
+        self.mates = (op, sr)
+        self._mates_xyz = np.array(x, dtype=np.float64)
+        n = self.n
+        z = self._z = np.empty((n + len(op), 3))
+        z[:n] = x
+        _image_kernel(x, self.rot, self.trans, op, sr, z, n)
+        r = self.restraints
+        hb = r.hbond_type if len(r.hbond_type) else np.zeros(n, dtype=np.int8)
+        # pairs of an atom and an image only: the atoms (group 0) are owned in blocks and come
+        # first, so an image's pairs with other images (lower atom not owned) are never listed
+        self.mate_nbl = nonbonded.NeighbourList(
+            z, vdw_radius=r.vdw_radius[np.r_[np.arange(n), sr]],
+            hbond_type=np.asarray(hb)[np.r_[np.arange(n), sr]], excl_pairs=np.zeros((0, 2)),
+            pair14=np.zeros((0, 2)), owned=np.r_[self.owned, np.zeros(len(op), dtype=bool)],
+            group=np.r_[np.zeros(n, dtype=np.int64), 1 + op], cutoff_extra=CROSS_SKIN)
+
+    def _mate_pairs(self, x: np.ndarray):
+        if self.mates is None or _moved_beyond(x, self._mates_xyz, INTERFACE_MARGIN / 2):
+            self._choose_mates(x)
+        else:
+            z = self._z
+            z[:self.n] = x
+            _image_kernel(x, self.rot, self.trans, self.mates[0], self.mates[1], z, self.n)
+            self.mate_nbl.refresh(z)
+        return self._z, self.mate_nbl
+
+    def local(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        """This rank's part of f and of the gradient (3 n,)."""
+        x = np.ascontiguousarray(p, dtype=np.float64).reshape(self.n, 3)
+        g = self._buf[:-1].reshape(self.n, 3)
+        g[:] = 0.0
+        avg = self.averaged
+        gm = np.zeros((len(self.mine), 3))
+        f = real_space_target(avg.data, avg.origin, avg.voxel, x[self.mine], self.atom_weight,
+                              grad_out=gm, scale=self.weight)[0]
+        g[self.mine] = gm
+        gr = np.zeros((self.n, 3))
+        fr = geometry.restraint_energy(x, self.share, grad_out=gr)[0]
+        if self.nb_weight > 0:
+            if self.master_nbl is None:
+                self.master_nbl = nonbonded.NeighbourList(x, self.restraints, owned=self.owned)
+            else:
+                self.master_nbl.refresh(x)
+            fr += nonbonded.repulsion(x, self.master_nbl, sigma=self.nb_sigma, grad_out=gr,
+                                      weight=self.nb_weight)[0]
+            z, nbl = self._mate_pairs(x)
+            gz = np.zeros_like(z)
+            fs = nonbonded.repulsion(z, nbl, sigma=self.nb_sigma, grad_out=gz, weight=self.nb_weight)[0]
+            f += 0.5 * self.k * fs
+            gr += gz[:self.n]         # K / 2 of S's atom side and K / 2 of its image side: equal
+        f += self.k * fr
+        g += self.k * gr
+        self._buf[-1] = f
+        return f, self._buf[:-1]
+
+    def __call__(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        from .parallel.distributed import EVALUATION_TOTALS
+        t0 = time.perf_counter()
+        self.local(p)
+        t1 = time.perf_counter()
+        shared = self.comm is not None and self.size > 1
+        if shared:
+            from mpi4py import MPI
+            self.comm.Allreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
+        t2 = time.perf_counter()
+        self.seconds_local += t1 - t0
+        self.seconds_reduce += t2 - t1
+        self.n_evals += 1
+        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, len(self.mine), self._buf.nbytes if shared else 0, shared)
+        return float(self._buf[-1]), self._buf[:-1].copy()
+
+
+def symmetric_applies(info: NcsInfo, data_term, params) -> bool:
+    """True when SymmetricTarget can stand for ConstrainedTarget: an asymmetric unit with virtual
+    copies (one group, operators fixed) made by a closed group of operators, the fast data term
+    summed over the operators (params.ncs_average_map)."""
+    return (info.virtual and len(info.groups) == 1 and len(info.free_atoms()) == 0
+            and getattr(params, "ncs_average_map", False)
+            and all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))
+            and closed_group(info.groups[0].rot, info.groups[0].trans))
+
+
 def _blocks(n: int, parts: int) -> np.ndarray:
     """Owner of each of n items cut into `parts` contiguous blocks."""
     return (np.arange(n, dtype=np.int64) * parts) // max(n, 1)
@@ -1058,6 +1243,14 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
     move), so with one NCS group the data term of every copy comes from the map summed over
     the operators (AveragedMap)."""
     xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
+    if symmetric_applies(info, data_term, params):
+        # the asymmetric unit alone: no copy is made at any evaluation (SymmetricTarget)
+        target = SymmetricTarget(info, data_term, restraints, params, weight, xyz0, comm)
+        t0 = time.perf_counter()
+        p, f, state, _ = lbfgs(target, xyz0.ravel().copy(), maxiter=iterations,
+                               m=params.lbfgs_memory, max_step=params.max_step)
+        return MinimiseResult(xyz=p.reshape(xyz0.shape), f=f, iterations=state.iteration,
+                              evaluations=state.n_evals, seconds=time.perf_counter() - t0), target
     if info.virtual:
         # the model is the master; its virtual copies come from the file's operators
         k = info.groups[0].n_copies
@@ -1275,9 +1468,13 @@ def setup(model, restraints: Restraints, params, minimiser, ctx=None, interrupts
     t0 = time.perf_counter()
     info = assembly_ncs(model) if requested == "constraints" else None
     if info is not None:
+        g = info.groups[0]
         log.info("NCS: the model is the asymmetric unit of assembly %s (%s): %d copies made by the "
-                 "file's operators, fixed; data term and contacts over all copies",
-                 info.assembly["name"], info.assembly["oligomeric_details"], info.groups[0].n_copies)
+                 "file's operators, fixed; data term and contacts over all copies%s",
+                 info.assembly["name"], info.assembly["oligomeric_details"], g.n_copies,
+                 " (the operators form a group: the contacts between copies are evaluated from "
+                 "the asymmetric unit and the images of its atoms near it)"
+                 if getattr(params, "ncs_average_map", False) and closed_group(g.rot, g.trans) else "")
     else:
         info = find_ncs(model)
     mode, why = choose_mode(info, requested)

@@ -5,7 +5,7 @@ the peak memory of every rank, time per stage and per evaluation, and the bytes 
     python scripts/bench_scale.py [--operators 60] [--ranks 3] [--workdir DIR]
                                   [--macro-cycles 2] [--iterations 40] [--trial-iterations 20]
                                   [--max-step A] [--decomposition boxes|blocks] [--label SUFFIX]
-                                  [--prepare-only] [--full-map] [--param KEY=VALUE ...]
+                                  [--prepare-only] [--full-map] [--asu] [--param KEY=VALUE ...]
     python scripts/bench_scale.py --project RUN/bench_scale.json
 
 The true model is the 7cth asymmetric unit (10 chains, 16,667 atoms) copied by the first
@@ -15,7 +15,9 @@ scripts/bench_validate.py; fewer: ncs.expand_by_operators, e.g. 6 for 100,002 at
 then bench_scale/<N>ops): simulated 3.5 A full and half maps (`hpcrefine simulate`, seed 1,
 the default pixel of resolution / 3), a start shaken by --shake A rms (seed 2) and a parameter
 file. Then `mpiexec -n RANKS hpcrefine refine start.cif --half-maps h1 h2 --resolution 3.5
---params FILE [--ncs off]` runs (--ncs only when `hpcrefine refine --help` offers it), while a
+--params FILE [--ncs off]` runs (--ncs only when `hpcrefine refine --help` offers it; with --asu
+the start is the asymmetric unit with the file's first --operators assembly operators, shaken
+the same way, refined under --ncs constraints against the same maps), while a
 thread of this script samples every rank's /proc/<pid>/status (VmRSS, VmHWM) and smaps_rollup
 (Pss, which shares the pages of a map file mapped by several ranks among them) every
 --sample seconds. The rank of a process is read from its PMI_RANK environment variable.
@@ -210,6 +212,17 @@ def prepare(args, work: str) -> dict:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out["start"] = start
     out["half_maps"] = [os.path.join(maps, "half1.mrc"), os.path.join(maps, "half2.mrc")]
+    if args.asu:
+        # the same assembly given as its asymmetric unit and the file's first --operators
+        # operators (the maps stay those of the assembly): one shaken copy, refined under
+        # constraints by the file's symmetry
+        from bench_ncs import build_asu
+        out["truth"] = build_asu(work, args.operators)
+        out["start"] = os.path.join(work, f"asu_start_{args.shake:g}.cif")
+        if not os.path.exists(out["start"]):
+            subprocess.run(hpcrefine_cmd("shake", out["truth"], "--rms", str(args.shake), "--seed", "2",
+                                         "--output", out["start"]),
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
 
@@ -244,7 +257,7 @@ def summarise(args, case: dict, out_dir: str, wall: float, mem: dict, n_ranks: i
     evals = [r["evaluations"] for r in workers]
     per_eval = [r["seconds_local"] / r["evaluations"] for r in workers]
     result = {
-        "atoms": n, "operators": args.operators, "ranks": n_ranks, "map": case["map"],
+        "atoms": n, "operators": args.operators, "asu": bool(args.asu), "ranks": n_ranks, "map": case["map"],
         "simulate": case.get("simulate"),
         "parameters": {"macro_cycles": args.macro_cycles, "iterations": args.iterations,
                        "weight_trial_iterations": args.trial_iterations, "shake": args.shake,
@@ -271,7 +284,9 @@ def summarise(args, case: dict, out_dir: str, wall: float, mem: dict, n_ranks: i
 
 def print_result(res: dict) -> None:
     n = res["atoms"]
-    print(f"\n{n:,} atoms ({res['operators']} copies), {res['ranks']} ranks, map {res['map']['box']} "
+    what = (f"the asymmetric unit ({n:,} atoms) and {res['operators']} assembly operators" if res.get("asu")
+            else f"{n:,} atoms ({res['operators']} copies)")
+    print(f"\n{what}, {res['ranks']} ranks, map {res['map']['box']} "
           f"voxels of {res['map']['pixel']} A; wall {res['wall_seconds']:.0f} s")
     print("stages (s): " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
     print(f"{'rank':>4} {'evals':>6} {'own s/eval':>10} {'us/atom-eval':>12} {'exchange s':>10} "
@@ -441,6 +456,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="", help="suffix of the run folder")
     ap.add_argument("--ncs", default="off", choices=("off", "constraints", "restraints", "auto"),
                     help="refine's --ncs (default off)")
+    ap.add_argument("--asu", action="store_true",
+                    help="refine the asymmetric unit with the file's first --operators assembly operators "
+                         "(needs --ncs constraints) against the same maps")
     ap.add_argument("--full-map", action="store_true",
                     help="refine against the full map alone (no half-set stage: every minimisation "
                          "shared by all the workers)")
@@ -460,6 +478,8 @@ def main(argv=None) -> int:
         for row in project(res):
             print(json.dumps(row))
         return 0
+    if args.asu and args.ncs != "constraints":
+        ap.error("--asu needs --ncs constraints (the copies are made by the file's operators)")
     work = os.path.join(args.workdir, "bench_scale", f"{args.operators}ops")
     os.makedirs(work, exist_ok=True)
     t0 = time.perf_counter()
@@ -468,7 +488,7 @@ def main(argv=None) -> int:
     if args.prepare_only:
         return 0
     params = write_params(args, work)
-    out_dir = os.path.join(work, f"run_n{args.ranks}{args.label}")
+    out_dir = os.path.join(work, f"run_n{args.ranks}{'_asu' if args.asu else ''}{args.label}")
     help_text = subprocess.run(hpcrefine_cmd("refine", "--help"), capture_output=True, text=True).stdout
     extra = ["--ncs", args.ncs] if "--ncs" in help_text else []
     mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")

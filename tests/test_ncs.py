@@ -633,3 +633,58 @@ def test_constrained_targets_share_the_contacts_between_copies(small):
     assert third.cross_nbl is fresh.cross_nbl
     third(far)
     assert third.cross_nbl is not fresh.cross_nbl
+
+
+def test_symmetric_target_is_the_whole_assembly_target(asu, small, tmp_path):
+    """Chains D, E, F of the 7cth asymmetric unit with all 60 assembly operators (a closed
+    group): the target made from the asymmetric unit and the images near it (SymmetricTarget)
+    equals the target over all 60 copies (ConstrainedTarget: 104,220 atoms), f and gradient,
+    shared by ranks or not; the first three operators are no group (they keep the whole copies)."""
+    st = asu.clone()
+    for name in [ch.name for ch in st[0]]:
+        if name not in ("D", "E", "F"):
+            st[0].remove_chain(name)
+    path = tmp_path / "asu60.cif"
+    st.make_mmcif_document().write_file(str(path))
+    model = read_model(str(path))
+    info = ncs.assembly_ncs(model)
+    g = info.groups[0]
+    n, kk = model.n_atoms, g.n_copies
+    assert info.virtual and kk == 60 and n == 1737
+    assert ncs.closed_group(g.rot, g.trans)
+    assert not ncs.closed_group(g.rot[:3], g.trans[:3])
+    assert ncs.closed_group(g.rot[:5], g.trans[:5])          # the file lists a 5-fold axis first
+    r = _asu_restraints(model)
+    t = small["term"]
+    term = RealSpaceTerm(t.data, t.origin, t.voxel, np.ones(n), normalise=False)
+    params = build_params(3.5)
+    assert ncs.symmetric_applies(info, term, params)
+    assert not ncs.symmetric_applies(info, term, build_params(3.5, overrides={"ncs_average_map": False}))
+    x = simulate.shake(model.xyz, 0.3, seed=11)          # copies pressed into each other
+    whole_par = ncs.NcsParametrisation(info, ncs.virtual_copies(info, x))
+    whole = ncs.ConstrainedTarget(whole_par, ncs._TiledData(term, kk), ncs.expand_restraints(r, n, kk),
+                                  params, 3.0)
+    f0, g0 = whole(whole_par.pack(ncs.virtual_copies(info, x)))
+    sym = ncs.SymmetricTarget(info, term, r, params, 3.0, x)
+    f1, g1 = sym(x.ravel())
+    op, src = sym.mates
+    assert 0 < len(op) < (kk - 1) * n // 10        # a few of the 59 other copies' atoms
+    assert len(sym.mate_nbl) > 0                   # contacts between copies
+    assert abs(f1 - f0) < 1e-6 * abs(f0)
+    scale = np.abs(g0[:3 * n]).max()
+    assert np.abs(g1 - g0[:3 * n]).max() < 1e-5 * scale
+    # the contacts' own gradient against finite differences (the data term's is tested above)
+    no_data = ncs.SymmetricTarget(info, term, r, params, 0.0, x)
+    rng = np.random.default_rng(3)
+    atoms = np.unique(src)[:40]
+    idx = list(rng.choice(np.r_[3 * atoms, 3 * atoms + 1, 3 * atoms + 2], 12, replace=False))
+    assert _fd_check(no_data, x.ravel().copy(), idx) < 1e-5
+    # shared by 2 and 3 ranks, the parts add up
+    for size in (2, 3):
+        fs, gs = 0.0, np.zeros_like(g1)
+        for rank in range(size):
+            fr, gr = ncs.SymmetricTarget(info, term, r, params, 3.0, x, _Part(rank, size)).local(x.ravel())
+            fs += fr
+            gs += gr
+        assert abs(fs - f1) < 1e-9 * abs(f1)
+        assert np.abs(gs - g1).max() < 1e-9 * scale
