@@ -688,3 +688,45 @@ def test_symmetric_target_is_the_whole_assembly_target(asu, small, tmp_path):
             gs += gr
         assert abs(fs - f1) < 1e-9 * abs(f1)
         assert np.abs(gs - g1).max() < 1e-9 * scale
+
+
+def test_asymmetric_unit_of_a_closed_group_refined_under_mpiexec(asu, tmp_path):
+    """Chains D, E, F of the 7cth asymmetric unit with the file's first five operators (a 5-fold
+    axis: a group), half maps of the five copies: under mpiexec -n 3 the half sets and the final
+    refinement run on the asymmetric unit and its images near it (SymmetricTarget), and the
+    refined asymmetric unit comes back with its five operators, nearer the truth."""
+    import shutil
+    import subprocess
+    import sys
+
+    from hpcrefine.compare import rmsd
+
+    st = asu.clone()
+    for name in [ch.name for ch in st[0]]:
+        if name not in ("D", "E", "F"):
+            st[0].remove_chain(name)
+    gen = st.assemblies[0].generators[0]
+    while len(gen.operators) > 5:
+        gen.operators.pop()
+    truth = tmp_path / "asu5.cif"
+    st.make_mmcif_document().write_file(str(truth))
+    whole = tmp_path / "whole5.cif"
+    ncs.expand_by_operators(st, 5).make_mmcif_document().write_file(str(whole))
+    simulate.write_simulated(str(whole), 3.5, str(tmp_path / "maps"), seed=1)
+    model = read_model(str(truth))
+    write_model(updated_structure(model, simulate.shake(model.xyz, 0.8, seed=2)), str(tmp_path / "start"))
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    halves = [str(tmp_path / "maps" / f"half{h}.mrc") for h in (1, 2)]
+    proc = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine",
+                           str(tmp_path / "start.cif"), "--half-maps", *halves, "--resolution", "3.5",
+                           "--output", str(tmp_path / "run"), "--ncs", "constraints", "--cycles", "2",
+                           "--iterations", "15"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the operators form a group" in proc.stderr + proc.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["ncs"]["found"]["source"] == "the file's assembly records"
+    out = gemmi.read_structure(str(tmp_path / "run" / "refined.cif"))
+    assert out[0].count_atom_sites() == 1737
+    assert sum(len(g.operators) for g in out.assemblies[0].generators) == 5
+    assert rmsd(str(tmp_path / "start.cif"), str(truth))["rmsd_all"] == pytest.approx(0.8, abs=0.01)
+    assert rmsd(str(tmp_path / "run" / "refined.cif"), str(truth))["rmsd_all"] < 0.5
