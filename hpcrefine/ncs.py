@@ -1072,6 +1072,68 @@ def _image_kernel(xm, rot, trans, op, src, out, offset):
             out[offset + e, r] = a[r, 0] * xm[s, 0] + a[r, 1] * xm[s, 1] + a[r, 2] * xm[s, 2] + b[r]
 
 
+def image_contacts(x: np.ndarray, rot: np.ndarray, trans: np.ndarray, restraints: Restraints,
+                   reach: float, owned=None):
+    """The images of the atoms x under the operators (rot, trans: the group without the
+    identity) that lie within reach + INTERFACE_MARGIN of an atom of x, and the neighbour list of
+    their contacts with x: ((operator index, source atom) of each image, coordinates of x and
+    the images, the list). Operators whose image of x's bounding sphere is farther are skipped,
+    the rest searched with a k-d tree. Only pairs of an atom of x and an image are listed: the
+    atoms (group 0, owned where `owned`) come first, so an image's pairs with other images
+    (lower atom not owned) are never written."""
+    from scipy.spatial import cKDTree
+
+    n = len(x)
+    far = reach + INTERFACE_MARGIN
+    centre = x.mean(axis=0)
+    radius = float(np.sqrt(np.max(np.sum((x - centre) ** 2, axis=1))))
+    tree = cKDTree(x)
+    ops, src = [], []
+    for o in range(len(rot)):
+        if np.linalg.norm(rot[o] @ centre + trans[o] - centre) > 2.0 * radius + far:
+            continue
+        dist, _ = tree.query(x @ rot[o].T + trans[o], distance_upper_bound=far)
+        near = np.flatnonzero(np.isfinite(dist))
+        ops.append(np.full(len(near), o, dtype=np.int64))
+        src.append(near.astype(np.int64))
+    op = np.concatenate(ops) if ops else np.zeros(0, dtype=np.int64)
+    sr = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
+    z = np.empty((n + len(op), 3))
+    z[:n] = x
+    _image_kernel(np.ascontiguousarray(x, dtype=np.float64), rot, trans, op, sr, z, n)
+    every = np.r_[np.arange(n), sr]
+    hb = restraints.hbond_type if len(restraints.hbond_type) else np.zeros(n, dtype=np.int8)
+    own = np.ones(n, dtype=bool) if owned is None else np.asarray(owned, dtype=bool)
+    nbl = nonbonded.NeighbourList(
+        z, vdw_radius=restraints.vdw_radius[every], hbond_type=np.asarray(hb)[every],
+        excl_pairs=np.zeros((0, 2)), pair14=np.zeros((0, 2)),
+        owned=np.r_[own, np.zeros(len(op), dtype=bool)],
+        group=np.r_[np.zeros(n, dtype=np.int64), 1 + op], cutoff_extra=CROSS_SKIN)
+    return (op, sr), z, nbl
+
+
+def clashes_between_copies(info: NcsInfo, xyz: np.ndarray, restraints: Restraints,
+                           overlap: float = 0.4) -> int:
+    """Pairs of atoms of different copies closer than their contact distance less `overlap`, in
+    the whole assembly of an asymmetric unit xyz whose virtual copies the file's operators make
+    (info.virtual): from its images near it when the operators form a group (K / 2 times the
+    clashes of the asymmetric unit with its images), else from all the copies."""
+    g = info.groups[0]
+    xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+    reach = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
+    if closed_group(g.rot, g.trans):
+        _, z, nbl = image_contacts(xyz, np.ascontiguousarray(g.rot[1:]), np.ascontiguousarray(g.trans[1:]),
+                                   restraints, reach)
+        return int(round(0.5 * g.n_copies * nonbonded.clashes(z, nbl, overlap)))
+    n, kk = len(xyz), g.n_copies
+    every = np.tile(np.arange(n), kk)
+    hb = restraints.hbond_type if len(restraints.hbond_type) else np.zeros(n, dtype=np.int8)
+    nbl = nonbonded.NeighbourList(virtual_copies(info, xyz), vdw_radius=restraints.vdw_radius[every],
+                                  hbond_type=np.asarray(hb)[every], excl_pairs=np.zeros((0, 2)),
+                                  pair14=np.zeros((0, 2)), group=np.repeat(np.arange(kk), n))
+    return nonbonded.clashes(virtual_copies(info, xyz), nbl, overlap)
+
+
 class SymmetricTarget:
     """The constrained target of an asymmetric unit whose virtual copies are made by a closed
     group of fixed operators (the file's assembly), in terms of the asymmetric unit alone:
@@ -1122,39 +1184,9 @@ class SymmetricTarget:
         self.seconds_reduce = 0.0
 
     def _choose_mates(self, x: np.ndarray) -> None:
-        """The images within reach + INTERFACE_MARGIN of an atom of x (operators whose image of
-        x's bounding sphere comes that near first), and their contact list with x."""
-        from scipy.spatial import cKDTree
-
-        far = self.reach + INTERFACE_MARGIN
-        centre = x.mean(axis=0)
-        radius = float(np.sqrt(np.max(np.sum((x - centre) ** 2, axis=1))))
-        tree = cKDTree(x)
-        ops, src = [], []
-        for o in range(len(self.rot)):
-            if np.linalg.norm(self.rot[o] @ centre + self.trans[o] - centre) > 2.0 * radius + far:
-                continue
-            dist, _ = tree.query(x @ self.rot[o].T + self.trans[o], distance_upper_bound=far)
-            near = np.flatnonzero(np.isfinite(dist))
-            ops.append(np.full(len(near), o, dtype=np.int64))
-            src.append(near.astype(np.int64))
-        op = np.concatenate(ops) if ops else np.zeros(0, dtype=np.int64)
-        sr = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
-        self.mates = (op, sr)
+        self.mates, self._z, self.mate_nbl = image_contacts(x, self.rot, self.trans, self.restraints,
+                                                            self.reach, self.owned)
         self._mates_xyz = np.array(x, dtype=np.float64)
-        n = self.n
-        z = self._z = np.empty((n + len(op), 3))
-        z[:n] = x
-        _image_kernel(x, self.rot, self.trans, op, sr, z, n)
-        r = self.restraints
-        hb = r.hbond_type if len(r.hbond_type) else np.zeros(n, dtype=np.int8)
-        # pairs of an atom and an image only: the atoms (group 0) are owned in blocks and come
-        # first, so an image's pairs with other images (lower atom not owned) are never listed
-        self.mate_nbl = nonbonded.NeighbourList(
-            z, vdw_radius=r.vdw_radius[np.r_[np.arange(n), sr]],
-            hbond_type=np.asarray(hb)[np.r_[np.arange(n), sr]], excl_pairs=np.zeros((0, 2)),
-            pair14=np.zeros((0, 2)), owned=np.r_[self.owned, np.zeros(len(op), dtype=bool)],
-            group=np.r_[np.zeros(n, dtype=np.int64), 1 + op], cutoff_extra=CROSS_SKIN)
 
     def _mate_pairs(self, x: np.ndarray):
         if self.mates is None or _moved_beyond(x, self._mates_xyz, INTERFACE_MARGIN / 2):

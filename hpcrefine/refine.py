@@ -193,18 +193,40 @@ def atom_weights(model: Model) -> np.ndarray:
 
 
 def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: Inputs,
-                     resolution: float, with_map: bool = True, b=None, occ=None) -> dict:
+                     resolution: float, with_map: bool = True, b=None, occ=None, copies=None) -> dict:
     """Geometry statistics of xyz and, with_map, its CC_mask (the model map with B-factors b and
-    occupancies occ when given, e.g. after an adp or occupancy step, else the model's own)."""
+    occupancies occ when given, e.g. after an adp or occupancy step, else the model's own).
+
+    copies: the NcsInfo of an asymmetric unit whose copies the file's assembly operators make
+    (info.virtual): then the clashes and CC_mask are the whole assembly's (the asymmetric unit's
+    clashes in every copy plus those between copies, also given as clashes_between_copies; the
+    model map and mask of every copy), as a model holding all the copies would give."""
     stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in geom.statistics(xyz).items()}
+    if copies is not None:
+        from .ncs import clashes_between_copies
+        between = clashes_between_copies(copies, xyz, geom.r)
+        stats["clashes"] = copies.groups[0].n_copies * stats["clashes"] + between
+        stats["clashes_between_copies"] = between
     if inputs.data is not None and with_map:
-        stats["cc_mask"] = round(cc_mask(model, xyz, inputs.data, inputs.map.origin, inputs.map.voxel,
+        who = model
+        if copies is not None:
+            from types import SimpleNamespace
+
+            from .ncs import virtual_copies
+            atoms = np.tile(np.arange(len(xyz)), copies.groups[0].n_copies)
+            b = (model.b if b is None else np.asarray(b))[atoms]
+            occ = (model.occ if occ is None else np.asarray(occ))[atoms]
+            who = SimpleNamespace(element=model.element[atoms], b=b, occ=occ)
+            xyz = virtual_copies(copies, xyz)
+        stats["cc_mask"] = round(cc_mask(who, xyz, inputs.data, inputs.map.origin, inputs.map.voxel,
                                          resolution, b, occ), 4)
     return stats
 
 
 def _format_stats(s: dict) -> str:
     txt = f"bonds {s['bond_rmsd']:.4f} A  angles {s['angle_rmsd']:.2f} deg  clashes {s['clashes']}"
+    if "clashes_between_copies" in s:
+        txt += f" (all copies; {s['clashes_between_copies']} between copies)"
     if "cc_mask" in s:
         txt += f"  CC_mask {s['cc_mask']:.4f}"
     return txt
@@ -320,10 +342,13 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         log.info("map %s: grid %s, voxel %s A, origin %s A", g.path, g.shape_xyz,
                  np.round(g.voxel, 3).tolist(), np.round(g.origin, 2).tolist())
     ncs_report = None
+    copies = None                    # the NCS of an asymmetric unit whose copies are virtual
     if not idealize_only:            # NCS: copies found, mode chosen and logged (hpcrefine.ncs)
         from . import ncs
         with timer("ncs"):
             minimiser, ncs_report = ncs.setup(model, r, params, minimiser, ctx, interrupts)
+        info = getattr(minimiser, "info", None)
+        copies = info if getattr(info, "virtual", False) else None
     if not is_master:
         # the gemmi Structure serves the master's output; past the NCS search a worker needs
         # only the arrays (0.12 GB less per worker at a million atoms)
@@ -340,13 +365,13 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     pending_start = None
     if is_master and start_stats is None:
         with timer("statistics"):
-            before = model_statistics(model, xyz0, geom, inputs, resolution)
+            before = model_statistics(model, xyz0, geom, inputs, resolution, copies=copies)
         log.info("start: %s", _format_stats(before))
     elif ctx is not None and ctx.rank == start_stats:
         from concurrent.futures import ThreadPoolExecutor
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-statistics")
         pending_start = pool.submit(model_statistics, model, xyz0, GeometryTerm(r, params), inputs,
-                                    resolution)
+                                    resolution, copies=copies)
         pool.shutdown(wait=False)           # the thread ends with its one task
 
     writer = None
@@ -426,7 +451,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         written = write_model(updated_structure(model, xyz, None if idealize_only else state.b,
                                                 None if idealize_only else state.occ), stem)
     with timer("statistics"):
-        after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0], occ=final_args[1])
+        after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0], occ=final_args[1],
+                                 copies=copies)
     log.info("final: %s", _format_stats(after))
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
     validation = {}

@@ -688,6 +688,17 @@ def test_symmetric_target_is_the_whole_assembly_target(asu, small, tmp_path):
             gs += gr
         assert abs(fs - f1) < 1e-9 * abs(f1)
         assert np.abs(gs - g1).max() < 1e-9 * scale
+    # the clashes between copies in the whole assembly, from the images near the asymmetric unit,
+    # as counted over all 60 copies (the images equal the copies to the operators' rounding)
+    from hpcrefine.core import nonbonded
+    every = np.tile(np.arange(n), kk)
+    full = ncs.virtual_copies(info, x)
+    nbl = nonbonded.NeighbourList(full, vdw_radius=r.vdw_radius[every], hbond_type=r.hbond_type[every],
+                                  excl_pairs=np.zeros((0, 2)), pair14=np.zeros((0, 2)),
+                                  group=np.repeat(np.arange(kk), n))
+    direct = nonbonded.clashes(full, nbl)
+    assert direct > 100
+    assert abs(ncs.clashes_between_copies(info, x, r) - direct) <= 0.01 * direct
 
 
 def test_asymmetric_unit_of_a_closed_group_refined_under_mpiexec(asu, tmp_path):
@@ -730,3 +741,10 @@ def test_asymmetric_unit_of_a_closed_group_refined_under_mpiexec(asu, tmp_path):
     assert sum(len(g.operators) for g in out.assemblies[0].generators) == 5
     assert rmsd(str(tmp_path / "start.cif"), str(truth))["rmsd_all"] == pytest.approx(0.8, abs=0.01)
     assert rmsd(str(tmp_path / "run" / "refined.cif"), str(truth))["rmsd_all"] < 0.5
+    # the statistics are the whole assembly's: the clashes of every copy and between copies (none:
+    # around this 5-fold axis the copies of chains D, E, F stay 45 A apart), the CC_mask of the
+    # five copies' model map
+    for when in ("before", "after"):
+        assert report[when]["clashes_between_copies"] == 0 and report[when]["clashes"] % 5 == 0
+    assert report["after"]["clashes"] < report["before"]["clashes"]
+    assert report["after"]["cc_mask"] > report["before"]["cc_mask"] > 0.9
