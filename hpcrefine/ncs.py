@@ -835,7 +835,42 @@ def _same_operators(a, b) -> bool:
             and np.allclose(a[2], b[2], rtol=0, atol=OPERATOR_TOLERANCE))
 
 
-class ConstrainedTarget:
+class _SummedTarget:
+    """f and gradient summed over the ranks of comm (None: one process): local(p) leaves this
+    rank's part of the gradient and f in self._buf (the gradient, then f), which one buffer
+    Allreduce sums. Needs comm, size, mine (the atoms of the rank's data term), _buf, n_evals,
+    seconds_local, seconds_reduce (_share_over sets all but mine and _buf)."""
+
+    def _share_over(self, comm, params, weight: float) -> None:
+        self.comm = comm
+        self.size = 1 if comm is None else comm.Get_size()
+        self.part = 0 if comm is None else comm.Get_rank()
+        self.weight = float(weight)
+        self.nb_sigma = params.nonbonded_sigma
+        self.nb_weight = params.nonbonded_weight
+        self.n_evals = 0
+        self.seconds_local = 0.0
+        self.seconds_reduce = 0.0
+
+    def __call__(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        from .parallel.distributed import EVALUATION_TOTALS
+        t0 = time.perf_counter()
+        self.local(np.ascontiguousarray(p, dtype=np.float64))
+        t1 = time.perf_counter()
+        shared = self.comm is not None and self.size > 1
+        if shared:
+            from mpi4py import MPI
+            self.comm.Allreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
+        t2 = time.perf_counter()
+        self.seconds_local += t1 - t0
+        self.seconds_reduce += t2 - t1
+        self.n_evals += 1
+        # the run report's per-rank figures (atom-evaluations: the atoms of this rank's data term)
+        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, len(self.mine), self._buf.nbytes if shared else 0, shared)
+        return float(self._buf[-1]), self._buf[:-1].copy()
+
+
+class ConstrainedTarget(_SummedTarget):
     """T(p) = weight * T_data(x) + sum_g K_g T_restraints(master_g) + T_cross(x), x = f(p),
     shared by the ranks of comm (None: one process does everything).
 
@@ -847,12 +882,7 @@ class ConstrainedTarget:
     def __init__(self, par: NcsParametrisation, data_term, restraints: Restraints, params, weight: float,
                  comm=None):
         self.par = par
-        self.comm = comm
-        self.size = 1 if comm is None else comm.Get_size()
-        self.part = 0 if comm is None else comm.Get_rank()
-        self.weight = float(weight)
-        self.nb_sigma = params.nonbonded_sigma
-        self.nb_weight = params.nonbonded_weight
+        self._share_over(comm, params, weight)
         n = par.n
         # ownership: copies by size to the least loaded rank, masters and free atoms by blocks
         load = np.zeros(self.size)
@@ -914,9 +944,6 @@ class ConstrainedTarget:
         self._x = np.empty((n, 3))
         self._gx = np.zeros((n, 3))
         self._buf = np.zeros(par.size + 1)
-        self.n_evals = 0
-        self.seconds_local = 0.0
-        self.seconds_reduce = 0.0
 
     # -- non-bonded lists
     def _master_pairs(self, gi, xm):
@@ -1021,23 +1048,6 @@ class ConstrainedTarget:
         self._buf[-1] = f
         return f, gp
 
-    def __call__(self, p: np.ndarray) -> tuple[float, np.ndarray]:
-        from .parallel.distributed import EVALUATION_TOTALS
-        t0 = time.perf_counter()
-        self.local(np.ascontiguousarray(p, dtype=np.float64))
-        t1 = time.perf_counter()
-        shared = self.comm is not None and self.size > 1
-        if shared:
-            from mpi4py import MPI
-            self.comm.Allreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
-        t2 = time.perf_counter()
-        self.seconds_local += t1 - t0
-        self.seconds_reduce += t2 - t1
-        self.n_evals += 1
-        # the run report's per-rank figures (atom-evaluations: the atoms of this rank's data term)
-        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, len(self.mine), self._buf.nbytes if shared else 0, shared)
-        return float(self._buf[-1]), self._buf[:-1].copy()
-
 
 GROUP_ROTATION_TOLERANCE = 1e-4     # rotation elements that count as the same in closed_group
 GROUP_TRANSLATION_TOLERANCE = 1e-2  # A, the same for translations
@@ -1134,7 +1144,7 @@ def clashes_between_copies(info: NcsInfo, xyz: np.ndarray, restraints: Restraint
     return nonbonded.clashes(virtual_copies(info, xyz), nbl, overlap)
 
 
-class SymmetricTarget:
+class SymmetricTarget(_SummedTarget):
     """The constrained target of an asymmetric unit whose virtual copies are made by a closed
     group of fixed operators (the file's assembly), in terms of the asymmetric unit alone:
     T(x) = weight * T_avg(x) + K (T_restraints(x) + T_repulsion within x) + (K / 2) S(x), with
@@ -1156,12 +1166,7 @@ class SymmetricTarget:
         self.k = g.n_copies
         self.rot = np.ascontiguousarray(g.rot[1:], dtype=np.float64)       # rot[0]: the identity
         self.trans = np.ascontiguousarray(g.trans[1:], dtype=np.float64)
-        self.comm = comm
-        self.size = 1 if comm is None else comm.Get_size()
-        self.part = 0 if comm is None else comm.Get_rank()
-        self.weight = float(weight)
-        self.nb_sigma = params.nonbonded_sigma
-        self.nb_weight = params.nonbonded_weight
+        self._share_over(comm, params, weight)
         n = self.n = len(xyz0)
         owner = _blocks(n, self.size)
         self.owned = owner == self.part
@@ -1179,9 +1184,6 @@ class SymmetricTarget:
         self._mates_xyz = None        # the atoms when the images were chosen
         self._z = None
         self._buf = np.zeros(3 * n + 1)
-        self.n_evals = 0
-        self.seconds_local = 0.0
-        self.seconds_reduce = 0.0
 
     def _choose_mates(self, x: np.ndarray) -> None:
         self.mates, self._z, self.mate_nbl = image_contacts(x, self.rot, self.trans, self.restraints,
@@ -1226,22 +1228,6 @@ class SymmetricTarget:
         g += self.k * gr
         self._buf[-1] = f
         return f, self._buf[:-1]
-
-    def __call__(self, p: np.ndarray) -> tuple[float, np.ndarray]:
-        from .parallel.distributed import EVALUATION_TOTALS
-        t0 = time.perf_counter()
-        self.local(p)
-        t1 = time.perf_counter()
-        shared = self.comm is not None and self.size > 1
-        if shared:
-            from mpi4py import MPI
-            self.comm.Allreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
-        t2 = time.perf_counter()
-        self.seconds_local += t1 - t0
-        self.seconds_reduce += t2 - t1
-        self.n_evals += 1
-        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, len(self.mine), self._buf.nbytes if shared else 0, shared)
-        return float(self._buf[-1]), self._buf[:-1].copy()
 
 
 def symmetric_applies(info: NcsInfo, data_term, params) -> bool:

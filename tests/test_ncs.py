@@ -429,18 +429,25 @@ def test_asymmetric_unit_with_assembly_records():
     assert ncs.choose_mode(info, "auto")[0] == "off"
 
 
-def _asu_three(asu, small, tmp_path):
-    """Chains D, E, F of the 7cth asymmetric unit with the first three assembly operators, as a
-    file; its model, NCS info, the three copies' coordinates, restraints and tiled data term."""
+def _def_asymmetric_unit(asu, n_ops, path):
+    """Chains D, E, F of the 7cth asymmetric unit with the file's first n_ops assembly operators
+    (None: all 60), written to path; returns the structure."""
     st = asu.clone()
     for name in [ch.name for ch in st[0]]:
         if name not in ("D", "E", "F"):
             st[0].remove_chain(name)
     gen = st.assemblies[0].generators[0]
-    while len(gen.operators) > 3:
+    while n_ops is not None and len(gen.operators) > n_ops:
         gen.operators.pop()
+    st.make_mmcif_document().write_file(str(path))
+    return st
+
+
+def _asu_three(asu, small, tmp_path):
+    """Chains D, E, F of the 7cth asymmetric unit with the first three assembly operators, as a
+    file; its model, NCS info, the three copies' coordinates, restraints and tiled data term."""
     truth = tmp_path / "asu_truth.cif"
-    st.make_mmcif_document().write_file(str(truth))
+    _def_asymmetric_unit(asu, 3, truth)
     model = read_model(str(truth))
     info = ncs.assembly_ncs(model)
     g = info.groups[0]
@@ -640,12 +647,8 @@ def test_symmetric_target_is_the_whole_assembly_target(asu, small, tmp_path):
     group): the target made from the asymmetric unit and the images near it (SymmetricTarget)
     equals the target over all 60 copies (ConstrainedTarget: 104,220 atoms), f and gradient,
     shared by ranks or not; the first three operators are no group (they keep the whole copies)."""
-    st = asu.clone()
-    for name in [ch.name for ch in st[0]]:
-        if name not in ("D", "E", "F"):
-            st[0].remove_chain(name)
     path = tmp_path / "asu60.cif"
-    st.make_mmcif_document().write_file(str(path))
+    _def_asymmetric_unit(asu, None, path)
     model = read_model(str(path))
     info = ncs.assembly_ncs(model)
     g = info.groups[0]
@@ -712,15 +715,8 @@ def test_asymmetric_unit_of_a_closed_group_refined_under_mpiexec(asu, tmp_path):
 
     from hpcrefine.compare import rmsd
 
-    st = asu.clone()
-    for name in [ch.name for ch in st[0]]:
-        if name not in ("D", "E", "F"):
-            st[0].remove_chain(name)
-    gen = st.assemblies[0].generators[0]
-    while len(gen.operators) > 5:
-        gen.operators.pop()
     truth = tmp_path / "asu5.cif"
-    st.make_mmcif_document().write_file(str(truth))
+    st = _def_asymmetric_unit(asu, 5, truth)
     whole = tmp_path / "whole5.cif"
     ncs.expand_by_operators(st, 5).make_mmcif_document().write_file(str(whole))
     simulate.write_simulated(str(whole), 3.5, str(tmp_path / "maps"), seed=1)
