@@ -1138,10 +1138,11 @@ def clashes_between_copies(info: NcsInfo, xyz: np.ndarray, restraints: Restraint
     n, kk = len(xyz), g.n_copies
     every = np.tile(np.arange(n), kk)
     hb = restraints.hbond_type if len(restraints.hbond_type) else np.zeros(n, dtype=np.int8)
-    nbl = nonbonded.NeighbourList(virtual_copies(info, xyz), vdw_radius=restraints.vdw_radius[every],
+    full = virtual_copies(info, xyz)
+    nbl = nonbonded.NeighbourList(full, vdw_radius=restraints.vdw_radius[every],
                                   hbond_type=np.asarray(hb)[every], excl_pairs=np.zeros((0, 2)),
                                   pair14=np.zeros((0, 2)), group=np.repeat(np.arange(kk), n))
-    return nonbonded.clashes(virtual_copies(info, xyz), nbl, overlap)
+    return nonbonded.clashes(full, nbl, overlap)
 
 
 class SymmetricTarget(_SummedTarget):
