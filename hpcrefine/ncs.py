@@ -168,6 +168,7 @@ class NcsInfo:
     notes: list = field(default_factory=list)
     n_model: int | None = None    # atoms in the model; atoms n_model.. are virtual copies made by
                                   # the file's assembly operators (fixed), None: all in the model
+    closed: bool = False          # virtual copies whose operators form a group (closed_group)
 
     @property
     def virtual(self) -> bool:
@@ -401,7 +402,8 @@ def assembly_ncs(model) -> NcsInfo | None:
                      chains=[[f"{ch.name} x operator {names[k]}" for ch in st[0]] if i else
                              [ch.name for ch in st[0]] for i, k in enumerate(order)])
     return NcsInfo(groups=[group], n_atoms=n * kk, source="the file's assembly records",
-                   assembly=_assembly_records(model), n_model=n)
+                   assembly=_assembly_records(model), n_model=n,
+                   closed=closed_group(group.rot, group.trans))
 
 
 def expand_restraints(r: Restraints, n_model: int, n_copies: int) -> Restraints:
@@ -1131,7 +1133,7 @@ def clashes_between_copies(info: NcsInfo, xyz: np.ndarray, restraints: Restraint
     g = info.groups[0]
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)
     reach = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
-    if closed_group(g.rot, g.trans):
+    if info.closed:
         _, z, nbl = image_contacts(xyz, np.ascontiguousarray(g.rot[1:]), np.ascontiguousarray(g.trans[1:]),
                                    restraints, reach)
         return int(round(0.5 * g.n_copies * nonbonded.clashes(z, nbl, overlap)))
@@ -1238,7 +1240,7 @@ def symmetric_applies(info: NcsInfo, data_term, params) -> bool:
     return (info.virtual and len(info.groups) == 1 and len(info.free_atoms()) == 0
             and getattr(params, "ncs_average_map", False)
             and all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))
-            and closed_group(info.groups[0].rot, info.groups[0].trans))
+            and info.closed)
 
 
 def _blocks(n: int, parts: int) -> np.ndarray:
@@ -1487,13 +1489,12 @@ def setup(model, restraints: Restraints, params, minimiser, ctx=None, interrupts
     t0 = time.perf_counter()
     info = assembly_ncs(model) if requested == "constraints" else None
     if info is not None:
-        g = info.groups[0]
         log.info("NCS: the model is the asymmetric unit of assembly %s (%s): %d copies made by the "
                  "file's operators, fixed; data term and contacts over all copies%s",
-                 info.assembly["name"], info.assembly["oligomeric_details"], g.n_copies,
+                 info.assembly["name"], info.assembly["oligomeric_details"], info.groups[0].n_copies,
                  " (the operators form a group: the contacts between copies are evaluated from "
                  "the asymmetric unit and the images of its atoms near it)"
-                 if getattr(params, "ncs_average_map", False) and closed_group(g.rot, g.trans) else "")
+                 if getattr(params, "ncs_average_map", False) and info.closed else "")
     else:
         info = find_ncs(model)
     mode, why = choose_mode(info, requested)

@@ -654,7 +654,7 @@ def test_symmetric_target_is_the_whole_assembly_target(asu, small, tmp_path):
     g = info.groups[0]
     n, kk = model.n_atoms, g.n_copies
     assert info.virtual and kk == 60 and n == 1737
-    assert ncs.closed_group(g.rot, g.trans)
+    assert info.closed and ncs.closed_group(g.rot, g.trans)
     assert not ncs.closed_group(g.rot[:3], g.trans[:3])
     assert ncs.closed_group(g.rot[:5], g.trans[:5])          # the file lists a 5-fold axis first
     r = _asu_restraints(model)
