@@ -965,7 +965,7 @@ class ConstrainedTarget(_SummedTarget):
             # only pairs between atoms at an interface between copies (or free atoms) can cross
             # copies: the list is searched from those atoms only (interface_atoms)
             self._interface_xyz = np.array(x, dtype=np.float64)
-            search = 2.0 * float(np.max(self.restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
+            search = contact_reach(self.restraints)
             owned = (self.owner == self.part) & interface_atoms(x, self.label, search + INTERFACE_MARGIN)
             # a wide skin: this list spans the whole model, so rebuilds are what it costs. Only
             # pairs of two copies (or with a free atom) are listed: an interface atom's pairs
@@ -1113,15 +1113,25 @@ def image_contacts(x: np.ndarray, rot: np.ndarray, trans: np.ndarray, restraints
     z = np.empty((n + len(op), 3))
     z[:n] = x
     _image_kernel(np.ascontiguousarray(x, dtype=np.float64), rot, trans, op, sr, z, n)
-    every = np.r_[np.arange(n), sr]
-    hb = restraints.hbond_type if len(restraints.hbond_type) else np.zeros(n, dtype=np.int8)
     own = np.ones(n, dtype=bool) if owned is None else np.asarray(owned, dtype=bool)
-    nbl = nonbonded.NeighbourList(
-        z, vdw_radius=restraints.vdw_radius[every], hbond_type=np.asarray(hb)[every],
-        excl_pairs=np.zeros((0, 2)), pair14=np.zeros((0, 2)),
-        owned=np.r_[own, np.zeros(len(op), dtype=bool)],
-        group=np.r_[np.zeros(n, dtype=np.int64), 1 + op], cutoff_extra=CROSS_SKIN)
+    nbl = _contact_list(z, restraints, np.r_[np.arange(n), sr], np.r_[np.zeros(n, dtype=np.int64), 1 + op],
+                        np.r_[own, np.zeros(len(op), dtype=bool)])
     return (op, sr), z, nbl
+
+
+def contact_reach(restraints: Restraints) -> float:
+    """The search radius of contacts between copies: the largest contact distance plus CROSS_SKIN."""
+    return 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
+
+
+def _contact_list(z, restraints: Restraints, source, group, owned=None) -> nonbonded.NeighbourList:
+    """The contacts between groups of the atoms z, each the copy of model atom source[i]
+    (radius and H-bond type from it; no exclusions: no bonded term crosses copies here)."""
+    hb = restraints.hbond_type if len(restraints.hbond_type) else np.zeros(len(restraints.vdw_radius), dtype=np.int8)
+    return nonbonded.NeighbourList(z, vdw_radius=restraints.vdw_radius[source],
+                                   hbond_type=np.asarray(hb)[source], excl_pairs=np.zeros((0, 2)),
+                                   pair14=np.zeros((0, 2)), owned=owned, group=group,
+                                   cutoff_extra=CROSS_SKIN)
 
 
 def clashes_between_copies(info: NcsInfo, xyz: np.ndarray, restraints: Restraints,
@@ -1132,18 +1142,12 @@ def clashes_between_copies(info: NcsInfo, xyz: np.ndarray, restraints: Restraint
     clashes of the asymmetric unit with its images), else from all the copies."""
     g = info.groups[0]
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    reach = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
     if info.closed:
         _, z, nbl = image_contacts(xyz, np.ascontiguousarray(g.rot[1:]), np.ascontiguousarray(g.trans[1:]),
-                                   restraints, reach)
+                                   restraints, contact_reach(restraints))
         return int(round(0.5 * g.n_copies * nonbonded.clashes(z, nbl, overlap)))
-    n, kk = len(xyz), g.n_copies
-    every = np.tile(np.arange(n), kk)
-    hb = restraints.hbond_type if len(restraints.hbond_type) else np.zeros(n, dtype=np.int8)
-    full = virtual_copies(info, xyz)
-    nbl = nonbonded.NeighbourList(full, vdw_radius=restraints.vdw_radius[every],
-                                  hbond_type=np.asarray(hb)[every], excl_pairs=np.zeros((0, 2)),
-                                  pair14=np.zeros((0, 2)), group=np.repeat(np.arange(kk), n))
+    full, every = expanded(info, xyz)
+    nbl = _contact_list(full, restraints, every, np.repeat(np.arange(g.n_copies), len(xyz)))
     return nonbonded.clashes(full, nbl, overlap)
 
 
@@ -1180,7 +1184,7 @@ class SymmetricTarget(_SummedTarget):
         self.averaged = averaged_map(data_term.data, data_term.origin, data_term.voxel, g.rot, g.trans,
                                      xyz0, None if store is None else (id(store), data_term.key))
         self.atom_weight = np.ascontiguousarray(np.asarray(data_term.atom_weight)[self.mine], dtype=np.float64)
-        self.reach = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + CROSS_SKIN
+        self.reach = contact_reach(restraints)
         self.master_nbl = None
         self.mates = None             # (operator index, source atom) of the images kept
         self.mate_nbl = None
@@ -1253,6 +1257,11 @@ def virtual_copies(info: NcsInfo, xyz: np.ndarray) -> np.ndarray:
     copy after copy: (n_model x copies, 3)."""
     g = info.groups[0]
     return np.concatenate([xyz @ g.rot[c].T + g.trans[c] for c in range(g.n_copies)])
+
+
+def expanded(info: NcsInfo, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(virtual_copies(info, xyz), the model atom of each of those coordinates)."""
+    return virtual_copies(info, xyz), np.tile(np.arange(len(xyz)), info.groups[0].n_copies)
 
 
 def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints, weight: float,
@@ -1336,7 +1345,7 @@ class ConstrainedMinimiser:
         whose copies are virtual (the file's operators), for maps of the whole assembly."""
         if not self.info.virtual:
             return xyz, np.arange(len(xyz))
-        return virtual_copies(self.info, xyz), np.tile(np.arange(len(xyz)), self.info.groups[0].n_copies)
+        return expanded(self.info, xyz)
 
     def for_group(self, comm, base=None):
         """The minimiser of one group of ranks that share a minimisation on their own (a

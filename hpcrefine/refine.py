@@ -212,12 +212,11 @@ def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: 
         if copies is not None:
             from types import SimpleNamespace
 
-            from .ncs import virtual_copies
-            atoms = np.tile(np.arange(len(xyz)), copies.groups[0].n_copies)
+            from .ncs import expanded
+            xyz, atoms = expanded(copies, xyz)
             b = (model.b if b is None else np.asarray(b))[atoms]
             occ = (model.occ if occ is None else np.asarray(occ))[atoms]
             who = SimpleNamespace(element=model.element[atoms], b=b, occ=occ)
-            xyz = virtual_copies(copies, xyz)
         stats["cc_mask"] = round(cc_mask(who, xyz, inputs.data, inputs.map.origin, inputs.map.voxel,
                                          resolution, b, occ), 4)
     return stats
