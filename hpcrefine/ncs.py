@@ -168,7 +168,11 @@ class NcsInfo:
     notes: list = field(default_factory=list)
     n_model: int | None = None    # atoms in the model; atoms n_model.. are virtual copies made by
                                   # the file's assembly operators (fixed), None: all in the model
-    closed: bool = False          # virtual copies whose operators form a group (closed_group)
+    closed: bool = False          # operators that form a group (closed_group): virtual copies,
+                                  # or copies in the model whose operators were made exact
+                                  # (snap_to_group)
+    master_terms: tuple | None = field(default=None, repr=False, compare=False)
+                                  # (restraints, the master's own terms) of snap_to_group
 
     @property
     def virtual(self) -> bool:
@@ -517,11 +521,8 @@ class NcsParametrisation:
         operators of this parametrisation (p's operator part 0)."""
         p = np.zeros(self.size)
         for gi, g in enumerate(self.info.groups):
-            acc = np.zeros((g.copies.shape[1], 3))
-            for k in range(g.n_copies):
-                acc += (xyz[g.copies[k]] - g.trans[k]) @ g.rot[k]
             o = self.m_off[gi]
-            p[3 * o:3 * (o + g.copies.shape[1])] = (acc / g.n_copies).ravel()
+            p[3 * o:3 * (o + g.copies.shape[1])] = copies_average(g, xyz).ravel()
         p[3 * self.n_master:self.op_off] = xyz[self.free].ravel()
         return p
 
@@ -590,6 +591,14 @@ class NcsParametrisation:
         o = self.op_off + 6 * c
         gp[o:o + 3] += right_jacobian(w).T @ (q.T @ out[3:]) / self.rho[gi]
         gp[o + 3:o + 6] += out[:3]
+
+
+def copies_average(g: NcsGroup, xyz: np.ndarray) -> np.ndarray:
+    """The master of group g as the average of its copies in xyz brought back by the operators."""
+    acc = np.zeros((g.copies.shape[1], 3))
+    for k in range(g.n_copies):
+        acc += (xyz[g.copies[k]] - g.trans[k]) @ g.rot[k]
+    return acc / g.n_copies
 
 
 # ------------------------------------------------------------------- restraint bookkeeping
@@ -1073,6 +1082,158 @@ def closed_group(rot: np.ndarray, trans: np.ndarray) -> bool:
     return True
 
 
+GROUP_MATCH = 0.05                  # rotation elements: a product of two operators is the operator
+                                    # nearest to it when within this (group_table)
+
+
+def group_table(rot: np.ndarray) -> np.ndarray | None:
+    """The multiplication table of operators whose rotations form a group to within GROUP_MATCH
+    (table[k, l] = m where R_k R_l ~ R_m, every row and column a permutation), else None. In a
+    finite group of rigid motions no two elements share a rotation, so rotations name them."""
+    rot = np.asarray(rot, dtype=np.float64)
+    kk = len(rot)
+    flat = rot.reshape(kk, 9)
+    table = np.empty((kk, kk), dtype=np.int64)
+    for k in range(kk):
+        prod = np.einsum("ij,ljm->lim", rot[k], rot).reshape(kk, 9)
+        d = np.abs(prod[:, None, :] - flat[None]).max(axis=2)
+        m = d.argmin(axis=1)
+        if d[np.arange(kk), m].max() > GROUP_MATCH:
+            return None
+        table[k] = m
+    every = np.arange(kk)
+    if not (np.all(np.sort(table, axis=1) == every) and np.all(np.sort(table, axis=0) == every[:, None])):
+        return None
+    return table
+
+
+def exact_group(rot: np.ndarray, trans: np.ndarray, table: np.ndarray, iterations: int = 50
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Operators that form the group of `table` exactly, nearest the given approximate ones:
+    M_g <- the rigid motion nearest mean_h M_h^-1 M_hg (4 x 4 matrices; the rotation part by
+    polar decomposition), repeated to convergence. For operators off a group by a small error e
+    one step leaves an error of the form a - Ad(g^-1) a (the mean of e), which a conjugation of
+    the group by exp(-a) makes exact to first order: the steps converge quadratically."""
+    kk = len(rot)
+    m = np.zeros((kk, 4, 4))
+    m[:, :3, :3], m[:, :3, 3], m[:, 3, 3] = rot, trans, 1.0
+    for _ in range(iterations):
+        inv = np.zeros_like(m)
+        inv[:, :3, :3] = np.transpose(m[:, :3, :3], (0, 2, 1))
+        inv[:, :3, 3] = -np.einsum("kji,kj->ki", m[:, :3, :3], m[:, :3, 3])
+        inv[:, 3, 3] = 1.0
+        mean = np.einsum("hij,hgjk->gik", inv, m[table]) / kk
+        u, _, vt = np.linalg.svd(mean[:, :3, :3])
+        new = mean.copy()
+        new[:, :3, :3] = u @ vt
+        new[:, 3, :3] = 0.0
+        new[:, 3, 3] = 1.0
+        change = float(np.abs(new - m).max())
+        m = new
+        if change < 1e-12:
+            break
+    return m[:, :3, :3].copy(), m[:, :3, 3].copy()
+
+
+def operator_shift(xm: np.ndarray, rot_a, trans_a, rot_b, trans_b) -> np.ndarray:
+    """Per operator the rms distance between the images of the points xm under a and under b."""
+    xm = np.asarray(xm, dtype=np.float64)
+    mean = xm.mean(axis=0)
+    second = xm.T @ xm / len(xm)
+    dr = np.asarray(rot_a) - np.asarray(rot_b)
+    dt = np.asarray(trans_a) - np.asarray(trans_b)
+    msd = (np.einsum("kij,jl,kil->k", dr, second, dr) + 2.0 * np.einsum("ki,kij,j->k", dt, dr, mean)
+           + np.einsum("ki,ki->k", dt, dt))
+    return np.sqrt(np.maximum(msd, 0.0))
+
+
+def nearest_conjugate(xm: np.ndarray, rot, trans, rot_ref, trans_ref) -> tuple[np.ndarray, np.ndarray]:
+    """The group (rot, trans) conjugated by the rigid motion Q that brings its operators nearest
+    the reference ones (least squares over the copies' rms shifts, operator_shift): exact_group
+    leaves the group's frame off by the mean error of the operators it started from."""
+    from scipy.optimize import least_squares
+
+    rot, trans = np.asarray(rot), np.asarray(trans)
+    centre = xm.mean(axis=0)
+
+    def conjugated(v):
+        q = rotation(v[:3])
+        qt = centre + v[3:] - q @ centre              # Q x = q (x - centre) + centre + v[3:]
+        r = np.einsum("ij,kjl,ml->kim", q, rot, q)    # q R_k q^T
+        t = np.einsum("ij,kj->ki", q, trans) + qt - np.einsum("kij,j->ki", r, qt)
+        return r, t
+
+    fit = least_squares(lambda v: operator_shift(xm, *conjugated(v), rot_ref, trans_ref),
+                        np.zeros(6), x_scale=np.r_[np.full(3, 1e-3), np.full(3, 0.1)])
+    return conjugated(fit.x)
+
+
+def snap_to_group(info: NcsInfo, xyz: np.ndarray, restraints: Restraints, tolerance: float
+                  ) -> tuple[NcsInfo | None, str]:
+    """The copies of info (found in the model) with operators made an exact group and fixed,
+    when the superposed ones form a group to within `tolerance` (the largest rms shift of a
+    copy's atoms): (new info with closed = True, what was done) or (None, why not). Needs one
+    NCS group, no free atoms and no restraint between copies (SymmetricTarget has none)."""
+    if info.virtual or len(info.groups) != 1:
+        return None, "not one group of copies in the model"
+    g = info.groups[0]
+    if g.n_copies < 2 or len(info.free_atoms()):
+        return None, f"{len(info.free_atoms())} atoms outside the copies"
+    g = info.refit(xyz).groups[0]
+    table = group_table(g.rot)
+    if table is None:
+        return None, "the copies' operators are no group"
+    rot, trans = exact_group(g.rot, g.trans, table)
+    if not closed_group(rot, trans):
+        return None, "the operators did not converge to a group"
+    xm = copies_average(g, xyz)
+    rot, trans = nearest_conjugate(xm, rot, trans, g.rot, g.trans)
+    shift = operator_shift(xm, rot, trans, g.rot, g.trans)
+    if shift.max() > tolerance:
+        return None, (f"making the operators a group would move a copy by {shift.max():.2f} A rms "
+                      f"(> ncs_group_tolerance {tolerance} A)")
+    label = np.zeros(info.n_atoms, dtype=np.int64)
+    for k in range(g.n_copies):
+        label[g.copies[k]] = k
+    masters, cross = split_restraints(restraints, label, [g.master])
+    from .parallel.decompose import _ROW_TERMS
+    n_cross = sum(len(getattr(cross, k)) for k in _ROW_TERMS) + int(np.count_nonzero(np.diff(cross.plane_start)))
+    if n_cross:
+        return None, f"{n_cross} restraint(s) between copies"
+    # each copy's rmsd to the master's image under the exact operators
+    rmsd = np.array([float(np.sqrt(np.mean(np.sum((xyz[g.copies[k]] - (xm @ rot[k].T + trans[k])) ** 2,
+                                                   axis=1)))) for k in range(g.n_copies)])
+    out = dataclasses.replace(info, groups=[dataclasses.replace(g, rot=rot, trans=trans, rmsd=rmsd)],
+                              closed=True, master_terms=(restraints, masters[0]))
+    why = (f"the {g.n_copies} operators found by superposition form a group: made exact and fixed "
+           f"(copies moved by {shift.mean():.3f} A rms on average, {shift.max():.3f} A at most); "
+           f"every copy is the master's image and the target is evaluated from the master and "
+           f"the images of its atoms near it")
+    out.notes = list(info.notes) + [why]
+    return out, why
+
+
+def master_restraints(info: NcsInfo, restraints: Restraints) -> Restraints:
+    """The master's own terms (indices into the master) of a group made exact (snap_to_group)."""
+    kept = info.master_terms
+    if kept is not None and kept[0] is restraints:
+        return kept[1]
+    g = info.groups[0]
+    label = np.zeros(info.n_atoms, dtype=np.int64)
+    for k in range(g.n_copies):
+        label[g.copies[k]] = k
+    return split_restraints(restraints, label, [g.master])[0][0]
+
+
+class _MasterData:
+    """The fast real-space term's map with the weights of one copy's atoms."""
+
+    def __init__(self, term, atoms: np.ndarray):
+        self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
+        self.atom_weight = np.asarray(term.atom_weight)[atoms]
+        self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
+
+
 @njit(cache=True)
 def _image_kernel(xm, rot, trans, op, src, out, offset):
     """out[offset + e] = rot[op[e]] @ xm[src[e]] + trans[op[e]]."""
@@ -1238,13 +1399,19 @@ class SymmetricTarget(_SummedTarget):
 
 
 def symmetric_applies(info: NcsInfo, data_term, params) -> bool:
-    """True when SymmetricTarget can stand for ConstrainedTarget: an asymmetric unit with virtual
-    copies (one group, operators fixed) made by a closed group of operators, the fast data term
-    summed over the operators (params.ncs_average_map)."""
-    return (info.virtual and len(info.groups) == 1 and len(info.free_atoms()) == 0
+    """True when SymmetricTarget can stand for ConstrainedTarget: one group of copies, virtual (an
+    asymmetric unit and its file's operators) or in the model (snap_to_group), made by a closed
+    group of fixed operators, the fast data term summed over the operators
+    (params.ncs_average_map), the same atom weights in every copy."""
+    if not (info.closed and len(info.groups) == 1 and len(info.free_atoms()) == 0
             and getattr(params, "ncs_average_map", False)
-            and all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))
-            and info.closed)
+            and all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))):
+        return False
+    if info.virtual:
+        return True
+    w = np.asarray(data_term.atom_weight)       # copies in the model: the same weight in each
+    g = info.groups[0]
+    return bool(np.all(w[g.copies] == w[g.master][None]))
 
 
 def _blocks(n: int, parts: int) -> np.ndarray:
@@ -1274,13 +1441,23 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
     the operators (AveragedMap)."""
     xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
     if symmetric_applies(info, data_term, params):
-        # the asymmetric unit alone: no copy is made at any evaluation (SymmetricTarget)
-        target = SymmetricTarget(info, data_term, restraints, params, weight, xyz0, comm)
+        # the asymmetric unit (the master) alone: no copy is made at any evaluation
+        # (SymmetricTarget); copies in the model are put back as its images at the end
+        g = info.groups[0]
+        whole = not info.virtual
+        xm = copies_average(g, xyz0) if whole else xyz0
+        target = SymmetricTarget(info, _MasterData(data_term, g.master) if whole else data_term,
+                                 master_restraints(info, restraints) if whole else restraints,
+                                 params, weight, xm, comm)
         t0 = time.perf_counter()
-        p, f, state, _ = lbfgs(target, xyz0.ravel().copy(), maxiter=iterations,
+        p, f, state, _ = lbfgs(target, xm.ravel().copy(), maxiter=iterations,
                                m=params.lbfgs_memory, max_step=params.max_step)
-        return MinimiseResult(xyz=p.reshape(xyz0.shape), f=f, iterations=state.iteration,
-                              evaluations=state.n_evals, seconds=time.perf_counter() - t0), target
+        x = p.reshape(xm.shape)
+        if whole:
+            x = np.empty_like(xyz0)
+            x[g.copies.ravel()] = virtual_copies(info, p.reshape(xm.shape))
+        return MinimiseResult(xyz=x, f=f, iterations=state.iteration, evaluations=state.n_evals,
+                              seconds=time.perf_counter() - t0), target
     if info.virtual:
         # the model is the master; its virtual copies come from the file's operators
         k = info.groups[0].n_copies
@@ -1336,6 +1513,8 @@ class ConstrainedMinimiser:
         info = self.info
         if info.virtual:
             return 1.0, 0
+        if info.closed:
+            return info.groups[0].copies.shape[1] / info.n_atoms, 0
         n_master = sum(g.copies.shape[1] for g in info.groups)
         copies = sum(g.n_copies - 1 for g in info.groups)
         return (n_master + len(info.free_atoms())) / info.n_atoms, 6 * copies
@@ -1517,6 +1696,13 @@ def setup(model, restraints: Restraints, params, minimiser, ctx=None, interrupts
         if counts["before"] != counts["after"]:
             log.info("NCS constraints: every copy takes its master's restraints (%s before, %s after)",
                      counts["before"], counts["after"])
+        if not info.virtual and getattr(params, "ncs_exact_group", False):
+            t1 = time.perf_counter()
+            snapped, why = snap_to_group(info, model.xyz, restraints, params.ncs_group_tolerance)
+            log.info("NCS: %s (%.1f s)", why, time.perf_counter() - t1)
+            report["exact_group"] = snapped is not None
+            report["exact_group_reason"] = why
+            info = snapped or info
         return ConstrainedMinimiser(info, ctx, interrupts), report
     if mode == "restraints":
         sigma = getattr(params, "ncs_sigma", 0.25)

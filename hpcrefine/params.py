@@ -90,6 +90,12 @@ class RefineParams:
     # the half set's start and refine the masters (and free atoms) alone, so with one NCS group
     # the summed map above serves them too; the final refinement refines the operators
     halfset_fixed_operators: bool = True
+    # under --ncs constraints, operators found by superposition that form a group to within
+    # ncs_group_tolerance A (the largest rms shift of a copy's atoms: the 60 of an icosahedral
+    # assembly given as a whole) are made that exact group and fixed: every copy is then the
+    # master's image and the target is evaluated from the master alone (ncs.SymmetricTarget)
+    ncs_exact_group: bool = True
+    ncs_group_tolerance: float = 0.5
     # low-resolution restraints (hpcrefine.lowres); on/off defaults in resolution_defaults
     ss_restraints: bool = False        # helix and strand H-bonds found in the start model
     ss_helix_310_pi: bool = False      # also 3-10 (i -> i+3) and pi (i -> i+5) helices
@@ -294,7 +300,7 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
     for name in ("ss_restraints", "rama_restraints", "rotamer_restraints", "cycle_rotamers",
-                 "ncs_average_map", "halfset_fixed_operators", "whole_model_on_workers"):
+                 "ncs_average_map", "halfset_fixed_operators", "whole_model_on_workers", "ncs_exact_group"):
         if not isinstance(values.get(name, False), bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}")
     params = RefineParams(**values)
