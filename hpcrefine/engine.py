@@ -41,8 +41,10 @@ class RealSpaceTerm:
         if b_extra <= 0:
             return self
         from .core.density import blur_map
-        return RealSpaceTerm(blur_map(self.data, self.voxel, b_extra), self.origin, self.voxel,
-                             self.atom_weight, normalise=True)
+        out = RealSpaceTerm(blur_map(self.data, self.voxel, b_extra), self.origin, self.voxel,
+                            self.atom_weight, normalise=True)
+        out.blur_of = (self, b_extra)       # the term it blurs (ncs.term_average)
+        return out
 
 
 class GeometryTerm:

@@ -778,7 +778,7 @@ class AveragedMap:
         # planes through tricubic(), about a fifth of that compiled; the same sums to 1e-14)
         from .mapstats import atom_mask
 
-        near = atom_mask(master_xyz, (nz, ny, nx), lo, voxel, reach)
+        near = self.near = atom_mask(master_xyz, (nz, ny, nx), lo, voxel, reach)
         self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx), near)
         if near.any():
             self.data[~near] = self.data[near].min()
@@ -789,13 +789,76 @@ class AveragedMap:
         self.ident = ident
         self.master_xyz = np.array(master_xyz, dtype=np.float64)     # where its points were chosen
 
+    @classmethod
+    def blurred_from(cls, parent: "AveragedMap", b_extra: float, data, origin, voxel, rot, trans,
+                     key=None, ident=None) -> "AveragedMap | None":
+        """The AveragedMap of map `data`, the map of `parent` blurred by exp(-b_extra s^2 / 4) and
+        normalised again, made from parent's sum instead of summing `data` anew: a blur is
+        isotropic, so the sum over rigid operators of the blurred map is the blurred sum, here
+        transformed on parent's box. The normalisation's factor (and what the box leaves out)
+        is fitted by least squares to the direct sum at up to BLUR_FIT_POINTS of its points;
+        None when the fit misses them by more than BLUR_FIT_TOLERANCE (relative rms)."""
+        import scipy.fft
 
+        from .core.density import rfft_freqs, summed_over_operators
+
+        shape = parent.data.shape
+        f = scipy.fft.rfftn(parent.data)
+        for k in rfft_freqs(shape, parent.voxel):
+            f *= np.exp(-0.25 * b_extra * k * k)
+        blurred = scipy.fft.irfftn(f, s=shape)
+        from .mapstats import atom_mask
+
+        near = parent.near
+        # the fit's points lie within AVERAGE_MARGIN of the atoms, where atoms read: the blur
+        # smears the step to the constant beyond the summed points, farther out
+        inside = np.flatnonzero(atom_mask(parent.master_xyz, shape, parent.origin, parent.voxel,
+                                          AVERAGE_MARGIN).ravel())
+        if len(inside) == 0:
+            return None
+        pick = inside[np.linspace(0, len(inside) - 1, min(len(inside), BLUR_FIT_POINTS)).astype(np.int64)]
+        sample = np.zeros(shape, dtype=bool)
+        sample.ravel()[pick] = True
+        direct = summed_over_operators(data, origin, voxel, rot, trans, parent.origin, shape, sample).ravel()[pick]
+        got = blurred.ravel()[pick]
+        scale = float(direct @ got) / max(float(got @ got), 1e-300)
+        miss = math.sqrt(float(np.sum((direct - scale * got) ** 2)) / max(float(direct @ direct), 1e-300))
+        if not miss < BLUR_FIT_TOLERANCE:
+            log.debug("summed map blurred by %g A^2: fit misses by %.3f, summed anew", b_extra, miss)
+            return None
+        out = cls.__new__(cls)
+        out.origin, out.voxel, out.near = parent.origin, parent.voxel, near
+        blurred *= scale
+        blurred[~near] = blurred[near].min()
+        out.data = blurred
+        out.source = data if ident is None else None
+        out.key, out.ident = key, ident
+        out.master_xyz = parent.master_xyz
+        out.fit_miss = miss
+        return out
+
+
+BLUR_FIT_POINTS = 4096      # points of a summed map blurred from its parent checked against the direct sum
+BLUR_FIT_TOLERANCE = 0.05   # relative rms miss beyond which it is summed anew
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
 OPERATOR_TOLERANCE = 1e-9   # rotation elements and translations (A) that count as the same
 _AVERAGED: list = []        # the AveragedMaps made last, reused while the map and operators stay
 
 
-def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> AveragedMap:
+def term_average(term, rot, trans, master_xyz) -> AveragedMap:
+    """averaged_map of a fast real-space term's map (named by its map store's key when it has
+    one); a term blurred from another (its blur_of: (that term, b_extra)) has its summed map
+    blurred from that term's (AveragedMap.blurred_from), which is kept for the unblurred
+    minimisations to come."""
+    def ident(t):
+        store = getattr(t, "store", None)
+        return None if store is None else (id(store), t.key)
+    base = getattr(term, "blur_of", None)
+    return averaged_map(term.data, term.origin, term.voxel, rot, trans, master_xyz, ident(term),
+                        None if base is None else (base[0].data, ident(base[0]), base[1]))
+
+
+def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None, base=None) -> AveragedMap:
     """The AveragedMap of this map and these operators, made once for as long as the same map
     is used (the weight trials and the macro-cycles on one map share it; a half set's
     minimisations alternate between its map and its blurred copy, so a few are kept). The map
@@ -810,7 +873,12 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None) -> Ave
         same = got.ident == ident if ident is not None else got.source is data
         if same and _same_operators(got.key, key) and _covers(got, master_xyz):
             return got
-    avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident)
+    avg = None
+    if base is not None:            # (data, ident, b_extra) of the map that data blurs
+        parent = averaged_map(base[0], origin, voxel, rot, trans, master_xyz, base[1])
+        avg = AveragedMap.blurred_from(parent, base[2], data, origin, voxel, rot, trans, key, ident)
+    if avg is None:
+        avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident)
     _AVERAGED.append(avg)
     del _AVERAGED[:-AVERAGED_KEEP]
     return avg
@@ -924,10 +992,7 @@ class ConstrainedTarget(_SummedTarget):
             g = par.info.groups[0]
             w = np.asarray(data_term.atom_weight, dtype=np.float64)
             if all(np.array_equal(w[g.copies[k]], w[g.master]) for k in range(g.n_copies)):
-                store = getattr(data_term, "store", None)
-                self.averaged = averaged_map(data_term.data, data_term.origin, data_term.voxel,
-                                             g.rot, g.trans, par.master_start[0],
-                                             None if store is None else (id(store), data_term.key))
+                self.averaged = term_average(data_term, g.rot, g.trans, par.master_start[0])
         if self.averaged is not None:
             self.mine = np.flatnonzero((owner == self.part) & (par.copy_id < 0))
         if not self.generic:
@@ -1232,6 +1297,7 @@ class _MasterData:
         self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
         self.atom_weight = np.asarray(term.atom_weight)[atoms]
         self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
+        self.blur_of = getattr(term, "blur_of", None)
 
 
 @njit(cache=True)
@@ -1341,9 +1407,7 @@ class SymmetricTarget(_SummedTarget):
         self.mine = np.flatnonzero(self.owned)
         self.restraints = restraints
         self.share = _share_terms(restraints, owner, self.part)
-        store = getattr(data_term, "store", None)
-        self.averaged = averaged_map(data_term.data, data_term.origin, data_term.voxel, g.rot, g.trans,
-                                     xyz0, None if store is None else (id(store), data_term.key))
+        self.averaged = term_average(data_term, g.rot, g.trans, xyz0)
         self.atom_weight = np.ascontiguousarray(np.asarray(data_term.atom_weight)[self.mine], dtype=np.float64)
         self.reach = contact_reach(restraints)
         self.master_nbl = None
@@ -1490,6 +1554,7 @@ class _TiledData:
         self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
         self.atom_weight = np.tile(term.atom_weight, n_copies)
         self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
+        self.blur_of = getattr(term, "blur_of", None)
 
 
 class ConstrainedMinimiser:

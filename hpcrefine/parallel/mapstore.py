@@ -293,7 +293,9 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         if b_extra <= 0:
             return self
         key, raw = self._blur(b_extra)
-        return StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight)
+        out = StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight)
+        out.blur_of = (self, b_extra)       # the term it blurs (ncs.term_average)
+        return out
 
     def prefetch_blurred(self, b_extra: float) -> None:
         """The master starts writing the copy blurred(b_extra) will publish (MapStore.prefetch;
