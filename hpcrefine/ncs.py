@@ -24,6 +24,11 @@ Finding copies (`find_ncs`):
   written is the asymmetric unit with its records. Otherwise the records are only logged. When
   the operators form a group (an icosahedral assembly's 60), `SymmetricTarget` evaluates that
   whole-assembly target from the asymmetric unit and the images of its atoms near it alone.
+  Copies found in a model that holds them all take the same path when their superposed
+  operators form a group to within params.ncs_group_tolerance (`snap_to_group`): the
+  multiplication table is read off the rotations (`group_table`), the operators are made that
+  group exactly (`exact_group`) in the frame nearest the superposed ones (`nearest_conjugate`)
+  and fixed, and every copy is put back as the master's image after each minimisation.
 
 Modes (RefineParams.ncs):
   * constraints: parameters are the master coordinates, the free atoms and a rigid operator
@@ -764,7 +769,7 @@ class AveragedMap:
     every copy, and no copy carries a data gradient to reduce. The difference from the direct sum
     is the interpolation of the sampled sum (measured on the 7cth assembly in tests/test_ncs.py)."""
 
-    def __init__(self, data, origin, voxel, rot, trans, master_xyz, key=None, ident=None):
+    def __init__(self, data, origin, voxel, rot, trans, master_xyz, key=None, ident=None, comm=None):
         from .core.density import summed_over_operators
 
         voxel = np.asarray(voxel, dtype=np.float64)
@@ -779,7 +784,16 @@ class AveragedMap:
         from .mapstats import atom_mask
 
         near = self.near = atom_mask(master_xyz, (nz, ny, nx), lo, voxel, reach)
-        self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx), near)
+        if comm is None or comm.Get_size() == 1:
+            self.data = summed_over_operators(data, origin, voxel, rot, trans, lo, (nz, ny, nx), near)
+        else:
+            # the ranks of comm (which all make this map) sum every size-th operator each, and
+            # one buffer Allreduce adds their parts
+            from mpi4py import MPI
+            part, size = comm.Get_rank(), comm.Get_size()
+            self.data = summed_over_operators(data, origin, voxel, np.asarray(rot)[part::size],
+                                              np.asarray(trans)[part::size], lo, (nz, ny, nx), near)
+            comm.Allreduce(MPI.IN_PLACE, self.data, op=MPI.SUM)
         if near.any():
             self.data[~near] = self.data[near].min()
         # the map it was made from, kept so that `is` identifies it; a map named by ident (a
@@ -845,7 +859,7 @@ OPERATOR_TOLERANCE = 1e-9   # rotation elements and translations (A) that count 
 _AVERAGED: list = []        # the AveragedMaps made last, reused while the map and operators stay
 
 
-def term_average(term, rot, trans, master_xyz) -> AveragedMap:
+def term_average(term, rot, trans, master_xyz, comm=None) -> AveragedMap:
     """averaged_map of a fast real-space term's map (named by its map store's key when it has
     one); a term blurred from another (its blur_of: (that term, b_extra)) has its summed map
     blurred from that term's (AveragedMap.blurred_from), which is kept for the unblurred
@@ -855,10 +869,11 @@ def term_average(term, rot, trans, master_xyz) -> AveragedMap:
         return None if store is None else (id(store), t.key)
     base = getattr(term, "blur_of", None)
     return averaged_map(term.data, term.origin, term.voxel, rot, trans, master_xyz, ident(term),
-                        None if base is None else (base[0].data, ident(base[0]), base[1]))
+                        None if base is None else (base[0].data, ident(base[0]), base[1]), comm)
 
 
-def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None, base=None) -> AveragedMap:
+def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None, base=None, comm=None
+                 ) -> AveragedMap:
     """The AveragedMap of this map and these operators, made once for as long as the same map
     is used (the weight trials and the macro-cycles on one map share it; a half set's
     minimisations alternate between its map and its blurred copy, so a few are kept). The map
@@ -869,16 +884,29 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None, base=N
     second macro-cycle (a quarter of a constrained task's time)."""
     key = (np.array(origin, dtype=np.float64), np.array(rot, dtype=np.float64),
            np.array(trans, dtype=np.float64))            # copies: the caller's arrays may change
+    found = None
     for got in _AVERAGED:
         same = got.ident == ident if ident is not None else got.source is data
         if same and _same_operators(got.key, key) and _covers(got, master_xyz):
-            return got
+            found = got
+            break
+    if comm is not None and comm.Get_size() > 1:
+        from mpi4py import MPI
+        # made collectively (the operators shared out): kept maps are used only when every
+        # rank of comm has one
+        flag = np.array([0 if found is None else 1], dtype=np.int32)
+        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
+        found = found if flag[0] else None
+    if found is not None:
+        _AVERAGED.remove(found)          # the least recently used are let go first
+        _AVERAGED.append(found)
+        return found
     avg = None
     if base is not None:            # (data, ident, b_extra) of the map that data blurs
-        parent = averaged_map(base[0], origin, voxel, rot, trans, master_xyz, base[1])
+        parent = averaged_map(base[0], origin, voxel, rot, trans, master_xyz, base[1], comm=comm)
         avg = AveragedMap.blurred_from(parent, base[2], data, origin, voxel, rot, trans, key, ident)
     if avg is None:
-        avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident)
+        avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident, comm)
     _AVERAGED.append(avg)
     del _AVERAGED[:-AVERAGED_KEEP]
     return avg
@@ -992,7 +1020,7 @@ class ConstrainedTarget(_SummedTarget):
             g = par.info.groups[0]
             w = np.asarray(data_term.atom_weight, dtype=np.float64)
             if all(np.array_equal(w[g.copies[k]], w[g.master]) for k in range(g.n_copies)):
-                self.averaged = term_average(data_term, g.rot, g.trans, par.master_start[0])
+                self.averaged = term_average(data_term, g.rot, g.trans, par.master_start[0], comm)
         if self.averaged is not None:
             self.mine = np.flatnonzero((owner == self.part) & (par.copy_id < 0))
         if not self.generic:
@@ -1257,10 +1285,7 @@ def snap_to_group(info: NcsInfo, xyz: np.ndarray, restraints: Restraints, tolera
     if shift.max() > tolerance:
         return None, (f"making the operators a group would move a copy by {shift.max():.2f} A rms "
                       f"(> ncs_group_tolerance {tolerance} A)")
-    label = np.zeros(info.n_atoms, dtype=np.int64)
-    for k in range(g.n_copies):
-        label[g.copies[k]] = k
-    masters, cross = split_restraints(restraints, label, [g.master])
+    masters, cross = split_restraints(restraints, _copy_labels(g, info.n_atoms), [g.master])
     from .parallel.decompose import _ROW_TERMS
     n_cross = sum(len(getattr(cross, k)) for k in _ROW_TERMS) + int(np.count_nonzero(np.diff(cross.plane_start)))
     if n_cross:
@@ -1284,10 +1309,15 @@ def master_restraints(info: NcsInfo, restraints: Restraints) -> Restraints:
     if kept is not None and kept[0] is restraints:
         return kept[1]
     g = info.groups[0]
-    label = np.zeros(info.n_atoms, dtype=np.int64)
+    return split_restraints(restraints, _copy_labels(g, info.n_atoms), [g.master])[0][0]
+
+
+def _copy_labels(g: NcsGroup, n_atoms: int) -> np.ndarray:
+    """The copy of every atom of a group that holds them all (split_restraints' labels)."""
+    label = np.zeros(n_atoms, dtype=np.int64)
     for k in range(g.n_copies):
         label[g.copies[k]] = k
-    return split_restraints(restraints, label, [g.master])[0][0]
+    return label
 
 
 class _MasterData:
@@ -1407,7 +1437,7 @@ class SymmetricTarget(_SummedTarget):
         self.mine = np.flatnonzero(self.owned)
         self.restraints = restraints
         self.share = _share_terms(restraints, owner, self.part)
-        self.averaged = term_average(data_term, g.rot, g.trans, xyz0)
+        self.averaged = term_average(data_term, g.rot, g.trans, xyz0, comm)
         self.atom_weight = np.ascontiguousarray(np.asarray(data_term.atom_weight)[self.mine], dtype=np.float64)
         self.reach = contact_reach(restraints)
         self.master_nbl = None

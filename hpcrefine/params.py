@@ -303,6 +303,9 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
                  "ncs_average_map", "halfset_fixed_operators", "whole_model_on_workers", "ncs_exact_group"):
         if not isinstance(values.get(name, False), bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}")
+    tol = values.get("ncs_group_tolerance", 0.5)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise InputError(f"ncs_group_tolerance must be > 0 (A), got {values['ncs_group_tolerance']!r}")
     params = RefineParams(**values)
     from .protocol.anneal import check_anneal_params
     from .protocol.idealise import check_idealise_params

@@ -176,6 +176,10 @@ class _Part:
     def Get_size(self):
         return self.size
 
+    def Allreduce(self, *args, **kwargs):
+        """Nothing to add up: the summed maps a rank's target needs are the ones the whole
+        target made first in this process (kept, ncs.averaged_map)."""
+
 
 def test_rank_shares_add_up_to_the_whole(small):
     model = dataclass_copy(small["model"], small["xyz"])
@@ -594,6 +598,9 @@ def test_summed_map_of_a_blurred_map_blurred_from_its_parent(asu, small, tmp_pat
     blurred = base.blurred(40.0)
     assert blurred.blur_of == (base, 40.0)
     x = simulate.shake(model.xyz, 0.5, seed=4)
+    # on the grid chosen for x (not a kept map of an earlier test's master: another grid's
+    # samples interpolate to values 1e-3 apart)
+    ncs._AVERAGED.clear()
     derived = ncs.term_average(blurred, g.rot, g.trans, x)
     assert derived.fit_miss < 0.01
     assert ncs.term_average(base, g.rot, g.trans, x).master_xyz is derived.master_xyz   # the parent, kept
@@ -803,6 +810,9 @@ def test_copies_of_a_group_made_exact_and_refined_from_the_master(asu, tmp_path)
     assert shift.max() < 0.1
     assert _file_operator_error(asu, s, xs) < _file_operator_error(asu, g, xs) < 0.1
     assert ncs.snap_to_group(info, xs, r, 1e-4)[0] is None
+    from hpcrefine.errors import InputError
+    with pytest.raises(InputError, match="ncs_group_tolerance"):
+        build_params(3.5, overrides={"ncs_group_tolerance": 0})
     three = _expanded(asu, 3, ["D", "E", "F"])
     assert ncs.snap_to_group(ncs.find_ncs(three), three.xyz, _asu_restraints(three), 0.5) == \
         (None, "the copies' operators are no group")
@@ -836,3 +846,40 @@ def test_copies_of_a_group_made_exact_and_refined_from_the_master(asu, tmp_path)
     # 0.80 -> 0.316 and 0.290 A: the summed map's second interpolation (ncs.AveragedMap) costs a
     # little with five copies (0.002 A with the 60 of the million-atom assembly)
     assert out[True] < 0.34 and out[True] - out[False] < 0.04, out
+
+
+_SHARED_SUM = r"""
+import sys
+import numpy as np
+from mpi4py import MPI
+from hpcrefine import ncs
+comm = MPI.COMM_WORLD
+rng = np.random.default_rng(5)
+data = rng.normal(size=(40, 42, 44)).astype(np.float32)
+angles = np.linspace(0.0, 2.0, 5)
+rot = np.array([[[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]] for a in angles])
+trans = rng.normal(0.0, 1.0, size=(5, 3))
+master = rng.uniform(18, 24, size=(40, 3))
+one = ncs.AveragedMap(data, np.zeros(3), np.ones(3), rot, trans, master)
+shared = ncs.averaged_map(data, np.zeros(3), np.ones(3), rot, trans, master, comm=comm)
+again = ncs.averaged_map(data, np.zeros(3), np.ones(3), rot, trans, master, comm=comm)
+worst = np.abs(shared.data - one.data).max() / np.abs(one.data).max()
+print(comm.Get_rank(), worst, again is shared)
+sys.exit(0 if worst < 1e-12 and again is shared else 1)
+"""
+
+
+def test_summed_map_shared_out_over_ranks(tmp_path):
+    """Under mpiexec -n 2 the ranks that make one summed map sum every other operator each and
+    add the parts: the map of one process, to rounding; it is kept for the next call."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = tmp_path / "shared_sum.py"
+    script.write_text(_SHARED_SUM)
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.count("True") == 2           # both ranks (their lines may interleave)
