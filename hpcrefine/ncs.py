@@ -809,20 +809,19 @@ class AveragedMap:
         """The AveragedMap of map `data`, the map of `parent` blurred by exp(-b_extra s^2 / 4) and
         normalised again, made from parent's sum instead of summing `data` anew: a blur is
         isotropic, so the sum over rigid operators of the blurred map is the blurred sum, here
-        transformed on parent's box. The normalisation's factor (and what the box leaves out)
-        is fitted by least squares to the direct sum at up to BLUR_FIT_POINTS of its points;
-        None when the fit misses them by more than BLUR_FIT_TOLERANCE (relative rms)."""
+        transformed on parent's box. The normalisation's factor is fitted by least squares to
+        the direct sum at up to BLUR_FIT_POINTS points within AVERAGE_MARGIN of the atoms; None
+        when the fit misses them by more than BLUR_FIT_TOLERANCE (relative rms)."""
         import scipy.fft
 
         from .core.density import rfft_freqs, summed_over_operators
+        from .mapstats import atom_mask
 
         shape = parent.data.shape
         f = scipy.fft.rfftn(parent.data)
         for k in rfft_freqs(shape, parent.voxel):
             f *= np.exp(-0.25 * b_extra * k * k)
         blurred = scipy.fft.irfftn(f, s=shape)
-        from .mapstats import atom_mask
-
         near = parent.near
         # the fit's points lie within AVERAGE_MARGIN of the atoms, where atoms read: the blur
         # smears the step to the constant beyond the summed points, farther out
