@@ -200,12 +200,12 @@ def tricubic(data, origin, voxel, xyz):
 
 
 def summed_over_operators(data, origin, voxel, rot, trans, grid_origin, shape_zyx,
-                          mask=None) -> np.ndarray:
-    """sum_k rho(A_k g + b_k) at the points g = grid_origin + (i, j, k) * voxel of a grid of
-    shape_zyx (float64, (nz, ny, nx)), rho interpolated as tricubic() does; rot (K, 3, 3),
-    trans (K, 3). One compiled pass per operator over the grid, whose points it maps to one
-    coherent region of the map (ncs.AveragedMap). With mask (bool, shape_zyx) only its points
-    are summed; the others are 0."""
+                          mask=None, grid_voxel=None) -> np.ndarray:
+    """sum_k rho(A_k g + b_k) at the points g = grid_origin + (i, j, k) * grid_voxel (the map's
+    voxel when None) of a grid of shape_zyx (float64, (nz, ny, nx)), rho interpolated as
+    tricubic() does; rot (K, 3, 3), trans (K, 3). One compiled pass per operator over the grid,
+    whose points it maps to one coherent region of the map (ncs.AveragedMap). With mask (bool,
+    shape_zyx) only its points are summed; the others are 0."""
     data = _prep_map(data)
     rot = np.ascontiguousarray(rot, dtype=np.float64).reshape(-1, 3, 3)
     trans = np.ascontiguousarray(trans, dtype=np.float64).reshape(-1, 3)
@@ -215,7 +215,8 @@ def summed_over_operators(data, origin, voxel, rot, trans, grid_origin, shape_zy
         mask = np.ones(shape, dtype=np.uint8)
     elif np.shape(mask) != shape:
         raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
-    _summed_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"), rot, trans,
+    _summed_kernel(data, _vec3(origin, "origin"), _vec3(voxel, "voxel"),
+                   _vec3(voxel if grid_voxel is None else grid_voxel, "grid voxel"), rot, trans,
                    _vec3(grid_origin, "grid origin"), np.ascontiguousarray(mask, dtype=bool).view(np.uint8), out)
     return out
 
@@ -240,7 +241,7 @@ def _value(data, ox, oy, oz, vx, vy, vz, x, y, z):
 
 
 @njit(cache=True)
-def _summed_kernel(data, origin, voxel, rot, trans, lo, mask, out):
+def _summed_kernel(data, origin, voxel, gv, rot, trans, lo, mask, out):
     ox, oy, oz = origin[0], origin[1], origin[2]
     vx, vy, vz = voxel[0], voxel[1], voxel[2]
     nz, ny, nx = out.shape
@@ -248,13 +249,13 @@ def _summed_kernel(data, origin, voxel, rot, trans, lo, mask, out):
         a = rot[k]
         b = trans[k]
         for iz in range(nz):
-            gz = lo[2] + vz * iz
+            gz = lo[2] + gv[2] * iz
             for iy in range(ny):
-                gy = lo[1] + vy * iy
+                gy = lo[1] + gv[1] * iy
                 for ix in range(nx):
                     if mask[iz, iy, ix] == 0:
                         continue
-                    gx = lo[0] + vx * ix
+                    gx = lo[0] + gv[0] * ix
                     x = a[0, 0] * gx + a[0, 1] * gy + a[0, 2] * gz + b[0]
                     y = a[1, 0] * gx + a[1, 1] * gy + a[1, 2] * gz + b[1]
                     z = a[2, 0] * gx + a[2, 1] * gy + a[2, 2] * gz + b[2]
