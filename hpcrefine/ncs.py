@@ -861,7 +861,7 @@ class AveragedMap:
 
 
 OVERSAMPLE_OPERATORS = 60   # a summed map is sampled at half the map's voxel when 8 x its operators
-OVERSAMPLE_POINTS = 1 << 24  # and 8 x its box's points are at most these (16 M points: 128 MB)
+OVERSAMPLE_POINTS = 1 << 23  # and 8 x its box's points are at most these (8 M points: 64 MB)
 BLUR_FIT_POINTS = 4096      # points of a summed map blurred from its parent checked against the direct sum
 BLUR_FIT_TOLERANCE = 0.05   # relative rms miss beyond which it is summed anew
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
