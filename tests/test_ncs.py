@@ -550,11 +550,12 @@ def test_summed_map_target_matches_the_direct_sum_over_copies(asu, small, tmp_pa
         p[:par.op_off] += np.random.default_rng(7).normal(0.0, shake, par.op_off)
         f1, g1 = summed(p)
         f2, g2 = direct(p)
-        # measured: the summed map's values at the atoms 1.2 % below the direct sum (the sampled
-        # sum's peaks smoothed by interpolating it again), gradients correlated at 0.99993
-        assert abs(f1 - f2) < 0.025 * abs(f2)
+        # measured, the sum of three operators sampled at half the map's voxel: f within 0.09 %
+        # of the direct sum, gradients correlated at 0.999995 (on the map's grid 1.2 % below,
+        # 0.99993: the sampled sum's peaks smoothed by interpolating it again)
+        assert abs(f1 - f2) < 0.005 * abs(f2)
         c = np.corrcoef(g1[:par.op_off], g2[:par.op_off])[0, 1]
-        assert c > 0.9995
+        assert c > 0.99995
         # shared by 2 and 3 ranks (each its block of the master's atoms), the parts add up
         for size in (2, 3):
             fs, gs = 0.0, np.zeros_like(g1)
