@@ -754,7 +754,8 @@ def interface_atoms(x: np.ndarray, label: np.ndarray, radius: float) -> np.ndarr
 class AveragedMap:
     """The map summed over the copies' fixed operators, sampled in the master's frame:
     avg(g) = sum_k rho(A_k g + b_k) at the points g of a grid around the master's atoms (the map's
-    voxel size, AVERAGE_MARGIN beyond the atoms), each rho(.) interpolated tricubically.
+    voxel size, or half of it with few operators; AVERAGE_MARGIN beyond the atoms), each rho(.)
+    interpolated tricubically.
 
     Only the points within AVERAGE_MARGIN plus the interpolation's reach (2 sqrt(3) voxels, the
     far corner of a 4 x 4 x 4 stencil) of a master atom are summed (42 % of the box around the
