@@ -1274,16 +1274,16 @@ def nearest_conjugate(xm: np.ndarray, rot, trans, rot_ref, trans_ref) -> tuple[n
 
 def snap_to_group(info: NcsInfo, xyz: np.ndarray, restraints: Restraints, tolerance: float
                   ) -> tuple[NcsInfo | None, str]:
-    """The copies of info (found in the model) with operators made an exact group and fixed,
-    when the superposed ones form a group to within `tolerance` (the largest rms shift of a
-    copy's atoms): (new info with closed = True, what was done) or (None, why not). Needs one
-    NCS group, no free atoms and no restraint between copies (SymmetricTarget has none)."""
+    """The copies of info (found in the model at xyz, its operators superposed there) with
+    operators made an exact group and fixed, when the superposed ones form a group to within
+    `tolerance` (the largest rms shift of a copy's atoms): (new info with closed = True, what
+    was done) or (None, why not). Needs one NCS group, no free atoms and no restraint between
+    copies (SymmetricTarget has none)."""
     if info.virtual or len(info.groups) != 1:
         return None, "not one group of copies in the model"
     g = info.groups[0]
     if g.n_copies < 2 or len(info.free_atoms()):
         return None, f"{len(info.free_atoms())} atoms outside the copies"
-    g = info.refit(xyz).groups[0]
     table = group_table(g.rot)
     if table is None:
         return None, "the copies' operators are no group"
@@ -1331,12 +1331,13 @@ def _copy_labels(g: NcsGroup, n_atoms: int) -> np.ndarray:
     return label
 
 
-class _MasterData:
-    """The fast real-space term's map with the weights of one copy's atoms."""
+class _Reweighted:
+    """A fast real-space term's map (and its store's key, and the term it blurs) with other atom
+    weights: one copy's (a master), or the model's tiled over its virtual copies."""
 
-    def __init__(self, term, atoms: np.ndarray):
+    def __init__(self, term, atom_weight: np.ndarray):
         self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
-        self.atom_weight = np.asarray(term.atom_weight)[atoms]
+        self.atom_weight = atom_weight
         self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
         self.blur_of = getattr(term, "blur_of", None)
 
@@ -1551,7 +1552,8 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
         g = info.groups[0]
         whole = not info.virtual
         xm = copies_average(g, xyz0) if whole else xyz0
-        target = SymmetricTarget(info, _MasterData(data_term, g.master) if whole else data_term,
+        target = SymmetricTarget(info, _Reweighted(data_term, np.asarray(data_term.atom_weight)[g.master])
+                                 if whole else data_term,
                                  master_restraints(info, restraints) if whole else restraints,
                                  params, weight, xm, comm)
         t0 = time.perf_counter()
@@ -1585,17 +1587,12 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
                           seconds=seconds), target
 
 
-class _TiledData:
+def _TiledData(term, n_copies: int) -> _Reweighted:
     """The fast real-space data term over the model's atoms and its virtual copies."""
-
-    def __init__(self, term, n_copies: int):
-        if not all(hasattr(term, a) for a in ("data", "origin", "voxel", "atom_weight")):
-            raise InputError("NCS constraints from assembly records need the fast real-space "
-                             "target (--target fast)")
-        self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
-        self.atom_weight = np.tile(term.atom_weight, n_copies)
-        self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
-        self.blur_of = getattr(term, "blur_of", None)
+    if not all(hasattr(term, a) for a in ("data", "origin", "voxel", "atom_weight")):
+        raise InputError("NCS constraints from assembly records need the fast real-space "
+                         "target (--target fast)")
+    return _Reweighted(term, np.tile(term.atom_weight, n_copies))
 
 
 class ConstrainedMinimiser:
