@@ -288,8 +288,20 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     state = ck.RunState()
     if not idealize_only:
         maps = [p for p in [map_path, *(half_maps or [])] if p]
-        ident = ck.RunIdentity.of(model_path, maps, params.to_dict(), ctx.size if ctx else 1,
-                                  command, inputs.monlib_dir)
+
+        def identity():
+            return ck.RunIdentity.of(model_path, maps, params.to_dict(), ctx.size if ctx else 1,
+                                     command, inputs.monlib_dir)
+        if ctx is None or ctx.size == 1:
+            ident = identity()
+        else:
+            # the checksums of the inputs (3 s for two 480^3 half maps) by worker 1, which is
+            # done reading while the master still weights the full map; sent to every rank
+            import pickle
+
+            from .parallel.distributed import bcast_bytes
+            ident = pickle.loads(bcast_bytes(ctx.world, pickle.dumps(identity()) if ctx.rank == 1 else None,
+                                             root=1))
         if restart is not None:
             ck.check_compatible(restart, ident, force)
             state = ck.load_state(restart, inputs.model.n_atoms)

@@ -141,7 +141,7 @@ def test_the_weighting_transforms_give_the_half_sets_coefficients(adk_case, monk
     calls = []
     transform = CroppedTransform.transform
     monkeypatch.setattr(CroppedTransform, "transform",
-                        lambda self, data, slab=16: calls.append(data.shape) or transform(self, data, slab))
+                        lambda self, data, slab=16, **kw: calls.append(data.shape) or transform(self, data, slab, **kw))
     halves = halfset.HalfTransforms(inputs.half_maps, 3.5, inputs.take_half_coefficients())
     assert inputs.half_coefficients is None and inputs.take_half_coefficients() is None
     assert halves.coefficients(1) is kept[0] and halves.coefficients(2) is kept[1] and not calls
@@ -150,6 +150,15 @@ def test_the_weighting_transforms_give_the_half_sets_coefficients(adk_case, monk
     for h in (1, 2):
         for name in ("work", "free"):
             assert np.max(np.abs(got[h][name] - want[h][name])) < 1e-5, (h, name)
+    # the model map and its coefficients are arrays kept from one compare step to the next:
+    # two models in a row give what each gives alone
+    from hpcrefine.simulate import shake
+    shaken = shake(model.xyz, 0.5, seed=3)
+    both = halfset.compare_models(model, {1: model.xyz, 2: shaken}, fresh)
+    for h, x in ((1, model.xyz), (2, shaken)):
+        alone = halfset.compare_models(model, {h: x}, halfset.HalfTransforms(inputs.half_maps, 3.5))[h]
+        assert all(np.array_equal(both[h][k], alone[k]) for k in ("work", "free")), h
+    assert both[1]["work_avg"] != both[2]["free_avg"]
     # another resolution's cube: the kept arrays do not fit and the half maps are transformed
     calls.clear()
     other = halfset.HalfTransforms(inputs.half_maps, 5.0, kept)

@@ -4,6 +4,7 @@ distributed split of the constrained target, constrained refinement of a real ca
 restraint term, and mmCIF output of models that do not fit the PDB format."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -834,6 +835,29 @@ def test_copies_of_a_group_made_exact_and_refined_from_the_master(asu, tmp_path)
     whole = ncs.ConstrainedTarget(par, term, r, params, 3.0)
     assert whole.averaged is not None
     assert whole(par.pack(res.xyz))[0] == pytest.approx(res.f, rel=1e-6)
+    # its statistics, made from the master and its images near it, are the whole model's: at
+    # its end, and where the copies meet (the same rotations about an axis moved into the master,
+    # a group too)
+    from hpcrefine.engine import GeometryTerm
+    assert ncs.clashes_between_copies(snapped, res.xyz[s.master], target.restraints) == 0
+    axis = np.linalg.eigh(sum(rot - np.eye(3) + (rot - np.eye(3)).T for rot in s.rot))[1][:, -1]
+    xm = res.xyz[s.master]
+    side = np.cross(axis, [1.0, 0.0, 0.0])
+    point = xm.mean(axis=0) + 12.0 * side / np.linalg.norm(side)
+    near = dataclasses.replace(s, trans=np.array([point - rot @ point for rot in s.rot]))
+    met = dataclasses.replace(snapped, groups=[near])
+    assert ncs.closed_group(near.rot, near.trans)
+    between = ncs.clashes_between_copies(met, xm, target.restraints)
+    assert between > 100, between
+    xe = np.empty_like(xs)
+    xe[s.copies.ravel()] = ncs.virtual_copies(met, xm)
+    meeting = ncs.SymmetricTarget(met, ncs._Reweighted(term, np.ones(len(xm))), target.restraints,
+                                  params, 3.0, xm)
+    for got, x in ((res.statistics, res.xyz), (meeting.statistics(xm), xe)):
+        expect = GeometryTerm(r, params).statistics(x)
+        assert set(got) == set(expect) and got["clashes"] > 0
+        for key, value in expect.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     # a refinement: the log names the exact group, the copies stay exact images, RMSD as with
     # refined operators
     write_model(updated_structure(model, xs), str(tmp_path / "start"))

@@ -135,6 +135,29 @@ def model_map_and_fsc(model, xyz, exp_map: np.ndarray, origin, voxel, resolution
     return calc, info
 
 
+def kth_largest(a: np.ndarray, k: int) -> float:
+    """The k-th largest value of the 1-d array a (1 <= k <= len(a)), np.partition's answer:
+    for a large array, partitioned among the values on its side of a bound taken from a sorted
+    sample with a margin, when they are sure to hold it (enough of them), else among all. At
+    480^3 voxels a whole partition took 1.3-1.9 s, and the validation of a model makes two."""
+    n = len(a)
+    j = n - k                        # its place in ascending order
+    if n >= 1 << 22:
+        sample = np.sort(a[np.random.default_rng(0).integers(0, n, 1 << 16)])
+        margin = 4.0 * np.sqrt(len(sample)) + 64.0
+        place = j / n * len(sample)
+        if j >= n // 2:
+            # the values >= a bound below it: they hold it when there are at least k of them
+            top = a[a >= sample[max(0, int(place - margin))]]
+            if len(top) >= k:
+                return np.partition(top, len(top) - k)[len(top) - k]
+        else:
+            low = a[a <= sample[min(len(sample) - 1, int(place + margin))]]
+            if len(low) > j:
+                return np.partition(low, j)[j]
+    return np.partition(a, j)[j]
+
+
 def correlations(exp_map: np.ndarray, calc: np.ndarray, mask: np.ndarray) -> dict:
     """CC_box, CC_mask, CC_volume, CC_peaks (definitions in the module docstring)."""
     a = np.ascontiguousarray(exp_map, dtype=np.float32).ravel()
@@ -145,8 +168,8 @@ def correlations(exp_map: np.ndarray, calc: np.ndarray, mask: np.ndarray) -> dic
     out = {"cc_box": _cc_from_sums(_cc_sums(a, b, m, False, ninf, ninf))[0],
            "cc_mask": _cc_from_sums(_cc_sums(a, b, m, True, ninf, ninf))[0]}
     if 0 < n_in < len(b):
-        t_calc = np.partition(b, len(b) - n_in)[len(b) - n_in]
-        t_map = np.partition(a, len(a) - n_in)[len(a) - n_in]
+        t_calc = kth_largest(b, n_in)
+        t_map = kth_largest(a, n_in)
         out["cc_volume"] = _cc_from_sums(_cc_sums(a, b, m, False, np.inf, t_calc))[0]
         out["cc_peaks"] = _cc_from_sums(_cc_sums(a, b, m, False, t_map, t_calc))[0]
     else:
