@@ -858,6 +858,19 @@ def test_copies_of_a_group_made_exact_and_refined_from_the_master(asu, tmp_path)
         assert set(got) == set(expect) and got["clashes"] > 0
         for key, value in expect.items():
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # a half set's start under the exact group: the master displaced by the start shake (not its
+    # copies each, which averaging would shrink by sqrt(5)), every copy its image
+    from hpcrefine import halfset
+    mean = ncs.copies_average(s, xs)
+    minimiser = ncs.ConstrainedMinimiser(snapped)
+    assert halfset.exact_copies(minimiser) is snapped
+    assert halfset.exact_copies(ncs.ConstrainedMinimiser(info)) is None
+    starts = [halfset.half_start(xs, params, h, r, halfset.exact_copies(minimiser)) for h in (1, 2)]
+    for x in starts:
+        assert max(ncs.superpose(x[s.master], x[s.copies[k]])[2] for k in range(5)) < 1e-6
+        moved = np.sqrt(np.mean(np.sum((ncs.copies_average(s, x) - mean) ** 2, axis=1)))
+        assert 0.25 < moved < 0.35, moved
+    assert np.sqrt(np.mean(np.sum((starts[0] - starts[1]) ** 2, axis=1))) > 0.35
     # a refinement: the log names the exact group, the copies stay exact images, RMSD as with
     # refined operators
     write_model(updated_structure(model, xs), str(tmp_path / "start"))
