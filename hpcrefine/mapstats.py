@@ -268,11 +268,18 @@ def model_map_at(model, xyz, shape_zyx: tuple, origin, voxel, resolution: float,
     return lowpass(density, np.asarray(voxel), resolution)
 
 
+def cc_mask_radius(resolution: float) -> float:
+    """The radius (A) of cc_mask's mask around the atoms."""
+    return max(2.5, 0.8 * resolution)
+
+
 def cc_mask(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resolution: float,
-            b=None, occ=None, radius: float | None = None) -> float:
-    """Map-model correlation inside a mask around the atoms (model map low-passed at resolution)."""
-    calc = model_map_at(model, xyz, exp_map.shape, origin, voxel, resolution, b, occ)
-    mask = atom_mask(xyz, exp_map.shape, origin, voxel, radius or max(2.5, 0.8 * resolution))
+            b=None, occ=None, radius: float | None = None, calc: np.ndarray | None = None) -> float:
+    """Map-model correlation inside a mask around the atoms (model map low-passed at resolution;
+    calc: that map when the caller has made it, model_map_at)."""
+    if calc is None:
+        calc = model_map_at(model, xyz, exp_map.shape, origin, voxel, resolution, b, occ)
+    mask = atom_mask(xyz, exp_map.shape, origin, voxel, radius or cc_mask_radius(resolution))
     return correlation(np.asarray(exp_map), calc, mask)
 
 

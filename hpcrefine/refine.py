@@ -439,19 +439,28 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
               else VALIDATION_RANK)
     final_rank = ctx.size - 1 if helper is not None and ctx.size > 2 else None
     final_args = (None, None) if idealize_only else (state.b, state.occ)
+    # the final model's CC_mask comes from the worker that validates it, which makes the same
+    # model map (mapfit.analyse): the master would make it again (10-20 s of the end at a
+    # million atoms, when the two validations and the master's work share two cores)
+    final_cc = final_rank is not None and copies is None and inputs.data is not None
     if helper is not None:
         from .validation import validate_model, write_outputs
 
         # with the half maps' FSC the master computed (a few hundred numbers; two transforms of
         # the box on the worker otherwise); each worker writes its model's files (plots, 1-2 s
         # at 165,000 atoms) after sending its figures
-        def validated(x, b=None, occ=None, fsc=None):
+        def validated(x, b=None, occ=None, fsc=None, refinement_cc=False):
             return validate_model(model, x, inputs.restraints, inputs.map, inputs.data,
-                                  inputs.half_maps, resolution, b=b, occ=occ, half_map_fsc=fsc)
+                                  inputs.half_maps, resolution, b=b, occ=occ, half_map_fsc=fsc,
+                                  with_refinement_cc=refinement_cc)
+
+        def written_final(res):
+            res.pop("refinement_cc_mask", None)      # the master's, sent with the rest
+            write_outputs(res, outdir, prefix="validation_final")
 
         if final_rank is not None:
-            _hand_to(ctx, final_rank, VALIDATION_TAG, (xyz, *final_args, inputs.half_map_fsc), validated,
-                     then=lambda res: write_outputs(res, outdir, prefix="validation_final"))
+            _hand_to(ctx, final_rank, VALIDATION_TAG, (xyz, *final_args, inputs.half_map_fsc, final_cc),
+                     validated, then=written_final)
         _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,), lambda fsc: validated(xyz0, fsc=fsc),
                  then=lambda res: write_outputs(res, outdir, prefix="validation_start"))
     if not is_master:
@@ -463,8 +472,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                                                 None if idealize_only else state.occ), stem)
     with timer("statistics"):
         after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0], occ=final_args[1],
-                                 copies=copies)
-    log.info("final: %s", _format_stats(after))
+                                 copies=copies, with_map=not final_cc)
+    if not final_cc:
+        log.info("final: %s", _format_stats(after))
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
     validation = {}
     if not idealize_only:
@@ -472,8 +482,12 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         if final_rank is not None:
             elsewhere["final"] = (ctx.world, final_rank)
         with timer("validation"):
+            taken = {}
             validation = _validate(model, {"start": (xyz0, None, None), "final": (xyz, state.b, state.occ)},
-                                   inputs, resolution, outdir, elsewhere=elsewhere)
+                                   inputs, resolution, outdir, elsewhere=elsewhere, taken=taken)
+        if final_cc:
+            after["cc_mask"] = round(taken["final"], 4)
+            log.info("final: %s", _format_stats(after))
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     if inputs.store is not None:
         inputs.store.close()
@@ -855,13 +869,14 @@ def _start_statistics_done(ctx, rank, pending):
 
 
 def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,
-              elsewhere: dict | None = None) -> dict:
+              elsewhere: dict | None = None, taken: dict | None = None) -> dict:
     """The validation figures (hpcrefine.validation) of the start and final models against the
     refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report.
     models: name -> (xyz, B-factors or None, occupancies or None); elsewhere: name -> (comm,
     rank) of the models another rank validates (it sends validate_model's result,
     parallel.distributed.send_object, and writes their files itself), received once this rank's
-    own are done."""
+    own are done; taken: filled with the refinement CC_mask a result brings (name -> value),
+    taken out of it."""
     from .simulate import _rfftn
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
@@ -883,6 +898,8 @@ def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: st
         from .parallel.distributed import recv_object
         for name, (comm, rank) in elsewhere.items():
             results[name] = recv_object(comm, rank, VALIDATION_TAG)
+            if "refinement_cc_mask" in results[name] and taken is not None:
+                taken[name] = results[name].pop("refinement_cc_mask")
     out = {}
     for name in models:
         res = results[name]

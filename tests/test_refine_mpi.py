@@ -137,8 +137,9 @@ def test_the_master_writes_the_outputs_and_workers_the_validations(runs):
 
 def test_statistics_made_by_workers_are_the_models(adk_case, runs):
     """Under 3 ranks the last worker makes the start statistics (while the master prepares the
-    half maps), the master the final ones (while the workers validate): the start's are one
-    process's, the final ones those of the written model, recomputed here."""
+    half maps), the master the final ones (while the workers validate), but for their CC_mask,
+    which the worker that validates the final model makes from its model map: the start's are
+    one process's, the final ones those of the written model, recomputed here."""
     from hpcrefine.engine import GeometryTerm
     from hpcrefine.params import RefineParams
     from hpcrefine.refine import load_inputs, model_statistics
@@ -157,6 +158,9 @@ def test_statistics_made_by_workers_are_the_models(adk_case, runs):
         assert three["after"][key] == pytest.approx(after[key], rel=0.02, abs=2e-4), key
     assert abs(three["after"]["clashes"] - after["clashes"]) <= 2
     assert three["after"]["chiral_inversions"] == after["chiral_inversions"]
+    # the validator's own files and the report's validation hold only the validation's figures
+    assert "refinement_cc_mask" not in (runs[3] / "validation_final.json").read_text()
+    assert "refinement_cc_mask" not in json.dumps(three["validation"])
 
 
 def test_whole_model_figures_on_the_master_change_nothing_else(adk_case, runs, tmp_path):

@@ -206,11 +206,18 @@ def residue_sums(exp_map: np.ndarray, calc: np.ndarray, xyz: np.ndarray, res_ind
 
 
 def analyse(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resolution: float, b=None,
-            occ=None, map_coefficients=None) -> dict:
+            occ=None, map_coefficients=None, with_refinement_cc: bool = False) -> dict:
     """All map-model figures; per-residue CC as an array (nan for residues owning no voxel).
-    map_coefficients: the map's rfftn, when the caller has it (model_map_and_fsc)."""
+    map_coefficients: the map's rfftn, when the caller has it (model_map_and_fsc).
+    with_refinement_cc: also the refinement's own CC_mask (mapstats.cc_mask: its model map is
+    this low-passed model map, its mask the atoms' spheres), as "refinement_cc_mask", for a run
+    whose final statistics would otherwise make the same model map again."""
     calc, fsc_info = model_map_and_fsc(model, xyz, exp_map, origin, voxel, resolution, b, occ,
                                        map_coefficients)
+    extra = {}
+    if with_refinement_cc:
+        from ..mapstats import cc_mask
+        extra["refinement_cc_mask"] = cc_mask(model, xyz, exp_map, origin, voxel, resolution, calc=calc)
     mask = molecular_mask(xyz, model.element, exp_map.shape, origin, voxel)
     cc = correlations(exp_map, calc, mask)
     del mask
@@ -220,4 +227,4 @@ def analyse(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resoluti
     chain_sums = np.zeros((len(chains), 6))
     np.add.at(chain_sums, inverse, sums)
     return {**cc, "fsc": fsc_info, "residue_cc": _cc_from_sums(sums), "chains": chains,
-            "chain_cc": _cc_from_sums(chain_sums), "per_residue_radius": radius}
+            "chain_cc": _cc_from_sums(chain_sums), "per_residue_radius": radius, **extra}

@@ -38,7 +38,8 @@ def _round(x, n=4):
 def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_grid=None,
                    data: np.ndarray | None = None, half_maps=None, resolution: float | None = None,
                    b: np.ndarray | None = None, occ: np.ndarray | None = None,
-                   map_coefficients: np.ndarray | None = None, half_map_fsc=None) -> dict:
+                   map_coefficients: np.ndarray | None = None, half_map_fsc=None,
+                   with_refinement_cc: bool = False) -> dict:
     """All validation figures of the model at coordinates xyz (with B-factors b and occupancies
     occ in its model map when given, else the model's own).
 
@@ -48,7 +49,9 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
     given; their FSC is reported); resolution (A) is needed whenever there is a map.
     map_coefficients: the rfftn of the map compared with, when the caller has it (validating
     several models against one map); half_map_fsc: (s, FSC) of the half maps when already
-    computed (simulate.fsc of the two).
+    computed (simulate.fsc of the two). with_refinement_cc: the result also holds
+    "refinement_cc_mask", the refinement's CC_mask of the model (mapfit.analyse), for the caller
+    to take out before writing it.
     """
     t0 = time.perf_counter()
     timings = {}
@@ -121,7 +124,9 @@ def validate_model(model: Model, xyz: np.ndarray, restraints: Restraints, map_gr
             raise ValueError("validate_model needs a positive resolution with a map")
         t = time.perf_counter()
         fit = mapfit.analyse(model, xyz, exp, map_grid.origin, map_grid.voxel, resolution, b, occ,
-                             map_coefficients)
+                             map_coefficients, with_refinement_cc)
+        if "refinement_cc_mask" in fit:
+            result["refinement_cc_mask"] = fit["refinement_cc_mask"]
         timings["map_fit"] = time.perf_counter() - t
         per_res["cc"] = fit["residue_cc"]
         f = fit["fsc"]
