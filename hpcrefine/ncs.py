@@ -1487,8 +1487,8 @@ class SymmetricTarget(_SummedTarget):
         its restraints, so each term deviates in every copy as in the asymmetric unit (the rms
         values and maxima are its own); the clashes are K times those within it plus K / 2 times
         those between it and its images (each contact of two copies is seen from both). Each
-        rank counts its share (gather_statistics); 1-2 s where the whole million-atom model's
-        statistics took 4-5 s on every rank."""
+        rank counts its share (gather_statistics); the whole million-atom model's statistics
+        took 4-5 s on every rank after each minimisation."""
         from mpi4py import MPI
 
         from .parallel.distributed import gather_statistics
