@@ -116,6 +116,31 @@ def statistics_from_array(a: np.ndarray) -> dict:
     return {k: (int(v) if k in _COUNT_KEYS else float(v)) for k, v in zip(STATISTICS_KEYS, a)}
 
 
+def result_buffer(n: int) -> np.ndarray:
+    """A buffer for a MinimiseResult of n coordinates (result_to_buffer): the coordinates, f,
+    iterations, evaluations, seconds, a flag and the statistics when the minimiser made them."""
+    return np.zeros(n + 5 + len(STATISTICS_KEYS))
+
+
+def result_to_buffer(res: MinimiseResult, buf: np.ndarray) -> np.ndarray:
+    """Fill result_buffer(res.xyz.size) with res (for the rank that sends it)."""
+    n = res.xyz.size
+    buf[:n] = res.xyz.ravel()
+    buf[n:n + 4] = (res.f, res.iterations, res.evaluations, res.seconds)
+    buf[n + 4] = res.statistics is not None
+    if res.statistics is not None:
+        buf[n + 5:] = statistics_to_array(res.statistics)
+    return buf
+
+
+def result_from_buffer(buf: np.ndarray, shape) -> MinimiseResult:
+    """The MinimiseResult result_to_buffer packed, coordinates of this shape."""
+    n = int(np.prod(shape))
+    return MinimiseResult(xyz=buf[:n].reshape(shape).copy(), f=float(buf[n]), iterations=int(buf[n + 1]),
+                          evaluations=int(buf[n + 2]), seconds=float(buf[n + 3]),
+                          statistics=statistics_from_array(buf[n + 5:]) if buf[n + 4] else None)
+
+
 def geometry_of(res: MinimiseResult, geom: GeometryTerm) -> dict:
     """The geometry statistics of a minimisation's result: the minimiser's own when it made them
     (the same numbers on every rank), else geom.statistics over the whole model."""

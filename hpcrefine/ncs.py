@@ -1673,28 +1673,18 @@ class ConstrainedMinimiser:
             return res
         from mpi4py import MPI
 
-        from .engine import STATISTICS_KEYS, statistics_from_array, statistics_to_array
+        from .engine import result_buffer, result_from_buffer, result_to_buffer
         from .parallel.distributed import wait_quietly
-        n = xyz0.size
-        # the result, its figures, and a flag and the statistics when the workers made them
-        buf = np.zeros(n + 5 + len(STATISTICS_KEYS))
+        buf = result_buffer(xyz0.size)      # with the statistics when the workers made them
         if ctx.is_worker:
             res, self.last_target = constrained_minimise(self.info, xyz0, data_term, geom.r, weight,
                                                          iterations, params, comm=ctx.workers)
             if ctx.rank == 1:
-                buf[:n] = res.xyz.ravel()
-                buf[n:n + 4] = (res.f, res.iterations, res.evaluations, res.seconds)
-                if res.statistics is not None:
-                    buf[n + 4] = 1.0
-                    buf[n + 5:] = statistics_to_array(res.statistics)
-                ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=self.TAG)
+                ctx.world.Send([result_to_buffer(res, buf), MPI.DOUBLE], dest=0, tag=self.TAG)
             return res
         req = ctx.world.Irecv([buf, MPI.DOUBLE], source=1, tag=self.TAG)
         wait_quietly(ctx.world, req, on_poll=self.on_poll)
-        return MinimiseResult(xyz=buf[:n].reshape(xyz0.shape).copy(), f=float(buf[n]),
-                              iterations=int(buf[n + 1]), evaluations=int(buf[n + 2]),
-                              seconds=float(buf[n + 3]),
-                              statistics=statistics_from_array(buf[n + 5:]) if buf[n + 4] else None)
+        return result_from_buffer(buf, xyz0.shape)
 
 
 # ------------------------------------------------------------------------- NCS restraints

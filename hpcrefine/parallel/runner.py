@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import STATISTICS_KEYS, MinimiseResult, minimise, statistics_from_array, statistics_to_array
+from ..engine import MinimiseResult, minimise, result_buffer, result_from_buffer, result_to_buffer
 from .context import Context
 from .distributed import distributed_minimise, wait_quietly
 
@@ -31,21 +31,15 @@ class RankMinimiser:
             return minimise(xyz0, data_term, geom, weight, iterations, params)
         from mpi4py import MPI
 
-        n = xyz0.size
-        # coordinates, f, iterations, evaluations, seconds and the result's geometry statistics
-        # (the workers' numbers, so the master decides on the same values as they do)
-        buf = np.empty(n + 4 + len(STATISTICS_KEYS))
+        # the result with its geometry statistics (the workers' numbers, so the master decides
+        # on the same values as they do)
+        buf = result_buffer(xyz0.size)
         if ctx.is_worker:
             res, _ = distributed_minimise(ctx.workers, xyz0, data_term, geom.r, self.res_first_atom,
                                           weight, iterations, params)
             if ctx.rank == self.first_worker:
-                buf[:n] = res.xyz.ravel()
-                buf[n:n + 4] = (res.f, res.iterations, res.evaluations, res.seconds)
-                buf[n + 4:] = statistics_to_array(res.statistics)
-                ctx.world.Send([buf, MPI.DOUBLE], dest=0, tag=TAG_RESULT)
+                ctx.world.Send([result_to_buffer(res, buf), MPI.DOUBLE], dest=0, tag=TAG_RESULT)
             return res
         req = ctx.world.Irecv([buf, MPI.DOUBLE], source=self.first_worker, tag=TAG_RESULT)
         wait_quietly(ctx.world, req, on_poll=self.on_poll)
-        return MinimiseResult(xyz=buf[:n].reshape(xyz0.shape).copy(), f=float(buf[n]),
-                              iterations=int(buf[n + 1]), evaluations=int(buf[n + 2]),
-                              seconds=float(buf[n + 3]), statistics=statistics_from_array(buf[n + 4:]))
+        return result_from_buffer(buf, xyz0.shape)
