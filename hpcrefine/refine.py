@@ -61,16 +61,17 @@ class Inputs:
         return kept
 
 
-def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight, blur_raw=None) -> RealSpaceTerm:
+def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight, blur_raw=None,
+              lends: bool = False) -> RealSpaceTerm:
     """The fast real-space target over the map compute_raw() returns (normalised): with a map
     store, computed once by the master and memory-mapped by every rank under `key` (collective
     unless published before), its blurred copies made by blur_raw(b) when given
-    (StoredRealSpaceTerm); else in this process."""
+    (StoredRealSpaceTerm, and its `lends`); else in this process."""
     grid = inputs.map
     if inputs.store is not None:
         from .parallel.mapstore import StoredRealSpaceTerm
         return StoredRealSpaceTerm(inputs.store, key, compute_raw, grid.origin, grid.voxel, atom_weight,
-                                   blur_raw)
+                                   blur_raw, lends)
     return RealSpaceTerm(compute_raw(), grid.origin, grid.voxel, atom_weight)
 
 

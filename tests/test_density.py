@@ -83,6 +83,11 @@ def test_memory_mapped_map(smooth_map, tmp_path):
     norm = D.normalise_map(mm)
     assert norm.dtype == np.float32 and norm.flags.c_contiguous
     np.testing.assert_array_equal(norm, D.normalise_map(smooth_map.astype(np.float32)))
+    own = smooth_map.astype(np.float32)             # in place: the same values
+    assert D.normalise_map(own, out=own) is own
+    np.testing.assert_array_equal(own, norm)
+    with pytest.raises(ValueError, match="out must be"):
+        D.normalise_map(mm, out=np.empty(smooth_map.shape, dtype=np.float64))
 
 
 def test_grid_points_and_quadratics_reproduced():

@@ -120,6 +120,30 @@ def test_kept_half_map_transforms_give_the_full_transforms_results(adk_case):
     want = normalise_map(blur_map(normalise_map(low), g.voxel, 40.0))
     blurred = normalise_map(halves.lowpassed(1, 40.0))
     assert np.max(np.abs(blurred - want)) < 1e-5 * np.max(np.abs(want))
+    # in the arrays kept for this thread: the same maps, one array for every call, let go of
+    first = halves.lowpassed(1, 40.0, scratch=True)
+    assert np.array_equal(first, halves.lowpassed(1, 40.0))
+    again = halves.lowpassed(2, scratch=True)
+    assert again is first and np.array_equal(again, halves.lowpassed(2))
+    halves.release_scratch()
+    assert halves.lowpassed(2, scratch=True) is not first
+    # to_map (z on the cube, then y and x by slabs) is the inverse transform of the coefficients
+    # padded with zeros, on grids of odd and even sizes
+    from hpcrefine.simulate import CroppedTransform, _irfftn
+    rng = np.random.default_rng(5)
+    for shape in [(41, 37, 33), (40, 42, 44), (33, 64, 17)]:
+        cube = CroppedTransform.for_resolution(shape, (1.1, 1.0, 1.2), 3.5)
+        c = cube.transform(rng.normal(size=shape).astype(np.float32))
+        cube.lowpass(c, 3.5)
+        padded = np.zeros((shape[0], shape[1], shape[2] // 2 + 1), dtype=np.complex64)
+        for n, k in enumerate(cube.iz):
+            padded[k][cube.iy, :cube.nx] = c[n]
+        ref = _irfftn(padded, shape)
+        out = np.full(shape, np.nan, dtype=np.float32)
+        work = np.full(cube.work_shape(), np.nan, dtype=np.complex64)
+        got = cube.to_map(c, out=out, work=work, slab=7)
+        assert got is out and np.max(np.abs(got - ref)) < 1e-6 * np.max(np.abs(ref)), shape
+        assert np.array_equal(cube.to_map(c, slab=7), got)
 
 
 def test_the_weighting_transforms_give_the_half_sets_coefficients(adk_case, monkeypatch):

@@ -357,14 +357,19 @@ def _mean_std(data: np.ndarray, mask) -> tuple[float, float]:
     return mean, math.sqrt(max(s2 / count - (s1 / count) ** 2, 0.0))
 
 
-def normalise_map(data, mask=None) -> np.ndarray:
+def normalise_map(data, mask=None, out=None) -> np.ndarray:
     """Float32 C-contiguous copy of the map as (x - mean) / std, with mean and std over the mask
-    (boolean array of the map's shape) or the whole map; the map is read in place."""
+    (boolean array of the map's shape) or the whole map; the map is read in place. out: a
+    float32 C-contiguous array of the map's shape to write instead (the map itself to
+    normalise it in place: each voxel is read before it is written)."""
     data = _prep_map(data)              # once: a copy for a big-endian or integer map
     mean, std = _mean_std(data, mask)
     if not std > 0:
         raise ValueError("the map is constant (standard deviation 0); cannot normalise it")
-    out = np.empty(data.shape, dtype=np.float32)
+    if out is None:
+        out = np.empty(data.shape, dtype=np.float32)
+    elif out.shape != data.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {data.shape}")
     _normalised_into(data, float(mean), float(std), out)
     return out
 

@@ -220,9 +220,16 @@ class MapStore:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _normalised(compute_raw) -> np.ndarray:
-    """The map compute_raw() makes, as float32, normalised (what a StoredRealSpaceTerm stores)."""
-    return normalise_map(np.asarray(compute_raw(), dtype=np.float32))
+def _normalised(compute_raw, lends: bool = False) -> np.ndarray:
+    """The map compute_raw() makes, as float32, normalised (what a StoredRealSpaceTerm stores),
+    in a new array; in place when `lends` says that compute_raw gives an array of its own that
+    nothing else reads (a new one, or HalfTransforms.lowpassed(scratch=True)'s: a new
+    map-sized array each time cost seconds at 480^3 on a virtual machine that hands freed memory
+    back to its host). The same values either way."""
+    raw = np.asarray(compute_raw(), dtype=np.float32)
+    if lends and raw.flags.writeable and raw.flags.c_contiguous:
+        return normalise_map(raw, out=raw)
+    return normalise_map(raw)
 
 
 def blurred_key(key: str, b_extra: float) -> str:
@@ -237,16 +244,17 @@ def blurred_copy(key: str, blur_raw, b_extra: float):
     return blurred_key(key, b_extra), functools.partial(blur_raw, b_extra)
 
 
-def prefetch_blurred_copy(store: "MapStore", key: str, blur_raw, b_extra: float) -> None:
+def prefetch_blurred_copy(store: "MapStore", key: str, blur_raw, b_extra: float,
+                          lends: bool = False) -> None:
     """The master starts writing map `key`'s copy blurred by b_extra (blurred_copy; MapStore.
-    prefetch, not collective; nothing for b_extra <= 0)."""
+    prefetch, not collective; nothing for b_extra <= 0). lends: as StoredRealSpaceTerm's."""
     if b_extra > 0:
-        _write_ahead(store, *blurred_copy(key, blur_raw, b_extra))
+        _write_ahead(store, *blurred_copy(key, blur_raw, b_extra), lends)
 
 
-def _write_ahead(store: "MapStore", key: str, raw) -> None:
+def _write_ahead(store: "MapStore", key: str, raw, lends: bool = False) -> None:
     """The master starts writing map `key`, raw() normalised, as publish would store it."""
-    store.prefetch(key, functools.partial(_normalised, raw))
+    store.prefetch(key, functools.partial(_normalised, raw, lends=lends))
 
 
 def _rendezvous(ctx) -> None:
@@ -265,14 +273,18 @@ class StoredRealSpaceTerm(RealSpaceTerm):
 
     blur_raw(b), when given, makes the raw map blurred by exp(-b s^2 / 4) (what blurred(b)
     publishes, normalised; the blur commutes with the normalisation), where the caller has a
-    cheaper way than transforming the stored map (halfset.HalfTransforms)."""
+    cheaper way than transforming the stored map (halfset.HalfTransforms).
+
+    lends: compute_raw and blur_raw give arrays of their own, which the store normalises in
+    place (_normalised); by default it normalises into new ones."""
 
     def __init__(self, store: MapStore, key: str, compute_raw, origin, voxel, atom_weight,
-                 blur_raw=None):
+                 blur_raw=None, lends: bool = False):
         self.store = store
         self.key = key
         self.blur_raw = blur_raw
-        data = store.publish(key, functools.partial(_normalised, compute_raw))
+        self.lends = lends
+        data = store.publish(key, functools.partial(_normalised, compute_raw, lends=lends))
         super().__init__(data, origin, voxel, atom_weight, normalise=False)
 
     def box_reader(self):
@@ -284,16 +296,19 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         return functools.partial(self.store.sub_grid, self.key)
 
     def _blur(self, b_extra: float):
-        """(key, raw map maker) of the copy blurred by b_extra."""
+        """(key, raw map maker, whether the maker lends its arrays) of the copy blurred by
+        b_extra (blur_map makes a new array)."""
         if self.blur_raw is not None:
-            return blurred_copy(self.key, self.blur_raw, b_extra)
-        return blurred_key(self.key, b_extra), functools.partial(blur_map, self.data, self.voxel, b_extra)
+            return (*blurred_copy(self.key, self.blur_raw, b_extra), self.lends)
+        return (blurred_key(self.key, b_extra), functools.partial(blur_map, self.data, self.voxel, b_extra),
+                True)
 
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         if b_extra <= 0:
             return self
-        key, raw = self._blur(b_extra)
-        out = StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight)
+        key, raw, lends = self._blur(b_extra)
+        out = StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight,
+                                  lends=lends)
         out.blur_of = (self, b_extra)       # the term it blurs (ncs.term_average)
         return out
 

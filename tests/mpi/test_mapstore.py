@@ -89,6 +89,14 @@ def test_stored_fast_target_equals_the_in_memory_one(shared_dir):
     assert fb1 == pytest.approx(fb0, rel=1e-6) and np.allclose(gb1, gb0, rtol=1e-5, atol=1e-8)
     # a blurred map published once is mapped, not recomputed, by any rank alone
     assert store.has("m_b30")
+    # a map the maker lends is normalised in place, one it keeps is not touched: the same map
+    kept, lent = _map(), _map()
+    kept_term = StoredRealSpaceTerm(store, "kept", lambda: kept, origin, voxel, weight)
+    lent_term = StoredRealSpaceTerm(store, "lent", lambda: lent, origin, voxel, weight, lends=True)
+    assert np.array_equal(kept, _map()) and np.array_equal(kept_term.data, lent_term.data)
+    assert np.array_equal(kept_term.data, plain.data)
+    if WORLD.Get_rank() == 0:                         # the rank that made it
+        assert np.array_equal(lent, plain.data)
     WORLD.Barrier()
     store.close()
 
