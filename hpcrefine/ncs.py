@@ -243,8 +243,8 @@ def _chains(model) -> list:
     rc = model.res_chain
     starts = np.flatnonzero(np.r_[True, rc[1:] != rc[:-1]])
     ends = np.r_[starts[1:], len(rc)]
-    # every atom's key at once, from lists of Python values (indexing the arrays atom by atom took
-    # 10 s of every rank at a million atoms)
+    # every atom's key at once, from lists of Python values (indexing the arrays atom by atom:
+    # find_ncs of the million-atom 7cth assembly took 1.7 s in one process, now 0.8 s)
     res_of = np.repeat(np.arange(len(rc)), np.diff(first))
     keys = list(zip(model.res_seqid[res_of].tolist(), model.res_names[res_of].tolist(),
                     model.atom_name.tolist(), model.altloc.tolist()))
