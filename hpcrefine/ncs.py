@@ -351,7 +351,7 @@ def find_ncs(model) -> NcsInfo | None:
     for imgs in images:
         if all(chains[z].atom_keys == chains[imgs[0]].atom_keys for z in imgs[1:]):
             for k, z in enumerate(imgs):       # the same atoms in the same order in every copy
-                copies[k].append(chains[z].atoms.astype(np.int64))
+                copies[k].append(chains[z].atoms)
             continue
         # atoms matched in every copy of this chain
         common = set(chains[imgs[0]].atom_keys)
