@@ -107,9 +107,36 @@ class RunIdentity:
     monlib: str = ""
 
     @classmethod
-    def of(cls, model: str, maps: list[str], params: dict, ranks: int, command: str, monlib: str):
-        return cls(os.path.abspath(model), file_sha256(model),
-                   {os.path.abspath(p): file_sha256(p) for p in maps}, params, ranks, command, monlib)
+    def of(cls, model: str, maps: list[str], params: dict, ranks: int, command: str, monlib: str,
+           hashes: dict | None = None):
+        """hashes: file_sha256 of some of the files already (hash_ahead), by path."""
+        def sha(path):
+            return (hashes or {}).get(path) or file_sha256(path)
+        return cls(os.path.abspath(model), sha(model), {os.path.abspath(p): sha(p) for p in maps},
+                   params, ranks, command, monlib)
+
+
+def hash_ahead(paths: list[str | None]):
+    """Start file_sha256 of the files that exist among paths in a thread of their own; returns a
+    function that waits for the thread and gives {path: sha256} (without the files it could not
+    read: RunIdentity.of hashes those itself, or the input checks have refused them first)."""
+    import threading
+
+    done: dict = {}
+
+    def run():
+        for p in dict.fromkeys(q for q in paths if q):
+            try:
+                done[p] = file_sha256(p)
+            except OSError:
+                pass
+    thread = threading.Thread(target=run, name="hash-inputs", daemon=True)
+    thread.start()
+
+    def result() -> dict:
+        thread.join()
+        return done
+    return result
 
 
 def check_compatible(path: str, ident: RunIdentity, force: bool) -> None:

@@ -138,25 +138,8 @@ def read_model(path: str, comm=None) -> Model:
     never do. A bad file raises the same InputError on every rank."""
     if comm is None or comm.Get_size() == 1:
         return _read_model(path)
-    import pickle
-
-    from .parallel.distributed import bcast_bytes
-    model, payload = None, None
-    if comm.Get_rank() == 0:
-        try:
-            model = _read_model(path)
-            payload = b"M" + pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
-        except InputError as exc:
-            payload = b"E" + str(exc).encode()
-        except BaseException:
-            bcast_bytes(comm, b"X")       # the others stop too; rank 0's traceback says why
-            raise
-    payload = bcast_bytes(comm, payload)
-    if bytes(payload[:1]) == b"E":
-        raise InputError(bytes(payload[1:]).decode())
-    if bytes(payload[:1]) == b"X":
-        raise InputError(f"rank 0 failed reading model {path}")
-    return model if model is not None else pickle.loads(payload[1:])
+    from .parallel.distributed import made_once
+    return made_once(comm, lambda: _read_model(path), what=f"reading model {path}")
 
 
 def _read_model(path: str) -> Model:

@@ -49,7 +49,7 @@ from scipy.spatial import cKDTree
 
 from .errors import InputError
 from .modelio import Model
-from .monlib import CHIRAL_SIGMA, LinkDef, MonomerLibrary, MonomerTemplate
+from .monlib import CHIRAL_SIGMA, LinkDef, MonomerLibrary, MonomerTemplate, resolve_monlib_dir
 from .restraints import Restraints
 
 log = logging.getLogger(__name__)
@@ -667,6 +667,17 @@ def _exclusions(n: int, bonds: np.ndarray, extra: np.ndarray | None = None) -> t
     if extra is not None and len(extra):
         near = ((near + _pair_matrix(n, extra)) > 0).astype(np.int8)
     return _upper_rows(near), _upper_rows(p14)
+
+
+def library_restraints(model: Model, monlib: str | None, ligands=()) -> tuple[str, Restraints]:
+    """(the monomer library directory that monlib names (resolve_monlib_dir: --monlib, else
+    CLIBD_MON, else the bundled library), the model's restraints from that library and the
+    --ligand dictionaries); InputError for a bad library or residues without a dictionary."""
+    lib_dir = resolve_monlib_dir(monlib)
+    lib = MonomerLibrary(lib_dir)
+    examples = {model.res_names[r]: model.residue_label(r) for r in range(model.n_residues - 1, -1, -1)}
+    lib.load(set(model.res_names.tolist()), list(ligands or []), examples=examples)
+    return lib_dir, build_restraints(model, lib)
 
 
 def build_restraints(model: Model, lib: MonomerLibrary) -> Restraints:

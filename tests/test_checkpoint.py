@@ -227,3 +227,19 @@ def test_a_macro_cycles_minimisations_keep_their_statistics(tmp_path):
     assert got["bond_rmsd"] == stats["bond_rmsd"] and got["angle_rmsd"] == stats["angle_rmsd"]
     assert got["clashes"] == 12 and isinstance(got["clashes"], int) and np.isnan(got["planarity_rmsd"])
     assert np.array_equal(back.calls[0].xyz, xyz + 1)
+
+
+def test_inputs_hashed_ahead_in_a_thread(adk_case, tmp_path):
+    """checkpoint.hash_ahead (rank 1 checksums the inputs while it waits for the others): the same
+    checksums as file_sha256, the files it cannot read left out, and a RunIdentity made from them
+    equal to one that hashes the files itself."""
+    files = [adk_case["start"], adk_case["half1"], adk_case["half2"]]
+    missing = str(tmp_path / "not-there.mrc")
+    got = ck.hash_ahead([files[0], None, *files[1:], missing, files[1]])()
+    assert got == {p: ck.file_sha256(p) for p in files}
+    own = ck.RunIdentity.of(files[0], files[1:], {"a": 1}, 3, "refine", "lib")
+    ahead = ck.RunIdentity.of(files[0], files[1:], {"a": 1}, 3, "refine", "lib", got)
+    assert ahead == own
+    # a checksum it lacks is made on the spot
+    assert ck.RunIdentity.of(files[0], files[1:], {"a": 1}, 3, "refine", "lib",
+                             {files[0]: got[files[0]]}) == own

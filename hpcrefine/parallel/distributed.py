@@ -594,6 +594,34 @@ def bcast_bytes(comm, data: bytes | None, root: int = 0):
     return data if comm.Get_rank() == root else memoryview(buf)
 
 
+def made_once(comm, make, root: int = 0, what: str = "its part"):
+    """make() run by rank `root` of comm alone and its result, pickled, broadcast to every rank
+    (collective; the others wait without spinning): the same object everywhere, made once
+    instead of by every rank at once. An InputError on root is raised with the same message on
+    every rank; any other failure on root raises there with its traceback, and on the others an
+    InputError naming root and `what`."""
+    import pickle
+
+    from ..errors import InputError
+    obj, payload = None, None
+    if comm.Get_rank() == root:
+        try:
+            obj = make()
+            payload = b"M" + pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except InputError as exc:
+            payload = b"E" + str(exc).encode()
+        except BaseException:
+            bcast_bytes(comm, b"X", root=root)       # the others stop too
+            raise
+    payload = bcast_bytes(comm, payload, root=root)
+    kind = bytes(payload[:1])
+    if kind == b"E":
+        raise InputError(bytes(payload[1:]).decode())
+    if kind == b"X":
+        raise InputError(f"rank {root} failed {what}")
+    return obj if comm.Get_rank() == root else pickle.loads(payload[1:])
+
+
 def send_object(comm, obj, dest: int, tag: int) -> None:
     """Send a picklable object to rank dest (its size, then its bytes), waiting without
     spinning until dest has received it (recv_object)."""

@@ -37,8 +37,7 @@ def load(model_path: str, map_path, half_maps, monlib, ligands):
     """Read and check the model, maps and restraints: (model, restraints, map or None, halves or None)."""
     from ..mapio import check_model_inside, check_same_grid, read_map
     from ..modelio import read_model
-    from ..monlib import MonomerLibrary, resolve_monlib_dir
-    from ..topology import build_restraints
+    from ..topology import library_restraints
 
     model = read_model(model_path)
     grid = read_map(map_path) if map_path else None
@@ -50,10 +49,7 @@ def load(model_path: str, map_path, half_maps, monlib, ligands):
             check_same_grid(grid, halves[0])
     for g in ([grid] if grid is not None else []) + (list(halves) if halves else [])[:1]:
         check_model_inside(model.xyz, g)
-    lib = MonomerLibrary(resolve_monlib_dir(monlib))
-    examples = {model.res_names[r]: model.residue_label(r) for r in range(model.n_residues - 1, -1, -1)}
-    lib.load(set(model.res_names.tolist()), list(ligands or []), examples=examples)
-    return model, build_restraints(model, lib), grid, halves
+    return model, library_restraints(model, monlib, ligands)[1], grid, halves
 
 
 def run_validate(model_path: str, outdir: str, resolution: float | None, map_path: str | None = None,

@@ -1,6 +1,8 @@
 """The model read once: rank 0 parses the file and the other ranks receive the same Model (its
-arrays and its gemmi Structure); a bad file is the same InputError on every rank. Run under
-mpiexec with K = 1, 2, 3, 5 ranks (tests/test_mpi_launch.py)."""
+arrays and its gemmi Structure); a bad file is the same InputError on every rank. The restraints
+built once: the last rank builds them and every rank gets the same arrays; a residue without a
+dictionary is the same InputError on every rank. Run under mpiexec with K = 1, 2, 3, 5 ranks
+(tests/test_mpi_launch.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +12,7 @@ from mpi4py import MPI
 from hpcrefine import datasets
 from hpcrefine.errors import InputError
 from hpcrefine.modelio import read_model
-from hpcrefine.parallel.distributed import bcast_bytes
+from hpcrefine.parallel.distributed import bcast_bytes, made_once
 
 WORLD = MPI.COMM_WORLD
 
@@ -35,6 +37,56 @@ def test_a_bad_model_is_one_error_on_every_rank(tmp_path_factory):
     path = str(tmp_path_factory.getbasetemp() / "no-such-model.cif")
     with pytest.raises(InputError, match="model file not found"):
         read_model(path, WORLD)
+
+
+def _adk_path():
+    path = datasets.fetch(["adk_closed"])["adk_closed"] if WORLD.Get_rank() == 0 else None
+    return WORLD.bcast(path, root=0)
+
+
+def test_every_rank_gets_the_restraints_the_last_rank_built():
+    from dataclasses import fields
+
+    from hpcrefine.monlib import MonomerLibrary, resolve_monlib_dir
+    from hpcrefine.refine import _covalent_restraints
+    from hpcrefine.topology import build_restraints
+
+    model = read_model(_adk_path(), WORLD)
+    lib_dir, shared = _covalent_restraints(model, None, [], WORLD)
+    own = build_restraints(model, MonomerLibrary(resolve_monlib_dir(None)))
+    assert lib_dir == resolve_monlib_dir(None)
+    assert shared.counts() == own.counts() and shared.counts()["bonds"] > 1500
+    for f in fields(own):
+        a, b = getattr(shared, f.name), getattr(own, f.name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+
+
+def test_a_residue_without_restraints_is_one_error_on_every_rank(tmp_path_factory):
+    from hpcrefine.refine import _covalent_restraints
+
+    model = read_model(_adk_path(), WORLD)
+    model.res_names = model.res_names.copy()
+    model.res_names[100] = "XYZ"
+    with pytest.raises(InputError, match="XYZ.*--ligand|--ligand.*XYZ"):
+        _covalent_restraints(model, None, [], WORLD)
+    with pytest.raises(InputError, match="monomer library"):
+        _covalent_restraints(model, str(tmp_path_factory.getbasetemp() / "no-such-dir"), [], WORLD)
+
+
+def test_made_once_failing_elsewhere_than_input():
+    """A failure that is not an input error: the making rank raises it with its traceback, the
+    others an InputError naming that rank, and nobody waits for ever."""
+    last = WORLD.Get_size() - 1
+
+    def make():
+        raise ZeroDivisionError("boom")
+    if WORLD.Get_rank() == last:
+        with pytest.raises(ZeroDivisionError, match="boom"):
+            made_once(WORLD, make, root=last, what="dividing")
+    else:
+        with pytest.raises(InputError, match=f"rank {last} failed dividing"):
+            made_once(WORLD, make, root=last, what="dividing")
+    assert made_once(WORLD, lambda: {"n": WORLD.Get_size()}, root=last) == {"n": WORLD.Get_size()}
 
 
 def test_bytes_broadcast_whole():
