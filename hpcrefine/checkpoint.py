@@ -128,8 +128,8 @@ def hash_ahead(paths: list[str | None]):
         for p in dict.fromkeys(q for q in paths if q):
             try:
                 done[p] = file_sha256(p)
-            except OSError:
-                pass
+            except OSError:          # left to RunIdentity.of, or to the input checks
+                continue
     thread = threading.Thread(target=run, name="hash-inputs", daemon=True)
     thread.start()
 

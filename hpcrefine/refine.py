@@ -311,11 +311,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             ident = identity()
         else:
             # rank 1's checksums of the inputs (hash_ahead above), sent to every rank
-            import pickle
-
-            from .parallel.distributed import bcast_bytes
-            ident = pickle.loads(bcast_bytes(ctx.world, pickle.dumps(identity()) if ctx.rank == 1 else None,
-                                             root=1))
+            from .parallel.distributed import made_once
+            ident = made_once(ctx.world, identity, root=1, what="checksumming the inputs")
         if restart is not None:
             ck.check_compatible(restart, ident, force)
             state = ck.load_state(restart, inputs.model.n_atoms)

@@ -594,7 +594,7 @@ def bcast_bytes(comm, data: bytes | None, root: int = 0):
     return data if comm.Get_rank() == root else memoryview(buf)
 
 
-def made_once(comm, make, root: int = 0, what: str = "its part"):
+def made_once(comm, make, root: int = 0, what: str = "its task"):
     """make() run by rank `root` of comm alone and its result, pickled, broadcast to every rank
     (collective; the others wait without spinning): the same object everywhere, made once
     instead of by every rank at once. An InputError on root is raised with the same message on
