@@ -336,7 +336,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         # the map of the data term, prepared by the master and memory-mapped by every rank
         from .parallel.mapstore import MapStore, store_dir
         with timer("read inputs"):
-            inputs.store = MapStore(ctx, store_dir(outdir))
+            inputs.store = MapStore(ctx, store_dir(outdir, ctx, 4 * int(np.prod(inputs.map.shape_xyz))))
             master_data = inputs.data
             inputs.data = inputs.store.publish("map", lambda: master_data)
             del master_data
@@ -500,8 +500,12 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             after["cc_mask"] = round(taken["final"], 4)
             log.info("final: %s", _format_stats(after))
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
+    map_store = None
     if inputs.store is not None:
-        inputs.store.close()
+        map_store = inputs.store.close()
+        if is_master and map_store["maps"]:
+            log.info("map store: %d maps, %.2f GB written to %s (removed)", map_store["maps"],
+                     map_store["bytes"] / 1e9, map_store["directory"])
     report = {
         "program": "hpcrefine", "version": __version__, "command": command,
         "mode": "idealize" if idealize_only else "refine",
@@ -514,6 +518,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         "halfset": halfset, "validation": validation, "ncs": ncs_report, "protocol": state.protocol,
         "timings": timer.as_dict(), "wall_seconds": round(time.perf_counter() - t_start, 2),
         "master_cpu_seconds": round(time.process_time(), 2), "rank_resources": resources,
+        "map_store": map_store,
     }
     if progress is not None:
         report["progress"] = progress.as_dict()

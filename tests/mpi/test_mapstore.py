@@ -231,3 +231,38 @@ def test_a_rank_reads_only_the_sub_grid_around_its_atoms(shared_dir):
         assert _mapped_kb(store._path("big")) == 0 and _mapped_kb(store._path("big2")) == 0
     WORLD.Barrier()
     store.close()
+
+
+def test_the_store_goes_to_memory_on_one_node_when_it_has_room(tmp_path, monkeypatch):
+    """store_dir: every rank on this node, /dev/shm with room -> /dev/shm/hpcrefine-<uid>-<name>,
+    the same on every rank; no room (maps too large) or $HPCREFINE_MAP_DIR -> not there; the
+    store written there holds the maps, close() says how many bytes and removes them."""
+    from hpcrefine.parallel import mapstore
+
+    monkeypatch.delenv("HPCREFINE_MAP_DIR", raising=False)
+    ctx = make_context(WORLD)
+    outdir = WORLD.bcast(str(tmp_path / "run") if WORLD.Get_rank() == 0 else None, root=0)
+    small = mapstore.store_dir(outdir, ctx, 1000)
+    every = WORLD.allgather(small)
+    assert len(set(every)) == 1
+    roomy = mapstore._room_in_memory(mapstore.SHM, mapstore.STORE_MAPS * 1000)
+    if WORLD.Get_size() == 1:
+        assert small == os.path.join(outdir, ".maps")          # one rank: maps stay in memory anyway
+    elif WORLD.bcast(roomy, root=0):
+        assert small.startswith(os.path.join(mapstore.SHM, f"hpcrefine-{os.getuid()}-"))
+        assert small.endswith(mapstore._store_name(outdir))
+    huge = mapstore.store_dir(outdir, ctx, 1 << 60)              # no memory filesystem holds that
+    assert huge == os.path.join(outdir, ".maps")
+    monkeypatch.setenv("HPCREFINE_MAP_DIR", str(tmp_path / "elsewhere"))
+    assert mapstore.store_dir(outdir, ctx, 1000) == os.path.join(str(tmp_path / "elsewhere"),
+                                                                  mapstore._store_name(outdir))
+    store = MapStore(ctx, small)
+    store.publish("m", _map)
+    WORLD.Barrier()
+    done = store.close()
+    WORLD.Barrier()
+    assert not os.path.exists(small)
+    if ctx.is_master and WORLD.Get_size() > 1:
+        assert done == {"directory": small, "maps": 1, "bytes": _map().nbytes}
+    else:
+        assert done["maps"] == 0
