@@ -265,8 +265,8 @@ class HalfTransforms:
         """The low-passed model map's coefficients in the cube (atoms: the model's atom of each
         coordinate), in an array that the next call fills again. The model map, its transform's
         intermediate and the coefficients are arrays kept for every compare step: new ones each
-        step cost page faults that took seconds on a virtual machine that hands freed memory
-        back to its host."""
+        step cost page faults that took seconds on this virtual machine (with huge pages: see
+        parallel.context.small_pages)."""
         shape = self.cube.shape
         if self._density is None:
             self._density = np.empty(shape, dtype=np.float32)

@@ -303,7 +303,7 @@ class CroppedTransform:
         transform, and a third of its memory). out (complex64, out_shape()) and work
         (complex64, work_shape()): arrays to fill instead of new ones, for a caller that
         transforms many maps (at 480^3 the new pages of the two arrays, 330 MB, took about
-        1 s a transform on a virtual machine that hands freed memory back to its host)."""
+        1 s a transform on this virtual machine with huge pages: parallel.context.small_pages)."""
         import scipy.fft
 
         data = np.asarray(data)
@@ -341,9 +341,9 @@ class CroppedTransform:
         largest value). out (float32, the grid's shape) and work (complex64, work_shape()):
         arrays to fill instead of new ones. Only slabs are allocated: irfftn of the padded
         coefficients made three new map-sized arrays (1.3 GB at 480^3), whose new pages cost
-        more than the transform on a virtual machine that hands freed memory back to its host
-        (four low-passed, normalised 480^3 maps in one process: 9.3 s, 12 s of it in the kernel,
-        against 5.0 s this way with kept arrays)."""
+        more than the transform on this virtual machine with huge pages
+        (parallel.context.small_pages; four low-passed, normalised 480^3 maps in one process:
+        9.3 s, 12 s of it in the kernel, against 5.0 s this way with kept arrays)."""
         import scipy.fft
 
         nz, ny, nx = self.shape

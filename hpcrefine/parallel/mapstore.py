@@ -272,8 +272,8 @@ def _normalised(compute_raw, lends: bool = False) -> np.ndarray:
     """The map compute_raw() makes, as float32, normalised (what a StoredRealSpaceTerm stores),
     in a new array; in place when `lends` says that compute_raw gives an array of its own that
     nothing else reads (a new one, or HalfTransforms.lowpassed(scratch=True)'s: a new
-    map-sized array each time cost seconds at 480^3 on a virtual machine that hands freed memory
-    back to its host). The same values either way."""
+    map-sized array each time cost seconds at 480^3 on this virtual machine with huge pages:
+    parallel.context.small_pages). The same values either way."""
     raw = np.asarray(compute_raw(), dtype=np.float32)
     if lends and raw.flags.writeable and raw.flags.c_contiguous:
         return normalise_map(raw, out=raw)
