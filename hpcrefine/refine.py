@@ -336,7 +336,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         # the map of the data term, prepared by the master and memory-mapped by every rank
         from .parallel.mapstore import MapStore, store_dir
         with timer("read inputs"):
-            inputs.store = MapStore(ctx, store_dir(outdir, ctx, 4 * int(np.prod(inputs.map.shape_xyz))))
+            inputs.store = MapStore(ctx, store_dir(outdir, ctx, inputs.map.data.nbytes))
             master_data = inputs.data
             inputs.data = inputs.store.publish("map", lambda: master_data)
             del master_data
@@ -503,7 +503,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     map_store = None
     if inputs.store is not None:
         map_store = inputs.store.close()
-        if is_master and map_store["maps"]:
+        if map_store["maps"]:                 # the master's (the workers returned above)
             log.info("map store: %d maps, %.2f GB written to %s (removed)", map_store["maps"],
                      map_store["bytes"] / 1e9, map_store["directory"])
     report = {

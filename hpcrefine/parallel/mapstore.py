@@ -81,10 +81,14 @@ def store_dir(outdir: str, ctx=None, map_bytes: int = 0) -> str:
         one_node = node.Get_size() == ctx.size
         node.Free()
         if one_node:
-            choice = None
-            if ctx.is_master and _room_in_memory(SHM, STORE_MAPS * int(map_bytes)):
-                choice = os.path.join(SHM, f"hpcrefine-{os.getuid()}-{_store_name(outdir)}")
-            choice = ctx.world.bcast(choice, root=0)      # every rank takes the master's choice
+            from .distributed import made_once
+
+            def in_memory():
+                if _room_in_memory(SHM, STORE_MAPS * int(map_bytes)):
+                    return os.path.join(SHM, f"hpcrefine-{os.getuid()}-{_store_name(outdir)}")
+                return None
+            # the master's choice on every rank (free memory may look different to each)
+            choice = made_once(ctx.world, in_memory, what="choosing where the maps go")
             if choice is not None:
                 return choice
     return os.path.join(outdir, ".maps")
