@@ -258,6 +258,22 @@ def _import_wisdom(arr) -> None:
         pyfftw.import_wisdom(tuple(parts))
 
 
+def _snapshot(state: RunState) -> RunState:
+    """A copy of state that later steps do not change: its own lists and records, the new
+    frames' coordinates as written (float32); the arrays it shares are replaced, never
+    changed in place, by the driver."""
+    import copy
+
+    snap = copy.copy(state)
+    snap.frames = [(np.array(x, dtype=np.float32), dict(meta)) for x, meta in state.frames]
+    snap.tasks = dict(state.tasks)
+    snap.calls = list(state.calls)
+    snap.cycles = copy.deepcopy(state.cycles)
+    snap.halfset = copy.deepcopy(state.halfset)
+    snap.protocol = copy.deepcopy(state.protocol)
+    return snap
+
+
 class CheckpointWriter:
     """The master's writer of OUTPUT/checkpoint.h5: write(state) replaces the file atomically."""
 
@@ -275,6 +291,7 @@ class CheckpointWriter:
         self.n_writes = 0
         self.seconds = 0.0
         self.bytes = 0
+        self._pending = None            # (future, snapshot, state) of a write in flight
         part = path + ".part"
         if os.path.exists(part):
             os.remove(part)                     # left by a run killed while writing
@@ -282,7 +299,40 @@ class CheckpointWriter:
     def elapsed(self, state: RunState) -> float:
         return state.elapsed + time.perf_counter() - self.t_start
 
-    def write(self, state: RunState, status: str = "running") -> None:
+    def write(self, state: RunState, status: str = "running", wait: bool = True) -> None:
+        """Replace the file with one holding state (status: "running", "interrupted", "done").
+        With wait False the file is written by a thread of its own from a copy of state taken
+        now, and this returns at once: h5py lets go of the GIL while it compresses and writes,
+        so the run goes on (the ranks waited 2-3 s for the master's write at the end of the
+        half-set stage at a million atoms). Every write, and finish(), first waits for the one
+        in flight; a failed write raises there. The file is replaced only once complete."""
+        self.finish()
+        snap = _snapshot(state)
+        elapsed = self.elapsed(state)
+        if wait:
+            self._write(snap, status, elapsed)
+            self._written(state, snap)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = (pool.submit(self._write, snap, status, elapsed), snap, state)
+        pool.shutdown(wait=False)               # the thread ends with its one write
+
+    def finish(self) -> None:
+        """Wait for the write in flight (write(wait=False)), if any; its error is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            future, snap, state = pending
+            future.result()
+            self._written(state, snap)
+
+    def _written(self, state: RunState, snap: RunState) -> None:
+        """The bookkeeping of a completed write of snap, a copy of state: its frames are in the
+        file (frames added since stay to be written)."""
+        state.n_frames += len(snap.frames)
+        del state.frames[:len(snap.frames)]
+
+    def _write(self, state: RunState, status: str, elapsed: float) -> None:
         import h5py
 
         t0 = time.perf_counter()
@@ -294,7 +344,7 @@ class CheckpointWriter:
                             "command": self.ident.command, "created": self.created,
                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": status,
                             "stage": state.stage, "restarts": state.restarts,
-                            "elapsed_seconds": self.elapsed(state)})
+                            "elapsed_seconds": elapsed})
             g = f.create_group("inputs")
             g.attrs.update({"model": self.ident.model, "model_sha256": self.ident.model_sha256,
                             "maps": json.dumps(self.ident.maps), "monlib": self.ident.monlib})
@@ -314,8 +364,6 @@ class CheckpointWriter:
             os.close(fd)
         os.replace(part, self.path)
         self.source = None
-        state.n_frames += len(state.frames)
-        state.frames.clear()
         self.last_write = time.monotonic()
         self.n_writes += 1
         self.seconds += time.perf_counter() - t0

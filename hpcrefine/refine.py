@@ -425,6 +425,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             xyz, weight, halfset, cycles = _refine_stages(ctx, inputs, geom, params, resolution, xyz0,
                                                           outdir, state, steps, timer)
     except Interrupted:
+        if writer is not None:
+            writer.finish()
         _start_statistics_done(ctx, start_stats, pending_start)
         log.warning("stopping on %s: checkpoint %s written after the step in flight; continue with "
                     "--resume (exit code %d)", interrupts.describe(), ckpt_path, ck.INTERRUPTED_EXIT)
@@ -499,6 +501,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         if final_cc:
             after["cc_mask"] = round(taken["final"], 4)
             log.info("final: %s", _format_stats(after))
+    if writer is not None:
+        # the finished run's checkpoint is written while the ranks gather their figures and the
+        # map store is removed (1-2 s each at a million atoms); complete before the report
+        state.stage = "done"
+        writer.write(state, "done", wait=False)
     resources = _rank_resources(ctx)          # collective: every rank's peak memory and evaluations
     map_store = None
     if inputs.store is not None:
@@ -523,8 +530,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if progress is not None:
         report["progress"] = progress.as_dict()
     if writer is not None:
-        state.stage = "done"
-        writer.write(state, "done")
+        writer.finish()
         report["restarts"] = state.restarts
         report["elapsed_seconds_all_runs"] = round(writer.elapsed(state), 2)
         report["checkpoint"] = {"file": ck.NAME, "writes": writer.n_writes,
@@ -648,8 +654,10 @@ class _Steps:
         due = (force or (p.checkpoint_steps > 0 and self.since >= p.checkpoint_steps)
                or time.monotonic() - w.last_write >= p.checkpoint_seconds)
         if due:
+            # a running step's checkpoint is written in a thread while the run goes on; one
+            # that stops the run is complete before it returns
             with self.timer("checkpoint"):
-                w.write(self.state, status)
+                w.write(self.state, status, wait=status != "running")
             self.since = 0
 
     def interrupted(self) -> None:

@@ -243,3 +243,41 @@ def test_inputs_hashed_ahead_in_a_thread(adk_case, tmp_path):
     # a checksum it lacks is made on the spot
     assert ck.RunIdentity.of(files[0], files[1:], {"a": 1}, 3, "refine", "lib",
                              {files[0]: got[files[0]]}) == own
+
+
+def test_a_write_in_a_thread_holds_the_state_of_its_call(adk_case, tmp_path):
+    """CheckpointWriter.write(wait=False): the file holds the state as it was when the write was
+    asked for (frames, tasks and cycle changed afterwards are not in it), the frames it wrote are
+    not written twice, and the next write, which waits for it, adds the frames that came since.
+    Made with adk's 3,341 atoms and a trajectory of 40 frames, so that the write is in flight when
+    the state changes."""
+    from hpcrefine.checkpoint import CheckpointWriter, RunIdentity, RunState, load_state
+
+    xyz = read_model(adk_case["start"]).xyz
+    n = len(xyz)
+    state = RunState(stage="halfset")
+    state.frames = [(xyz + 0.01 * i, {"stage": "halfset", "i": i}) for i in range(40)]
+    state.tasks = {(1, 0): np.arange(10.0)}
+    ident = RunIdentity(model="m.cif", model_sha256="0", maps={}, params={}, ranks=3, command="refine")
+    path = str(tmp_path / "checkpoint.h5")
+    w = CheckpointWriter(path, ident, {"workers": 2}, np.zeros(n), 0, time.perf_counter())
+    w.write(state, wait=False)
+    state.frames.append((xyz + 1.0, {"stage": "final", "cycle": 1}))
+    state.tasks[(2, 0)] = np.ones(10)
+    state.stage, state.cycle = "final", 2
+    w.finish()
+    back = load_state(path, n)
+    assert back.stage == "halfset" and back.n_frames == 40 and sorted(back.tasks) == [(1, 0)]
+    assert ck.read_meta(path)["status"] == "running"
+    assert state.n_frames == 40 and len(state.frames) == 1       # only the later frame to write
+    w.write(state, "done", wait=False)
+    w.write(state, "done")                                       # waits for the one in flight
+    back = load_state(path, n)
+    assert back.stage == "final" and back.cycle == 2 and back.n_frames == 41
+    assert sorted(back.tasks) == [(1, 0), (2, 0)] and w.n_writes == 3
+    with h5py.File(path, "r") as f:
+        traj = f["trajectory/xyz"][:]
+        info = [json.loads(s) for s in f["trajectory/info"].asstr()[:]]
+    assert traj.shape == (41, n, 3) and info[-1] == {"stage": "final", "cycle": 1}
+    assert np.allclose(traj[7], xyz + 0.07, atol=1e-4) and np.allclose(traj[40], xyz + 1.0, atol=1e-4)
+    assert not os.path.exists(path + ".part")
