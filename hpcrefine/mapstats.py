@@ -284,13 +284,15 @@ def cc_mask(model, xyz: np.ndarray, exp_map: np.ndarray, origin, voxel, resoluti
 
 
 def fsc_weighted(full: np.ndarray | None, half1: np.ndarray, half2: np.ndarray, voxel,
-                 seen=None) -> tuple[np.ndarray, dict]:
+                 seen=None, weighted=None) -> tuple[np.ndarray, dict]:
     """The full map (None: the mean of the half maps) weighted per shell by sqrt(2 FSC / (1 +
     FSC)) of the half maps (Rosenthal & Henderson's C_ref): shells that hold mostly noise are
     damped instead of cut at one resolution. Returns the weighted map (float32) and the curve
     used. The mean's transform is the mean of the halves' (two transforms, not three).
     seen(f1, f2), when given, is called with the half maps' whole rfftn arrays before they are
-    used up (read-only: the caller keeps what it needs of them, e.g. a CroppedTransform.crop)."""
+    used up (read-only: the caller keeps what it needs of them, e.g. a CroppedTransform.crop);
+    weighted(f), when given, with the weighted map's rfftn (complex64, its to keep: the map is
+    its inverse transform, so a validation against the map need not transform it again)."""
     from .simulate import _irfftn, _rfftn, fsc_of_transforms, scale_shells
 
     shape = half1.shape
@@ -309,4 +311,6 @@ def fsc_weighted(full: np.ndarray | None, half1: np.ndarray, half2: np.ndarray, 
     c_ref = np.sqrt(2 * f_full / (1 + f_full))
     scale_shells(ft, shape, voxel, c_ref)
     out = _irfftn(ft, shape)
+    if weighted is not None:
+        weighted(ft)
     return out, {"s": s.tolist(), "fsc_half": f.tolist(), "c_ref": c_ref.tolist()}

@@ -54,9 +54,17 @@ class Inputs:
     # from the transforms of the FSC weighting on the rank that made it, for the half-set stage
     # (halfset.HalfTransforms takes them: two fewer transforms of the box); None once taken
     half_coefficients: tuple | None = None
+    # the rfftn of `data` when the FSC weighting made it (mapstats.fsc_weighted) and the ranks
+    # share a map store, for the validations on the workers: two transforms of the box fewer at
+    # the end of a run (take_map_coefficients)
+    map_coefficients: np.ndarray | None = None
 
     def take_half_coefficients(self) -> tuple | None:
         kept, self.half_coefficients = self.half_coefficients, None
+        return kept
+
+    def take_map_coefficients(self) -> np.ndarray | None:
+        kept, self.map_coefficients = self.map_coefficients, None
         return kept
 
 
@@ -74,10 +82,11 @@ def fast_term(inputs: Inputs, key: str, compute_raw, atom_weight, blur_raw=None,
     return RealSpaceTerm(compute_raw(), grid.origin, grid.voxel, atom_weight)
 
 
-def _weighting(full, half1, half2, voxel, params):
+def _weighting(full, half1, half2, voxel, params, keep_transform: bool = False):
     """(the full map weighted by the half maps' FSC, the half-map FSC (s, curve), the half maps'
-    coefficients in the resolution's cube or []): mapstats.fsc_weighted, the coefficients
-    cropped from its transforms (Inputs.half_coefficients)."""
+    coefficients in the resolution's cube or [], the weighted map's rfftn when keep_transform
+    else None): mapstats.fsc_weighted, the coefficients cropped from its transforms
+    (Inputs.half_coefficients, Inputs.map_coefficients)."""
     from .simulate import CroppedTransform
 
     h1 = np.asarray(half1, dtype=np.float32)
@@ -85,12 +94,15 @@ def _weighting(full, half1, half2, voxel, params):
     cube = (CroppedTransform.for_resolution(h1.shape, voxel, params.resolution)
             if params is not None and params.resolution > 0 else None)
     kept = []
+    transform = []
     # the full map (None: the mean of the halves); shells that hold mostly noise are damped by
     # the half-map FSC (Rosenthal & Henderson)
     data, weighting = fsc_weighted(
         None if full is None else np.asarray(full, dtype=np.float32), h1, h2, voxel,
-        seen=None if cube is None else lambda f1, f2: kept.extend((cube.crop(f1), cube.crop(f2))))
-    return data, (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"])), kept
+        seen=None if cube is None else lambda f1, f2: kept.extend((cube.crop(f1), cube.crop(f2))),
+        weighted=transform.append if keep_transform else None)
+    return (data, (np.asarray(weighting["s"]), np.asarray(weighting["fsc_half"])), kept,
+            transform[0] if transform else None)
 
 
 def check_output_dir(outdir: str, overwrite: bool) -> None:
@@ -133,6 +145,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     halves = None
     half_fsc = None
     kept = []                # the half maps' cropped coefficients (Inputs.half_coefficients)
+    map_coefficients = None
     if need_map and not map_path and not half_maps:
         raise InputError("a map is needed: give --map MAP and/or --half-maps H1 H2")
     if half_maps:
@@ -153,7 +166,8 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         if halves and shared and comm.Get_rank() > 0:
             data = np.empty(halves[0].data.shape, dtype=np.float32) if share_map else None
         elif halves:
-            data, half_fsc, kept = _weighting(data, halves[0].data, halves[1].data, grid.voxel, params)
+            data, half_fsc, kept, map_coefficients = _weighting(data, halves[0].data, halves[1].data,
+                                                                grid.voxel, params, keep_transform=shared)
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
@@ -166,7 +180,7 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
                   monlib_dir=lib_dir, covalent=covalent, reference=reference, half_map_fsc=half_fsc,
-                  half_coefficients=tuple(kept) or None)
+                  half_coefficients=tuple(kept) or None, map_coefficients=map_coefficients)
 
 
 def _covalent_restraints(model: Model, monlib: str | None, ligands: list[str], comm=None):
@@ -203,15 +217,18 @@ def atom_weights(model: Model) -> np.ndarray:
 
 
 def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: Inputs,
-                     resolution: float, with_map: bool = True, b=None, occ=None, copies=None) -> dict:
+                     resolution: float, with_map: bool = True, b=None, occ=None, copies=None,
+                     known: dict | None = None) -> dict:
     """Geometry statistics of xyz and, with_map, its CC_mask (the model map with B-factors b and
     occupancies occ when given, e.g. after an adp or occupancy step, else the model's own).
+    known: geom.statistics(xyz) when the caller has them (the minimisation that made xyz).
 
     copies: the NcsInfo of an asymmetric unit whose copies the file's assembly operators make
     (info.virtual): then the clashes and CC_mask are the whole assembly's (the asymmetric unit's
     clashes in every copy plus those between copies, also given as clashes_between_copies; the
     model map and mask of every copy), as a model holding all the copies would give."""
-    stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in geom.statistics(xyz).items()}
+    geometry = geom.statistics(xyz) if known is None else known
+    stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in geometry.items()}
     if copies is not None:
         from .ncs import clashes_between_copies
         between = clashes_between_copies(copies, xyz, geom.r)
@@ -340,6 +357,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             master_data = inputs.data
             inputs.data = inputs.store.publish("map", lambda: master_data)
             del master_data
+            coefficients = inputs.take_map_coefficients()
+            if coefficients is not None:          # written in the store's thread meanwhile
+                inputs.store.prefetch("map_coefficients", lambda c=coefficients: c, dtype=np.complex64)
+                del coefficients
     mpi_lib = ""
     if ctx is not None:
         from mpi4py import MPI
@@ -384,6 +405,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     # while the master prepares the half maps (the workers have nothing to do then) and sent to
     # the master at the end
     start_stats = _start_statistics_rank(ctx, inputs, params, state, idealize_only)
+    # ... without its CC_mask, which the start model's validation brings (the same model map:
+    # mapfit.analyse): made twice, the second took 2-3 s of a core in that window at a million
+    # atoms, when the master's maps are what every rank waits for
+    start_cc = start_stats is not None and copies is None and inputs.data is not None
     pending_start = None
     if is_master and start_stats is None:
         with timer("statistics"):
@@ -393,7 +418,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         from concurrent.futures import ThreadPoolExecutor
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-statistics")
         pending_start = pool.submit(model_statistics, model, xyz0, GeometryTerm(r, params), inputs,
-                                    resolution, copies=copies)
+                                    resolution, copies=copies, with_map=not start_cc)
         pool.shutdown(wait=False)           # the thread ends with its one task
 
     writer = None
@@ -418,12 +443,12 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
                 from .protocol.idealise import Tether
                 anchor = Tether(xyz0, params.idealize_anchor_sigma)
                 res = minimiser(xyz0, anchor, geom, 1.0, params.iterations * params.macro_cycles, params)
-            xyz, weight, halfset = res.xyz, None, None
+            xyz, weight, halfset, last = res.xyz, None, None, None
             cycles = [{"cycle": 1, "iterations": res.iterations, "evaluations": res.evaluations,
                        "seconds": round(res.seconds, 2)}]
         else:
-            xyz, weight, halfset, cycles = _refine_stages(ctx, inputs, geom, params, resolution, xyz0,
-                                                          outdir, state, steps, timer)
+            xyz, weight, halfset, cycles, last = _refine_stages(ctx, inputs, geom, params, resolution,
+                                                                xyz0, outdir, state, steps, timer)
     except Interrupted:
         if writer is not None:
             writer.finish()
@@ -443,7 +468,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         release_kept_list()            # the minimisations' neighbour list (not needed from here on)
 
     if start_stats is not None:
-        before = _start_statistics_done(ctx, start_stats, pending_start)
+        before = _start_statistics_done(ctx, start_stats, pending_start, show=not start_cc)
     # a worker validates the start model and, with three ranks or more, the last worker the
     # final model, while the master writes the model and makes its statistics (the workers have
     # nothing else to do by then; at a million atoms writing the model, its statistics and each
@@ -456,6 +481,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     # model map (mapfit.analyse): the master would make it again (10-20 s of the end at a
     # million atoms, when the two validations and the master's work share two cores)
     final_cc = final_rank is not None and copies is None and inputs.data is not None
+    # the map's transform, written ahead by the master when the FSC weighting made it (collective)
+    map_coefficients = (inputs.store.publish("map_coefficients", None, dtype=np.complex64)
+                        if not idealize_only and inputs.store is not None and inputs.half_maps is not None
+                        else None)
     if helper is not None:
         from .validation import validate_model, write_outputs
 
@@ -465,17 +494,19 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         def validated(x, b=None, occ=None, fsc=None, refinement_cc=False):
             return validate_model(model, x, inputs.restraints, inputs.map, inputs.data,
                                   inputs.half_maps, resolution, b=b, occ=occ, half_map_fsc=fsc,
-                                  with_refinement_cc=refinement_cc)
+                                  with_refinement_cc=refinement_cc, map_coefficients=map_coefficients)
 
-        def written_final(res):
-            res.pop("refinement_cc_mask", None)      # the master's, sent with the rest
-            write_outputs(res, outdir, prefix="validation_final")
+        def written(prefix):
+            def write(res):
+                res.pop("refinement_cc_mask", None)      # the master's, sent with the rest
+                write_outputs(res, outdir, prefix=prefix)
+            return write
 
         if final_rank is not None:
             _hand_to(ctx, final_rank, VALIDATION_TAG, (xyz, *final_args, inputs.half_map_fsc, final_cc),
-                     validated, then=written_final)
-        _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc,), lambda fsc: validated(xyz0, fsc=fsc),
-                 then=lambda res: write_outputs(res, outdir, prefix="validation_start"))
+                     validated, then=written("validation_final"))
+        _hand_to(ctx, helper, VALIDATION_TAG, (inputs.half_map_fsc, start_cc),
+                 lambda fsc, cc: validated(xyz0, fsc=fsc, refinement_cc=cc), then=written("validation_start"))
     if not is_master:
         _rank_resources(ctx)
         return {}
@@ -484,8 +515,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         written = write_model(updated_structure(model, xyz, None if idealize_only else state.b,
                                                 None if idealize_only else state.occ), stem)
     with timer("statistics"):
+        # the geometry of the last macro-cycle's minimisation when it made the final model (its
+        # workers' shares: 2 s of the master's end at a million atoms, made again before)
         after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0], occ=final_args[1],
-                                 copies=copies, with_map=not final_cc)
+                                 copies=copies, with_map=not final_cc, known=None if copies else last)
     if not final_cc:
         log.info("final: %s", _format_stats(after))
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))
@@ -497,7 +530,11 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         with timer("validation"):
             taken = {}
             validation = _validate(model, {"start": (xyz0, None, None), "final": (xyz, state.b, state.occ)},
-                                   inputs, resolution, outdir, elsewhere=elsewhere, taken=taken)
+                                   inputs, resolution, outdir, elsewhere=elsewhere, taken=taken,
+                                   map_coefficients=map_coefficients)
+        if start_cc:
+            before["cc_mask"] = round(taken["start"], 4)
+            log.info("start: %s", _format_stats(before))
         if final_cc:
             after["cc_mask"] = round(taken["final"], 4)
             log.info("final: %s", _format_stats(after))
@@ -669,11 +706,14 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
     """The protocol steps before the macro-cycles (the "prepare" stage), the half-set stage, the
     macro-cycles of the final refinement and the protocol steps after them, continued from state
     (params.protocol, hpcrefine.protocol.steps). Returns (xyz, weight, half-set report section,
-    cycle records); refined B, when an adp step ran, in state.b, and refined occupancies, when an
-    occupancy step ran, in state.occ."""
+    cycle records, the geometry statistics of xyz under geom when the last minimisation made xyz
+    and nothing changed it or the restraints since, else None); refined B, when an adp step ran,
+    in state.b, and refined occupancies, when an occupancy step ran, in state.occ."""
     from .errors import Interrupted
     from .protocol.param import ParamRunner
     from .protocol.steps import coordinate_term, run_steps, split_protocol
+
+    same_geom = geom                        # the restraints the run's statistics are made with
 
     pre, do_minimise, post = split_protocol(params.protocol)
     runner = ParamRunner(ctx, steps.interrupts)
@@ -744,6 +784,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
         # continued after a macro-cycle's rotamer step: its restraints, from the model it left
         geom = retarget_lowres(inputs, params, xyz)
     minimiser = steps.minimiser
+    last = None
     if progress is not None:
         progress.stage("final", params.macro_cycles if do_minimise else 0, state.cycle - 1)
     for cycle in range(state.cycle, (params.macro_cycles if do_minimise else 0) + 1):
@@ -776,6 +817,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
             if params.rotamer_restraints:
                 geom = retarget_lowres(inputs, params, xyz)
         st = geometry_of(res, geom) if rotamers is None else geom.statistics(xyz)
+        last = st if geom is same_geom else None
         cycles.append({"cycle": cycle, "map_blur": blur, "weight": weight, "iterations": res.iterations,
                        "evaluations": res.evaluations, "seconds": round(res.seconds, 2),
                        "bond_rmsd": round(st["bond_rmsd"], 4), "angle_rmsd": round(st["angle_rmsd"], 3),
@@ -804,7 +846,8 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
             xyz, state.b, state.occ, records = run_steps(post, runner, inputs, xyz, inputs.model.b,
                                                          coord_term, geom, params, on_step=step_line)
         state.protocol = state.protocol + records
-    return xyz, weight, halfset, cycles
+        last = None
+    return xyz, weight, halfset, cycles, last
 
 
 def cycle_blur(blur_start: float, cycle: int, macro_cycles: int) -> float:
@@ -876,16 +919,17 @@ def _start_statistics_rank(ctx, inputs: Inputs, params: RefineParams, state, ide
     return ctx.size - 1
 
 
-def _start_statistics_done(ctx, rank, pending):
+def _start_statistics_done(ctx, rank, pending, show: bool = True):
     """The start statistics made by worker `rank` (_start_statistics_rank; pending: the future
-    of its thread): sent by it, received and logged by the master (returned); nothing
-    elsewhere."""
+    of its thread): sent by it, received and, with show, logged by the master (returned);
+    nothing elsewhere."""
     if rank is None:
         return None
     from .parallel.distributed import recv_object, send_object
     if ctx.is_master:
         before = recv_object(ctx.world, rank, START_STATISTICS_TAG)
-        log.info("start: %s", _format_stats(before))
+        if show:
+            log.info("start: %s", _format_stats(before))
         return before
     if pending is not None:
         send_object(ctx.world, pending.result(), 0, START_STATISTICS_TAG)
@@ -893,22 +937,22 @@ def _start_statistics_done(ctx, rank, pending):
 
 
 def _validate(model, models: dict, inputs: Inputs, resolution: float, outdir: str,
-              elsewhere: dict | None = None, taken: dict | None = None) -> dict:
+              elsewhere: dict | None = None, taken: dict | None = None, map_coefficients=None) -> dict:
     """The validation figures (hpcrefine.validation) of the start and final models against the
     refinement's map, in the log, in validation_<name>.json/.csv/.png and in the report.
     models: name -> (xyz, B-factors or None, occupancies or None); elsewhere: name -> (comm,
     rank) of the models another rank validates (it sends validate_model's result,
     parallel.distributed.send_object, and writes their files itself), received once this rank's
     own are done; taken: filled with the refinement CC_mask a result brings (name -> value),
-    taken out of it."""
+    taken out of it; map_coefficients: the map's rfftn when the caller has it."""
     from .simulate import _rfftn
     from .validation import format_summary, json_ready, validate_model, write_outputs
 
     elsewhere = elsewhere or {}
     mine = [name for name in models if name not in elsewhere]
     # the map's transform and the half maps' FSC serve every model
-    map_coefficients = (_rfftn(np.asarray(inputs.data, dtype=np.float32))
-                        if inputs.data is not None and len(mine) > 1 else None)
+    if map_coefficients is None and inputs.data is not None and len(mine) > 1:
+        map_coefficients = _rfftn(np.asarray(inputs.data, dtype=np.float32))
     results = {}
     for name in mine:
         xyz, b, occ = models[name]

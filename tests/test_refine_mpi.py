@@ -138,8 +138,8 @@ def test_the_master_writes_the_outputs_and_workers_the_validations(runs):
 def test_statistics_made_by_workers_are_the_models(adk_case, runs):
     """Under 3 ranks the last worker makes the start statistics (while the master prepares the
     half maps), the master the final ones (while the workers validate), but for their CC_mask,
-    which the worker that validates the final model makes from its model map: the start's are
-    one process's, the final ones those of the written model, recomputed here."""
+    which the workers that validate the start and the final model make from their model maps:
+    the start's are one process's, the final ones those of the written model, recomputed here."""
     from hpcrefine.engine import GeometryTerm
     from hpcrefine.params import RefineParams
     from hpcrefine.refine import load_inputs, model_statistics
@@ -158,6 +158,16 @@ def test_statistics_made_by_workers_are_the_models(adk_case, runs):
         assert three["after"][key] == pytest.approx(after[key], rel=0.02, abs=2e-4), key
     assert abs(three["after"]["clashes"] - after["clashes"]) <= 2
     assert three["after"]["chiral_inversions"] == after["chiral_inversions"]
+    # the final geometry is the last minimisation's (the workers' shares): the same figures as
+    # the whole model's, on the run's restraints (those of its start), at the refined
+    # coordinates the checkpoint keeps
+    from hpcrefine.checkpoint import load_state
+    from hpcrefine.engine import STATISTICS_KEYS
+    run = load_inputs(adk_case["start"], None, [adk_case["half1"], adk_case["half2"]], None, [], True, params)
+    state = load_state(str(runs[3] / "checkpoint.h5"), run.model.n_atoms)
+    again = model_statistics(run.model, state.xyz, GeometryTerm(run.restraints, params), run, 3.5,
+                             with_map=False)
+    assert {k: three["after"][k] for k in STATISTICS_KEYS} == again
     # the validator's own files and the report's validation hold only the validation's figures
     assert "refinement_cc_mask" not in (runs[3] / "validation_final.json").read_text()
     assert "refinement_cc_mask" not in json.dumps(three["validation"])

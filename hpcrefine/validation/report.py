@@ -207,7 +207,8 @@ CATEGORY = {-1: "", 0: "outlier", 1: "allowed", 2: "favoured"}
 
 def residues_csv(result: dict) -> str:
     """One line per residue: chain, seqid, resname, Ramachandran class/phi/psi/score/category,
-    rotamer category, C-beta deviation, map CC."""
+    rotamer category, C-beta deviation, map CC. Made column by column (each a list of strings)
+    and written by csv in one call: a row at a time took 1.0 s for 129,660 residues."""
     p = result["per_residue"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -215,14 +216,20 @@ def residues_csv(result: dict) -> str:
                 "rotamer_category", "cbeta_deviation", "cc"])
 
     def num(x, fmt):
-        return "" if not np.isfinite(x) else format(x, fmt)
+        x = np.asarray(x, dtype=np.float64)
+        ok = np.isfinite(x).tolist()
+        return [format(v, fmt) if good else "" for v, good in zip(x.tolist(), ok)]
 
-    for k in range(len(p["chain"])):
-        cls = int(p["rama_class"][k])
-        w.writerow([p["chain"][k], p["seqid"][k], p["resname"][k], RAMA_CLASS_NAMES[cls] if cls >= 0 else "",
-                    num(p["phi"][k], ".1f"), num(p["psi"][k], ".1f"), num(p["rama_score"][k], ".5f"),
-                    CATEGORY[int(p["rama_category"][k])], CATEGORY[int(p["rotamer_category"][k])],
-                    num(p["cbeta_deviation"][k], ".3f"), num(p["cc"][k], ".4f")])
+    def names(codes, table):
+        return [table[c] for c in np.asarray(codes).tolist()]
+
+    classes = {k: v for k, v in enumerate(RAMA_CLASS_NAMES)}
+    classes.update({c: "" for c in range(-128, 0)})
+    w.writerows(zip(np.asarray(p["chain"]).tolist(), np.asarray(p["seqid"]).tolist(),
+                    np.asarray(p["resname"]).tolist(), names(p["rama_class"], classes),
+                    num(p["phi"], ".1f"), num(p["psi"], ".1f"), num(p["rama_score"], ".5f"),
+                    names(p["rama_category"], CATEGORY), names(p["rotamer_category"], CATEGORY),
+                    num(p["cbeta_deviation"], ".3f"), num(p["cc"], ".4f")))
     return buf.getvalue()
 
 
