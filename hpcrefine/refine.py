@@ -358,7 +358,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
             inputs.data = inputs.store.publish("map", lambda: master_data)
             del master_data
             coefficients = inputs.take_map_coefficients()
-            if coefficients is not None:          # written in the store's thread meanwhile
+            if coefficients is not None and not idealize_only:   # written in the store's thread
                 inputs.store.prefetch("map_coefficients", lambda c=coefficients: c, dtype=np.complex64)
                 del coefficients
     mpi_lib = ""
