@@ -481,8 +481,12 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     # model map (mapfit.analyse): the master would make it again (10-20 s of the end at a
     # million atoms, when the two validations and the master's work share two cores)
     final_cc = final_rank is not None and copies is None and inputs.data is not None
-    # the map's transform, written ahead by the master when the FSC weighting made it (collective)
-    map_coefficients = (inputs.store.publish("map_coefficients", None, dtype=np.complex64)
+    # the map's transform, written ahead by the master when the FSC weighting made it, else made
+    # here by the master (collective)
+    from .simulate import _rfftn
+    map_coefficients = (inputs.store.publish("map_coefficients",
+                                             lambda: _rfftn(np.asarray(inputs.data, dtype=np.float32)),
+                                             dtype=np.complex64)
                         if not idealize_only and inputs.store is not None and inputs.half_maps is not None
                         else None)
     if helper is not None:
@@ -518,7 +522,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         # the geometry of the last macro-cycle's minimisation when it made the final model (its
         # workers' shares: 2 s of the master's end at a million atoms, made again before)
         after = model_statistics(model, xyz, geom, inputs, resolution, b=final_args[0], occ=final_args[1],
-                                 copies=copies, with_map=not final_cc, known=None if copies else last)
+                                 copies=copies, with_map=not final_cc, known=None if copies is not None else last)
     if not final_cc:
         log.info("final: %s", _format_stats(after))
     rms_shift = float(np.sqrt(np.mean(np.sum((xyz - xyz0) ** 2, axis=1))))

@@ -249,8 +249,8 @@ def test_a_write_in_a_thread_holds_the_state_of_its_call(adk_case, tmp_path):
     """CheckpointWriter.write(wait=False): the file holds the state as it was when the write was
     asked for (frames, tasks and cycle changed afterwards are not in it), the frames it wrote are
     not written twice, and the next write, which waits for it, adds the frames that came since.
-    Made with adk's 3,341 atoms and a trajectory of 40 frames, so that the write is in flight when
-    the state changes."""
+    Made with adk's 1,656 atoms and 40 frames, so that the write is likely still in flight when
+    the state changes (the copy taken at the call is what holds the state either way)."""
     from hpcrefine.checkpoint import CheckpointWriter, RunIdentity, RunState, load_state
 
     xyz = read_model(adk_case["start"]).xyz
