@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 
@@ -256,6 +257,36 @@ class HalfTransforms:
                 self._scratch[threading.get_ident()] = arrays
         return self.cube.to_map(c, out=arrays[0], work=arrays[1])
 
+    def blur_scale(self, h: int, b_extra: float) -> float:
+        """std(lowpassed(h)) / std(lowpassed(h, b_extra)) without making either map: by
+        Parseval, a map's variance is the power of its coefficients other than the mean's
+        (which a blur keeps), each x plane of the half-complex layout counted twice but the
+        first (and the last when it has no Friedel mate). The factor that takes the map summed
+        from half map h's normalised map, blurred, to the sum of its normalised blurred copy
+        (ncs.AveragedMap.blurred_from). Plane by plane in z, inside the resolution's sphere
+        (what lowpass keeps): no copy of the coefficients."""
+        c = self.coefficients(h)
+        cube = self.cube
+        wx = np.full(cube.nx, 2.0)
+        wx[0] = 1.0
+        if cube.last_single:
+            wx[-1] = 1.0
+        gz, gy, gx = (np.exp(-0.5 * b_extra * k * k) for k in (cube.fz, cube.fy, cube.fx))
+        yx = cube.fy[:, None] ** 2 + cube.fx[None, :] ** 2
+        lim = 1.0 / self.resolution ** 2
+        plain = blurred = 0.0
+        for k in range(c.shape[0]):
+            p = np.abs(c[k]) ** 2
+            p[(yx + cube.fz[k] ** 2) > lim] = 0.0
+            if cube.fz[k] == 0:
+                p[cube.fy == 0, 0] = 0.0          # the mean
+            rows = p.astype(np.float64) @ wx
+            plain += float(rows.sum())
+            blurred += float(gz[k] * (gy @ (p.astype(np.float64) @ (gx * wx))))
+        if not (plain > 0 and blurred > 0):
+            raise ValueError(f"half map {h} has no power within the resolution; cannot normalise it")
+        return math.sqrt(plain / blurred)
+
     def release_scratch(self) -> None:
         """Let go of the arrays lowpassed(scratch=True) kept (every thread's)."""
         with self._scratch_lock:
@@ -336,11 +367,16 @@ def _unpack(buf: np.ndarray, n_shells: int) -> dict:
             "angle_rmsd": float(buf[2 * ns + 1]), "xyz": buf[2 * ns + 2:].reshape(-1, 3)}
 
 
-def _half_terms(inputs, halves: HalfTransforms | None, atom_weight) -> dict:
+def _half_terms(inputs, halves: HalfTransforms | None, atom_weight, scaled: bool = False) -> dict:
     """The data terms of the two half sets with a map store (several ranks), {h: term}: each half
     map's low-passed, normalised map and its blurred copies are made by the master from its
     HalfTransforms (`halves`; None on the workers) and published (collective), so a worker maps
-    the files and never transforms a whole box."""
+    the files and never transforms a whole box.
+
+    scaled: every task's minimisation reads its map only as the map summed over fixed NCS
+    operators (ncs.symmetric_weights): the blurred copies are not made, only the factors of
+    their normalisation (HalfTransforms.blur_scale), which the master sends to every rank
+    (mapstore.ScaledBlur: each task blurs its summed map instead)."""
     from .parallel.mapstore import prefetch_blurred_copy
     from .refine import fast_term
 
@@ -349,21 +385,43 @@ def _half_terms(inputs, halves: HalfTransforms | None, atom_weight) -> dict:
     # store of one rank keeps the map it is given)
     scratch = inputs.store.parallel
     makers = {h: functools.partial(halves.lowpassed, h, scratch=scratch) if halves else None for h in (1, 2)}
+    blurs = [b for b in BLURS if b > 0]
+    factors = {}
+    if scaled:
+        from .ncs import scaled_blur_fits
+        blurs_scaled = [b for b in blurs if scaled_blur_fits(b, inputs.map.voxel)]
+        factors = _blur_factors(inputs.store.ctx, halves, blurs_scaled)
+        blurs = [b for b in blurs if b not in blurs_scaled]
     if halves is not None:
         # the master writes the blurred copies in its map thread while it makes the plain maps
         # (each a transform of the whole box, a normalisation and a write; the workers wait for
         # all four): about half the time at 480^3
         for h in (1, 2):
-            for b in BLURS:
+            for b in blurs:
                 prefetch_blurred_copy(inputs.store, f"half{h}", makers[h], b, lends=scratch)
     terms = {}
     for h in (1, 2):
         terms[h] = fast_term(inputs, f"half{h}", makers[h], atom_weight, makers[h], lends=scratch)
-        for b in BLURS:
+        terms[h].scaled_blurs = {b: f for (hf, b), f in factors.items() if hf == h}
+        for b in blurs:
             terms[h].blurred(b)          # published now, mapped again by the task
     if halves is not None:
         halves.release_scratch()
     return terms
+
+
+def _blur_factors(ctx, halves: HalfTransforms | None, blurs) -> dict:
+    """{(h, b): HalfTransforms.blur_scale(h, b)} for both halves and these blurs, computed by the
+    rank that holds the half maps' transforms (the master: `halves`) and sent to every rank
+    (collective over the world when there are several ranks; the others wait sleeping)."""
+    keys = [(h, b) for h in (1, 2) for b in blurs]
+    buf = np.zeros(len(keys))
+    if halves is not None:
+        buf[:] = [halves.blur_scale(h, b) for h, b in keys]
+    if ctx is not None and ctx.size > 1 and keys:
+        from .parallel.distributed import wait_quietly
+        wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
+    return dict(zip(keys, buf.tolist()))
 
 
 def compare_task(model, halves: HalfTransforms, h: int, buf: np.ndarray, expand=None) -> np.ndarray:
@@ -418,7 +476,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     the master (TAG_STOPPED), which waits for the tasks in flight and raises errors.Interrupted.
     """
     from .errors import Interrupted
-
+    from .ncs import ConstrainedMinimiser, symmetric_weights
     from .refine import fast_term
 
     done = dict(done or {})
@@ -442,7 +500,10 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     if workers_compare:
         halves.share(inputs.store)
     # the half maps' terms: made here when there is a map store (collective), else by each task
-    stored = _half_terms(inputs, halves if single or ctx.is_master else None, atom_weight) \
+    # under NCS constraints of one exact group the tasks read the half maps only as their sums
+    # over the operators: the blurred copies' sums come from the maps' (ScaledBlur)
+    scaled = isinstance(ncs, ConstrainedMinimiser) and symmetric_weights(ncs.info, atom_weight, params)
+    stored = _half_terms(inputs, halves if single or ctx.is_master else None, atom_weight, scaled) \
         if inputs.store is not None else None
 
     def term_of(h):

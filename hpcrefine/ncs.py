@@ -791,6 +791,7 @@ class AveragedMap:
         nx, ny, nz = (np.ceil((hi - lo) / voxel).astype(np.int64) + 1).tolist()
         self.origin = lo
         self.voxel = voxel
+        self.map_voxel = map_voxel
         # one compiled pass per operator (60 operators, 16,667 master atoms: 10.4 s as numpy
         # planes through tricubic(), about a fifth of that compiled; the same sums to 1e-14)
         from .mapstats import atom_mask
@@ -818,24 +819,34 @@ class AveragedMap:
 
     @classmethod
     def blurred_from(cls, parent: "AveragedMap", b_extra: float, data, origin, voxel, rot, trans,
-                     key=None, ident=None) -> "AveragedMap | None":
+                     key=None, ident=None, scale: float | None = None) -> "AveragedMap | None":
         """The AveragedMap of map `data`, the map of `parent` blurred by exp(-b_extra s^2 / 4) and
         normalised again, made from parent's sum instead of summing `data` anew: a blur is
         isotropic, so the sum over rigid operators of the blurred map is the blurred sum, here
         transformed on parent's box. The normalisation's factor is fitted by least squares to
         the direct sum at up to BLUR_FIT_POINTS points within AVERAGE_MARGIN of the atoms; None
-        when the fit misses them by more than BLUR_FIT_TOLERANCE (relative rms)."""
+        when the fit misses them by more than BLUR_FIT_TOLERANCE (relative rms).
+
+        scale: the factor, known (the ratio of the standard deviations of the raw map and of
+        its blurred copy: halfset.HalfTransforms.blur_scale); then `data` is not read (may be
+        None) and there is no fit, so the blur must not reach beyond the summed points from
+        where atoms read: a blur wider than SCALED_BLUR_REACH raises ValueError."""
         import scipy.fft
 
         from .core.density import rfft_freqs, summed_over_operators
         from .mapstats import atom_mask
 
+        if scale is not None and not scaled_blur_fits(b_extra, parent.map_voxel):
+            raise ValueError(f"a blur of {b_extra:g} A^2 reaches beyond the summed map's points; "
+                             f"its normalisation must be fitted")
         shape = parent.data.shape
         f = scipy.fft.rfftn(parent.data)
         for k in rfft_freqs(shape, parent.voxel):
             f *= np.exp(-0.25 * b_extra * k * k)
         blurred = scipy.fft.irfftn(f, s=shape)
         near = parent.near
+        if scale is not None:
+            return cls._blurred(parent, blurred, float(scale), data, key, ident, None)
         # the fit's points lie within AVERAGE_MARGIN of the atoms, where atoms read: the blur
         # smears the step to the constant beyond the summed points, farther out
         inside = np.flatnonzero(atom_mask(parent.master_xyz, shape, parent.origin, parent.voxel,
@@ -853,10 +864,15 @@ class AveragedMap:
         if not miss < BLUR_FIT_TOLERANCE:
             log.debug("summed map blurred by %g A^2: fit misses by %.3f, summed anew", b_extra, miss)
             return None
+        return cls._blurred(parent, blurred, scale, data, key, ident, miss)
+
+    @classmethod
+    def _blurred(cls, parent, blurred, scale, data, key, ident, miss) -> "AveragedMap":
         out = cls.__new__(cls)
-        out.origin, out.voxel, out.near = parent.origin, parent.voxel, near
+        out.origin, out.voxel, out.near = parent.origin, parent.voxel, parent.near
+        out.map_voxel = parent.map_voxel
         blurred *= scale
-        blurred[~near] = blurred[near].min()
+        blurred[~out.near] = blurred[out.near].min()
         out.data = blurred
         out.source = data if ident is None else None
         out.key, out.ident = key, ident
@@ -865,10 +881,21 @@ class AveragedMap:
         return out
 
 
+def scaled_blur_fits(b_extra: float, map_voxel) -> bool:
+    """True when a blur of b_extra A^2 (a Gaussian of sigma sqrt(b / 8 pi^2) A per axis) stays,
+    to SCALED_BLUR_REACH sigmas, within the points an AveragedMap of a map of voxel map_voxel
+    sums beyond where its atoms read (the interpolation's reach, 2 sqrt(3) of the map's
+    voxels): blurring the summed map then gives the sum of the blurred map there without a fit
+    (AveragedMap.blurred_from's scale)."""
+    sigma = math.sqrt(max(float(b_extra), 0.0) / (8.0 * math.pi ** 2))
+    return SCALED_BLUR_REACH * sigma <= 2.0 * math.sqrt(3.0) * float(np.max(map_voxel))
+
+
 OVERSAMPLE_OPERATORS = 60   # a summed map is sampled at half the map's voxel when 8 x its operators
 OVERSAMPLE_POINTS = 1 << 23  # and 8 x its box's points are at most these (8 M points: 64 MB)
 BLUR_FIT_POINTS = 4096      # points of a summed map blurred from its parent checked against the direct sum
 BLUR_FIT_TOLERANCE = 0.05   # relative rms miss beyond which it is summed anew
+SCALED_BLUR_REACH = 4.0     # sigmas of a blur that must stay within the summed points (no fit)
 AVERAGED_KEEP = 4           # AveragedMaps kept: a half set's two blurs, or the final map's two
 OPERATOR_TOLERANCE = 1e-9   # rotation elements and translations (A) that count as the same
 _AVERAGED: list = []        # the AveragedMaps made last, reused while the map and operators stay
@@ -883,6 +910,12 @@ def term_average(term, rot, trans, master_xyz, comm=None) -> AveragedMap:
         store = getattr(t, "store", None)
         return None if store is None else (id(store), t.key)
     base = getattr(term, "blur_of", None)
+    scale = getattr(term, "blur_scale", None)
+    if base is not None and scale is not None and ident(term) is not None:
+        # a blurred copy known by its normalisation's factor (mapstore.ScaledBlur): its map is
+        # not read
+        return averaged_map(None, term.origin, term.voxel, rot, trans, master_xyz, ident(term),
+                            (base[0].data, ident(base[0]), base[1], scale), comm)
     return averaged_map(term.data, term.origin, term.voxel, rot, trans, master_xyz, ident(term),
                         None if base is None else (base[0].data, ident(base[0]), base[1]), comm)
 
@@ -917,9 +950,10 @@ def averaged_map(data, origin, voxel, rot, trans, master_xyz, ident=None, base=N
         _AVERAGED.append(found)
         return found
     avg = None
-    if base is not None:            # (data, ident, b_extra) of the map that data blurs
+    if base is not None:            # (data, ident, b_extra[, scale]) of the map that data blurs
         parent = averaged_map(base[0], origin, voxel, rot, trans, master_xyz, base[1], comm=comm)
-        avg = AveragedMap.blurred_from(parent, base[2], data, origin, voxel, rot, trans, key, ident)
+        avg = AveragedMap.blurred_from(parent, base[2], data, origin, voxel, rot, trans, key, ident,
+                                       scale=base[3] if len(base) > 3 else None)
     if avg is None:
         avg = AveragedMap(data, origin, voxel, rot, trans, master_xyz, key, ident, comm)
     _AVERAGED.append(avg)
@@ -1025,7 +1059,7 @@ class ConstrainedTarget(_SummedTarget):
         self.owner = owner
         self.mine = np.flatnonzero(owner == self.part)
         # data term: the fast real-space target on this rank's atoms, or any term on rank 0
-        self.generic = not all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))
+        self.generic = not is_fast_term(data_term)
         self.data_term = data_term
         self.averaged = None
         if (not self.generic and par.fixed_operators and len(par.info.groups) == 1
@@ -1340,10 +1374,16 @@ class _Reweighted:
     weights: one copy's (a master), or the model's tiled over its virtual copies."""
 
     def __init__(self, term, atom_weight: np.ndarray):
-        self.data, self.origin, self.voxel = term.data, term.origin, term.voxel
+        self.term = term
+        self.origin, self.voxel = term.origin, term.voxel
         self.atom_weight = atom_weight
         self.store, self.key = getattr(term, "store", None), getattr(term, "key", None)
         self.blur_of = getattr(term, "blur_of", None)
+        self.blur_scale = getattr(term, "blur_scale", None)
+
+    @property
+    def data(self):
+        return self.term.data           # read when used: a ScaledBlur's map is made on reading
 
 
 @njit(cache=True)
@@ -1536,13 +1576,26 @@ def symmetric_applies(info: NcsInfo, data_term, params) -> bool:
     asymmetric unit and its file's operators) or in the model (snap_to_group), made by a closed
     group of fixed operators, the fast data term summed over the operators
     (params.ncs_average_map), the same atom weights in every copy."""
+    if not is_fast_term(data_term):
+        return False
+    return symmetric_weights(info, data_term.atom_weight, params)
+
+
+def is_fast_term(term) -> bool:
+    """True for a fast real-space term (a map, its origin, voxel and atom weights), told without
+    reading a map that is a property (mapstore.ScaledBlur's is made when read)."""
+    return (all(hasattr(term, a) for a in ("origin", "voxel", "atom_weight"))
+            and (isinstance(getattr(type(term), "data", None), property) or hasattr(term, "data")))
+
+
+def symmetric_weights(info: NcsInfo, atom_weight, params) -> bool:
+    """symmetric_applies for a fast real-space term of these atom weights."""
     if not (info.closed and len(info.groups) == 1 and len(info.free_atoms()) == 0
-            and getattr(params, "ncs_average_map", False)
-            and all(hasattr(data_term, a) for a in ("data", "origin", "voxel", "atom_weight"))):
+            and getattr(params, "ncs_average_map", False)):
         return False
     if info.virtual:
         return True
-    w = np.asarray(data_term.atom_weight)       # copies in the model: the same weight in each
+    w = np.asarray(atom_weight)       # copies in the model: the same weight in each
     g = info.groups[0]
     return bool(np.all(w[g.copies] == w[g.master][None]))
 
@@ -1618,7 +1671,7 @@ def constrained_minimise(info: NcsInfo, xyz0, data_term, restraints: Restraints,
 
 def _TiledData(term, n_copies: int) -> _Reweighted:
     """The fast real-space data term over the model's atoms and its virtual copies."""
-    if not all(hasattr(term, a) for a in ("data", "origin", "voxel", "atom_weight")):
+    if not is_fast_term(term):
         raise InputError("NCS constraints from assembly records need the fast real-space "
                          "target (--target fast)")
     return _Reweighted(term, np.tile(term.atom_weight, n_copies))

@@ -120,6 +120,25 @@ def test_kept_half_map_transforms_give_the_full_transforms_results(adk_case):
     want = normalise_map(blur_map(normalise_map(low), g.voxel, 40.0))
     blurred = normalise_map(halves.lowpassed(1, 40.0))
     assert np.max(np.abs(blurred - want)) < 1e-5 * np.max(np.abs(want))
+    # the normalisation's factor of a blurred copy, from the coefficients alone: the ratio of
+    # the maps' standard deviations (the normalised blurred map is the blurred normalised map
+    # times it)
+    for h, b in ((1, 40.0), (2, 40.0), (1, 300.0)):
+        plain, blur = halves.lowpassed(h), halves.lowpassed(h, b)
+        ratio = plain.std(dtype=np.float64) / blur.std(dtype=np.float64)
+        assert ratio > 1.05
+        assert halves.blur_scale(h, b) == pytest.approx(ratio, rel=1e-6), (h, b)
+    scaled = halves.blur_scale(1, 40.0) * blur_map(normalise_map(low), g.voxel, 40.0)
+    assert np.max(np.abs(scaled - want)) < 1e-5 * np.max(np.abs(want))
+    # on grids of even and odd x sizes (the half-complex layout's last plane counted once or twice)
+    from hpcrefine.mapio import MapGrid
+    rng = np.random.default_rng(7)
+    for nx in (40, 41):
+        maps = [MapGrid(rng.normal(size=(36, 38, nx)).astype(np.float32), np.zeros(3), np.ones(3), "")
+                for _ in (1, 2)]
+        small = halfset.HalfTransforms(maps, 2.0)
+        ratio = small.lowpassed(1).std(dtype=np.float64) / small.lowpassed(1, 20.0).std(dtype=np.float64)
+        assert small.blur_scale(1, 20.0) == pytest.approx(ratio, rel=1e-6), nx
     # in the arrays kept for this thread: the same maps, one array for every call, let go of
     first = halves.lowpassed(1, 40.0, scratch=True)
     assert np.array_equal(first, halves.lowpassed(1, 40.0))

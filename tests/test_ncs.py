@@ -342,6 +342,11 @@ def test_half_sets_refine_under_the_same_constraints(small, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     frames = _halfset_frames(str(tmp_path / "mpi"))
     assert len(frames) == 8 and max(worst_copy_rmsd(x) for x in frames) < 2e-3
+    # three copies of the 7cth assembly: their operators form no group, so the tasks read the
+    # half maps' blurred copies, which the master wrote (not so under an exact group:
+    # test_asymmetric_unit_of_a_closed_group_refined_under_mpiexec)
+    keys = json.loads((tmp_path / "mpi" / "report.json").read_text())["map_store"]["keys"]
+    assert {"half1", "half2", "half1_b40", "half2_b40"} <= set(keys), keys
     # under constraints the workers make the compare steps (from the half maps' coefficients in
     # the map store): the FSCs of one process
     at = cmd.index("--output")
@@ -616,6 +621,23 @@ def test_summed_map_of_a_blurred_map_blurred_from_its_parent(asu, small, tmp_pat
     # blur of the sum also smooths the ripples of the map's interpolation at the sampled points)
     assert np.sqrt(np.mean((ga - gb) ** 2)) < 0.05 * np.sqrt(np.mean(gb ** 2))
     assert np.abs(ga - gb).max() < 0.1 * np.abs(gb).max()
+    # with the normalisation's factor known (the ratio of the maps' standard deviations: what
+    # halfset.HalfTransforms.blur_scale gives for a half map), the blurred map is not read and
+    # there is no fit: the fitted map to the fit's precision
+    from hpcrefine.core.density import blur_map
+    parent = ncs.term_average(base, g.rot, g.trans, x)
+    ratio = np.std(base.data, dtype=np.float64) / np.std(blur_map(base.data, base.voxel, 40.0), dtype=np.float64)
+    known = ncs.AveragedMap.blurred_from(parent, 40.0, None, base.origin, base.voxel, g.rot, g.trans,
+                                         scale=ratio)
+    assert known.fit_miss is None and known.master_xyz is parent.master_xyz
+    fk, gk = real_space_target(known.data, known.origin, known.voxel, x, w)
+    assert fk == pytest.approx(fa, rel=2e-3) and fk == pytest.approx(fb, rel=2e-3)
+    assert np.sqrt(np.mean((gk - ga) ** 2)) < 2e-3 * np.sqrt(np.mean(ga ** 2))
+    # a blur wider than the summed points beyond the atoms' reach needs the fit
+    assert ncs.scaled_blur_fits(40.0, base.voxel) and not ncs.scaled_blur_fits(400.0, base.voxel)
+    with pytest.raises(ValueError, match="fitted"):
+        ncs.AveragedMap.blurred_from(parent, 400.0, None, base.origin, base.voxel, g.rot, g.trans,
+                                     scale=ratio)
 
 
 def test_averaged_map_sums_only_near_the_master():
@@ -777,6 +799,10 @@ def test_asymmetric_unit_of_a_closed_group_refined_under_mpiexec(asu, tmp_path):
     assert sum(len(g.operators) for g in out.assemblies[0].generators) == 5
     assert rmsd(str(tmp_path / "start.cif"), str(truth))["rmsd_all"] == pytest.approx(0.8, abs=0.01)
     assert rmsd(str(tmp_path / "run" / "refined.cif"), str(truth))["rmsd_all"] < 0.5
+    # the tasks read the half maps only summed over the operators: the sums of their blurred
+    # copies come from the maps' (mapstore.ScaledBlur), so the master wrote no blurred half map
+    keys = report["map_store"]["keys"]
+    assert {"half1", "half2"} <= set(keys) and not any(k.startswith(("half1_b", "half2_b")) for k in keys), keys
     # the statistics are the whole assembly's: the clashes of every copy and between copies (none:
     # around this 5-fold axis the copies of chains D, E, F stay 45 A apart), the CC_mask of the
     # five copies' model map
@@ -835,6 +861,28 @@ def test_copies_of_a_group_made_exact_and_refined_from_the_master(asu, tmp_path)
     whole = ncs.ConstrainedTarget(par, term, r, params, 3.0)
     assert whole.averaged is not None
     assert whole(par.pack(res.xyz))[0] == pytest.approx(res.f, rel=1e-6)
+    # a stored map's blurred copy known by its normalisation's factor (a half set's, under an
+    # exact group): the minimisation never makes the blurred map, and ends where the copy made
+    # and fitted does
+    from hpcrefine.core.density import blur_map
+    from hpcrefine.parallel.mapstore import MapStore, ScaledBlur, StoredRealSpaceTerm
+    stored = StoredRealSpaceTerm(MapStore(None, str(tmp_path / "store")), "m", lambda: grid.data,
+                                 grid.origin, grid.voxel, np.ones(model.n_atoms))
+    stored.scaled_blurs = {40.0: float(np.std(stored.data, dtype=np.float64)
+                                       / np.std(blur_map(stored.data, grid.voxel, 40.0), dtype=np.float64))}
+    scaled = stored.blurred(40.0)
+    assert isinstance(scaled, ScaledBlur) and ncs.symmetric_applies(snapped, scaled, params)
+    ncs._AVERAGED.clear()
+    got, _ = ncs.constrained_minimise(snapped, xs, scaled, r, 3.0, 10, params)
+    assert scaled._data is None
+    made, _ = ncs.constrained_minimise(snapped, xs, RealSpaceTerm(stored.data, grid.origin, grid.voxel,
+                                                                  np.ones(model.n_atoms)).blurred(40.0),
+                                       r, 3.0, 10, params)
+    assert got.f == pytest.approx(made.f, rel=5e-4)
+    apart = np.sqrt(np.mean(np.sum((got.xyz - made.xyz) ** 2, axis=1)))
+    print(f"scaled against fitted: f {got.f:.3f} {made.f:.3f}, {apart:.5f} A apart")
+    assert apart < 0.01
+    assert scaled.data.shape == grid.data.shape and scaled._data is not None     # made when read
     # its statistics, made from the master and its images near it, are the whole model's: at
     # its end, and where the copies meet (the same rotations about an axis moved into the master,
     # a group too)

@@ -110,6 +110,7 @@ class MapStore:
         self._ahead: dict = {}         # key -> Future of a map the master is writing ahead (prefetch)
         self._pool = None
         self.written: list[int] = []   # the bytes of each map the master wrote
+        self.written_keys: list[str] = []   # and its key
         # held by a map written ahead while it is made, and by the master's other full-box work
         # (halfset's compare steps): the two never hold their full-box temporaries at once
         self.heavy = threading.Lock()
@@ -198,6 +199,7 @@ class MapStore:
         with open(tmp, "wb") as fh:
             np.save(fh, a)
         self.written.append(a.nbytes)
+        self.written_keys.append(key)
         del a
         os.replace(tmp, path)
 
@@ -269,7 +271,38 @@ class MapStore:
         self._last_box = None
         if self.parallel and self.ctx.is_master:
             shutil.rmtree(self.directory, ignore_errors=True)
-        return {"directory": self.directory, "maps": len(self.written), "bytes": int(sum(self.written))}
+        return {"directory": self.directory, "maps": len(self.written), "bytes": int(sum(self.written)),
+                "keys": sorted(self.written_keys)}
+
+
+class ScaledBlur(RealSpaceTerm):
+    """The copy of a StoredRealSpaceTerm's map blurred by b_extra, not published: its target is
+    read only through the map summed over fixed NCS operators (ncs.SymmetricTarget), which is
+    made by blurring the parent's summed map on its box and multiplying it by `scale`, the
+    ratio of the standard deviations of the parent's raw map and of its blurred copy
+    (ncs.AveragedMap.blurred_from: a blur is isotropic and keeps the mean, so the sum of the
+    normalised blurred map is the blurred sum of the normalised map times that ratio). The
+    master then neither transforms the whole box for it nor writes it, while the workers wait
+    (half maps at a million atoms: two 480^3 maps). Anything else that reads its map makes it
+    in its own process, once (blur_map of the parent's map, normalised)."""
+
+    def __init__(self, parent: StoredRealSpaceTerm, b_extra: float, scale: float):
+        self.store = parent.store
+        self.key = blurred_key(parent.key, b_extra)
+        self.origin, self.voxel, self.atom_weight = parent.origin, parent.voxel, parent.atom_weight
+        self.blur_of = (parent, b_extra)
+        self.blur_scale = float(scale)
+        self._data = None
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            parent, b_extra = self.blur_of
+            self._data = normalise_map(blur_map(parent.data, parent.voxel, b_extra))
+        return self._data
+
+    def box_reader(self):
+        return None                     # in memory, not in the store
 
 
 def _normalised(compute_raw, lends: bool = False) -> np.ndarray:
@@ -338,6 +371,9 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         self.lends = lends
         data = store.publish(key, functools.partial(_normalised, compute_raw, lends=lends))
         super().__init__(data, origin, voxel, atom_weight, normalise=False)
+        # b_extra -> std of this map / std of its blurred copy, for blurs whose copy is not
+        # published (ScaledBlur); set by the caller that knows the factors
+        self.scaled_blurs: dict = {}
 
     def box_reader(self):
         """A function (lo, hi, need_lo, need_hi) -> (lo', sub-grid from voxel lo' on, whether it
@@ -358,6 +394,9 @@ class StoredRealSpaceTerm(RealSpaceTerm):
     def blurred(self, b_extra: float) -> "RealSpaceTerm":
         if b_extra <= 0:
             return self
+        scale = self.scaled_blurs.get(b_extra)
+        if scale is not None:
+            return ScaledBlur(self, b_extra, scale)
         key, raw, lends = self._blur(b_extra)
         out = StoredRealSpaceTerm(self.store, key, raw, self.origin, self.voxel, self.atom_weight,
                                   lends=lends)
