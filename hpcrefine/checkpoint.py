@@ -8,8 +8,9 @@ Layout (read it with plain h5py; every attribute is a number or a JSON string):
   /params           attr json: the resolved parameters
   /layout           attrs: ranks, workers, half_set_workers (JSON); dataset block_bounds (atom
                     blocks of the workers sharing the final refinement)
-  /trajectory/xyz   (frames, atoms, 3) float32, chunked one frame per chunk, gzip
-  /trajectory/b     (frames, atoms) float32
+  /trajectory/xyz   (frames, atoms, 3) float32, chunked one frame per chunk, uncompressed
+                    (gzip in files of earlier versions)
+  /trajectory/b     (frames, atoms) float32, gzip
   /trajectory/info  JSON string per frame: stage, cycle, step, weight, target, iterations,
                     seconds, and FSC averages for half-set frames
   /state            the restart state: attrs stage, cycle (next macro-cycle), weight, w_half,
@@ -57,6 +58,9 @@ def file_sha256(path: str, block: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+_XYZ_FILTERS = dict(compression=None, shuffle=False)    # the trajectory's coordinates: none
 
 
 @dataclass
@@ -375,8 +379,18 @@ class CheckpointWriter:
         n = len(self.b)
         t = f.create_group("trajectory")
         total = state.n_frames + len(state.frames)
+        # coordinates uncompressed: gzip took 1.8 s of a thread's CPU for 11 frames of a million
+        # atoms, to make them 0.65 of their size in a file whose restart state (float64) is
+        # larger; the B-factors, mostly constant, shrink tenfold. A file written before keeps
+        # its coordinates' filters (its chunks are copied as they are)
+        packed = _XYZ_FILTERS
+        if old is not None and state.n_frames:
+            with h5py.File(old, "r") as src:
+                packed = dict(compression=src["trajectory/xyz"].compression,
+                              compression_opts=src["trajectory/xyz"].compression_opts,
+                              shuffle=src["trajectory/xyz"].shuffle)
         xyz = t.create_dataset("xyz", shape=(total, n, 3), maxshape=(None, n, 3), dtype=np.float32,
-                               chunks=(1, n, 3), compression="gzip", compression_opts=1, shuffle=True)
+                               chunks=(1, n, 3), **packed)
         b = t.create_dataset("b", shape=(total, n), maxshape=(None, n), dtype=np.float32,
                              chunks=(1, n), compression="gzip", compression_opts=1, shuffle=True)
         info = t.create_dataset("info", shape=(total,), maxshape=(None,), dtype=h5py.string_dtype())

@@ -281,3 +281,32 @@ def test_a_write_in_a_thread_holds_the_state_of_its_call(adk_case, tmp_path):
     assert traj.shape == (41, n, 3) and info[-1] == {"stage": "final", "cycle": 1}
     assert np.allclose(traj[7], xyz + 0.07, atol=1e-4) and np.allclose(traj[40], xyz + 1.0, atol=1e-4)
     assert not os.path.exists(path + ".part")
+
+
+def test_trajectory_written_before_with_gzip_is_continued(adk_case, tmp_path, monkeypatch):
+    """The trajectory's coordinates are stored uncompressed; a checkpoint written with gzip (as
+    earlier versions did) is continued with its chunks copied as they are, under its filters:
+    every frame reads back as written."""
+    from hpcrefine.checkpoint import CheckpointWriter, RunIdentity, RunState
+
+    xyz = read_model(adk_case["start"]).xyz
+    n = len(xyz)
+    ident = RunIdentity(model="m.cif", model_sha256="0", maps={}, params={}, ranks=1, command="refine")
+    for old in ("gzip", None):
+        path = str(tmp_path / f"{old}.h5")
+        monkeypatch.setattr(ck, "_XYZ_FILTERS", dict(compression=old, shuffle=old is not None))
+        state = RunState(stage="halfset")
+        state.frames = [(xyz + 0.01 * i, {"i": i}) for i in range(3)]
+        w = CheckpointWriter(path, ident, {"workers": 0}, np.zeros(n), 0, time.perf_counter())
+        w.write(state)
+        monkeypatch.undo()
+        state.frames.append((xyz + 1.0, {"i": 3}))
+        w.write(state)
+        with h5py.File(path, "r") as f:
+            traj = f["trajectory/xyz"]
+            assert traj.compression == old
+            got = traj[:]
+        assert got.shape == (4, n, 3)
+        for i, want in enumerate([xyz, xyz + 0.01, xyz + 0.02, xyz + 1.0]):
+            assert np.abs(got[i] - want).max() < 1e-4, (old, i)
+    assert os.path.getsize(str(tmp_path / "None.h5")) > os.path.getsize(str(tmp_path / "gzip.h5"))
