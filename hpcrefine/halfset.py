@@ -276,13 +276,12 @@ class HalfTransforms:
         lim = 1.0 / self.resolution ** 2
         plain = blurred = 0.0
         for k in range(c.shape[0]):
-            p = np.abs(c[k]) ** 2
+            p = (np.abs(c[k]) ** 2).astype(np.float64)
             p[(yx + cube.fz[k] ** 2) > lim] = 0.0
             if cube.fz[k] == 0:
                 p[cube.fy == 0, 0] = 0.0          # the mean
-            rows = p.astype(np.float64) @ wx
-            plain += float(rows.sum())
-            blurred += float(gz[k] * (gy @ (p.astype(np.float64) @ (gx * wx))))
+            plain += float((p @ wx).sum())
+            blurred += float(gz[k] * (gy @ (p @ (gx * wx))))
         if not (plain > 0 and blurred > 0):
             raise ValueError(f"half map {h} has no power within the resolution; cannot normalise it")
         return math.sqrt(plain / blurred)

@@ -830,7 +830,7 @@ class AveragedMap:
         scale: the factor, known (the ratio of the standard deviations of the raw map and of
         its blurred copy: halfset.HalfTransforms.blur_scale); then `data` is not read (may be
         None) and there is no fit, so the blur must not reach beyond the summed points from
-        where atoms read: a blur wider than SCALED_BLUR_REACH raises ValueError."""
+        where atoms read: a blur wider than scaled_blur_fits allows raises ValueError."""
         import scipy.fft
 
         from .core.density import rfft_freqs, summed_over_operators

@@ -263,6 +263,6 @@ def test_the_store_goes_to_memory_on_one_node_when_it_has_room(tmp_path, monkeyp
     WORLD.Barrier()
     assert not os.path.exists(small)
     if ctx.is_master and WORLD.Get_size() > 1:
-        assert done == {"directory": small, "maps": 1, "bytes": _map().nbytes}
+        assert done == {"directory": small, "maps": 1, "bytes": _map().nbytes, "keys": ["m"]}
     else:
-        assert done["maps"] == 0
+        assert done["maps"] == 0 and done["keys"] == []
