@@ -222,3 +222,20 @@ def test_restraint_atoms_are_every_atom_a_share_reads(adk):
     # the atoms a box's terms read beyond it are a thin layer: bonded partners across the cut
     beyond = atoms[owner[atoms] != 2]
     assert 0 < len(beyond) < 0.2 * np.count_nonzero(owner == 2)
+
+
+def test_the_share_of_a_part_that_owns_everything_is_the_terms_themselves(adk):
+    """One part owning every atom (a group of one worker) gets r's own arrays, not copies of
+    every term, with its chirality flags; a part of two still gets copies of its rows."""
+    model, r, xyz = adk
+    r2 = dataclasses.replace(r)
+    r2.chir_both = np.arange(len(r.chir_idx)) % 3 == 0
+    whole = restraints_share(r2, np.zeros(model.n_atoms, dtype=np.int64), 0)
+    assert whole is not r2
+    for name in ("bond_idx", "bond_target", "angle_idx", "tors_idx", "chir_idx", "plane_atoms", "plane_start"):
+        assert getattr(whole, name) is getattr(r2, name), name
+    assert whole.chir_both is r2.chir_both
+    assert geometry.restraint_energy(xyz, whole)[0] == geometry.restraint_energy(xyz, r2)[0]
+    owner = owner_of_atoms(atom_blocks(model.res_first_atom, 2), model.n_atoms)
+    half = restraints_share(r2, owner, 0)
+    assert len(half.bond_idx) < len(r.bond_idx) and not np.shares_memory(half.bond_idx, r.bond_idx)
