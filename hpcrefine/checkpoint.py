@@ -31,6 +31,7 @@ complete checkpoint in place; a stale NAME.part is removed at the next start.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -383,22 +384,20 @@ class CheckpointWriter:
         # atoms, to make them 0.65 of their size in a file whose restart state (float64) is
         # larger; the B-factors, mostly constant, shrink tenfold. A file written before keeps
         # its coordinates' filters (its chunks are copied as they are)
-        packed = _XYZ_FILTERS
-        if old is not None and state.n_frames:
-            with h5py.File(old, "r") as src:
-                packed = dict(compression=src["trajectory/xyz"].compression,
-                              compression_opts=src["trajectory/xyz"].compression_opts,
-                              shuffle=src["trajectory/xyz"].shuffle)
-        xyz = t.create_dataset("xyz", shape=(total, n, 3), maxshape=(None, n, 3), dtype=np.float32,
-                               chunks=(1, n, 3), **packed)
-        b = t.create_dataset("b", shape=(total, n), maxshape=(None, n), dtype=np.float32,
-                             chunks=(1, n), compression="gzip", compression_opts=1, shuffle=True)
-        info = t.create_dataset("info", shape=(total,), maxshape=(None,), dtype=h5py.string_dtype())
-        if old is not None and state.n_frames:
-            with h5py.File(old, "r") as src:
-                sx, sb, si = src["trajectory/xyz"], src["trajectory/b"], src["trajectory/info"]
+        with (h5py.File(old, "r") if old is not None and state.n_frames else contextlib.nullcontext()) as src:
+            sx = None if src is None else src["trajectory/xyz"]
+            packed = _XYZ_FILTERS if sx is None else dict(compression=sx.compression,
+                                                          compression_opts=sx.compression_opts,
+                                                          shuffle=sx.shuffle)
+            xyz = t.create_dataset("xyz", shape=(total, n, 3), maxshape=(None, n, 3), dtype=np.float32,
+                                   chunks=(1, n, 3), **packed)
+            b = t.create_dataset("b", shape=(total, n), maxshape=(None, n), dtype=np.float32,
+                                 chunks=(1, n), compression="gzip", compression_opts=1, shuffle=True)
+            info = t.create_dataset("info", shape=(total,), maxshape=(None,), dtype=h5py.string_dtype())
+            if src is not None:
+                sb, si = src["trajectory/b"], src["trajectory/info"]
                 for i in range(state.n_frames):
-                    # compressed chunks are copied as they are, without decompressing
+                    # chunks are copied as they are, compressed or not, without decoding
                     _, raw = sx.id.read_direct_chunk((i, 0, 0))
                     xyz.id.write_direct_chunk((i, 0, 0), raw)
                     _, raw = sb.id.read_direct_chunk((i, 0))

@@ -94,22 +94,27 @@ def select_terms(r: Restraints, rows: dict, plane_keep: np.ndarray, remap=None) 
     _ROW_TERMS) and plane_keep (bool per plane), atom indices mapped through remap when given.
     The per-atom and non-bonded arrays are r's own objects, not copies. A `chir_both` attribute,
     when r has one, is selected with the chirality rows."""
+    # every term kept and no remapping (one part owns them all: a group of one worker, a
+    # half-set task of the parallel layout): r's own arrays, not a copy of every term (123 MB
+    # at a million atoms, made for each minimisation)
+    whole = remap is None and np.all(plane_keep) and all(np.all(keep) for keep in rows.values())
     kept = {}
-    for idx_name, value_names in _ROW_TERMS.items():
-        idx = getattr(r, idx_name)[rows[idx_name]]
-        kept[idx_name] = remap[idx] if remap is not None else idx
-        for name in value_names:
-            kept[name] = getattr(r, name)[rows[idx_name]]
-    sizes = np.diff(r.plane_start)
-    per_atom = np.repeat(plane_keep, sizes)
-    pa = r.plane_atoms[per_atom]
-    kept["plane_atoms"] = remap[pa] if remap is not None else pa
-    kept["plane_sigma"] = r.plane_sigma[per_atom]
-    kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[plane_keep]))).astype(np.int64)
+    if not whole:
+        for idx_name, value_names in _ROW_TERMS.items():
+            idx = getattr(r, idx_name)[rows[idx_name]]
+            kept[idx_name] = remap[idx] if remap is not None else idx
+            for name in value_names:
+                kept[name] = getattr(r, name)[rows[idx_name]]
+        sizes = np.diff(r.plane_start)
+        per_atom = np.repeat(plane_keep, sizes)
+        pa = r.plane_atoms[per_atom]
+        kept["plane_atoms"] = remap[pa] if remap is not None else pa
+        kept["plane_sigma"] = r.plane_sigma[per_atom]
+        kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[plane_keep]))).astype(np.int64)
     out = dataclasses.replace(r, **kept)
     both = getattr(r, "chir_both", None)
     if both is not None and len(both):
-        out.chir_both = np.asarray(both)[rows["chir_idx"]]
+        out.chir_both = both if whole else np.asarray(both)[rows["chir_idx"]]
     return out
 
 
@@ -122,15 +127,6 @@ def restraints_share(r: Restraints, atom_owner, part: int) -> Restraints:
     atom_owner = np.asarray(atom_owner)
     rows = {name: term_owner(getattr(r, name)[:, 0], atom_owner) == part for name in _ROW_TERMS}
     mine = plane_owner(r.plane_atoms, r.plane_start, atom_owner) == part
-    if mine.all() and all(keep.all() for keep in rows.values()):
-        # one part owns every term (a group of one worker: a half-set task of the parallel
-        # layout): r's own arrays, not a copy of every term (123 MB at a million atoms, made
-        # for each minimisation)
-        out = dataclasses.replace(r)
-        both = getattr(r, "chir_both", None)
-        if both is not None:
-            out.chir_both = both
-        return out
     return select_terms(r, rows, mine)
 
 

@@ -109,8 +109,7 @@ class MapStore:
         self._last_box = None          # (key, lo, hi, array): the sub-grid sub_grid read last
         self._ahead: dict = {}         # key -> Future of a map the master is writing ahead (prefetch)
         self._pool = None
-        self.written: list[int] = []   # the bytes of each map the master wrote
-        self.written_keys: list[str] = []   # and its key
+        self.written: list[tuple[str, int]] = []   # (key, bytes) of each map the master wrote
         # held by a map written ahead while it is made, and by the master's other full-box work
         # (halfset's compare steps): the two never hold their full-box temporaries at once
         self.heavy = threading.Lock()
@@ -198,8 +197,7 @@ class MapStore:
         a = np.ascontiguousarray(compute(), dtype=dtype)
         with open(tmp, "wb") as fh:
             np.save(fh, a)
-        self.written.append(a.nbytes)
-        self.written_keys.append(key)
+        self.written.append((key, a.nbytes))
         del a
         os.replace(tmp, path)
 
@@ -271,8 +269,8 @@ class MapStore:
         self._last_box = None
         if self.parallel and self.ctx.is_master:
             shutil.rmtree(self.directory, ignore_errors=True)
-        return {"directory": self.directory, "maps": len(self.written), "bytes": int(sum(self.written)),
-                "keys": sorted(self.written_keys)}
+        return {"directory": self.directory, "maps": len(self.written),
+                "bytes": int(sum(n for _, n in self.written)), "keys": sorted(k for k, _ in self.written)}
 
 
 class ScaledBlur(RealSpaceTerm):
