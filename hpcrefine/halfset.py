@@ -114,7 +114,7 @@ def half_start(xyz0: np.ndarray, params, half: int, restraints=None, exact=None)
         # its own errors (seed 2: half set 2 started 1.1 A from the truth instead of 0.85)
         xyz = shake(xyz0, rms, seed=[HALF_START_STREAM, params.seed, half])
     if restraints is not None and params.fix_chirality:
-        from .core.geometry import correct_inversions
+        from .parallel.distributed import correct_inversions   # (of a worker's part: collective)
         xyz = correct_inversions(xyz, restraints)[0]
     if g is not None:
         from .ncs import virtual_copies
@@ -571,6 +571,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
                         # blocking Send spun a core, 10 % of a worker's time, that the master needed)
                         wait_quietly(ctx.world, ctx.world.Isend([buf, MPI.DOUBLE], dest=0,
                                                                 tag=TAG_HALF + 10 * h + k))
+                    del buf           # (the whole model's coordinates: not held through the next task)
         finally:
             group.Free()
         return None

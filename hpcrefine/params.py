@@ -70,7 +70,10 @@ class RefineParams:
     # validation (worker 1) and the final statistics (the last worker), each over the whole model
     # (at a million atoms those workers peak at 2.8-3.8 GB instead of their share). false: the
     # master makes them all (it holds the whole model anyway; longer wall time), so a worker
-    # holds only its share of the refinement and its memory falls with the workers
+    # holds only its share of the refinement and its memory falls with the workers; with the
+    # "shared" layout and two workers or more, a worker also keeps only its part of the
+    # restraints, cut from the start model once (refine.workers_hold_parts: not with NCS,
+    # protocol steps or rotamer steps between the macro-cycles)
     whole_model_on_workers: bool = True
     # checkpoints (OUTPUT/checkpoint.h5) at step boundaries: when this many seconds have passed
     # since the last one, or every checkpoint_steps steps (0: by time only); a signal always

@@ -20,6 +20,7 @@ from .core.modelmap import DensityFitTerm
 from .mapstats import atom_mask, cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
 from .parallel.context import make_context
+from .parallel.decompose import PartRestraints
 from .parallel.distributed import install_abort_on_error
 from .parallel.runner import RankMinimiser
 from .params import RefineParams
@@ -171,7 +172,8 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
-    lib_dir, covalent = _covalent_restraints(model, monlib, ligands, comm)
+    on_master = params is not None and may_hold_parts(comm, params)
+    lib_dir, covalent = _covalent_restraints(model, monlib, ligands, comm, builder=0 if on_master else None)
     restraints = covalent
     reference = None
     if params is not None:
@@ -183,16 +185,19 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
                   half_coefficients=tuple(kept) or None, map_coefficients=map_coefficients)
 
 
-def _covalent_restraints(model: Model, monlib: str | None, ligands: list[str], comm=None):
+def _covalent_restraints(model: Model, monlib: str | None, ligands: list[str], comm=None,
+                         builder: int | None = None):
     """(monomer library directory, the model's restraints from it). With a communicator of
-    several ranks (collective over it), the last rank builds them while the master weights the
-    full map (and rank 1 checksums the inputs, run_refine), and sends them to the others: built
+    several ranks (collective over it), one rank builds them and sends them to the others: built
     once, not by every rank at once (at a million atoms 5 s of one rank alone, 11 s each with
-    three ranks sharing two cores)."""
+    three ranks sharing two cores). The builder is the last rank, which builds while the master
+    weights the full map (and rank 1 checksums the inputs, run_refine), unless `builder` names
+    another (the master, when the workers may keep only parts of them: may_hold_parts)."""
     if comm is None or comm.Get_size() == 1:
         return library_restraints(model, monlib, ligands)
     from .parallel.distributed import made_once
-    return made_once(comm, lambda: library_restraints(model, monlib, ligands), root=comm.Get_size() - 1,
+    return made_once(comm, lambda: library_restraints(model, monlib, ligands),
+                     root=comm.Get_size() - 1 if builder is None else builder,
                      what="building the restraints")
 
 
@@ -205,6 +210,63 @@ def retarget_lowres(inputs: Inputs, params: RefineParams, xyz: np.ndarray) -> Ge
     log.info("low-resolution restraints rebuilt from the model the rotamer step left")
     inputs.restraints = add_lowres_restraints(inputs.model, inputs.covalent, xyz, params, inputs.reference)
     return GeometryTerm(inputs.restraints, params)
+
+
+def may_hold_parts(comm, params: RefineParams) -> bool:
+    """What workers_hold_parts asks of the parameters and the ranks (comm: the world), before the
+    NCS search decides the rest. The workers' part of the restraints is then all a worker keeps
+    of them, and the master builds them: the builder holds the whole set, its build's
+    temporaries and the model at once (a worker that built them peaked at 1,032 MB against
+    876-896 MB for the others, a million atoms and 4 workers), where the master holds more than
+    that anyway (4.3 GB, unchanged)."""
+    from .protocol.steps import split_protocol
+
+    if comm is None or comm.Get_size() < 3 or params.whole_model_on_workers:
+        return False
+    pre, _, post = split_protocol(params.protocol)
+    return (params.halfset_layout == "shared" and not pre and not post
+            and not (params.cycle_rotamers and params.macro_cycles > 1))
+
+
+def workers_hold_parts(ctx, params: RefineParams, minimiser, idealize_only: bool = False) -> bool:
+    """Whether each worker holds only its part of the restraints (decompose.PartRestraints),
+    under a decomposition of the start model fixed for the run, instead of the whole set: with
+    whole_model_on_workers off, two workers or more and the shared half-set layout (every
+    minimisation shared by all the workers, so one decomposition serves them all), and when
+    nothing but those minimisations reads the restraints on a worker: no NCS, no protocol steps
+    besides the macro-cycles and no rotamer step between them (each rebuilds or reads the whole
+    set). The same answer on every rank."""
+    return (not idealize_only and ctx is not None and may_hold_parts(ctx.world, params)
+            and isinstance(minimiser, RankMinimiser))
+
+
+def _hold_part(ctx, inputs: Inputs, params: RefineParams):
+    """The restraints this rank keeps when the workers hold parts (workers_hold_parts): on a
+    worker its PartRestraints, over the workers' communicator, of the start model cut into
+    boxes (decompose.spatial_parts) when the minimisations would exchange halos, else into
+    blocks in file order, and the model's name arrays dropped; the whole set on the master,
+    which logs the cut."""
+    from .parallel.decompose import atom_blocks, owner_of_atoms, spatial_parts
+    from .parallel.distributed import boxes_wanted
+
+    model, r = inputs.model, inputs.restraints
+    n, parts = model.n_atoms, ctx.n_workers
+    boxes = params.target == "fast" and boxes_wanted(n, parts, params)
+    if ctx.is_master:
+        log.info("workers: each holds the restraints of its %s of the start model (1/%d), not "
+                 "the whole set", "box" if boxes else "block", parts)
+        return r
+    owner = (spatial_parts(model.xyz, model.res_first_atom, parts) if boxes
+             else owner_of_atoms(atom_blocks(model.res_first_atom, parts), n))
+    part = PartRestraints(r, owner, ctx.workers.Get_rank(), parts, ctx.workers)
+    inputs.restraints, inputs.covalent, inputs.reference = part, None, None
+    # nor the names of the atoms, residues and chains, which only the master's outputs and
+    # validations read (50 MB at a million atoms)
+    model.atom_name = model.res_name = model.chain = model.altloc = None
+    del r
+    from .parallel.context import release_free_memory
+    release_free_memory()
+    return part
 
 
 def atom_weights(model: Model) -> np.ndarray:
@@ -397,9 +459,13 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         # only the arrays (0.12 GB less per worker at a million atoms)
         model.st = None
         release_free_memory()
+    if workers_hold_parts(ctx, params, minimiser, idealize_only):
+        # each worker keeps only its part of the restraints for the rest of the run
+        r = _hold_part(ctx, inputs, params)
 
     geom = GeometryTerm(r, params)
-    xyz0 = model.xyz.copy()
+    # (a worker holding a part reads the start only: no second copy of a million atoms' coordinates)
+    xyz0 = model.xyz if isinstance(r, PartRestraints) else model.xyz.copy()
     before = None
     # the start model's statistics: the master's, or one worker's, made in a thread of its own
     # while the master prepares the half maps (the workers have nothing to do then) and sent to
@@ -878,8 +944,9 @@ def _final_maps_ahead(inputs: Inputs, params: RefineParams, do_minimise: bool):
 
 
 def _put_back_chirals(xyz: np.ndarray, r, cycle: int) -> np.ndarray:
-    """The macro-cycle's start with its inverted chiral centres put back (the same on every rank)."""
-    from .core.geometry import correct_inversions
+    """The macro-cycle's start with its inverted chiral centres put back (the same on every rank;
+    collective over the workers when they hold parts of the restraints)."""
+    from .parallel.distributed import correct_inversions
     fixed, made, left = correct_inversions(xyz, r)
     if made:
         log.info("cycle %d: inverted chiral centres put back: %d reflection(s), %d still inverted",

@@ -195,6 +195,28 @@ def test_whole_model_figures_on_the_master_change_nothing_else(adk_case, runs, t
     assert sorted(os.listdir(out)) == sorted(os.listdir(runs[3]))
 
 
+def test_workers_holding_parts_of_the_restraints_refine_the_same_model(adk_case, tmp_path):
+    """whole_model_on_workers = false with the shared half-set layout and no rotamer step: each
+    worker keeps only its part of the restraints, cut once from the start model
+    (refine.workers_hold_parts). This model is cut into blocks in file order, the blocks the
+    whole set is cut into at every minimisation, so the refined model is the same to the last
+    digit; cut into boxes (decomposition = "boxes"), it ends within summation order of it
+    (0.0016 A measured; boxes re-cut at every minimisation: 0.0031 A)."""
+    base = 'halfset_layout = "shared"\ncycle_rotamers = false'
+    whole = refine_with_params(adk_case, tmp_path, "whole", base)
+    parts = refine_with_params(adk_case, tmp_path, "parts", base + "\nwhole_model_on_workers = false")
+    boxes = refine_with_params(adk_case, tmp_path, "boxes", base + '\nwhole_model_on_workers = false\n'
+                               'decomposition = "boxes"')
+    assert "holds the restraints" not in (whole / "refine.log").read_text()
+    assert "each holds the restraints of its block of the start model (1/2)" in (parts / "refine.log").read_text()
+    assert "each holds the restraints of its box of the start model (1/2)" in (boxes / "refine.log").read_text()
+    assert (parts / "refined.cif").read_text() == (whole / "refined.cif").read_text()
+    x0, x1 = (read_model(str(d / "refined.cif")).xyz for d in (whole, boxes))
+    assert np.sqrt(np.mean(np.sum((x0 - x1) ** 2, axis=1))) < 0.01
+    w0, w1 = (json.loads((d / "report.json").read_text())["weight"] for d in (whole, boxes))
+    assert w1 == pytest.approx(w0, rel=1e-6)
+
+
 def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):
     p = mpirun(3, ["refine", str(tmp_path / "missing.cif"), "--map", adk_case["full"], "--resolution", "3.5",
                    "--output", str(tmp_path / "out")], timeout=120)

@@ -361,7 +361,10 @@ def inverted_chirals(xyz, r: Restraints) -> np.ndarray:
     return np.flatnonzero(bad)
 
 
-def correct_inversions(xyz, r: Restraints, max_passes: int = 10) -> tuple[np.ndarray, int, int]:
+INVERSION_PASSES = 10     # correct_inversions' passes at most
+
+
+def correct_inversions(xyz, r: Restraints, max_passes: int = INVERSION_PASSES) -> tuple[np.ndarray, int, int]:
     """Put inverted chiral centres back: each centre atom is reflected through the plane of its
     three restrained neighbours. The reflection keeps the centre's distances to those neighbours
     and the angles between them, so only the centre moves (twice its distance from the plane,
@@ -381,25 +384,37 @@ def correct_inversions(xyz, r: Restraints, max_passes: int = 10) -> tuple[np.nda
     bad = inverted_chirals(xyz, r)
     if len(bad) == 0:
         return xyz, 0, 0
-    bonded = np.bincount(np.asarray(r.bond_idx).ravel(), minlength=len(xyz))
-    three = bonded[np.asarray(r.chir_idx)[:, 0]] <= 3
+    three = reflectable_centres(r, np.bincount(np.asarray(r.bond_idx).ravel(), minlength=len(xyz)))
     for _ in range(max_passes):
         todo = bad[three[bad]]
         if len(todo) == 0:
             break
-        idx = np.asarray(r.chir_idx)[todo]
-        _, first = np.unique(idx[:, 0], return_index=True)   # a centre reflected once per pass
-        idx = idx[first]
-        c, a1, a2, a3 = (xyz[idx[:, k]] for k in range(4))
-        n = np.cross(a2 - a1, a3 - a1)
-        norm = np.linalg.norm(n, axis=1)
-        ok = norm > 1e-6                                     # neighbours not on one line
-        n = n[ok] / norm[ok, None]
-        d = np.sum((c[ok] - a1[ok]) * n, axis=1)
-        xyz[idx[ok, 0]] = c[ok] - 2.0 * d[:, None] * n
-        made += int(ok.sum())
+        made += len(reflect_centres(xyz, r.chir_idx, todo))
         bad = inverted_chirals(xyz, r)
     return xyz, made, len(bad)
+
+
+def reflectable_centres(r: Restraints, bonded) -> np.ndarray:
+    """(n_chirals,) bool: the chiral terms of r whose centre has at most three bonds (bonded:
+    every atom's number of bonds), which correct_inversions may reflect."""
+    return np.asarray(bonded)[np.asarray(r.chir_idx)[:, 0]] <= 3
+
+
+def reflect_centres(xyz: np.ndarray, chir_idx, todo) -> np.ndarray:
+    """One pass of correct_inversions, in place: the centres of chiral terms `todo` reflected
+    through the plane of their three neighbours (each centre once, by its first term in todo;
+    every position read before any is written). Returns the indices of the atoms moved."""
+    idx = np.asarray(chir_idx)[todo]
+    _, first = np.unique(idx[:, 0], return_index=True)   # a centre reflected once per pass
+    idx = idx[first]
+    c, a1, a2, a3 = (xyz[idx[:, k]] for k in range(4))
+    n = np.cross(a2 - a1, a3 - a1)
+    norm = np.linalg.norm(n, axis=1)
+    ok = norm > 1e-6                                     # neighbours not on one line
+    n = n[ok] / norm[ok, None]
+    d = np.sum((c[ok] - a1[ok]) * n, axis=1)
+    xyz[idx[ok, 0]] = c[ok] - 2.0 * d[:, None] * n
+    return idx[ok, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
-from .decompose import (PairShare, atom_blocks, owner_of_atoms, restraint_atoms,
+from .decompose import (PairShare, PartRestraints, atom_blocks, owner_of_atoms, restraint_atoms,
                         restraints_share, spatial_parts)
 from .halo import HaloExchange, halo_buffer
 
@@ -338,14 +338,17 @@ class DistributedTarget:
 
     def gather(self, x_part: np.ndarray) -> np.ndarray:
         """The whole flat coordinate vector from every rank's part (collective, Allgatherv)."""
-        if self._xfull is None:
-            self._xfull = np.empty(3 * self.shape[0], dtype=np.float64)
-        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
-                             [self._xfull, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        # blocks keep the buffer for the next gather (every evaluation); boxes, which gather
+        # only when the halo lists are made again, receive into one they let go of
+        received = self._xfull if self._xfull is not None else np.empty(3 * self.shape[0], dtype=np.float64)
         if self.contiguous:
-            return self._xfull
-        whole = np.empty_like(self._xfull)
-        whole.reshape(self.shape)[self.gather_order] = self._xfull.reshape(self.shape)
+            self._xfull = received
+        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
+                             [received, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        if self.contiguous:
+            return received
+        whole = np.empty_like(received)
+        whole.reshape(self.shape)[self.gather_order] = received.reshape(self.shape)
         return whole
 
     def owned_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
@@ -404,7 +407,11 @@ class DistributedTarget:
         self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
         sent = halo.bytes_per_evaluation()
         if fbuf[1] > 0:
-            self._xyz = self.gather(x_part).reshape(self.shape).copy()
+            self._xyz = None          # let go of the stale rows before the whole model comes
+            whole = self.gather(x_part).reshape(self.shape)
+            # (gathered in rank order, the boxes' atoms are put in place in a new array; the
+            # gather's own buffer, when they are blocks, is the next gather's too)
+            self._xyz = whole.copy() if self.contiguous else whole
             halo.build(self._xyz)
             self.nbl = None
             EVALUATION_TOTALS.halo_builds += 1
@@ -495,24 +502,55 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
     comm has more than one rank and params.decomposition is "boxes" (or "auto" and atoms x
     (ranks - 1)^2 >= BOXES_FROM): then rank p owns box p of decompose.spatial_parts at xyz0 and
     its owned_call exchanges halos (halo.HaloExchange). xyz0 must then be the same on every
-    rank."""
+    rank.
+
+    restraints may be this rank's decompose.PartRestraints instead of the whole set (comm's
+    rank `part` of its n_parts): its fixed parts are the ranks' atoms then (blocks or boxes, as
+    it was cut), and only its own terms and exclusions are read."""
     n = len(xyz0)
+    part = comm.Get_rank()
+    size = comm.Get_size()
+    if isinstance(restraints, PartRestraints):
+        if restraints.n_parts != size or restraints.part != part or restraints.n_atoms != n:
+            raise ValueError(f"rank {part} of {size} holds part {restraints.part} of "
+                             f"{restraints.n_parts} of {restraints.n_atoms} atoms' restraints, "
+                             f"for {n} atoms")
+        share = restraints.share
+        if restraints.blocks is not None:
+            local = _local_term(data_term, slice(*restraints.blocks))
+            return DistributedTarget(comm, (n, 3), local, share, share, params, weight,
+                                     restraints.owner)
+        if not reads_own_atoms_only(data_term):
+            raise ValueError("restraints held in boxes need a data term that reads only the "
+                             "rank's own atoms")
+        return _box_target(comm, xyz0, data_term, restraints.owner, share, share, weight, params)
     bounds = atom_blocks(res_first_atom, comm.Get_size())
     if bounds[-1] != n:
         raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
-    part = comm.Get_rank()
-    size = comm.Get_size()
-    wanted = (params.decomposition == "boxes"
-              or (params.decomposition == "auto" and n * (size - 1) ** 2 >= BOXES_FROM))
-    use_boxes = boxes and wanted and size > 1 and reads_own_atoms_only(data_term)
+    use_boxes = boxes and boxes_wanted(n, size, params) and reads_own_atoms_only(data_term)
     if not use_boxes:
         owner = owner_of_atoms(bounds, n)
         local = _local_term(data_term, slice(int(bounds[part]), int(bounds[part + 1])))
         return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
                                  restraints, params, weight, owner)
     owner = spatial_parts(xyz0, res_first_atom, comm.Get_size())
-    own = np.flatnonzero(owner == part)
-    share = restraints_share(restraints, owner, part)
+    return _box_target(comm, xyz0, data_term, owner, restraints_share(restraints, owner, part),
+                       restraints, weight, params)
+
+
+def boxes_wanted(n_atoms: int, ranks: int, params: RefineParams) -> bool:
+    """Whether `ranks` ranks sharing n_atoms own boxes and exchange halos (params.decomposition
+    "boxes", or "auto" and atoms x (ranks - 1)^2 >= BOXES_FROM) rather than blocks in file order."""
+    return ranks > 1 and (params.decomposition == "boxes"
+                          or (params.decomposition == "auto" and n_atoms * (ranks - 1) ** 2 >= BOXES_FROM))
+
+
+def _box_target(comm, xyz0, data_term, owner, share: Restraints, restraints: Restraints,
+                weight: float, params: RefineParams) -> DistributedTarget:
+    """The DistributedTarget of this rank owning the box `owner == rank`, its halo built at xyz0
+    (restraints: what its neighbour list reads, the whole set or a part's share)."""
+    n = len(xyz0)
+    own = np.flatnonzero(owner == comm.Get_rank())
     buffer = halo_buffer(params.max_step)
     radius = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
     halo = HaloExchange(comm, owner, restraint_atoms(share), radius, buffer)
@@ -522,6 +560,34 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
     halo.build(target._xyz)
     EVALUATION_TOTALS.halo_builds += 1
     return target
+
+
+def correct_inversions(xyz: np.ndarray, r) -> tuple[np.ndarray, int, int]:
+    """core.geometry.correct_inversions of the whole model: with the whole restraints, at once;
+    with a decompose.PartRestraints, collectively over its comm, each rank reflecting the
+    centres of its own chiral terms and every pass's moved atoms exchanged (Allgather of the
+    rows), so every rank ends with the coordinates, and the totals, that the whole set gives:
+    the same passes, each centre by the same term, every position read before any is written."""
+    if not isinstance(r, PartRestraints):
+        return geometry.correct_inversions(xyz, r)
+    comm, share = r.comm, r.share
+    xyz = np.array(xyz, dtype=np.float64)
+    three = geometry.reflectable_centres(share, r.bonded)
+    bad = geometry.inverted_chirals(xyz, share)
+    made = 0
+    for _ in range(geometry.INVERSION_PASSES):
+        todo = bad[three[bad]]
+        if sum(comm.allgather(len(todo))) == 0:
+            break
+        moved = geometry.reflect_centres(xyz, share.chir_idx, todo) if len(todo) else \
+            np.zeros(0, dtype=np.int64)
+        made += len(moved)
+        for idx, rows in comm.allgather((moved, xyz[moved])):
+            xyz[idx] = rows
+        bad = geometry.inverted_chirals(xyz, share)
+    totals = np.array([made, len(bad)], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    return xyz, int(totals[0]), int(totals[1])
 
 
 def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
@@ -587,11 +653,17 @@ def bcast_bytes(comm, data: bytes | None, root: int = 0):
     size = np.array([len(data) if comm.Get_rank() == root else 0], dtype=np.int64)
     wait_quietly(comm, comm.Ibcast(size, root=root))
     n = int(size[0])
-    buf = np.frombuffer(data, dtype=np.uint8).copy() if comm.Get_rank() == root else np.empty(n, np.uint8)
-    piece = 1 << 30
-    for start in range(0, n, piece):
-        wait_quietly(comm, comm.Ibcast(buf[start:start + piece], root=root))
+    # sent from the bytes themselves (a broadcast only reads the root's buffer)
+    buf = np.frombuffer(data, dtype=np.uint8) if comm.Get_rank() == root else np.empty(n, np.uint8)
+    _bcast_pieces(comm, buf, root)
     return data if comm.Get_rank() == root else memoryview(buf)
+
+
+def _bcast_pieces(comm, buf: np.ndarray, root: int) -> None:
+    """Broadcast a uint8 array in pieces below MPI's 2^31 count limit, waiting without spinning."""
+    piece = 1 << 30
+    for start in range(0, len(buf), piece):
+        wait_quietly(comm, comm.Ibcast(buf[start:start + piece], root=root))
 
 
 def made_once(comm, make, root: int = 0, what: str = "its task"):
@@ -603,11 +675,15 @@ def made_once(comm, make, root: int = 0, what: str = "its task"):
     import pickle
 
     from ..errors import InputError
-    obj, payload = None, None
+    obj, payload, buffers = None, None, []
     if comm.Get_rank() == root:
         try:
             obj = make()
-            payload = b"M" + pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            # pickle protocol 5: the arrays' memory goes out of band, broadcast from where it
+            # lies and received into the memory the others' arrays are made on, instead of a
+            # pickled copy on every rank and a copy of it on the root (the restraints of a
+            # million atoms: 200 MB each)
+            payload = b"M" + pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         except InputError as exc:
             payload = b"E" + str(exc).encode()
         except BaseException:
@@ -619,7 +695,17 @@ def made_once(comm, make, root: int = 0, what: str = "its task"):
         raise InputError(bytes(payload[1:]).decode())
     if kind == b"X":
         raise InputError(f"rank {root} failed {what}")
-    return obj if comm.Get_rank() == root else pickle.loads(payload[1:])
+    if comm.Get_rank() == root:
+        raws = [b.raw() for b in buffers]
+        bcast_bytes(comm, np.array([r.nbytes for r in raws], dtype=np.int64).tobytes(), root)
+        for r in raws:
+            _bcast_pieces(comm, np.frombuffer(r, dtype=np.uint8), root)
+        return obj
+    sizes = np.frombuffer(bcast_bytes(comm, None, root), dtype=np.int64)
+    received = [np.empty(int(n), dtype=np.uint8) for n in sizes]
+    for buf in received:
+        _bcast_pieces(comm, buf, root)
+    return pickle.loads(payload[1:], buffers=received)
 
 
 def send_object(comm, obj, dest: int, tag: int) -> None:

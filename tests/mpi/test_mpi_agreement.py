@@ -157,6 +157,63 @@ def test_boxes_and_blocks_minimise_alike(ctx, case):
     assert worst[0] < 1e-6
 
 
+def _parts(ctx, case, decomposition: str):
+    """This worker's PartRestraints of the case's restraints, cut as distributed_target cuts the
+    start xyz0 (boxes of spatial_parts, or blocks in file order)."""
+    from hpcrefine.parallel.decompose import PartRestraints, atom_blocks, owner_of_atoms, spatial_parts
+    comm, model = ctx.workers, case["model"]
+    size = comm.Get_size()
+    owner = (spatial_parts(case["xyz0"], model.res_first_atom, size) if decomposition == "boxes"
+             else owner_of_atoms(atom_blocks(model.res_first_atom, size), model.n_atoms))
+    return PartRestraints(case["r"], owner, comm.Get_rank(), size, comm)
+
+
+def test_a_part_of_the_restraints_minimises_as_the_whole_set(ctx, case):
+    """A worker that holds only its part of the restraints (decompose.PartRestraints: its own
+    terms, exclusions and 1-4 pairs) minimises bitwise as with the whole set cut the same way,
+    as boxes or blocks; the parts hold every term once."""
+    same = np.ones(3)                 # a master without work agrees
+    if ctx.is_worker:
+        comm, r = ctx.workers, case["r"]
+        for decomposition in ("boxes", "blocks"):
+            params = dataclasses.replace(case["params"], decomposition=decomposition)
+            part = _parts(ctx, case, decomposition)
+            args = (case["term"], case["model"].res_first_atom, WEIGHT, ITERATIONS, params)
+            whole, tw = distributed_minimise(comm, case["xyz0"], case["term"], r, *args[1:])
+            mine, tp = distributed_minimise(comm, case["xyz0"], case["term"], part, *args[1:])
+            assert (tp.halo is not None) == (tw.halo is not None)
+            counts = np.array([len(part.share.bond_idx), len(part.share.plane_start) - 1,
+                               len(part.share.excl_pairs), len(part.share.pair14)])
+            comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+            same *= [np.array_equal(whole.xyz, mine.xyz) and whole.f == mine.f,
+                     whole.statistics == mine.statistics,
+                     counts.tolist() == [len(r.bond_idx), r.n_planes, len(r.excl_pairs), len(r.pair14)]]
+    WORLD.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
+    assert np.all(same == 1.0), same
+
+
+def test_inverted_centres_put_back_by_parts_as_by_the_whole_set(ctx, case):
+    """distributed.correct_inversions of the workers' parts (each reflects its own centres, the
+    moved atoms exchanged every pass) gives bitwise the coordinates and counts of
+    core.geometry.correct_inversions with the whole set."""
+    from hpcrefine.core import geometry
+    from hpcrefine.parallel.distributed import correct_inversions
+
+    same = np.ones(2)
+    if ctx.is_worker:
+        r = case["r"]
+        xyz = np.array(case["xyz0"])
+        # invert one centre in fifteen (every part gets some): reflected through its neighbours
+        flip = np.arange(0, len(r.chir_idx), 15)
+        geometry.reflect_centres(xyz, r.chir_idx, flip)
+        want = geometry.correct_inversions(xyz, r)
+        got = correct_inversions(xyz, _parts(ctx, case, "boxes"))
+        assert want[1] >= len(flip) // 2
+        same[:] = [np.array_equal(want[0], got[0]), want[1:] == got[1:]]
+    WORLD.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
+    assert np.all(same == 1.0), same
+
+
 def test_a_continued_minimisation_keeps_the_neighbour_list_and_its_results(ctx, case):
     """A second minimisation from where the first ended (a macro-cycle continued) takes over the
     first's neighbour list, refreshed, instead of building one: the same list object, no new

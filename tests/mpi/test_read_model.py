@@ -89,6 +89,25 @@ def test_made_once_failing_elsewhere_than_input():
     assert made_once(WORLD, lambda: {"n": WORLD.Get_size()}, root=last) == {"n": WORLD.Get_size()}
 
 
+def test_made_once_sends_arrays_out_of_band_as_they_were():
+    """made_once pickles with protocol 5: contiguous arrays are broadcast from their own memory
+    and the others' arrays are made on the received memory; every array arrives equal, with its
+    dtype and shape, writable, and a non-contiguous or empty one too."""
+    last = WORLD.Get_size() - 1
+    rng = np.random.default_rng(5)
+    want = {"idx": rng.integers(0, 10**6, (50_001, 4)), "f": rng.normal(size=70_001).astype(np.float32),
+            "strided": rng.normal(size=(300, 7))[:, ::2], "empty": np.zeros((0, 2), dtype=np.int64),
+            "names": np.array(["CA", "N", "OXT"]), "n": 3}
+    got = made_once(WORLD, lambda: want, root=last)
+    for key in ("idx", "f", "strided", "empty", "names"):
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert np.array_equal(got[key], want[key]), key
+    assert got["n"] == 3
+    if WORLD.Get_rank() != last:
+        got["idx"][0, 0] = -1                   # the arrays are the receiver's own
+        assert want["idx"][0, 0] != -1
+
+
 def test_bytes_broadcast_whole():
     for n in (0, 1, 100_003):
         data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
