@@ -263,9 +263,6 @@ def _hold_part(ctx, inputs: Inputs, params: RefineParams):
     # nor the names of the atoms, residues and chains, which only the master's outputs and
     # validations read (50 MB at a million atoms)
     model.atom_name = model.res_name = model.chain = model.altloc = None
-    del r
-    from .parallel.context import release_free_memory
-    release_free_memory()
     return part
 
 
@@ -462,6 +459,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if workers_hold_parts(ctx, params, minimiser, idealize_only):
         # each worker keeps only its part of the restraints for the rest of the run
         r = _hold_part(ctx, inputs, params)
+        release_free_memory()            # (the whole set is let go of here)
 
     geom = GeometryTerm(r, params)
     # (a worker holding a part reads the start only: no second copy of a million atoms' coordinates)
