@@ -364,7 +364,8 @@ def inverted_chirals(xyz, r: Restraints) -> np.ndarray:
 INVERSION_PASSES = 10     # correct_inversions' passes at most
 
 
-def correct_inversions(xyz, r: Restraints, max_passes: int = INVERSION_PASSES) -> tuple[np.ndarray, int, int]:
+def correct_inversions(xyz, r: Restraints, max_passes: int = INVERSION_PASSES, bonded=None,
+                       parts=None) -> tuple[np.ndarray, int, int]:
     """Put inverted chiral centres back: each centre atom is reflected through the plane of its
     three restrained neighbours. The reflection keeps the centre's distances to those neighbours
     and the angles between them, so only the centre moves (twice its distance from the plane,
@@ -378,26 +379,32 @@ def correct_inversions(xyz, r: Restraints, max_passes: int = INVERSION_PASSES) -
     quaternary carbon of a ligand, say) is left to the minimisation: the reflection would stretch
     that bond by about 1 A.
 
+    bonded: every atom's number of bonds, when r holds only some of the model's bonds (one part's
+    terms). parts: when r is one part of the terms and the call is collective over the parts, an
+    object with count(k) (k summed over the parts) and exchange(xyz, moved) (every part's moved
+    rows written into xyz): each part reflects the centres of its own terms, and every part ends
+    with the coordinates and the totals of the whole set (parallel.distributed.correct_inversions).
+
     Returns (coordinates, reflections made, centres still inverted)."""
+    total = (lambda k: k) if parts is None else parts.count
     xyz = np.array(xyz, dtype=np.float64)
     made = 0
     bad = inverted_chirals(xyz, r)
-    if len(bad) == 0:
+    if total(len(bad)) == 0:
         return xyz, 0, 0
-    three = reflectable_centres(r, np.bincount(np.asarray(r.bond_idx).ravel(), minlength=len(xyz)))
+    if bonded is None:
+        bonded = np.bincount(np.asarray(r.bond_idx).ravel(), minlength=len(xyz))
+    three = np.asarray(bonded)[np.asarray(r.chir_idx)[:, 0]] <= 3
     for _ in range(max_passes):
         todo = bad[three[bad]]
-        if len(todo) == 0:
+        if total(len(todo)) == 0:
             break
-        made += len(reflect_centres(xyz, r.chir_idx, todo))
+        moved = reflect_centres(xyz, r.chir_idx, todo)
+        if parts is not None:
+            parts.exchange(xyz, moved)
+        made += len(moved)
         bad = inverted_chirals(xyz, r)
-    return xyz, made, len(bad)
-
-
-def reflectable_centres(r: Restraints, bonded) -> np.ndarray:
-    """(n_chirals,) bool: the chiral terms of r whose centre has at most three bonds (bonded:
-    every atom's number of bonds), which correct_inversions may reflect."""
-    return np.asarray(bonded)[np.asarray(r.chir_idx)[:, 0]] <= 3
+    return xyz, total(made), total(len(bad))
 
 
 def reflect_centres(xyz: np.ndarray, chir_idx, todo) -> np.ndarray:

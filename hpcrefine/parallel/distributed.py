@@ -565,29 +565,29 @@ def _box_target(comm, xyz0, data_term, owner, share: Restraints, restraints: Res
 def correct_inversions(xyz: np.ndarray, r) -> tuple[np.ndarray, int, int]:
     """core.geometry.correct_inversions of the whole model: with the whole restraints, at once;
     with a decompose.PartRestraints, collectively over its comm, each rank reflecting the
-    centres of its own chiral terms and every pass's moved atoms exchanged (Allgather of the
-    rows), so every rank ends with the coordinates, and the totals, that the whole set gives:
-    the same passes, each centre by the same term, every position read before any is written."""
+    centres of its own chiral terms and every pass's moved atoms exchanged, so every rank ends
+    with the coordinates, and the totals, that the whole set gives: the same passes, each centre
+    by the same term, every position read before any is written."""
     if not isinstance(r, PartRestraints):
         return geometry.correct_inversions(xyz, r)
-    comm, share = r.comm, r.share
-    xyz = np.array(xyz, dtype=np.float64)
-    three = geometry.reflectable_centres(share, r.bonded)
-    bad = geometry.inverted_chirals(xyz, share)
-    made = 0
-    for _ in range(geometry.INVERSION_PASSES):
-        todo = bad[three[bad]]
-        if sum(comm.allgather(len(todo))) == 0:
-            break
-        moved = geometry.reflect_centres(xyz, share.chir_idx, todo) if len(todo) else \
-            np.zeros(0, dtype=np.int64)
-        made += len(moved)
-        for idx, rows in comm.allgather((moved, xyz[moved])):
+    return geometry.correct_inversions(xyz, r.share, bonded=r.bonded, parts=_PartsExchange(r.comm))
+
+
+class _PartsExchange:
+    """geometry.correct_inversions' `parts` over a communicator: counts summed (Allreduce), the
+    moved rows of every rank written into each rank's coordinates (allgather: a few atoms)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def count(self, k: int) -> int:
+        buf = np.array([k], dtype=np.int64)
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return int(buf[0])
+
+    def exchange(self, xyz: np.ndarray, moved: np.ndarray) -> None:
+        for idx, rows in self.comm.allgather((moved, xyz[moved])):
             xyz[idx] = rows
-        bad = geometry.inverted_chirals(xyz, share)
-    totals = np.array([made, len(bad)], dtype=np.int64)
-    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-    return xyz, int(totals[0]), int(totals[1])
 
 
 def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
