@@ -10,8 +10,9 @@ from hpcrefine import datasets, simulate
 from hpcrefine.core import geometry, nonbonded
 from hpcrefine.modelio import read_model
 from hpcrefine.monlib import MonomerLibrary
-from hpcrefine.parallel.decompose import (atom_blocks, owner_of_atoms, pairs_share, plane_owner,
-                                          restraint_atoms, restraints_share, spatial_parts, term_owner)
+from hpcrefine.parallel.decompose import (PartRestraints, atom_blocks, owner_of_atoms, pairs_share,
+                                          plane_owner, restraint_atoms, restraints_share,
+                                          sorted_members, spatial_parts, term_owner)
 from hpcrefine.parallel.halo import near_atoms
 from hpcrefine.topology import build_restraints
 
@@ -239,3 +240,47 @@ def test_the_share_of_a_part_that_owns_everything_is_the_terms_themselves(adk):
     owner = owner_of_atoms(atom_blocks(model.res_first_atom, 2), model.n_atoms)
     half = restraints_share(r2, owner, 0)
     assert len(half.bond_idx) < len(r.bond_idx) and not np.shares_memory(half.bond_idx, r.bond_idx)
+
+
+def test_a_box_numbered_on_its_own_gives_the_same_terms_and_pairs_bit_for_bit(adk):
+    """A part's terms and non-bonded pairs in a numbering of its box and halo alone
+    (PartRestraints.numbered: rows of the sorted global indices) give the energies and gradients
+    of the model's numbering exactly, in the same order, with arrays sized to the box; numbered
+    again and back, in place, they are the terms they were."""
+    model, r, xyz = adk
+    owner = spatial_parts(xyz, model.res_first_atom, 4)
+    for p in range(4):
+        part = PartRestraints(r, owner, p, 4)
+        own = np.flatnonzero(owner == p)
+        share = restraints_share(r, owner, p)
+        local = np.union1d(np.union1d(own, part.reads), near_atoms(xyz, own, 6.0))
+        assert len(local) < model.n_atoms and np.array_equal(part.reads, restraint_atoms(share))
+        e, g, parts = geometry.restraint_energy(xyz, share)
+        terms = part.numbered(local)
+        assert terms is part.numbered(local.copy())        # the same numbering: as it is
+        rows = xyz[local]
+        e_l, g_l, parts_l = geometry.restraint_energy(rows, terms)
+        assert e_l == e and parts_l == parts
+        assert np.array_equal(g_l, g[local]) and not np.any(np.delete(g, local, axis=0))
+        # the pairs whose lower atom the box owns, listed in the box's numbering
+        is_own = np.zeros(model.n_atoms, dtype=bool)
+        is_own[own] = True
+        whole = nonbonded.NeighbourList(xyz, r, owned=is_own)
+        boxed = nonbonded.NeighbourList(rows, terms, owned=is_own[local])
+        assert len(terms.vdw_radius) == len(local) and len(boxed.xyz_ref) == len(local)
+        assert np.array_equal(local[boxed.i], whole.i) and np.array_equal(local[boxed.j], whole.j)
+        assert np.array_equal(boxed.kind, whole.kind)
+        e_w, g_w = nonbonded.repulsion(xyz, whole)
+        e_b, g_b = nonbonded.repulsion(rows, boxed)
+        assert e_w > 0 and e_b == e_w and np.array_equal(g_b, g_w[local])
+        assert np.all(sorted_members(own, local[terms.excl_pairs.min(axis=1)]))
+        # another numbering, then the model's: the same terms
+        wider = np.union1d(local, near_atoms(xyz, own, 8.0))
+        assert geometry.restraint_energy(xyz[wider], part.numbered(wider))[0] == e
+        back = part.share
+        for name in ("bond_idx", "angle_idx", "tors_idx", "chir_idx", "plane_atoms"):
+            assert np.array_equal(getattr(back, name), getattr(share, name)), name
+        assert back.vdw_radius is r.vdw_radius and geometry.restraint_energy(xyz, back)[0] == e
+    with pytest.raises(ValueError, match="miss atoms"):
+        part.numbered(own)
+    assert geometry.restraint_energy(xyz, part.share)[0] == e     # (left as it was)

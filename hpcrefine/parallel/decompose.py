@@ -132,17 +132,19 @@ def restraints_share(r: Restraints, atom_owner, part: int) -> Restraints:
 
 class PartRestraints:
     """One part's restraints under a decomposition fixed for the run, held instead of the whole
-    set (the workers of a run with whole_model_on_workers off: hpcrefine.refine).
+    set (the workers of a run with whole_model_on_workers off: hpcrefine.refine), or for one
+    minimisation (a rank owning a box: parallel.distributed.BoxTarget).
 
     owner: (n,) the part of every atom (spatial_parts or atom_blocks of the start, the same on
     every rank); part: this one; n_parts. share: the terms whose first atom the part owns
     (restraints_share), with the per-atom arrays whole (radii and H-bond types, 9 bytes an atom)
     but only the exclusions and 1-4 pairs whose lower atom it owns, which is all its neighbour
-    list reads (the pairs whose lower atom it owns). bonded: every atom's number of bonds in the
-    whole set (core.geometry.correct_inversions leaves a centre with a fourth bond alone). comm:
-    the communicator whose rank `part` this is (a collective use, such as putting back inverted
-    chiral centres, exchanges over it). blocks: (start, stop) when owner is contiguous blocks in
-    file order (atom_blocks), else None (boxes).
+    list reads (the pairs whose lower atom it owns). numbered(local): the same terms numbered by
+    the rows of a box's own arrays. reads: every atom the terms read (sorted). bonded: every
+    atom's number of bonds in the whole set (core.geometry.correct_inversions leaves a centre
+    with a fourth bond alone). comm: the communicator whose rank `part` this is (a collective
+    use, such as putting back inverted chiral centres, exchanges over it). blocks: (start, stop)
+    when owner is contiguous blocks in file order (atom_blocks), else None (boxes).
 
     At a million atoms the whole set is 230 MB in every worker; a part is 1/parts of it plus
     28 bytes an atom (its part, bond count, radius and H-bond type)."""
@@ -159,12 +161,15 @@ class PartRestraints:
         excl = np.asarray(r.excl_pairs).reshape(-1, 2)
         p14 = np.asarray(r.pair14).reshape(-1, 2)
         # the neighbour list keys a special pair by its lower atom (nonbonded._build_table)
-        self.share = dataclasses.replace(
-            share, excl_pairs=excl[owner[excl.min(axis=1)] == self.part] if len(excl) else excl,
-            pair14=p14[owner[p14.min(axis=1)] == self.part] if len(p14) else p14)
+        self.excl_pairs = excl[owner[excl.min(axis=1)] == self.part] if len(excl) else excl
+        self.pair14 = p14[owner[p14.min(axis=1)] == self.part] if len(p14) else p14
+        self._terms = dataclasses.replace(share, excl_pairs=self.excl_pairs, pair14=self.pair14)
         both = getattr(share, "chir_both", None)
         if both is not None:
-            self.share.chir_both = both
+            self._terms.chir_both = both
+        self._numbering: np.ndarray | None = None      # the terms' numbering (None: the model's)
+        self.vdw_radius, self.hbond_type = share.vdw_radius, share.hbond_type
+        self.reads = restraint_atoms(share)
         self.bonded = np.bincount(np.asarray(r.bond_idx, dtype=np.int64).ravel(),
                                   minlength=len(owner)).astype(np.int32)
         mine = np.flatnonzero(owner == self.part)
@@ -175,6 +180,51 @@ class PartRestraints:
     @property
     def n_atoms(self) -> int:
         return len(self.owner)
+
+    @property
+    def share(self) -> Restraints:
+        """The part's terms in the model's numbering (numbered(None))."""
+        return self.numbered(None)
+
+    def numbered(self, local: np.ndarray | None) -> Restraints:
+        """The part's terms numbered by the rows of `local`: atom a of the model is atom
+        searchsorted(local, a), local the sorted global indices of a box's atoms and halo, which
+        must hold every atom the terms read (reads, checked); None: the model's numbering. The
+        per-atom radii and H-bond types are local's rows, and the exclusions and 1-4 pairs
+        those whose other atom is in local too. Sorted, the local numbering keeps the model's
+        order: terms, pairs and sums come in the same order as in the model's numbering and give
+        the same values bit for bit.
+
+        The part holds its terms in one numbering at a time: the index arrays are numbered
+        again in place, one at a time (no second copy of the terms), and the object returned is
+        the same, valid until the part is asked for another numbering."""
+        t, old = self._terms, self._numbering
+        if (local is None and old is None) or (local is not None and old is not None
+                                               and np.array_equal(local, old)):
+            return t
+        if local is not None:
+            local = np.asarray(local, dtype=np.int64)
+            if not np.all(sorted_members(local, self.reads)):
+                raise ValueError("the local atoms miss atoms the part's terms read")
+        for name in (*_ROW_TERMS, "plane_atoms"):
+            idx = np.asarray(getattr(t, name))
+            if old is not None:
+                idx = old[idx]
+            setattr(t, name, idx if local is None else np.searchsorted(local, idx))
+        if local is None:
+            t.vdw_radius, t.hbond_type = self.vdw_radius, self.hbond_type
+            t.excl_pairs, t.pair14 = self.excl_pairs, self.pair14
+        else:
+            hb = np.asarray(self.hbond_type)
+            t.vdw_radius = np.ascontiguousarray(self.vdw_radius[local])
+            t.hbond_type = hb[local] if hb.size else hb
+
+            def special(pairs):
+                return np.searchsorted(local, pairs[sorted_members(local, pairs.max(axis=1))])
+            t.excl_pairs = t.pair14 = None     # (those of the old numbering go first)
+            t.excl_pairs, t.pair14 = special(self.excl_pairs), special(self.pair14)
+        self._numbering = local
+        return t
 
 
 @dataclasses.dataclass
@@ -239,6 +289,15 @@ def spatial_parts(xyz, res_first_atom, n_parts: int) -> np.ndarray:
         stack.append((np.sort(res[order[:cut]]), base, k1))
         stack.append((np.sort(res[order[cut:]]), base + k1, k - k1))
     return np.repeat(res_part, sizes)
+
+
+def sorted_members(sorted_ids: np.ndarray, ids) -> np.ndarray:
+    """Bool per entry of ids: whether it is one of sorted_ids (sorted, unique)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(sorted_ids) == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
 
 
 def restraint_atoms(r: Restraints) -> np.ndarray:

@@ -3,7 +3,9 @@
 Each rank of `comm` owns a block of atoms (decompose.atom_blocks) and evaluates its share of
 T = weight * T_data + T_restraints + nonbonded_weight * T_repulsion: the data term on its owned
 atoms, the restraint terms whose first atom it owns, the non-bonded pairs whose first atom it owns.
-Its gradient is full-size (zero except on the atoms its terms touch).
+Its gradient is full-size (zero except on the atoms its terms touch). A rank that owns a box
+instead (decompose.spatial_parts: BoxTarget) exchanges halos and keeps only the rows of its box
+and halo, numbered in the model's order.
 
 Two forms of the same target:
   * called with the whole coordinate vector, gradient and energy go into one float64 buffer of
@@ -41,9 +43,9 @@ from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
-from .decompose import (PairShare, PartRestraints, atom_blocks, owner_of_atoms, restraint_atoms,
-                        restraints_share, spatial_parts)
-from .halo import HaloExchange, halo_buffer
+from .decompose import (PairShare, PartRestraints, atom_blocks, owner_of_atoms, restraints_share,
+                        sorted_members, spatial_parts)
+from .halo import HaloExchange, halo_buffer, near_atoms
 
 POLL_SECONDS = 0.02
 NEIGHBOUR_SKIN = 1.0     # A, the skin of the workers' neighbour lists (nonbonded.NeighbourList)
@@ -142,6 +144,15 @@ class LocalRealSpaceTerm:
         self.sub = None                  # the sub-grid in use, from voxel self.lo (x, y, z) on
         self.lo = np.zeros(3, dtype=np.int64)
 
+    def renumber(self, rows: np.ndarray) -> None:
+        """Read the atoms from these rows of the coordinates it is given from now on (a rank
+        that keeps the rows of its box and halo only: BoxTarget). Their positions are the same:
+        the sub-grid in use stays."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if len(rows) != len(self.index):
+            raise ValueError(f"{len(rows)} rows for {len(self.index)} atoms")
+        self.index = rows
+
     def _cut(self, xyz: np.ndarray) -> None:
         """Read the sub-grid around the current positions of the atoms (or take the whole map)."""
         nz, ny, nx = self.data.shape
@@ -223,35 +234,18 @@ def release_kept_list() -> None:
     _KEPT_LIST.clear()
 
 
-class DistributedTarget:
-    """f, g of weight * T_data + T_restraints + T_repulsion summed over the ranks of comm.
+class _RankTerms:
+    """What the two forms of a rank's share of the target have in common: its terms (data,
+    restraints, non-bonded pairs) at coordinates in the numbering of its own arrays, its
+    neighbour list and its counters."""
 
-    comm: the ranks sharing the work (a half set's communicator, or all workers); shape: (n, 3)
-    of the coordinates; data_term: this rank's LocalRealSpaceTerm (or anything with
-    accumulate(xyz, grad_out, scale) -> f); share: this rank's restraints (decompose.
-    restraints_share); restraints: the full set, whose radii and exclusions build the neighbour
-    list; atom_owner: (n,) owning rank of every atom in comm (any assignment: owned_call's part
-    of the flat vector is the coordinates of this rank's atoms in increasing order); halo: a
-    halo.HaloExchange for owned_call to exchange halos instead of gathering the whole model (the
-    data term must then read only this rank's atoms).
-
-    Calling it is collective over comm: every rank must call it with the same x.
-    """
-
-    def __init__(self, comm, shape, data_term, share: Restraints, restraints: Restraints,
-                 params: RefineParams, weight: float, atom_owner: np.ndarray, halo=None):
-        n = int(shape[0])
-        if tuple(shape) != (n, 3):
-            raise ValueError(f"coordinates must have shape (n, 3), got {tuple(shape)}")
-        if len(atom_owner) != n:
-            raise ValueError(f"atom_owner has {len(atom_owner)} entries for {n} atoms")
+    def __init__(self, comm, n: int, data_term, share: Restraints, params: RefineParams,
+                 weight: float):
         self.comm = comm
         self.part = comm.Get_rank()
-        self.shape = (n, 3)
+        self.shape = (int(n), 3)
         self.data_term = data_term
         self.share = share
-        self.restraints = restraints
-        self.atom_owner = np.asarray(atom_owner)
         self.weight = float(weight)
         self.nb_sigma = params.nonbonded_sigma
         self.nb_weight = params.nonbonded_weight
@@ -259,27 +253,11 @@ class DistributedTarget:
         self.pairs: PairShare | None = None
         self.n_nbl_builds = 0
         self.n_evals = 0
-        self.n_owned = int(np.count_nonzero(self.atom_owner == self.part))
         self.seconds_local = 0.0          # this rank's own terms
-        self.seconds_reduce = 0.0         # the Allreduce, including waiting for slower ranks
-        # g (3n values) and f in one buffer: one Allreduce per evaluation
-        self._buf = np.zeros(3 * n + 1, dtype=np.float64)
-        self._grad = self._buf[:3 * n].reshape(n, 3)
-        # the split form (owned_call): rank p's part of the flat vector is the coordinates of the
-        # atoms it owns, in increasing order; gathered, the parts follow each other in rank order
-        counts = np.bincount(self.atom_owner, minlength=comm.Get_size()).astype(np.int64)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        self.owned = np.flatnonzero(self.atom_owner == self.part).astype(np.int64)
-        self.gather_order = np.argsort(self.atom_owner, kind="stable")
-        self.contiguous = bool(np.all(self.gather_order == np.arange(n)))
-        self.part_counts = (3 * counts).astype(np.int64)
-        self.part_starts = (3 * starts).astype(np.int64)
-        if not self.contiguous and halo is None:
-            raise ValueError("atoms owned in any order need a halo exchange: without one, the "
-                             "atoms a rank owns must form one contiguous block, in rank order")
-        self.halo = halo
-        self._xfull: np.ndarray | None = None
-        self._xyz: np.ndarray | None = None      # owned_call with a halo: own and halo rows current
+        self.seconds_reduce = 0.0         # the exchanges, including waiting for slower ranks
+
+    def _new_list(self, xyz: np.ndarray) -> nonbonded.NeighbourList:
+        raise NotImplementedError
 
     def local_pairs(self, xyz: np.ndarray) -> PairShare:
         """This rank's non-bonded pairs, the neighbour list refreshed around the atoms that moved too far.
@@ -287,7 +265,7 @@ class DistributedTarget:
         t0 = time.perf_counter()
         if self.nbl is None:
             # only this rank's pairs are searched for: the build costs ~1/ranks of the whole list
-            self.nbl = kept_neighbour_list(xyz, self.restraints, self.atom_owner == self.part)
+            self.nbl = self._new_list(xyz)
         elif not self.nbl.refresh(xyz) and self.pairs is not None and self.pairs.i is self.nbl.i:
             return self.pairs           # (the list is kept: another target may have refreshed it)
         # the list holds only the pairs whose lower atom this rank owns (owned=), which is what
@@ -300,35 +278,8 @@ class DistributedTarget:
         EVALUATION_TOTALS.seconds_nbl += time.perf_counter() - t0
         return self.pairs
 
-    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        t0 = time.perf_counter()
-        xyz = np.ascontiguousarray(x, dtype=np.float64).reshape(self.shape)
-        buf = self._buf
-        buf[-1] = self._local(xyz)
-        t1 = time.perf_counter()
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        t2 = time.perf_counter()
-        self.seconds_reduce += t2 - t1
-        self.seconds_local += t1 - t0
-        self.n_evals += 1
-        shared = self.comm.Get_size() > 1
-        EVALUATION_TOTALS.add(t1 - t0, t2 - t1, self.n_owned, buf.nbytes if shared else 0, shared)
-        # the buffer is reused by the next call: the optimiser keeps a copy
-        return float(buf[-1]), buf[:-1].copy()
-
-    def own_part(self, xyz: np.ndarray) -> np.ndarray:
-        """This rank's part of the flat vector (owned_call's x_part) from the whole coordinates."""
-        return np.ascontiguousarray(np.asarray(xyz, dtype=np.float64).reshape(self.shape)[self.owned]).ravel()
-
-    def _local(self, xyz: np.ndarray) -> float:
-        """This rank's terms at xyz: f returned, the gradient left in self._grad (zeroed first:
-        with a halo, only the rows the terms reach)."""
-        g = self._grad
-        if self.halo is None:
-            self._buf[:] = 0.0
-        else:
-            g[self.owned] = 0.0
-            g[self.halo.need] = 0.0
+    def _terms(self, xyz: np.ndarray, g: np.ndarray) -> float:
+        """This rank's terms at xyz; the gradient is added into g."""
         f = self.data_term.accumulate(xyz, g, self.weight)
         f += geometry.restraint_energy(xyz, self.share, grad_out=g)[0]
         if self.nb_weight > 0:
@@ -336,20 +287,87 @@ class DistributedTarget:
                                      weight=self.nb_weight)[0]
         return f
 
+    def own_part(self, xyz: np.ndarray) -> np.ndarray:
+        """This rank's part of the flat vector (owned_call's x_part) from the whole coordinates."""
+        return np.ascontiguousarray(np.asarray(xyz, dtype=np.float64).reshape(self.shape)[self.owned]).ravel()
+
+    def _counted(self, local: float, exchange: float, sent: int) -> None:
+        self.seconds_reduce += exchange
+        self.seconds_local += local
+        self.n_evals += 1
+        shared = self.comm.Get_size() > 1
+        EVALUATION_TOTALS.add(local, exchange, self.n_owned, sent if shared else 0, shared)
+
+
+class DistributedTarget(_RankTerms):
+    """f, g of weight * T_data + T_restraints + T_repulsion summed over the ranks of comm, each
+    rank owning a contiguous block of atoms (in rank order) and reading the whole model.
+
+    comm: the ranks sharing the work (a half set's communicator, or all workers); shape: (n, 3)
+    of the coordinates; data_term: this rank's LocalRealSpaceTerm (or anything with
+    accumulate(xyz, grad_out, scale) -> f); share: this rank's restraints (decompose.
+    restraints_share); restraints: the full set, whose radii and exclusions build the neighbour
+    list; atom_owner: (n,) owning rank of every atom in comm, non-decreasing (owned_call's part
+    of the flat vector is the coordinates of this rank's atoms). Ranks owning boxes exchange
+    halos instead: BoxTarget.
+
+    Calling it is collective over comm: every rank must call it with the same x.
+    """
+
+    def __init__(self, comm, shape, data_term, share: Restraints, restraints: Restraints,
+                 params: RefineParams, weight: float, atom_owner: np.ndarray):
+        n = int(shape[0])
+        if tuple(shape) != (n, 3):
+            raise ValueError(f"coordinates must have shape (n, 3), got {tuple(shape)}")
+        if len(atom_owner) != n:
+            raise ValueError(f"atom_owner has {len(atom_owner)} entries for {n} atoms")
+        super().__init__(comm, n, data_term, share, params, weight)
+        self.restraints = restraints
+        self.atom_owner = np.asarray(atom_owner)
+        if np.any(np.diff(self.atom_owner) < 0):
+            raise ValueError("the atoms a rank owns must form one contiguous block, in rank "
+                             "order (boxes exchange halos: BoxTarget)")
+        self.n_owned = int(np.count_nonzero(self.atom_owner == self.part))
+        # g (3n values) and f in one buffer: one Allreduce per evaluation
+        self._buf = np.zeros(3 * n + 1, dtype=np.float64)
+        self._grad = self._buf[:3 * n].reshape(n, 3)
+        # the split form (owned_call): rank p's part of the flat vector is the coordinates of the
+        # atoms it owns; gathered, the parts follow each other in rank order
+        counts = np.bincount(self.atom_owner, minlength=comm.Get_size()).astype(np.int64)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        self.owned = np.flatnonzero(self.atom_owner == self.part).astype(np.int64)
+        self.part_counts = (3 * counts).astype(np.int64)
+        self.part_starts = (3 * starts).astype(np.int64)
+        self.halo = None
+        self._xfull: np.ndarray | None = None
+
+    def _new_list(self, xyz: np.ndarray) -> nonbonded.NeighbourList:
+        return kept_neighbour_list(xyz, self.restraints, self.atom_owner == self.part)
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        t0 = time.perf_counter()
+        xyz = np.ascontiguousarray(x, dtype=np.float64).reshape(self.shape)
+        buf = self._buf
+        buf[-1] = self._local(xyz)
+        t1 = time.perf_counter()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self._counted(t1 - t0, time.perf_counter() - t1, buf.nbytes)
+        # the buffer is reused by the next call: the optimiser keeps a copy
+        return float(buf[-1]), buf[:-1].copy()
+
+    def _local(self, xyz: np.ndarray) -> float:
+        """This rank's terms at xyz: f returned, the gradient left in self._grad (zeroed first)."""
+        self._buf[:] = 0.0
+        return self._terms(xyz, self._grad)
+
     def gather(self, x_part: np.ndarray) -> np.ndarray:
-        """The whole flat coordinate vector from every rank's part (collective, Allgatherv)."""
-        # blocks keep the buffer for the next gather (every evaluation); boxes, which gather
-        # only when the halo lists are made again, receive into one they let go of
-        received = self._xfull if self._xfull is not None else np.empty(3 * self.shape[0], dtype=np.float64)
-        if self.contiguous:
-            self._xfull = received
+        """The whole flat coordinate vector from every rank's part (collective, Allgatherv),
+        received into a buffer kept for the next gather (every evaluation)."""
+        if self._xfull is None:
+            self._xfull = np.empty(3 * self.shape[0], dtype=np.float64)
         self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
-                             [received, (self.part_counts, self.part_starts), MPI.DOUBLE])
-        if self.contiguous:
-            return received
-        whole = np.empty_like(received)
-        whole.reshape(self.shape)[self.gather_order] = received.reshape(self.shape)
-        return whole
+                             [self._xfull, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        return self._xfull
 
     def owned_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
         """f and this rank's part of g from this rank's part of x (the split form, for an L-BFGS
@@ -358,8 +376,6 @@ class DistributedTarget:
         a Reduce_scatter sums the gradients and gives each rank its own part; f is summed with
         one more scalar Allreduce. The same data go over the wire as with one Allreduce of the
         whole gradient, but nothing of the optimiser is held or computed for the whole vector."""
-        if self.halo is not None:
-            return self._halo_call(x_part)
         t0 = time.perf_counter()
         xyz = self.gather(x_part).reshape(self.shape)
         t1 = time.perf_counter()
@@ -368,73 +384,172 @@ class DistributedTarget:
         g_part = np.empty(int(self.part_counts[self.part]), dtype=np.float64)
         self.comm.Reduce_scatter([self._buf[:-1], MPI.DOUBLE], [g_part, MPI.DOUBLE],
                                  self.part_counts, op=MPI.SUM)
-        # counted as in __call__: the reduction's buffer (3n gradient values and f); the
-        # Allgatherv adds this rank's own 3 n_owned coordinates
-        return self._sum_f(f, t0, t1, t2, 8 * len(self._buf)), g_part
-
-    def _sum_f(self, f: float, t0: float, t1: float, t2: float, sent: int) -> float:
-        """The end of an owned_call: f summed over comm (a scalar Allreduce), and the evaluation
-        counted (own terms t1..t2, exchange t0..t1 and from t2 on, `sent` bytes)."""
         fbuf = np.array([f])
         self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
-        exchange = (t1 - t0) + (time.perf_counter() - t2)
-        self.seconds_reduce += exchange
-        self.seconds_local += t2 - t1
-        self.n_evals += 1
-        shared = self.comm.Get_size() > 1
-        EVALUATION_TOTALS.add(t2 - t1, exchange, self.n_owned, sent if shared else 0, shared)
-        return float(fbuf[0])
+        # counted as in __call__: the reduction's buffer (3n gradient values and f); the
+        # Allgatherv adds this rank's own 3 n_owned coordinates
+        self._counted(t2 - t1, (t1 - t0) + (time.perf_counter() - t2), 8 * len(self._buf))
+        return float(fbuf[0]), g_part
 
-    def _halo_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
-        """owned_call with a halo exchange: this rank's own rows are set from x_part, the halo
-        rows come from their owners, the halo rows of the gradient go back to their owners, and
-        one Allreduce sums f and the number of ranks with an atom moved beyond the halo's buffer.
-        When there is one, the evaluation may have missed a contact: the whole model is gathered,
-        the lists made again, the neighbour list dropped (its references saw stale rows) and the
-        evaluation done again."""
+    def statistics(self, xyz: np.ndarray) -> dict:
+        """Geometry statistics of the whole model (collective): see gather_statistics."""
+        xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+        return gather_statistics(self.comm, xyz, self.share, self.local_pairs(xyz))
+
+
+# A box rank's arrays hold its atoms, its halo and the atoms up to HALO_SPARE A beyond the halo
+# (BoxTarget): the halo of the next build, or of the next minimisation, then usually still lies
+# within them, and the numbering and neighbour list are kept rather than made again.
+HALO_SPARE = 2.0
+_BOX_KEY = np.array([-1])          # (a box rank's kept list, told apart from a block rank's)
+
+
+class BoxTarget(_RankTerms):
+    """owned_call of the rank of comm that owns the box `owner == rank` (decompose.spatial_parts)
+    and exchanges halos with the others (halo.HaloExchange), in a numbering of its own: row k
+    of every array it keeps is atom local[k], local the sorted global indices of its own atoms,
+    its halo and the atoms up to HALO_SPARE A beyond (those last rows are not exchanged; they
+    hold the positions at the last build, too far from the rank's atoms to enter a term while the
+    halo is valid). Its coordinates, gradient, neighbour list and terms so grow with its box, not
+    with the model. Sorted, the local numbering keeps the model's order: the energies and
+    gradients are bitwise those of the same terms in the model's numbering.
+
+    xyz0: the whole start, the same on every rank; data_term: a LocalRealSpaceTerm of this
+    rank's atoms (it reads only them; renumber() gives it their rows); part: this rank's
+    decompose.PartRestraints (its owner is the ranks' boxes), whose terms it numbers by its rows
+    (PartRestraints.numbered); key: the restraints object the neighbour list is kept for
+    (ListKeeper: the next minimisation of the same restraints and boxes takes over numbering and
+    list when its halo lies within them).
+
+    The halo is valid while no atom has moved buffer / 2 from the last build; when one has, the
+    lists are made again from the ranks' own atoms (halo.HaloExchange.build) and, if the halo
+    left the local atoms, the rank numbered again (and its neighbour list made again). Only the
+    start (xyz0) and the result (gather) are whole models."""
+
+    def __init__(self, comm, xyz0, data_term, part: PartRestraints, key, params: RefineParams,
+                 weight: float):
+        n = len(xyz0)
+        super().__init__(comm, n, data_term, None, params, weight)
+        owner = part.owner
+        if part.n_atoms != n or part.n_parts != comm.Get_size() or part.part != self.part:
+            raise ValueError(f"rank {self.part} of {comm.Get_size()} holds part {part.part} of "
+                             f"{part.n_parts} of {part.n_atoms} atoms' restraints, for {n} atoms")
+        if not hasattr(data_term, "renumber"):
+            raise ValueError("a rank owning a box needs a data term that reads only its own "
+                             "atoms, by rows (LocalRealSpaceTerm)")
+        self.terms = part
+        self.key = key
+        self.owner = owner
+        self.owned = np.flatnonzero(owner == self.part).astype(np.int64)
+        self.n_owned = len(self.owned)
+        counts = np.bincount(owner, minlength=comm.Get_size()).astype(np.int64)
+        self.part_counts = (3 * counts).astype(np.int64)
+        self.part_starts = (3 * (np.cumsum(counts) - counts)).astype(np.int64)
+        buffer = halo_buffer(params.max_step)
+        self.radius = 2.0 * float(np.max(part.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
+        self.halo = HaloExchange(comm, owner, part.reads, self.radius, buffer)
+        self.local: np.ndarray | None = None     # global index of every row
+        self.own_rows: np.ndarray | None = None  # rows of the owned atoms
+        self._xyz: np.ndarray | None = None
+        self._grad: np.ndarray | None = None
+        kept = _KEPT_LIST.get(key, self.owned, _BOX_KEY)
+        if kept is not None:                     # the previous minimisation's numbering and list
+            self.local, self.nbl = kept
+        self._build(np.asarray(xyz0, dtype=np.float64).reshape(n, 3)[self.owned])
+
+    def _build(self, x_owned: np.ndarray) -> None:
+        """The halo lists made at this rank's own coordinates x_owned (collective: halo.build),
+        this rank numbered again when its halo is not within its rows, and its rows set: its own
+        from x_owned, the others' from their owners (halo.fetch)."""
         halo = self.halo
-        size = self.comm.Get_size()
+        x_owned = np.asarray(x_owned, dtype=np.float64).reshape(-1, 3)
+        wide = halo.build(x_owned, HALO_SPARE)
+        EVALUATION_TOTALS.halo_builds += 1
+        need = np.union1d(self.owned, halo.need)
+        if self.local is None or not np.all(sorted_members(self.local, need)):
+            self.local = np.union1d(need, wide)
+            self.nbl = self.pairs = None
+            _KEPT_LIST.clear()            # (a list of the old numbering goes before the new is made)
+        if self.own_rows is None or self.nbl is None:
+            self.own_rows = np.searchsorted(self.local, self.owned)
+            self.share = self.terms.numbered(self.local)
+            self.data_term.renumber(self.own_rows)
+            self._grad = np.zeros((len(self.local), 3), dtype=np.float64)
+        halo.localise(self.local)
+        others = np.ones(len(self.local), dtype=bool)
+        others[self.own_rows] = False
+        xyz = np.empty((len(self.local), 3), dtype=np.float64)
+        xyz[self.own_rows] = x_owned
+        xyz[others] = halo.fetch(self.local[others], x_owned)
+        self._xyz = xyz
+
+    def _new_list(self, xyz: np.ndarray) -> nonbonded.NeighbourList:
+        owned = np.zeros(len(self.local), dtype=bool)
+        owned[self.own_rows] = True
+        nbl = nonbonded.NeighbourList(xyz, self.share, cutoff_extra=NEIGHBOUR_SKIN, owned=owned)
+        _KEPT_LIST.keep(self.key, (self.owned, _BOX_KEY), (self.local, nbl))
+        return nbl
+
+    def gather(self, x_part: np.ndarray) -> np.ndarray:
+        """The whole flat coordinate vector from every rank's part (collective, Allgatherv), in
+        a new array."""
+        received = np.empty(3 * self.shape[0], dtype=np.float64)
+        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
+                             [received, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        # (in rank order: each rank's atoms put in place)
+        whole = np.empty_like(received)
+        whole.reshape(self.shape)[np.argsort(self.owner, kind="stable")] = received.reshape(self.shape)
+        return whole
+
+    def _local(self) -> float:
+        """This rank's terms at its rows: f returned, the gradient left in self._grad."""
+        self._grad[:] = 0.0
+        return self._terms(self._xyz, self._grad)
+
+    def owned_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
+        """f and this rank's part of g from this rank's part of x (collective): the own rows
+        set from x_part, the halo rows from their owners, the halo rows of the gradient sent back
+        to their owners, and one Allreduce summing f and the number of ranks with an atom moved
+        beyond the halo's buffer. When there is one, the evaluation may have missed a contact:
+        the lists are made again (_build) and the evaluation done again."""
+        halo = self.halo
         t0 = time.perf_counter()
         mine = np.asarray(x_part, dtype=np.float64).reshape(-1, 3)
         far = halo.moved_far(mine)
-        self._xyz[self.owned] = mine
+        self._xyz[self.own_rows] = mine
         halo.coords(self._xyz)
         t1 = time.perf_counter()
-        f = self._local(self._xyz)
+        f = self._local()
         local = time.perf_counter() - t1
         halo.gradients(self._grad)
         fbuf = np.array([f, float(far)])
         self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
         sent = halo.bytes_per_evaluation()
         if fbuf[1] > 0:
-            self._xyz = None          # let go of the stale rows before the whole model comes
-            whole = self.gather(x_part).reshape(self.shape)
-            # (gathered in rank order, the boxes' atoms are put in place in a new array; the
-            # gather's own buffer, when they are blocks, is the next gather's too)
-            self._xyz = whole.copy() if self.contiguous else whole
-            halo.build(self._xyz)
-            self.nbl = None
-            EVALUATION_TOTALS.halo_builds += 1
+            built = halo.build_bytes
+            self._build(mine)
             t1 = time.perf_counter()
-            f = self._local(self._xyz)
+            f = self._local()
             local += time.perf_counter() - t1
             halo.gradients(self._grad)
             fbuf = np.array([f])
             self.comm.Allreduce(MPI.IN_PLACE, fbuf, op=MPI.SUM)
-            sent += 8 * len(x_part) * (size - 1) + halo.bytes_per_evaluation()
-        exchange = time.perf_counter() - t0 - local
-        self.seconds_reduce += exchange
-        self.seconds_local += local
-        self.n_evals += 1
-        EVALUATION_TOTALS.add(local, exchange, self.n_owned, sent, True)
+            sent += halo.build_bytes - built + halo.bytes_per_evaluation()
+        self._counted(local, time.perf_counter() - t0 - local, sent)
         EVALUATION_TOTALS.halo_evaluations += 1
         EVALUATION_TOTALS.halo_atoms += len(halo.need)
-        return float(fbuf[0]), np.ascontiguousarray(self._grad[self.owned]).ravel()
+        return float(fbuf[0]), np.ascontiguousarray(self._grad[self.own_rows]).ravel()
 
     def statistics(self, xyz: np.ndarray) -> dict:
-        """Geometry statistics of the whole model (collective): see gather_statistics."""
-        xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-        return gather_statistics(self.comm, xyz, self.share, self.local_pairs(xyz))
+        """Geometry statistics of the whole model xyz (collective): see gather_statistics. The
+        lists are made again first when an atom has moved beyond the halo's buffer."""
+        xyz = np.ascontiguousarray(xyz, dtype=np.float64).reshape(self.shape)
+        far = np.array([float(self.halo.moved_far(xyz[self.owned]))])
+        self.comm.Allreduce(MPI.IN_PLACE, far, op=MPI.SUM)
+        if far[0] > 0:
+            self._build(xyz[self.owned])
+        rows = np.ascontiguousarray(xyz[self.local])
+        return gather_statistics(self.comm, rows, self.share, self.local_pairs(rows))
 
 
 def _rms(sum_sq: float, count: float) -> float:
@@ -492,17 +607,17 @@ def same_on_all_ranks(comm, a: np.ndarray) -> bool:
 
 
 def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
-                       weight: float, params: RefineParams, boxes: bool = False) -> DistributedTarget:
-    """The DistributedTarget of this rank: the data term restricted to the rank's atoms, the
+                       weight: float, params: RefineParams, boxes: bool = False):
+    """The DistributedTarget (or BoxTarget) of this rank: the data term restricted to the rank's atoms, the
     restraints to their share. data_term: an engine.RealSpaceTerm over all atoms (or any term
     with local(atoms)).
 
     The atoms are cut into comm.Get_size() blocks of whole residues in file order (rank p owns
     block p) unless `boxes`, the data term reads only the rank's own atoms (reads_own_atoms_only),
     comm has more than one rank and params.decomposition is "boxes" (or "auto" and atoms x
-    (ranks - 1)^2 >= BOXES_FROM): then rank p owns box p of decompose.spatial_parts at xyz0 and
-    its owned_call exchanges halos (halo.HaloExchange). xyz0 must then be the same on every
-    rank.
+    (ranks - 1)^2 >= BOXES_FROM): then rank p owns box p of decompose.spatial_parts at xyz0,
+    holds only the rows of its box and halo, and its owned_call exchanges halos (BoxTarget).
+    xyz0 must then be the same on every rank.
 
     restraints may be this rank's decompose.PartRestraints instead of the whole set (comm's
     rank `part` of its n_parts): its fixed parts are the ranks' atoms then (blocks or boxes, as
@@ -515,15 +630,15 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
             raise ValueError(f"rank {part} of {size} holds part {restraints.part} of "
                              f"{restraints.n_parts} of {restraints.n_atoms} atoms' restraints, "
                              f"for {n} atoms")
-        share = restraints.share
         if restraints.blocks is not None:
+            share = restraints.share
             local = _local_term(data_term, slice(*restraints.blocks))
             return DistributedTarget(comm, (n, 3), local, share, share, params, weight,
                                      restraints.owner)
         if not reads_own_atoms_only(data_term):
             raise ValueError("restraints held in boxes need a data term that reads only the "
                              "rank's own atoms")
-        return _box_target(comm, xyz0, data_term, restraints.owner, share, share, weight, params)
+        return _box_target(comm, xyz0, data_term, restraints, restraints, weight, params)
     bounds = atom_blocks(res_first_atom, comm.Get_size())
     if bounds[-1] != n:
         raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
@@ -534,7 +649,7 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
         return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
                                  restraints, params, weight, owner)
     owner = spatial_parts(xyz0, res_first_atom, comm.Get_size())
-    return _box_target(comm, xyz0, data_term, owner, restraints_share(restraints, owner, part),
+    return _box_target(comm, xyz0, data_term, PartRestraints(restraints, owner, part, size, comm),
                        restraints, weight, params)
 
 
@@ -545,21 +660,12 @@ def boxes_wanted(n_atoms: int, ranks: int, params: RefineParams) -> bool:
                           or (params.decomposition == "auto" and n_atoms * (ranks - 1) ** 2 >= BOXES_FROM))
 
 
-def _box_target(comm, xyz0, data_term, owner, share: Restraints, restraints: Restraints,
-                weight: float, params: RefineParams) -> DistributedTarget:
-    """The DistributedTarget of this rank owning the box `owner == rank`, its halo built at xyz0
-    (restraints: what its neighbour list reads, the whole set or a part's share)."""
-    n = len(xyz0)
-    own = np.flatnonzero(owner == comm.Get_rank())
-    buffer = halo_buffer(params.max_step)
-    radius = 2.0 * float(np.max(restraints.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
-    halo = HaloExchange(comm, owner, restraint_atoms(share), radius, buffer)
-    target = DistributedTarget(comm, (n, 3), _local_term(data_term, own), share, restraints, params,
-                               weight, owner, halo=halo)
-    target._xyz = np.array(xyz0, dtype=np.float64).reshape(n, 3)
-    halo.build(target._xyz)
-    EVALUATION_TOTALS.halo_builds += 1
-    return target
+def _box_target(comm, xyz0, data_term, part: PartRestraints, key, weight: float,
+                params: RefineParams) -> BoxTarget:
+    """The BoxTarget of this rank owning the box of its PartRestraints, its halo built at xyz0
+    (key: the restraints its neighbour list is kept for)."""
+    own = np.flatnonzero(part.owner == comm.Get_rank())
+    return BoxTarget(comm, xyz0, _local_term(data_term, own), part, key, params, weight)
 
 
 def correct_inversions(xyz: np.ndarray, r) -> tuple[np.ndarray, int, int]:
@@ -612,15 +718,21 @@ def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restrain
     x_part, f, state, _ = lbfgs(target.owned_call, target.own_part(xyz0),
                                 maxiter=iterations, m=params.lbfgs_memory, max_step=params.max_step,
                                 callback=callback, comm=comm)
-    x = target.gather(x_part).copy()
+    iterations, evaluations = state.iteration, state.n_evals
+    # the history (this rank's part of m pairs of vectors) is let go of before the whole model
+    # is gathered and its statistics made
+    del state
+    x = target.gather(x_part)
+    if target.halo is None:          # (blocks gather into a buffer their next evaluation reuses)
+        x = x.copy()
     seconds = time.perf_counter() - t0
-    if not same_on_all_ranks(comm, np.array([f, state.iteration, state.n_evals])):
+    if not same_on_all_ranks(comm, np.array([f, iterations, evaluations])):
         raise RuntimeError("the ranks' minimisations diverged: the reduced values differed "
                            "between ranks")
     # the geometry of the result from each rank's share of the terms and pairs (two Allreduce
     # calls), so no rank needs the whole model's neighbour list to report it
-    result = MinimiseResult(xyz=x.reshape(xyz0.shape), f=f, iterations=state.iteration,
-                            evaluations=state.n_evals, seconds=seconds,
+    result = MinimiseResult(xyz=x.reshape(xyz0.shape), f=f, iterations=iterations,
+                            evaluations=evaluations, seconds=seconds,
                             statistics=target.statistics(x.reshape(xyz0.shape)))
     return result, target
 

@@ -13,11 +13,12 @@ so the bytes a rank exchanges grow with its box's surface, not with the model.
 
 The halo stays valid while no atom has moved more than `buffer / 2` from where it was at the
 last build (radius = the neighbour search radius + buffer): then no atom outside the halo can come
-within the search radius of an owned atom, and the stale coordinates a rank keeps for atoms far
-outside its box never enter a term. Each rank checks its own atoms (moved_far) and the answer is
-summed with the energy of the same evaluation (DistributedTarget._halo_call); when an atom has
-moved too far, that evaluation is done again after build() has gathered the whole model once
-(Allgatherv) and made new lists, so the common evaluation costs no extra collective.
+within the search radius of an owned atom, and the rows a rank keeps for atoms beyond its halo
+never enter a term. Each rank checks its own atoms (moved_far) and the answer is summed with the
+energy of the same evaluation (distributed.BoxTarget.owned_call); when an atom has moved too far,
+that evaluation is done again after build() has made new lists from each rank's own atoms and
+the atoms the others send it from near its bounds, so the common evaluation costs no extra
+collective and no rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -90,30 +91,104 @@ class HaloExchange:
         self.radius = float(radius)
         self.buffer = float(buffer)
         self.need = np.zeros(0, dtype=np.int64)          # halo atoms, grouped by owner
+        self.need_rows = self.need                       # their rows in the caller's arrays
         self.recv_counts = np.zeros(self.size, dtype=np.int64)
         self.send_idx = np.zeros(0, dtype=np.int64)      # own atoms others read, grouped by reader
         self.send_counts = np.zeros(self.size, dtype=np.int64)
+        self.send_rows = self.send_idx
         self.x_build: np.ndarray | None = None
         self.n_builds = 0
-        self.build_bytes = 0          # bytes this rank sent in the builds' Alltoallv of lists
+        self.build_bytes = 0          # bytes this rank sent in the builds (and their fetches)
+        self._asked_bytes = 0
 
-    def build(self, xyz: np.ndarray) -> None:
-        """New lists at xyz, which must be the whole model and the same on every rank."""
-        halo = np.union1d(self.fixed, near_atoms(xyz, self.owned, self.radius))
+    def build(self, x_owned: np.ndarray, spare: float = 0.0) -> np.ndarray:
+        """New lists at this rank's own coordinates x_owned (rows of self.owned; collective,
+        every rank passing its own), without the whole model: the ranks swap the bounds of their
+        atoms (Allgather), each sends every other rank its atoms within radius + spare of that
+        rank's bounds, with their coordinates (Alltoallv), and each keeps of those it receives
+        the ones near its own atoms (near_atoms). Returns the other ranks' atoms within
+        radius + spare of this rank's (sorted global indices; a superset, found on a grid);
+        the halo (need) is those within radius and the atoms its restraint terms read."""
+        x_owned = np.ascontiguousarray(x_owned, dtype=np.float64).reshape(-1, 3)
+        if len(x_owned) != len(self.owned):
+            raise ValueError(f"{len(x_owned)} coordinates for {len(self.owned)} owned atoms")
+        if not np.isfinite(x_owned).all():
+            raise ValueError("non-finite coordinates")
+        reach = self.radius + float(spare)
+        bounds = np.full(6, np.nan)
+        if len(x_owned):
+            bounds[:3], bounds[3:] = x_owned.min(axis=0), x_owned.max(axis=0)
+        every = np.empty((self.size, 6), dtype=np.float64)
+        self.comm.Allgather(bounds, every)
+        picks = []
+        for q in range(self.size):
+            if q == self.rank or not np.isfinite(every[q]).all():
+                picks.append(np.zeros(0, dtype=np.int64))
+                continue
+            inside = np.all((x_owned >= every[q, :3] - reach) & (x_owned <= every[q, 3:] + reach), axis=1)
+            picks.append(np.flatnonzero(inside))
+        give_counts = np.array([len(p) for p in picks], dtype=np.int64)
+        give = np.concatenate(picks)
+        take_counts = np.empty(self.size, dtype=np.int64)
+        self.comm.Alltoall(give_counts, take_counts)
+        took = np.empty(int(take_counts.sum()), dtype=np.int64)
+        self.comm.Alltoallv([self.owned[give], (give_counts, _displs(give_counts)), MPI.INT64_T],
+                            [took, (take_counts, _displs(take_counts)), MPI.INT64_T])
+        took_xyz = np.empty((len(took), 3), dtype=np.float64)
+        self._exchange(np.ascontiguousarray(x_owned[give]), give_counts, took_xyz, take_counts)
+        n_own = len(x_owned)
+        both = np.concatenate([x_owned, took_xyz])
+        own = np.arange(n_own, dtype=np.int64)
+        wide = np.sort(took[near_atoms(both, own, reach) - n_own])
+        near = took[near_atoms(both, own, self.radius) - n_own] if spare > 0 else wide
+        halo = np.union1d(self.fixed, near)
         need = halo[np.lexsort((halo, self.owner[halo]))]
         recv_counts = np.bincount(self.owner[need], minlength=self.size).astype(np.int64)
-        send_counts = np.empty(self.size, dtype=np.int64)
-        self.comm.Alltoall(recv_counts, send_counts)
-        send_idx = np.empty(int(send_counts.sum()), dtype=np.int64)
-        self.comm.Alltoallv([need, (recv_counts, _displs(recv_counts)), MPI.INT64_T],
-                            [send_idx, (send_counts, _displs(send_counts)), MPI.INT64_T])
-        if len(send_idx) and np.any(self.owner[send_idx] != self.rank):
-            raise RuntimeError("halo lists: a rank asked for atoms this rank does not own")
+        send_idx, send_counts = self._asked(need, recv_counts)
         self.need, self.recv_counts = need, recv_counts
         self.send_idx, self.send_counts = send_idx, send_counts
-        self.x_build = np.array(xyz[self.owned], dtype=np.float64)
+        self.need_rows, self.send_rows = need, send_idx
+        self.x_build = x_owned.copy()
         self.n_builds += 1
-        self.build_bytes += 8 * (self.size + len(need))
+        # the bounds, the counts, the atoms sent with their coordinates, the halo asked for
+        self.build_bytes += 8 * (6 + self.size + 4 * len(give)) + self._asked_bytes
+        return wide
+
+    def _asked(self, ask: np.ndarray, ask_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Send every owner the atoms of ask (grouped by owner, ask_counts per rank) and return
+        the atoms the others ask of this rank, grouped by asker, with their counts."""
+        counts = np.empty(self.size, dtype=np.int64)
+        self.comm.Alltoall(ask_counts, counts)
+        asked = np.empty(int(counts.sum()), dtype=np.int64)
+        self.comm.Alltoallv([ask, (ask_counts, _displs(ask_counts)), MPI.INT64_T],
+                            [asked, (counts, _displs(counts)), MPI.INT64_T])
+        if len(asked) and np.any(self.owner[asked] != self.rank):
+            raise RuntimeError("halo lists: a rank asked for atoms this rank does not own")
+        self._asked_bytes = 8 * (self.size + len(ask))
+        return asked, counts
+
+    def fetch(self, atoms: np.ndarray, x_owned: np.ndarray) -> np.ndarray:
+        """The coordinates of other ranks' atoms (global indices) from their owners (collective:
+        each rank passes its own coordinates x_owned, rows of self.owned)."""
+        atoms = np.asarray(atoms, dtype=np.int64)
+        order = np.lexsort((atoms, self.owner[atoms]))
+        ask = atoms[order]
+        ask_counts = np.bincount(self.owner[ask], minlength=self.size).astype(np.int64)
+        asked, counts = self._asked(ask, ask_counts)
+        rows = np.ascontiguousarray(np.asarray(x_owned, dtype=np.float64).reshape(-1, 3)
+                                    [np.searchsorted(self.owned, asked)])
+        got = np.empty((len(ask), 3), dtype=np.float64)
+        self._exchange(rows, counts, got, ask_counts)
+        self.build_bytes += self._asked_bytes + 24 * len(rows)
+        out = np.empty_like(got)
+        out[order] = got
+        return out
+
+    def localise(self, local: np.ndarray) -> None:
+        """Exchange the rows of arrays in the numbering `local` (the sorted global indices of
+        this rank's atoms and halo: row k is atom local[k]) from now until the next build."""
+        self.need_rows = np.searchsorted(local, self.need)
+        self.send_rows = np.searchsorted(local, self.send_idx)
 
     def moved_far(self, x_owned: np.ndarray) -> bool:
         """True when one of this rank's atoms has moved more than buffer / 2 since the build
@@ -125,19 +200,19 @@ class HaloExchange:
         return bool(len(d2) and not (np.max(d2) <= (self.buffer / 2.0) ** 2))
 
     def coords(self, xyz: np.ndarray) -> None:
-        """Fill xyz[need] (rows) with the owners' coordinates; this rank's own rows must be
-        current."""
-        send = np.ascontiguousarray(xyz[self.send_idx], dtype=np.float64)
+        """Fill the halo rows of xyz (need_rows) with the owners' coordinates; this rank's own
+        rows must be current."""
+        send = np.ascontiguousarray(xyz[self.send_rows], dtype=np.float64)
         recv = np.empty((len(self.need), 3), dtype=np.float64)
         self._exchange(send, self.send_counts, recv, self.recv_counts)
-        xyz[self.need] = recv
+        xyz[self.need_rows] = recv
 
     def gradients(self, g: np.ndarray) -> None:
         """Send the halo rows of g to their owners and add the rows received into g's own rows."""
-        send = np.ascontiguousarray(g[self.need], dtype=np.float64)
+        send = np.ascontiguousarray(g[self.need_rows], dtype=np.float64)
         recv = np.empty((len(self.send_idx), 3), dtype=np.float64)
         self._exchange(send, self.recv_counts, recv, self.send_counts)
-        np.add.at(g, self.send_idx, recv)
+        np.add.at(g, self.send_rows, recv)
 
     def _exchange(self, send, send_counts, recv, recv_counts) -> None:
         sc = 3 * send_counts

@@ -140,6 +140,38 @@ def test_halo_evaluations_equal_the_engine(ctx, case, measured):
     assert worst[2] in (0, 2)
 
 
+def test_a_box_rank_holds_its_rows_and_a_halo_found_without_the_whole_model(ctx, case):
+    """A rank owning a box keeps arrays of its box and halo only (BoxTarget.local), and the halo
+    its ranks find from their own atoms (HaloExchange.build: bounds and the atoms near them
+    swapped) holds every atom within the halo radius of the box and every atom its terms read,
+    at the start and after the atoms moved far enough to make the lists again."""
+    bad = np.zeros(1)
+    if ctx.is_worker and ctx.workers.Get_size() > 1:
+        comm = ctx.workers
+        xyz0 = case["xyz0"]
+        n = len(xyz0)
+        params = dataclasses.replace(case["params"], decomposition="boxes")
+        target = distributed_target(comm, xyz0, case["term"], case["r"], case["model"].res_first_atom,
+                                    WEIGHT, params, boxes=True)
+        moved = xyz0.copy()
+        moved[::50] += 1.5
+        for x in (xyz0, moved):
+            target.owned_call(target.own_part(x))
+            halo, own = target.halo, target.owned
+            d = np.sqrt(((x[:, None, :] - x[None, own, :]) ** 2).sum(-1)).min(axis=1)
+            within = np.setdiff1d(np.flatnonzero(d <= halo.radius), own)
+            reads = np.setdiff1d(halo.fixed, own)
+            held = np.union1d(own, halo.need)
+            bad[0] += not (np.all(np.isin(within, halo.need)) and np.all(np.isin(reads, halo.need)))
+            bad[0] += not np.all(np.isin(held, target.local))
+            bad[0] += not (len(target.local) < n and target._xyz.shape == (len(target.local), 3)
+                           and target._grad.shape == target._xyz.shape)
+            # every row holds its atom's coordinates at the last build (the halo's, current)
+            bad[0] += not np.array_equal(target._xyz[np.searchsorted(target.local, held)], x[held])
+        bad[0] += target.halo.n_builds != 2
+    assert _world_max(bad)[0] == 0
+
+
 def test_boxes_and_blocks_minimise_alike(ctx, case):
     """The same minimisation with the atoms shared as boxes (halo exchange) and as blocks (the
     whole model gathered) ends at the same coordinates, to summation order."""
