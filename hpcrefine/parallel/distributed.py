@@ -397,9 +397,10 @@ class DistributedTarget(_RankTerms):
         return gather_statistics(self.comm, xyz, self.share, self.local_pairs(xyz))
 
 
-# A box rank's arrays hold its atoms, its halo and the atoms up to HALO_SPARE A beyond the halo
-# (BoxTarget): the halo of the next build, or of the next minimisation, then usually still lies
-# within them, and the numbering and neighbour list are kept rather than made again.
+# A box rank's arrays hold its atoms, its halo and the atoms up to HALO_SPARE A beyond the
+# farthest its halo can reach (BoxTarget): the halo of the next build, or of the next
+# minimisation, then usually still lies within them, and the numbering and neighbour list are
+# kept rather than made again.
 HALO_SPARE = 2.0
 _BOX_KEY = np.array([-1])          # (a box rank's kept list, told apart from a block rank's)
 
@@ -408,7 +409,7 @@ class BoxTarget(_RankTerms):
     """owned_call of the rank of comm that owns the box `owner == rank` (decompose.spatial_parts)
     and exchanges halos with the others (halo.HaloExchange), in a numbering of its own: row k
     of every array it keeps is atom local[k], local the sorted global indices of its own atoms,
-    its halo and the atoms up to HALO_SPARE A beyond (those last rows are not exchanged; they
+    its halo and the atoms up to HALO_SPARE A beyond its halo's reach (those rows are not exchanged; they
     hold the positions at the last build, too far from the rank's atoms to enter a term while the
     halo is valid). Its coordinates, gradient, neighbour list and terms so grow with its box, not
     with the model. Sorted, the local numbering keeps the model's order: the energies and
@@ -463,7 +464,12 @@ class BoxTarget(_RankTerms):
         from x_owned, the others' from their owners (halo.fetch)."""
         halo = self.halo
         x_owned = np.asarray(x_owned, dtype=np.float64).reshape(-1, 3)
-        wide = halo.build(x_owned, HALO_SPARE)
+        # the halo is found on a grid (near_atoms): it may hold atoms up to 1.5 sqrt(3) = 2.6
+        # radii from the rank's own; the rows reach that far and HALO_SPARE more, so that the
+        # halo of a later build, or of the next minimisation, still lies within them (with rows
+        # reaching only HALO_SPARE beyond the radius, a million atoms on 2 workers were numbered
+        # again at almost every build, each time with a new neighbour list)
+        wide = halo.build(x_owned, (1.5 * math.sqrt(3.0) - 1.0) * self.radius + HALO_SPARE)
         EVALUATION_TOTALS.halo_builds += 1
         need = np.union1d(self.owned, halo.need)
         if self.local is None or not np.all(sorted_members(self.local, need)):
