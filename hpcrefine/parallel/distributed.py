@@ -45,7 +45,7 @@ from ..params import RefineParams
 from ..restraints import Restraints
 from .decompose import (PairShare, PartRestraints, atom_blocks, owner_of_atoms, restraints_share,
                         sorted_members, spatial_parts)
-from .halo import HaloExchange, halo_buffer, near_atoms
+from .halo import HaloExchange, halo_buffer
 
 POLL_SECONDS = 0.02
 NEIGHBOUR_SKIN = 1.0     # A, the skin of the workers' neighbour lists (nonbonded.NeighbourList)
@@ -237,7 +237,7 @@ def release_kept_list() -> None:
 class _RankTerms:
     """What the two forms of a rank's share of the target have in common: its terms (data,
     restraints, non-bonded pairs) at coordinates in the numbering of its own arrays, its
-    neighbour list and its counters."""
+    neighbour list (each form makes it with its _new_list(xyz)) and its counters."""
 
     def __init__(self, comm, n: int, data_term, share: Restraints, params: RefineParams,
                  weight: float):
@@ -255,9 +255,6 @@ class _RankTerms:
         self.n_evals = 0
         self.seconds_local = 0.0          # this rank's own terms
         self.seconds_reduce = 0.0         # the exchanges, including waiting for slower ranks
-
-    def _new_list(self, xyz: np.ndarray) -> nonbonded.NeighbourList:
-        raise NotImplementedError
 
     def local_pairs(self, xyz: np.ndarray) -> PairShare:
         """This rank's non-bonded pairs, the neighbour list refreshed around the atoms that moved too far.
@@ -409,11 +406,11 @@ class BoxTarget(_RankTerms):
     """owned_call of the rank of comm that owns the box `owner == rank` (decompose.spatial_parts)
     and exchanges halos with the others (halo.HaloExchange), in a numbering of its own: row k
     of every array it keeps is atom local[k], local the sorted global indices of its own atoms,
-    its halo and the atoms up to HALO_SPARE A beyond its halo's reach (those rows are not exchanged; they
-    hold the positions at the last build, too far from the rank's atoms to enter a term while the
-    halo is valid). Its coordinates, gradient, neighbour list and terms so grow with its box, not
-    with the model. Sorted, the local numbering keeps the model's order: the energies and
-    gradients are bitwise those of the same terms in the model's numbering.
+    its halo and the atoms up to HALO_SPARE A beyond its halo's reach (those rows are not
+    exchanged; they hold the positions at the last build, too far from the rank's atoms to enter
+    a term while the halo is valid). Its coordinates, gradient, neighbour list and terms so grow
+    with its box, not with the model. Sorted, the local numbering keeps the model's order: the
+    energies and gradients are bitwise those of the same terms in the model's numbering.
 
     xyz0: the whole start, the same on every rank; data_term: a LocalRealSpaceTerm of this
     rank's atoms (it reads only them; renumber() gives it their rows); part: this rank's
@@ -475,7 +472,7 @@ class BoxTarget(_RankTerms):
         if self.local is None or not np.all(sorted_members(self.local, need)):
             self.local = np.union1d(need, wide)
             self.nbl = self.pairs = None
-            _KEPT_LIST.clear()            # (a list of the old numbering goes before the new is made)
+            _KEPT_LIST.clear()     # (a list of the old numbering goes before the new is made)
         if self.own_rows is None or self.nbl is None:
             self.own_rows = np.searchsorted(self.local, self.owned)
             self.share = self.terms.numbered(self.local)
@@ -504,7 +501,8 @@ class BoxTarget(_RankTerms):
                              [received, (self.part_counts, self.part_starts), MPI.DOUBLE])
         # (in rank order: each rank's atoms put in place)
         whole = np.empty_like(received)
-        whole.reshape(self.shape)[np.argsort(self.owner, kind="stable")] = received.reshape(self.shape)
+        order = np.argsort(self.owner, kind="stable")
+        whole.reshape(self.shape)[order] = received.reshape(self.shape)
         return whole
 
     def _local(self) -> float:
@@ -614,9 +612,9 @@ def same_on_all_ranks(comm, a: np.ndarray) -> bool:
 
 def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
                        weight: float, params: RefineParams, boxes: bool = False):
-    """The DistributedTarget (or BoxTarget) of this rank: the data term restricted to the rank's atoms, the
-    restraints to their share. data_term: an engine.RealSpaceTerm over all atoms (or any term
-    with local(atoms)).
+    """The DistributedTarget (or BoxTarget) of this rank: the data term restricted to the rank's
+    atoms, the restraints to their share. data_term: an engine.RealSpaceTerm over all atoms (or
+    any term with local(atoms)).
 
     The atoms are cut into comm.Get_size() blocks of whole residues in file order (rank p owns
     block p) unless `boxes`, the data term reads only the rank's own atoms (reads_own_atoms_only),

@@ -125,7 +125,8 @@ class HaloExchange:
             if q == self.rank or not np.isfinite(every[q]).all():
                 picks.append(np.zeros(0, dtype=np.int64))
                 continue
-            inside = np.all((x_owned >= every[q, :3] - reach) & (x_owned <= every[q, 3:] + reach), axis=1)
+            lo, hi = every[q, :3] - reach, every[q, 3:] + reach
+            inside = np.all((x_owned >= lo) & (x_owned <= hi), axis=1)
             picks.append(np.flatnonzero(inside))
         give_counts = np.array([len(p) for p in picks], dtype=np.int64)
         give = np.concatenate(picks)
