@@ -48,7 +48,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
-from .core.common import unique_sorted
+from .core.common import sorted_members, unique_sorted
 from .modelio import Model
 from .protocol.rotamer_fit import current_chis, side_chains
 from .restraints import Restraints
@@ -148,11 +148,7 @@ class _PairSet:
 
     def has(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         ok = (i >= 0) & (j >= 0)
-        if len(self.keys) == 0:
-            return np.zeros(len(ok), dtype=bool)
-        key = np.where(ok, i * self.n + j, -1)
-        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
-        return ok & (self.keys[pos] == key)
+        return ok & sorted_members(self.keys, np.where(ok, i * self.n + j, -1))
 
 
 def find_secondary_structure(model: Model, xyz: np.ndarray, cutoff: float = 4.0,

@@ -10,9 +10,10 @@ from hpcrefine import datasets, simulate
 from hpcrefine.core import geometry, nonbonded
 from hpcrefine.modelio import read_model
 from hpcrefine.monlib import MonomerLibrary
+from hpcrefine.core.common import sorted_members
 from hpcrefine.parallel.decompose import (PartRestraints, atom_blocks, owner_of_atoms, pairs_share,
                                           plane_owner, restraint_atoms, restraints_share,
-                                          sorted_members, spatial_parts, term_owner)
+                                          spatial_parts, term_owner)
 from hpcrefine.parallel.halo import near_atoms
 from hpcrefine.topology import build_restraints
 

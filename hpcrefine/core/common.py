@@ -31,6 +31,15 @@ def unique_sorted(a) -> np.ndarray:
     return s[keep]
 
 
+def sorted_members(sorted_ids: np.ndarray, ids) -> np.ndarray:
+    """Bool per entry of ids: whether it is one of sorted_ids (sorted, unique), by binary search."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(sorted_ids) == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
+
 def coords(xyz) -> np.ndarray:
     """xyz as a C-contiguous float64 (n, 3) array (no copy when it already is one)."""
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)

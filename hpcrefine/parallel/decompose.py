@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from ..core.common import unique_sorted
+from ..core.common import sorted_members, unique_sorted
 from ..restraints import Restraints
 
 # term arrays of a Restraints selected row by row, keyed by the index array whose first column
@@ -289,15 +289,6 @@ def spatial_parts(xyz, res_first_atom, n_parts: int) -> np.ndarray:
         stack.append((np.sort(res[order[:cut]]), base, k1))
         stack.append((np.sort(res[order[cut:]]), base + k1, k - k1))
     return np.repeat(res_part, sizes)
-
-
-def sorted_members(sorted_ids: np.ndarray, ids) -> np.ndarray:
-    """Bool per entry of ids: whether it is one of sorted_ids (sorted, unique)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(sorted_ids) == 0:
-        return np.zeros(ids.shape, dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[pos] == ids
 
 
 def restraint_atoms(r: Restraints) -> np.ndarray:

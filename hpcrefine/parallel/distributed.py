@@ -38,13 +38,14 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core import geometry, nonbonded
+from ..core.common import sorted_members
 from ..core.density import owned_target
 from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
 from .decompose import (PairShare, PartRestraints, atom_blocks, owner_of_atoms, restraints_share,
-                        sorted_members, spatial_parts)
+                        spatial_parts)
 from .halo import HaloExchange, halo_buffer
 
 POLL_SECONDS = 0.02
@@ -288,6 +289,23 @@ class _RankTerms:
         """This rank's part of the flat vector (owned_call's x_part) from the whole coordinates."""
         return np.ascontiguousarray(np.asarray(xyz, dtype=np.float64).reshape(self.shape)[self.owned]).ravel()
 
+    def _own_parts(self, owner: np.ndarray) -> None:
+        """The split form's parts (owned_call): rank p's part of the flat vector is the
+        coordinates of the atoms it owns, in increasing order; gathered, the parts follow each
+        other in rank order."""
+        counts = np.bincount(owner, minlength=self.comm.Get_size()).astype(np.int64)
+        self.owned = np.flatnonzero(owner == self.part).astype(np.int64)
+        self.n_owned = len(self.owned)
+        self.part_counts = 3 * counts
+        self.part_starts = 3 * (np.cumsum(counts) - counts)
+
+    def _gathered(self, x_part: np.ndarray, into: np.ndarray) -> np.ndarray:
+        """Every rank's part of the flat vector into `into`, in rank order (collective,
+        Allgatherv)."""
+        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
+                             [into, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        return into
+
     def _counted(self, local: float, exchange: float, sent: int) -> None:
         self.seconds_reduce += exchange
         self.seconds_local += local
@@ -324,17 +342,10 @@ class DistributedTarget(_RankTerms):
         if np.any(np.diff(self.atom_owner) < 0):
             raise ValueError("the atoms a rank owns must form one contiguous block, in rank "
                              "order (boxes exchange halos: BoxTarget)")
-        self.n_owned = int(np.count_nonzero(self.atom_owner == self.part))
+        self._own_parts(self.atom_owner)
         # g (3n values) and f in one buffer: one Allreduce per evaluation
         self._buf = np.zeros(3 * n + 1, dtype=np.float64)
         self._grad = self._buf[:3 * n].reshape(n, 3)
-        # the split form (owned_call): rank p's part of the flat vector is the coordinates of the
-        # atoms it owns; gathered, the parts follow each other in rank order
-        counts = np.bincount(self.atom_owner, minlength=comm.Get_size()).astype(np.int64)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        self.owned = np.flatnonzero(self.atom_owner == self.part).astype(np.int64)
-        self.part_counts = (3 * counts).astype(np.int64)
-        self.part_starts = (3 * starts).astype(np.int64)
         self.halo = None
         self._xfull: np.ndarray | None = None
 
@@ -362,9 +373,7 @@ class DistributedTarget(_RankTerms):
         received into a buffer kept for the next gather (every evaluation)."""
         if self._xfull is None:
             self._xfull = np.empty(3 * self.shape[0], dtype=np.float64)
-        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
-                             [self._xfull, (self.part_counts, self.part_starts), MPI.DOUBLE])
-        return self._xfull
+        return self._gathered(x_part, self._xfull)
 
     def owned_call(self, x_part: np.ndarray) -> tuple[float, np.ndarray]:
         """f and this rank's part of g from this rank's part of x (the split form, for an L-BFGS
@@ -438,11 +447,7 @@ class BoxTarget(_RankTerms):
         self.terms = part
         self.key = key
         self.owner = owner
-        self.owned = np.flatnonzero(owner == self.part).astype(np.int64)
-        self.n_owned = len(self.owned)
-        counts = np.bincount(owner, minlength=comm.Get_size()).astype(np.int64)
-        self.part_counts = (3 * counts).astype(np.int64)
-        self.part_starts = (3 * (np.cumsum(counts) - counts)).astype(np.int64)
+        self._own_parts(owner)
         buffer = halo_buffer(params.max_step)
         self.radius = 2.0 * float(np.max(part.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
         self.halo = HaloExchange(comm, owner, part.reads, self.radius, buffer)
@@ -496,9 +501,7 @@ class BoxTarget(_RankTerms):
     def gather(self, x_part: np.ndarray) -> np.ndarray:
         """The whole flat coordinate vector from every rank's part (collective, Allgatherv), in
         a new array."""
-        received = np.empty(3 * self.shape[0], dtype=np.float64)
-        self.comm.Allgatherv([np.ascontiguousarray(x_part, dtype=np.float64), MPI.DOUBLE],
-                             [received, (self.part_counts, self.part_starts), MPI.DOUBLE])
+        received = self._gathered(x_part, np.empty(3 * self.shape[0], dtype=np.float64))
         # (in rank order: each rank's atoms put in place)
         whole = np.empty_like(received)
         order = np.argsort(self.owner, kind="stable")

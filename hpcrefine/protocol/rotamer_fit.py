@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from ..core.common import unique_sorted
+from ..core.common import sorted_members, unique_sorted
 from ..core.density import _interp_atom, _prep_map
 from ..core.geometry import _torsion, torsion_values
 from ..core.nonbonded import HBOND_D0
@@ -372,9 +372,7 @@ class Scorer:
         return np.add.reduceat(values * w, starts) / np.add.reduceat(w, starts)
 
     def _is_excluded(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        key = np.minimum(i, j) * self.n + np.maximum(i, j)
-        pos = np.clip(np.searchsorted(self.excluded, key), 0, max(len(self.excluded) - 1, 0))
-        return self.excluded[pos] == key if len(self.excluded) else np.zeros(len(key), dtype=bool)
+        return sorted_members(self.excluded, np.minimum(i, j) * self.n + np.maximum(i, j))
 
     def _contact(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         d0 = self.radius[i] + self.radius[j]
