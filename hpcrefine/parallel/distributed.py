@@ -421,9 +421,10 @@ class BoxTarget(_RankTerms):
     with its box, not with the model. Sorted, the local numbering keeps the model's order: the
     energies and gradients are bitwise those of the same terms in the model's numbering.
 
-    xyz0: the whole start, the same on every rank; data_term: a LocalRealSpaceTerm of this
-    rank's atoms (it reads only them; renumber() gives it their rows); part: this rank's
-    decompose.PartRestraints (its owner is the ranks' boxes), whose terms it numbers by its rows
+    xyz0: the whole start, the same on every rank; data_term: the data term over all atoms,
+    whose form restricted to this rank's atoms (_local_term) reads only them, by the rows
+    renumber() gives it; part: this rank's decompose.PartRestraints, made for comm (checked by
+    distributed_target; its owner is the ranks' boxes), whose terms it numbers by its rows
     (PartRestraints.numbered); key: the restraints object the neighbour list is kept for
     (ListKeeper: the next minimisation of the same restraints and boxes takes over numbering and
     list when its halo lies within them).
@@ -436,18 +437,16 @@ class BoxTarget(_RankTerms):
     def __init__(self, comm, xyz0, data_term, part: PartRestraints, key, params: RefineParams,
                  weight: float):
         n = len(xyz0)
-        super().__init__(comm, n, data_term, None, params, weight)
+        super().__init__(comm, n, None, None, params, weight)
         owner = part.owner
-        if part.n_atoms != n or part.n_parts != comm.Get_size() or part.part != self.part:
-            raise ValueError(f"rank {self.part} of {comm.Get_size()} holds part {part.part} of "
-                             f"{part.n_parts} of {part.n_atoms} atoms' restraints, for {n} atoms")
-        if not hasattr(data_term, "renumber"):
-            raise ValueError("a rank owning a box needs a data term that reads only its own "
-                             "atoms, by rows (LocalRealSpaceTerm)")
         self.terms = part
         self.key = key
         self.owner = owner
         self._own_parts(owner)
+        self.data_term = _local_term(data_term, self.owned)
+        if not hasattr(self.data_term, "renumber"):
+            raise ValueError("a rank owning a box needs a data term that reads only its own "
+                             "atoms, by rows (LocalRealSpaceTerm)")
         buffer = halo_buffer(params.max_step)
         self.radius = 2.0 * float(np.max(part.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
         self.halo = HaloExchange(comm, owner, part.reads, self.radius, buffer)
@@ -645,7 +644,7 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
         if not reads_own_atoms_only(data_term):
             raise ValueError("restraints held in boxes need a data term that reads only the "
                              "rank's own atoms")
-        return _box_target(comm, xyz0, data_term, restraints, restraints, weight, params)
+        return BoxTarget(comm, xyz0, data_term, restraints, restraints, params, weight)
     bounds = atom_blocks(res_first_atom, comm.Get_size())
     if bounds[-1] != n:
         raise ValueError(f"res_first_atom describes {bounds[-1]} atoms, the coordinates have {n}")
@@ -656,8 +655,8 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
         return DistributedTarget(comm, (n, 3), local, restraints_share(restraints, owner, part),
                                  restraints, params, weight, owner)
     owner = spatial_parts(xyz0, res_first_atom, comm.Get_size())
-    return _box_target(comm, xyz0, data_term, PartRestraints(restraints, owner, part, size, comm),
-                       restraints, weight, params)
+    return BoxTarget(comm, xyz0, data_term, PartRestraints(restraints, owner, part, size, comm),
+                     restraints, params, weight)
 
 
 def boxes_wanted(n_atoms: int, ranks: int, params: RefineParams) -> bool:
@@ -665,14 +664,6 @@ def boxes_wanted(n_atoms: int, ranks: int, params: RefineParams) -> bool:
     "boxes", or "auto" and atoms x (ranks - 1)^2 >= BOXES_FROM) rather than blocks in file order."""
     return ranks > 1 and (params.decomposition == "boxes"
                           or (params.decomposition == "auto" and n_atoms * (ranks - 1) ** 2 >= BOXES_FROM))
-
-
-def _box_target(comm, xyz0, data_term, part: PartRestraints, key, weight: float,
-                params: RefineParams) -> BoxTarget:
-    """The BoxTarget of this rank owning the box of its PartRestraints, its halo built at xyz0
-    (key: the restraints its neighbour list is kept for)."""
-    own = np.flatnonzero(part.owner == comm.Get_rank())
-    return BoxTarget(comm, xyz0, _local_term(data_term, own), part, key, params, weight)
 
 
 def correct_inversions(xyz: np.ndarray, r) -> tuple[np.ndarray, int, int]:
