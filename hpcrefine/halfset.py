@@ -73,6 +73,9 @@ def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimise
     neighbour list of a million atoms took 13 % of a constrained task's time)."""
     minimiser = minimiser or minimise
     xyz = np.asarray(xyz0, dtype=np.float64)
+    # the start is not held past the first minimisation (the whole model's coordinates, 24 MB at
+    # a million atoms, on every worker)
+    xyz0 = None
     res = None
     for b in blurs:
         t = term.blurred(b) if b > 0 else term

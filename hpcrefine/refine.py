@@ -261,8 +261,12 @@ def _hold_part(ctx, inputs: Inputs, params: RefineParams):
     part = PartRestraints(r, owner, ctx.workers.Get_rank(), parts, ctx.workers)
     inputs.restraints, inputs.covalent, inputs.reference = part, None, None
     # nor the names of the atoms, residues and chains, which only the master's outputs and
-    # validations read (50 MB at a million atoms)
+    # validations read (50 MB at a million atoms), nor, when the data term is the fast target
+    # (boxes), the B-factors, elements and residue indices, which only the master's outputs and
+    # statistics and the density-fit target read (24 MB)
     model.atom_name = model.res_name = model.chain = model.altloc = None
+    if boxes:
+        model.b = model.element = model.res_index = None
     return part
 
 
@@ -846,7 +850,9 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
     data_term, blur_start = _data_term(inputs, params, resolution, xyz0)
     state.stage = "final"
     if state.xyz is None:
-        state.xyz = xyz0.copy()
+        # (a worker holding a part of the restraints writes no frames and changes no coordinates
+        # in place: no second copy of the start)
+        state.xyz = xyz0 if isinstance(geom.r, PartRestraints) else xyz0.copy()
     xyz, weight, cycles = state.xyz, state.weight, state.cycles
     if params.cycle_rotamers and params.rotamer_restraints and 1 < state.cycle <= params.macro_cycles:
         # continued after a macro-cycle's rotamer step: its restraints, from the model it left

@@ -247,7 +247,8 @@ def test_a_box_numbered_on_its_own_gives_the_same_terms_and_pairs_bit_for_bit(ad
     """A part's terms and non-bonded pairs in a numbering of its box and halo alone
     (PartRestraints.numbered: rows of the sorted global indices) give the energies and gradients
     of the model's numbering exactly, in the same order, with arrays sized to the box; numbered
-    again and back, in place, they are the terms they were."""
+    again and back, in place, they are the terms they were. The part's per-atom arrays are
+    compact and give the same values."""
     model, r, xyz = adk
     owner = spatial_parts(xyz, model.res_first_atom, 4)
     for p in range(4):
@@ -281,7 +282,12 @@ def test_a_box_numbered_on_its_own_gives_the_same_terms_and_pairs_bit_for_bit(ad
         back = part.share
         for name in ("bond_idx", "angle_idx", "tors_idx", "chir_idx", "plane_atoms"):
             assert np.array_equal(getattr(back, name), getattr(share, name)), name
-        assert back.vdw_radius is r.vdw_radius and geometry.restraint_energy(xyz, back)[0] == e
+        assert np.array_equal(back.vdw_radius, r.vdw_radius) and np.array_equal(back.hbond_type, r.hbond_type)
+        assert geometry.restraint_energy(xyz, back)[0] == e
+        # held per atom in 5 bytes: part, bond count, radius (an index) and H-bond type
+        per_atom = [part.owner, part.bonded, part._radius_of, part.hbond_type]
+        assert sum(a.itemsize for a in per_atom) == 5 and all(len(a) == model.n_atoms for a in per_atom)
+        assert np.array_equal(part.bonded, np.bincount(r.bond_idx.ravel(), minlength=model.n_atoms))
     with pytest.raises(ValueError, match="miss atoms"):
         part.numbered(own)
     assert geometry.restraint_energy(xyz, part.share)[0] == e     # (left as it was)

@@ -1,5 +1,6 @@
-"""The program's memory settings: numpy's arrays without transparent huge pages unless
-$HPCREFINE_HUGE_PAGES=1 (parallel.context.small_pages), set by the command-line entry point."""
+"""The program's memory settings, made by the command-line entry point: numpy's arrays without
+transparent huge pages unless $HPCREFINE_HUGE_PAGES=1 (parallel.context.small_pages), and glibc's
+mmap threshold fixed, so that freed arrays go back to the system (fixed_mmap_threshold)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 
 from hpcrefine import cli
-from hpcrefine.parallel.context import HUGE_PAGES_ENV, small_pages
+from hpcrefine.parallel.context import HUGE_PAGES_ENV, MMAP_THRESHOLD_ENV, small_pages
 
 _STATE = np._core.multiarray._set_madvise_hugepage     # returns the setting it replaces
 
@@ -43,3 +44,40 @@ def test_the_program_runs_without_huge_pages(tmp_path):
     small_pages(env)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# A 32 MB array made and freed (glibc's dynamic threshold then rises to its size), then a 16 MB
+# array with a small one made after it, so that the 16 MB lie below the heap's top when freed:
+# prints the resident kilobytes that freeing the 16 MB gave back.
+_FREED_KB = """
+import sys
+import numpy as np
+from hpcrefine import cli
+if sys.argv[1] == "program":
+    cli.main(["status", sys.argv[2]])         # fails (no checkpoint) after the settings are made
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+a = np.ones(4_000_000)
+del a
+b = np.ones(2_000_000)
+pins = [np.ones(1000) for _ in range(50)]
+before = rss()
+del b
+print(before - rss())
+"""
+
+
+def _freed_kb(how: str, tmp_path) -> int:
+    env = {k: v for k, v in os.environ.items() if k != MMAP_THRESHOLD_ENV}
+    out = subprocess.run([sys.executable, "-c", _FREED_KB, how, str(tmp_path / "nothing.h5")],
+                         env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_the_program_gives_a_freed_array_back_to_the_system_at_once(tmp_path):
+    """Under glibc's default (the threshold follows the freed blocks), the 16 MB stay in the
+    process; after the program's settings (main()) they go back when the array is freed."""
+    if not sys.platform.startswith("linux"):
+        return
+    assert _freed_kb("plain", tmp_path) < 1_000
+    assert _freed_kb("program", tmp_path) > 15_000

@@ -147,10 +147,12 @@ class PartRestraints:
     when owner is contiguous blocks in file order (atom_blocks), else None (boxes).
 
     At a million atoms the whole set is 230 MB in every worker; a part is 1/parts of it plus
-    28 bytes an atom (its part, bond count, radius and H-bond type)."""
+    5 bytes an atom: its part (int16), bond count (uint8, 255 for more), radius (the index of
+    its value in the few the energy types give) and H-bond type (int8), 28 bytes an atom as
+    int64 and float64 arrays."""
 
     def __init__(self, r: Restraints, owner, part: int, n_parts: int, comm=None):
-        owner = np.ascontiguousarray(owner, dtype=np.int64)
+        owner = np.ascontiguousarray(owner, dtype=np.int16 if n_parts <= 2 ** 15 else np.int32)
         if len(owner) != len(r.vdw_radius):
             raise ValueError(f"owner has {len(owner)} atoms, the restraints {len(r.vdw_radius)}")
         self.owner = owner
@@ -168,10 +170,17 @@ class PartRestraints:
         if both is not None:
             self._terms.chir_both = both
         self._numbering: np.ndarray | None = None      # the terms' numbering (None: the model's)
-        self.vdw_radius, self.hbond_type = share.vdw_radius, share.hbond_type
+        # every atom's radius as the index of its value among the radii (bitwise the same values)
+        self._radii, codes = np.unique(np.asarray(share.vdw_radius, dtype=np.float64), return_inverse=True)
+        self._radius_of = codes.astype(np.uint8 if len(self._radii) <= 256 else np.int32)
+        del codes
+        hb = np.asarray(share.hbond_type)
+        self.hbond_type = hb.astype(np.int8) if hb.size else hb
+        self._terms.vdw_radius = self._terms.hbond_type = None   # (numbered gives them)
         self.reads = restraint_atoms(share)
-        self.bonded = np.bincount(np.asarray(r.bond_idx, dtype=np.int64).ravel(),
-                                  minlength=len(owner)).astype(np.int32)
+        counts = np.bincount(np.asarray(r.bond_idx, dtype=np.int64).ravel(), minlength=len(owner))
+        self.bonded = np.minimum(counts, 255).astype(np.uint8)   # (read as "three or fewer")
+        del counts
         mine = np.flatnonzero(owner == self.part)
         contiguous = len(mine) == 0 or mine[-1] - mine[0] + 1 == len(mine)
         self.blocks = ((int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)) \
@@ -180,6 +189,15 @@ class PartRestraints:
     @property
     def n_atoms(self) -> int:
         return len(self.owner)
+
+    @property
+    def vdw_radius(self) -> np.ndarray:
+        """Every atom's radius (a new array)."""
+        return self._radii[self._radius_of]
+
+    @property
+    def max_radius(self) -> float:
+        return float(np.max(self._radii, initial=0.0))
 
     @property
     def share(self) -> Restraints:
@@ -199,8 +217,8 @@ class PartRestraints:
         again in place, one at a time (no second copy of the terms), and the object returned is
         the same, valid until the part is asked for another numbering."""
         t, old = self._terms, self._numbering
-        if (local is None and old is None) or (local is not None and old is not None
-                                               and np.array_equal(local, old)):
+        if t.vdw_radius is not None and ((local is None and old is None) or (
+                local is not None and old is not None and np.array_equal(local, old))):
             return t
         if local is not None:
             local = np.asarray(local, dtype=np.int64)
@@ -215,8 +233,8 @@ class PartRestraints:
             t.vdw_radius, t.hbond_type = self.vdw_radius, self.hbond_type
             t.excl_pairs, t.pair14 = self.excl_pairs, self.pair14
         else:
-            hb = np.asarray(self.hbond_type)
-            t.vdw_radius = np.ascontiguousarray(self.vdw_radius[local])
+            hb = self.hbond_type
+            t.vdw_radius = self._radii[self._radius_of[local]]
             t.hbond_type = hb[local] if hb.size else hb
 
             def special(pairs):

@@ -448,7 +448,7 @@ class BoxTarget(_RankTerms):
             raise ValueError("a rank owning a box needs a data term that reads only its own "
                              "atoms, by rows (LocalRealSpaceTerm)")
         buffer = halo_buffer(params.max_step)
-        self.radius = 2.0 * float(np.max(part.vdw_radius, initial=0.0)) + NEIGHBOUR_SKIN + buffer
+        self.radius = 2.0 * part.max_radius + NEIGHBOUR_SKIN + buffer
         self.halo = HaloExchange(comm, owner, part.reads, self.radius, buffer)
         self.local: np.ndarray | None = None     # global index of every row
         self.own_rows: np.ndarray | None = None  # rows of the owned atoms
