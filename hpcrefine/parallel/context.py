@@ -85,16 +85,22 @@ def release_free_memory() -> None:
     Building the restraints of a million atoms frees about 0.45 GB of temporaries that glibc
     otherwise keeps in the process (RSS 0.97 GB after the build, 0.53 GB after the trim, measured
     on the 7cth assembly); every rank calls it after reading its inputs."""
+    trim = _libc_function("malloc_trim")     # glibc only
+    if trim is not None:
+        trim(0)
+
+
+def _libc_function(name: str):
+    """The C library's function `name` (ctypes), or None when there is no such library or
+    function (another C library than glibc)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
-        return                      # no C library under that name: nothing to give back
-    trim = getattr(libc, "malloc_trim", None)     # glibc only
-    if trim is not None:
-        trim(0)
+        return None
+    return getattr(libc, name, None)
 
 
 # glibc's own variable for the size from which malloc maps a block of its own (mallopt
@@ -119,14 +125,7 @@ def fixed_mmap_threshold(environ=None) -> bool:
     env = os.environ if environ is None else environ
     if env.get(MMAP_THRESHOLD_ENV, "").strip():
         return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = _libc_function("mallopt")
     if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return False
     env[MMAP_THRESHOLD_ENV] = str(MMAP_THRESHOLD)     # the same for processes this one starts
