@@ -265,9 +265,8 @@ COMMANDS = {"rmsd": _rmsd, "refine": _refine, "idealize": _idealize, "simulate":
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    from .parallel.context import fixed_mmap_threshold, small_pages
+    from .parallel.context import small_pages
     small_pages()                    # new arrays without huge pages ($HPCREFINE_HUGE_PAGES=1 keeps them)
-    fixed_mmap_threshold()           # freed arrays back to the system at once
     setup_logging(0, verbose=getattr(args, "verbose", False))
     command = "hpcrefine " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "refine":

@@ -19,7 +19,7 @@ from .core.density import normalise_map
 from .core.modelmap import DensityFitTerm
 from .mapstats import atom_mask, cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
-from .parallel.context import make_context
+from .parallel.context import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, fixed_mmap_threshold, make_context
 from .parallel.decompose import PartRestraints
 from .parallel.distributed import install_abort_on_error
 from .parallel.runner import RankMinimiser
@@ -351,6 +351,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
 
     t_start = time.perf_counter()
     timer = Timer()
+    lean = not params.whole_model_on_workers and fixed_mmap_threshold()
     ctx = make_context(world) if world is not None else None
     is_master = ctx is None or ctx.is_master
     ckpt_path = os.path.join(outdir, ck.NAME)
@@ -437,6 +438,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         log.info("ranks: %d (rank 0 master without numerics, %d worker(s) sharing each minimisation)",
                  ctx.size, ctx.n_workers)
     log.info("parameters: %s", json.dumps(params.to_dict()))
+    if lean:
+        log.info("memory: glibc's mmap threshold fixed (%s bytes): freed arrays go back to the "
+                 "system at once (whole_model_on_workers = false)",
+                 os.environ.get(MMAP_THRESHOLD_ENV, MMAP_THRESHOLD))
     model = inputs.model
     r = inputs.restraints
     log.info("model %s: %d atoms, %d residues, %d chains", model_path, model.n_atoms, model.n_residues,

@@ -113,7 +113,8 @@ _M_MMAP_THRESHOLD = -3
 def fixed_mmap_threshold(environ=None) -> bool:
     """Keep glibc's malloc mapping every block of MMAP_THRESHOLD bytes or more on its own, so
     that a freed array goes back to the system at once, unless $MALLOC_MMAP_THRESHOLD_ is set
-    (glibc then applies the user's value itself). Returns whether this call set it.
+    (glibc then applies the user's value itself, from the process's start). Returns whether the
+    threshold is fixed (by this call or by that variable).
 
     By default glibc raises that threshold to the size of each mapped block freed, up to 32 MB:
     after the first arrays of a million atoms are freed (8-24 MB each), later ones come from the
@@ -121,15 +122,16 @@ def fixed_mmap_threshold(environ=None) -> bool:
     its peak then held, besides its live arrays, pages of arrays freed long before: with the
     threshold fixed, each of 4 workers refining the 1,000,020-atom assembly peaked at 751-765 MB
     against 797-842 MB, the master at 4,162 MB against 4,297 MB (scripts/bench_scale.py, the
-    same model to the last digit). Nothing elsewhere (another C library): False."""
+    same model to the last digit). The price is time: every array above the threshold is fresh
+    pages, which the kernel zeroes, where the heap would have reused freed ones; the 165,175-atom
+    ribosome took 91-93 s against 74 s (3 ranks, 2 x 30 iterations). So a run sets it only when
+    it is asked to hold as little as it can (whole_model_on_workers off: hpcrefine.refine).
+    Nothing elsewhere (another C library): False."""
     env = os.environ if environ is None else environ
     if env.get(MMAP_THRESHOLD_ENV, "").strip():
-        return False
+        return True
     mallopt = _libc_function("mallopt")
-    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        return False
-    env[MMAP_THRESHOLD_ENV] = str(MMAP_THRESHOLD)     # the same for processes this one starts
-    return True
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 HUGE_PAGES_ENV = "HPCREFINE_HUGE_PAGES"
