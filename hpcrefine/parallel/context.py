@@ -110,7 +110,7 @@ MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3
 
 
-def fixed_mmap_threshold(environ=None) -> bool:
+def fixed_mmap_threshold() -> bool:
     """Keep glibc's malloc mapping every block of MMAP_THRESHOLD bytes or more on its own, so
     that a freed array goes back to the system at once, unless $MALLOC_MMAP_THRESHOLD_ is set
     (glibc then applies the user's value itself, from the process's start). Returns whether the
@@ -127,8 +127,7 @@ def fixed_mmap_threshold(environ=None) -> bool:
     ribosome took 91-93 s against 74 s (3 ranks, 2 x 30 iterations). So a run sets it only when
     it is asked to hold as little as it can (whole_model_on_workers off: hpcrefine.refine).
     Nothing elsewhere (another C library): False."""
-    env = os.environ if environ is None else environ
-    if env.get(MMAP_THRESHOLD_ENV, "").strip():
+    if os.environ.get(MMAP_THRESHOLD_ENV, "").strip():
         return True
     mallopt = _libc_function("mallopt")
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
