@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from hpcrefine import cli
 from hpcrefine.parallel.context import HUGE_PAGES_ENV, MMAP_THRESHOLD_ENV, small_pages
@@ -76,7 +75,6 @@ def _freed_kb(how: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
 def test_a_fixed_mmap_threshold_gives_a_freed_array_back_to_the_system_at_once():
     """Under glibc's default (the threshold follows the freed blocks), the 16 MB stay in the
     process; with the threshold fixed they go back when the array is freed. (A run with

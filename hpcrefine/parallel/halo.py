@@ -84,8 +84,7 @@ class HaloExchange:
         self.comm = comm
         self.size = comm.Get_size()
         self.rank = comm.Get_rank()
-        owner = np.asarray(owner)         # (any integer type: a part's is int16)
-        self.owner = owner if owner.dtype.kind in "iu" else owner.astype(np.int64)
+        self.owner = np.asarray(owner)    # (any integer type: a part's is int16)
         self.owned = np.flatnonzero(self.owner == self.rank).astype(np.int64)
         fixed = np.asarray(fixed, dtype=np.int64)
         self.fixed = fixed[self.owner[fixed] != self.rank]
