@@ -1847,10 +1847,13 @@ class RestrainedMinimiser:
 
 # ---------------------------------------------------------------------------------- driver
 
-def setup(model, restraints: Restraints, params, minimiser, ctx=None, interrupts=None):
+def setup(model, restraints, params, minimiser, ctx=None, interrupts=None):
     """Find NCS in model, decide the mode from params.ncs, log the choice; returns
-    (the minimiser to use, a report dict). With constraints, restraints are made the same in
-    every copy (symmetrise_restraints, in place)."""
+    (the minimiser to use, a report dict). restraints: a function giving the model's restraints,
+    called only when NCS constraints over copies in the model need them (on every rank at once:
+    the decision is the same everywhere, and the workers may receive them then,
+    refine._restraints_to_workers); they are made the same in every copy
+    (symmetrise_restraints, in place)."""
     requested = getattr(params, "ncs", "off")
     if requested == "off":
         log.info("NCS: off (requested)")
@@ -1873,6 +1876,8 @@ def setup(model, restraints: Restraints, params, minimiser, ctx=None, interrupts
     log.info("NCS mode: %s (search %.1f s)", why, time.perf_counter() - t0)
     report = {"mode": mode, "reason": why, "found": info.summary() if info is not None else None}
     if mode == "constraints":
+        if not info.virtual:
+            restraints = restraints()
         counts = symmetrise_restraints(restraints, info) if not info.virtual else {"before": 0, "after": 0}
         if counts["before"] != counts["after"]:
             log.info("NCS constraints: every copy takes its master's restraints (%s before, %s after)",

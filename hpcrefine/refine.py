@@ -59,6 +59,9 @@ class Inputs:
     # share a map store, for the validations on the workers: two transforms of the box fewer at
     # the end of a run (take_map_coefficients)
     map_coefficients: np.ndarray | None = None
+    # the master alone built the restraints and the workers have none yet (the same on every
+    # rank): run_refine gives each its part or the whole set (_restraints_on_master)
+    held_back: bool = False
 
     def take_half_coefficients(self) -> tuple | None:
         kept, self.half_coefficients = self.half_coefficients, None
@@ -172,33 +175,71 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
-    on_master = params is not None and may_hold_parts(comm, params)
-    lib_dir, covalent = _covalent_restraints(model, monlib, ligands, comm, builder=0 if on_master else None)
-    restraints = covalent
-    reference = None
-    if params is not None:
-        from .lowres import add_lowres_restraints
-        reference = read_model(params.reference_model) if params.reference_model else None
-        restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
+    held_back = params is not None and may_hold_parts(comm, params)
+    if held_back:
+        lib_dir, covalent, restraints, reference = _restraints_on_master(model, monlib, ligands, params, comm)
+    else:
+        lib_dir, covalent = _covalent_restraints(model, monlib, ligands, comm)
+        restraints = covalent
+        reference = None
+        if params is not None:
+            from .lowres import add_lowres_restraints
+            reference = read_model(params.reference_model) if params.reference_model else None
+            restraints = add_lowres_restraints(model, restraints, model.xyz, params, reference)
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
                   monlib_dir=lib_dir, covalent=covalent, reference=reference, half_map_fsc=half_fsc,
-                  half_coefficients=tuple(kept) or None, map_coefficients=map_coefficients)
+                  half_coefficients=tuple(kept) or None, map_coefficients=map_coefficients,
+                  held_back=held_back)
 
 
-def _covalent_restraints(model: Model, monlib: str | None, ligands: list[str], comm=None,
-                         builder: int | None = None):
+def _covalent_restraints(model: Model, monlib: str | None, ligands: list[str], comm=None):
     """(monomer library directory, the model's restraints from it). With a communicator of
     several ranks (collective over it), one rank builds them and sends them to the others: built
     once, not by every rank at once (at a million atoms 5 s of one rank alone, 11 s each with
     three ranks sharing two cores). The builder is the last rank, which builds while the master
-    weights the full map (and rank 1 checksums the inputs, run_refine), unless `builder` names
-    another (the master, when the workers may keep only parts of them: may_hold_parts)."""
+    weights the full map (and rank 1 checksums the inputs, run_refine)."""
     if comm is None or comm.Get_size() == 1:
         return library_restraints(model, monlib, ligands)
     from .parallel.distributed import made_once
     return made_once(comm, lambda: library_restraints(model, monlib, ligands),
-                     root=comm.Get_size() - 1 if builder is None else builder,
-                     what="building the restraints")
+                     root=comm.Get_size() - 1, what="building the restraints")
+
+
+def _restraints_on_master(model: Model, monlib: str | None, ligands: list[str], params: RefineParams,
+                          comm):
+    """(monomer library directory, covalent restraints, every restraint, reference model) when
+    the workers may keep only parts of the restraints (may_hold_parts; collective over comm):
+    the master alone builds them, the low-resolution ones too, and the others get the directory
+    (and the same InputError, when there is one) but no restraints: run_refine gives each worker
+    its part, cut by the master (_hold_part), or the whole set when they turn out to need it
+    (_restraints_to_workers). A worker never holds the whole set then: at a million atoms it
+    is 230 MB, received and cut by every worker, which set each one's peak from 8 workers on."""
+    from .lowres import add_lowres_restraints
+    from .parallel.distributed import made_once
+
+    held = {}
+
+    def build():
+        lib_dir, covalent = library_restraints(model, monlib, ligands)
+        reference = read_model(params.reference_model) if params.reference_model else None
+        held.update(covalent=covalent, reference=reference,
+                    restraints=add_lowres_restraints(model, covalent, model.xyz, params, reference))
+        return lib_dir
+    lib_dir = made_once(comm, build, root=0, what="building the restraints")
+    return lib_dir, held.get("covalent"), held.get("restraints"), held.get("reference")
+
+
+def _restraints_to_workers(ctx, inputs: Inputs):
+    """The whole set of restraints on every rank (collective over the world): the master's,
+    sent to the workers when _restraints_on_master left them without (else as they are)."""
+    from .parallel.distributed import made_once
+
+    if inputs.held_back:
+        got = made_once(ctx.world, lambda: inputs.restraints, root=0, what="sending the restraints")
+        if not ctx.is_master:
+            inputs.restraints = got
+        inputs.held_back = False
+    return inputs.restraints
 
 
 def retarget_lowres(inputs: Inputs, params: RefineParams, xyz: np.ndarray) -> GeometryTerm:
@@ -240,25 +281,53 @@ def workers_hold_parts(ctx, params: RefineParams, minimiser, idealize_only: bool
             and isinstance(minimiser, RankMinimiser))
 
 
+PARTS_TAG = 33               # a worker's part of the restraints, from the master (_hold_part)
+
+
 def _hold_part(ctx, inputs: Inputs, params: RefineParams):
-    """The restraints this rank keeps when the workers hold parts (workers_hold_parts): on a
-    worker its PartRestraints, over the workers' communicator, of the start model cut into
-    boxes (decompose.spatial_parts) when the minimisations would exchange halos, else into
-    blocks in file order, and the model's name arrays dropped; the whole set on the master,
-    which logs the cut."""
-    from .parallel.decompose import atom_blocks, owner_of_atoms, spatial_parts
-    from .parallel.distributed import boxes_wanted
+    """The restraints this rank keeps when the workers hold parts (workers_hold_parts), cut from
+    the start model into boxes (decompose.spatial_parts) when the minimisations would exchange
+    halos, else into blocks in file order: on a worker its PartRestraints over the workers'
+    communicator, with the model's name arrays dropped; the whole set on the master, which logs
+    the cut. Collective over the world. When the master alone holds the restraints
+    (_restraints_on_master), it cuts every part in one pass (decompose.split_restraints) and
+    sends each worker its own, with the per-atom tables all share; else each worker cuts its
+    part from the whole set it holds."""
+    from .parallel.decompose import AtomTables, atom_blocks, owner_of_atoms, spatial_parts, split_restraints
+    from .parallel.distributed import boxes_wanted, made_once, recv_object, send_object
 
     model, r = inputs.model, inputs.restraints
     n, parts = model.n_atoms, ctx.n_workers
     boxes = params.target == "fast" and boxes_wanted(n, parts, params)
+
+    def owner():
+        return (spatial_parts(model.xyz, model.res_first_atom, parts) if boxes
+                else owner_of_atoms(atom_blocks(model.res_first_atom, parts), n))
     if ctx.is_master:
         log.info("workers: each holds the restraints of its %s of the start model (1/%d), not "
-                 "the whole set", "box" if boxes else "block", parts)
+                 "the whole set%s", "box" if boxes else "block", parts,
+                 ", cut by the master" if inputs.held_back else "")
+        if inputs.held_back:
+            t0 = time.perf_counter()
+            tables = made_once(ctx.world, lambda: AtomTables.of(r, owner(), parts), root=0,
+                               what="cutting the restraints")
+            sent = 0
+            for p, terms in split_restraints(r, tables.owner, parts):
+                # (worker p is rank p + 1 of the world: parallel.context.make_context)
+                send_object(ctx.world, terms, p + 1, PARTS_TAG)
+                sent += sum(a.nbytes for a in vars(terms).values() if isinstance(a, np.ndarray))
+            inputs.held_back = False
+            log.info("workers: their parts cut and sent in %.1f s (%.1f MB, %.1f MB the tables "
+                     "every worker receives)", time.perf_counter() - t0, sent / 1e6,
+                     sum(a.nbytes for a in vars(tables).values()) / 1e6)
         return r
-    owner = (spatial_parts(model.xyz, model.res_first_atom, parts) if boxes
-             else owner_of_atoms(atom_blocks(model.res_first_atom, parts), n))
-    part = PartRestraints(r, owner, ctx.workers.Get_rank(), parts, ctx.workers)
+    if inputs.held_back:
+        tables = made_once(ctx.world, lambda: None, root=0, what="cutting the restraints")
+        terms = recv_object(ctx.world, 0, PARTS_TAG)
+        part = PartRestraints.received(terms, tables, ctx.workers.Get_rank(), parts, ctx.workers)
+        inputs.held_back = False
+    else:
+        part = PartRestraints(r, owner(), ctx.workers.Get_rank(), parts, ctx.workers)
     inputs.restraints, inputs.covalent, inputs.reference = part, None, None
     # nor the names of the atoms, residues and chains, which only the master's outputs and
     # validations read (50 MB at a million atoms), nor, when the data term is the fast target
@@ -447,7 +516,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     log.info("model %s: %d atoms, %d residues, %d chains", model_path, model.n_atoms, model.n_residues,
              len(set(model.res_chain.tolist())))
     log.info("monomer library: %s", inputs.monlib_dir)
-    log.info("restraints: %s", ", ".join(f"{v} {k}" for k, v in r.counts().items()))
+    if r is not None:                   # (on the master, and on every rank unless held back)
+        log.info("restraints: %s", ", ".join(f"{v} {k}" for k, v in r.counts().items()))
     if inputs.map is not None:
         g = inputs.map
         log.info("map %s: grid %s, voxel %s A, origin %s A", g.path, g.shape_xyz,
@@ -457,7 +527,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if not idealize_only:            # NCS: copies found, mode chosen and logged (hpcrefine.ncs)
         from . import ncs
         with timer("ncs"):
-            minimiser, ncs_report = ncs.setup(model, r, params, minimiser, ctx, interrupts)
+            minimiser, ncs_report = ncs.setup(model, lambda: _restraints_to_workers(ctx, inputs), params,
+                                              minimiser, ctx, interrupts)
         info = getattr(minimiser, "info", None)
         copies = info if getattr(info, "virtual", False) else None
     if not is_master:
@@ -468,7 +539,9 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     if workers_hold_parts(ctx, params, minimiser, idealize_only):
         # each worker keeps only its part of the restraints for the rest of the run
         r = _hold_part(ctx, inputs, params)
-        release_free_memory()            # (the whole set is let go of here)
+        release_free_memory()            # (the whole set is let go of here, when it was held)
+    else:
+        r = _restraints_to_workers(ctx, inputs)
 
     geom = GeometryTerm(r, params)
     # (a worker holding a part reads the start only: no second copy of a million atoms' coordinates)

@@ -291,3 +291,37 @@ def test_a_box_numbered_on_its_own_gives_the_same_terms_and_pairs_bit_for_bit(ad
     with pytest.raises(ValueError, match="miss atoms"):
         part.numbered(own)
     assert geometry.restraint_energy(xyz, part.share)[0] == e     # (left as it was)
+
+
+def test_every_part_cut_in_one_pass_is_the_part_cut_alone_bit_for_bit(adk):
+    """split_restraints (the master cuts every worker's part at once, in one pass over the
+    terms) gives each part the terms, exclusions and 1-4 pairs that PartRestraints cuts from the
+    whole set for that part alone, in the same order, low-resolution terms included; received
+    with the shared AtomTables, the part is the same part."""
+    from hpcrefine.lowres import add_lowres_restraints
+    from hpcrefine.params import build_params
+    from hpcrefine.parallel.decompose import AtomTables, split_restraints
+
+    model, r, xyz = adk
+    full = add_lowres_restraints(model, r, model.xyz, build_params(6.0), reference=model)
+    assert full.counts()["ramachandran"] > 0 and full.counts()["reference_torsions"] > 0
+    for n_parts, owner in ((4, owner_of_atoms(atom_blocks(model.res_first_atom, 4), model.n_atoms)),
+                           (5, spatial_parts(xyz, model.res_first_atom, 5)),
+                           (1, np.zeros(model.n_atoms, dtype=np.int64))):
+        tables = AtomTables.of(full, owner, n_parts)
+        seen = 0
+        for p, terms in split_restraints(full, owner, n_parts):
+            assert p == seen
+            seen += 1
+            alone = PartRestraints(full, owner, p, n_parts)
+            got = PartRestraints.received(terms, tables, p, n_parts)
+            for f in dataclasses.fields(full):
+                a, b = getattr(alone.share, f.name), getattr(got.share, f.name)
+                assert a.dtype == b.dtype and np.array_equal(a, b), (n_parts, p, f.name)
+            assert np.array_equal(alone.reads, got.reads) and alone.blocks == got.blocks
+            assert np.array_equal(alone.vdw_radius, got.vdw_radius)
+            assert np.array_equal(alone.bonded, got.bonded) and np.array_equal(alone.owner, got.owner)
+            e, g, parts = geometry.restraint_energy(xyz, alone.share)
+            e2, g2, parts2 = geometry.restraint_energy(xyz, got.share)
+            assert e == e2 and parts == parts2 and np.array_equal(g, g2)
+        assert seen == n_parts

@@ -279,6 +279,33 @@ def test_constrained_refinement_keeps_copies_related_and_lowers_rmsd(small, tmp_
     assert workers[0]["evaluations"] == workers[1]["evaluations"]
 
 
+def test_ncs_constraints_when_the_master_alone_built_the_restraints(small, tmp_path):
+    """With whole_model_on_workers off the master alone builds the restraints and the workers wait
+    for theirs (refine._restraints_on_master); NCS constraints need the whole set on every rank,
+    which the master sends them when the NCS search asks (refine._restraints_to_workers): the
+    refined model is the one of the run whose workers held the whole set from the start."""
+    import shutil
+    import subprocess
+    import sys
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    logs, models = {}, {}
+    for lean in ("true", "false"):
+        params = tmp_path / f"{lean}.toml"
+        params.write_text('[refine]\ncycle_rotamers = false\nhalfset_layout = "shared"\n'
+                          f"whole_model_on_workers = {'false' if lean == 'true' else 'true'}\n")
+        out = tmp_path / lean
+        cmd = [mpiexec, "-n", "3", sys.executable, "-m", "hpcrefine.cli", "refine", small["start"], "--map",
+               small["map"], "--resolution", "3.5", "--output", str(out), "--ncs", "constraints",
+               "--cycles", "1", "--iterations", "10", "--params", str(params)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        logs[lean], models[lean] = (out / "refine.log").read_text(), (out / "refined.cif").read_text()
+    assert "glibc's mmap threshold fixed" in logs["true"] and "mmap threshold" not in logs["false"]
+    for log in logs.values():
+        assert "NCS mode: constraints" in log and "holds the restraints of its" not in log
+    assert models["true"] == models["false"]
+
+
 def _halfset_frames(outdir):
     import h5py
     import json

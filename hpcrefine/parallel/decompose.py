@@ -130,6 +130,100 @@ def restraints_share(r: Restraints, atom_owner, part: int) -> Restraints:
     return select_terms(r, rows, mine)
 
 
+@dataclasses.dataclass
+class AtomTables:
+    """The per-atom arrays every part of a decomposition reads whole (PartRestraints), 5 bytes an
+    atom: owner, the part of every atom (int16; int32 beyond 2^15 parts); radii, the distinct
+    repulsion radii and radius_of, each atom's index into them (uint8 while there are at most 256:
+    bitwise the same values); hbond_type (int8); bonded, every atom's number of bonds in the whole
+    set (uint8, 255 for more: read as "three or fewer", core.geometry.correct_inversions). The
+    same for every part, so the master sends them once to all (hpcrefine.refine)."""
+
+    owner: np.ndarray
+    radii: np.ndarray
+    radius_of: np.ndarray
+    hbond_type: np.ndarray
+    bonded: np.ndarray
+
+    @classmethod
+    def of(cls, r: Restraints, owner, n_parts: int) -> "AtomTables":
+        owner = np.ascontiguousarray(owner, dtype=np.int16 if n_parts <= 2 ** 15 else np.int32)
+        if len(owner) != len(r.vdw_radius):
+            raise ValueError(f"owner has {len(owner)} atoms, the restraints {len(r.vdw_radius)}")
+        radii, codes = np.unique(np.asarray(r.vdw_radius, dtype=np.float64), return_inverse=True)
+        radius_of = codes.astype(np.uint8 if len(radii) <= 256 else np.int32)
+        del codes
+        hb = np.asarray(r.hbond_type)
+        counts = np.bincount(np.asarray(r.bond_idx, dtype=np.int64).ravel(), minlength=len(owner))
+        return cls(owner=owner, radii=radii, radius_of=radius_of,
+                   hbond_type=hb.astype(np.int8) if hb.size else hb,
+                   bonded=np.minimum(counts, 255).astype(np.uint8))
+
+
+def _special_pairs(pairs, owner) -> np.ndarray:
+    """(m, 2) exclusions or 1-4 pairs (i < j) as an array, and the part of each (the owner of its
+    lower atom, by which the neighbour list keys it: nonbonded._build_table)."""
+    pairs = np.asarray(pairs).reshape(-1, 2)
+    return pairs, (owner[pairs.min(axis=1)] if len(pairs) else np.zeros(0, dtype=owner.dtype))
+
+
+def _part_terms(share: Restraints, excl, pair14) -> Restraints:
+    """A part's terms as PartRestraints holds them: share with only the part's exclusions and
+    1-4 pairs, and no per-atom arrays (AtomTables carries them)."""
+    terms = dataclasses.replace(share, excl_pairs=excl, pair14=pair14, vdw_radius=None, hbond_type=None)
+    both = getattr(share, "chir_both", None)
+    if both is not None:
+        terms.chir_both = both
+    return terms
+
+
+def _grouped(key, n_parts: int):
+    """The rows of each part for a key per row: (order, bounds), rows order[bounds[p]:bounds[p+1]]
+    of part p, ascending (a stable sort: a radix sort of the small integer keys)."""
+    order = np.argsort(key, kind="stable")
+    return order, np.searchsorted(key[order], np.arange(n_parts + 1))
+
+
+def split_restraints(r: Restraints, owner, n_parts: int):
+    """Every part's terms of r under owner, in one pass over the terms: yields (part, terms) for
+    part 0 .. n_parts - 1, terms as PartRestraints holds them, the same bit for bit as
+    PartRestraints(r, owner, part, n_parts) holds (the rows in the same order). Cutting each part
+    with restraints_share would scan every term once per part; the master cuts every worker's
+    part (hpcrefine.refine), up to thousands of parts."""
+    owner = np.asarray(owner)
+    groups = {name: _grouped(term_owner(getattr(r, name)[:, 0], owner), n_parts) for name in _ROW_TERMS}
+    sizes = np.diff(r.plane_start)
+    plane_groups = _grouped(plane_owner(r.plane_atoms, r.plane_start, owner), n_parts)
+    excl, excl_part = _special_pairs(r.excl_pairs, owner)
+    p14, p14_part = _special_pairs(r.pair14, owner)
+    excl_groups, p14_groups = _grouped(excl_part, n_parts), _grouped(p14_part, n_parts)
+    both = getattr(r, "chir_both", None)
+
+    def rows(group, p):
+        order, bounds = group
+        return order[bounds[p]:bounds[p + 1]]
+
+    for p in range(n_parts):
+        kept = {}
+        for idx_name, value_names in _ROW_TERMS.items():
+            mine = rows(groups[idx_name], p)
+            kept[idx_name] = getattr(r, idx_name)[mine]
+            for name in value_names:
+                kept[name] = getattr(r, name)[mine]
+        planes = rows(plane_groups, p)
+        n = sizes[planes]
+        # the atoms of the part's planes, plane by plane: plane_start[q] + 0 .. n_q - 1
+        at = np.repeat(r.plane_start[:-1][planes] - np.concatenate(([0], np.cumsum(n)[:-1])), n) + \
+            np.arange(int(n.sum()))
+        kept["plane_atoms"] = r.plane_atoms[at]
+        kept["plane_sigma"] = r.plane_sigma[at]
+        kept["plane_start"] = np.concatenate(([0], np.cumsum(n))).astype(np.int64)
+        share = dataclasses.replace(r, **kept)
+        if both is not None and len(both):
+            share.chir_both = np.asarray(both)[rows(groups["chir_idx"], p)]
+        yield p, _part_terms(share, excl[rows(excl_groups, p)], p14[rows(p14_groups, p)])
+
+
 class PartRestraints:
     """One part's restraints under a decomposition fixed for the run, held instead of the whole
     set (the workers of a run with whole_model_on_workers off: hpcrefine.refine), or for one
@@ -137,50 +231,49 @@ class PartRestraints:
 
     owner: (n,) the part of every atom (spatial_parts or atom_blocks of the start, the same on
     every rank); part: this one; n_parts. share: the terms whose first atom the part owns
-    (restraints_share), with the per-atom arrays whole (radii and H-bond types, 9 bytes an atom)
-    but only the exclusions and 1-4 pairs whose lower atom it owns, which is all its neighbour
-    list reads (the pairs whose lower atom it owns). numbered(local): the same terms numbered by
-    the rows of a box's own arrays. reads: every atom the terms read (sorted). bonded: every
-    atom's number of bonds in the whole set (core.geometry.correct_inversions leaves a centre
-    with a fourth bond alone). comm: the communicator whose rank `part` this is (a collective
-    use, such as putting back inverted chiral centres, exchanges over it). blocks: (start, stop)
-    when owner is contiguous blocks in file order (atom_blocks), else None (boxes).
+    (restraints_share), with the per-atom arrays whole (AtomTables: radii, H-bond types, bond
+    counts) but only the exclusions and 1-4 pairs whose lower atom it owns, which is all its
+    neighbour list reads (the pairs whose lower atom it owns). numbered(local): the same terms
+    numbered by the rows of a box's own arrays. reads: every atom the terms read (sorted).
+    bonded: every atom's number of bonds in the whole set. comm: the communicator whose rank
+    `part` this is (a collective use, such as putting back inverted chiral centres, exchanges
+    over it). blocks: (start, stop) when owner is contiguous blocks in file order (atom_blocks),
+    else None (boxes).
 
-    At a million atoms the whole set is 230 MB in every worker; a part is 1/parts of it plus
-    5 bytes an atom: its part (int16), bond count (uint8, 255 for more), radius (the index of
-    its value in the few the energy types give) and H-bond type (int8), 28 bytes an atom as
-    int64 and float64 arrays."""
+    At a million atoms the whole set is 230 MB; a part is 1/parts of it plus the 5 bytes an atom
+    of AtomTables (28 bytes an atom as int64 and float64 arrays). PartRestraints(r, owner, part,
+    n_parts) cuts a part from the whole set; received(terms, tables, part) makes it from a part's
+    terms cut elsewhere (split_restraints), so its holder never holds the whole set."""
 
     def __init__(self, r: Restraints, owner, part: int, n_parts: int, comm=None):
-        owner = np.ascontiguousarray(owner, dtype=np.int16 if n_parts <= 2 ** 15 else np.int32)
-        if len(owner) != len(r.vdw_radius):
-            raise ValueError(f"owner has {len(owner)} atoms, the restraints {len(r.vdw_radius)}")
-        self.owner = owner
+        tables = AtomTables.of(r, owner, n_parts)
+        share = restraints_share(r, tables.owner, int(part))
+        excl, excl_part = _special_pairs(r.excl_pairs, tables.owner)
+        p14, p14_part = _special_pairs(r.pair14, tables.owner)
+        self._take(_part_terms(share, excl[excl_part == part], p14[p14_part == part]), tables, part,
+                   n_parts, comm)
+
+    @classmethod
+    def received(cls, terms: Restraints, tables: AtomTables, part: int, n_parts: int,
+                 comm=None) -> "PartRestraints":
+        """The part whose terms (as split_restraints yields them) and tables were cut elsewhere."""
+        self = cls.__new__(cls)
+        self._take(terms, tables, part, n_parts, comm)
+        return self
+
+    def _take(self, terms: Restraints, tables: AtomTables, part: int, n_parts: int, comm) -> None:
+        self.owner = tables.owner
         self.part = int(part)
         self.n_parts = int(n_parts)
         self.comm = comm
-        share = restraints_share(r, owner, self.part)
-        excl = np.asarray(r.excl_pairs).reshape(-1, 2)
-        p14 = np.asarray(r.pair14).reshape(-1, 2)
-        # the neighbour list keys a special pair by its lower atom (nonbonded._build_table)
-        self.excl_pairs = excl[owner[excl.min(axis=1)] == self.part] if len(excl) else excl
-        self.pair14 = p14[owner[p14.min(axis=1)] == self.part] if len(p14) else p14
-        self._terms = dataclasses.replace(share, excl_pairs=self.excl_pairs, pair14=self.pair14)
-        both = getattr(share, "chir_both", None)
-        if both is not None:
-            self._terms.chir_both = both
+        self.excl_pairs, self.pair14 = terms.excl_pairs, terms.pair14
+        self._terms = terms
         self._numbering: np.ndarray | None = None      # the terms' numbering (None: the model's)
-        # every atom's radius as the index of its value among the radii (bitwise the same values)
-        self._radii, codes = np.unique(np.asarray(share.vdw_radius, dtype=np.float64), return_inverse=True)
-        self._radius_of = codes.astype(np.uint8 if len(self._radii) <= 256 else np.int32)
-        del codes
-        hb = np.asarray(share.hbond_type)
-        self.hbond_type = hb.astype(np.int8) if hb.size else hb
-        self._terms.vdw_radius = self._terms.hbond_type = None   # (numbered gives them)
-        self.reads = restraint_atoms(share)
-        counts = np.bincount(np.asarray(r.bond_idx, dtype=np.int64).ravel(), minlength=len(owner))
-        self.bonded = np.minimum(counts, 255).astype(np.uint8)   # (read as "three or fewer")
-        del counts
+        self._radii, self._radius_of = tables.radii, tables.radius_of
+        self.hbond_type = tables.hbond_type
+        self.bonded = tables.bonded
+        self.reads = restraint_atoms(terms)
+        owner = self.owner
         mine = np.flatnonzero(owner == self.part)
         contiguous = len(mine) == 0 or mine[-1] - mine[0] + 1 == len(mine)
         self.blocks = ((int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)) \

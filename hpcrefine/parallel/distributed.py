@@ -826,29 +826,54 @@ def made_once(comm, make, root: int = 0, what: str = "its task"):
     return pickle.loads(payload[1:], buffers=received)
 
 
-def send_object(comm, obj, dest: int, tag: int) -> None:
-    """Send a picklable object to rank dest (its size, then its bytes), waiting without
-    spinning until dest has received it (recv_object)."""
-    import pickle
-
-    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-    wait_quietly(comm, comm.Isend(np.array([len(data)], dtype=np.int64), dest=dest, tag=tag))
+def _send_pieces(comm, buf: np.ndarray, dest: int, tag: int) -> None:
+    """Send a uint8 array in pieces below MPI's 2^31 count limit, waiting without spinning."""
     piece = 1 << 30
-    for start in range(0, len(data), piece):
-        wait_quietly(comm, comm.Isend(data[start:start + piece], dest=dest, tag=tag))
+    for start in range(0, len(buf), piece):
+        wait_quietly(comm, comm.Isend(buf[start:start + piece], dest=dest, tag=tag))
 
 
-def recv_object(comm, source: int, tag: int, on_poll=None):
-    """The object rank source sends with send_object, received without spinning."""
-    import pickle
-
-    size = np.zeros(1, dtype=np.int64)
-    wait_quietly(comm, comm.Irecv(size, source=source, tag=tag), on_poll=on_poll)
-    buf = np.empty(int(size[0]), dtype=np.uint8)
+def _recv_pieces(comm, buf: np.ndarray, source: int, tag: int, on_poll=None) -> None:
     piece = 1 << 30
     for start in range(0, len(buf), piece):
         wait_quietly(comm, comm.Irecv(buf[start:start + piece], source=source, tag=tag), on_poll=on_poll)
-    return pickle.loads(buf.tobytes())
+
+
+def send_object(comm, obj, dest: int, tag: int) -> None:
+    """Send a picklable object to rank dest, waiting without spinning until dest has received it
+    (recv_object). Pickle protocol 5: its arrays' memory goes out of band, sent from where it
+    lies (no pickled copy), and received into arrays of their own (recv_object)."""
+    import pickle
+
+    buffers = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = np.array([len(data), len(raws), *[r.nbytes for r in raws]], dtype=np.int64)
+    wait_quietly(comm, comm.Isend(np.array([len(head)], dtype=np.int64), dest=dest, tag=tag))
+    wait_quietly(comm, comm.Isend(head, dest=dest, tag=tag))
+    _send_pieces(comm, np.frombuffer(data, dtype=np.uint8), dest, tag)
+    for r in raws:
+        _send_pieces(comm, np.frombuffer(r, dtype=np.uint8), dest, tag)
+
+
+def recv_object(comm, source: int, tag: int, on_poll=None):
+    """The object rank source sends with send_object, received without spinning; each of its
+    out-of-band arrays lands in memory of its own, so one let go of is freed at once (a view of
+    one received buffer would hold every array's memory as long as any of them lives)."""
+    import pickle
+
+    n = np.zeros(1, dtype=np.int64)
+    wait_quietly(comm, comm.Irecv(n, source=source, tag=tag), on_poll=on_poll)
+    head = np.zeros(int(n[0]), dtype=np.int64)
+    wait_quietly(comm, comm.Irecv(head, source=source, tag=tag), on_poll=on_poll)
+    data = np.empty(int(head[0]), dtype=np.uint8)
+    _recv_pieces(comm, data, source, tag, on_poll)
+    received = []
+    for size in head[2:2 + int(head[1])]:
+        buf = np.empty(int(size), dtype=np.uint8)
+        _recv_pieces(comm, buf, source, tag, on_poll)
+        received.append(buf)
+    return pickle.loads(data, buffers=received)
 
 
 def master_wait_for(world, poll: float = POLL_SECONDS, timeout: float | None = None) -> float:
