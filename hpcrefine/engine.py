@@ -165,11 +165,25 @@ def minimise(xyz0: np.ndarray, data_term, geom: GeometryTerm, weight: float, ite
                           seconds=time.perf_counter() - t0)
 
 
+def of_target(data_term, xyz: np.ndarray, fn) -> float:
+    """fn(f, g) of data_term.target(xyz), a number. A term evaluated by one rank for all (a
+    parallel map store's: parallel.mapstore.StoredRealSpaceTerm.reduced) applies fn there and
+    sends the others the number instead of every atom's gradient."""
+    reduced = getattr(data_term, "reduced", None)
+    if reduced is not None:
+        return reduced(xyz, fn)
+    return float(fn(*data_term.target(xyz)))
+
+
+def _gradient_rms(f, g) -> float:
+    g = np.asarray(g, dtype=np.float64)
+    return float(np.sqrt(np.mean(np.sum(g * g, axis=1))))
+
+
 def initial_weight(xyz: np.ndarray, data_term, geom: GeometryTerm) -> float:
     """A first guess: the weight that makes the data gradient comparable with the restraint gradient
     of a model whose bonds deviate by their typical 0.01-0.02 A (about 50 per A per atom)."""
-    _, gd = data_term.target(xyz)
-    rms = float(np.sqrt(np.mean(np.sum(gd * gd, axis=1))))
+    rms = of_target(data_term, xyz, _gradient_rms)
     return 50.0 / max(rms, 1e-6)
 
 
@@ -279,7 +293,7 @@ def choose_weight(xyz: np.ndarray, data_term, geom: GeometryTerm, params: Refine
         """judged False: the restraint-dominated trial, within the limits raised from it."""
         res = minimiser(xyz, data_term, geom, w, iterations, params)
         st = geometry_of(res, geom)
-        fd, _ = data_term.target(res.xyz)
+        fd = of_target(data_term, res.xyz, lambda f, g: f)
         ok = not judged or base.ok(st) or raised_limits().ok(st)
         t = WeightTrial(w, st["bond_rmsd"], st["angle_rmsd"], fd, ok)
         trials.append(t)

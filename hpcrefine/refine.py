@@ -780,15 +780,25 @@ class _Steps:
         if self.progress is not None and self.label.endswith("trial"):
             self.progress.step(f"{self.label}, weight {weight:.4g}", res.xyz, unit=False,
                                seconds=res.seconds, target=float(res.f), iterations=int(res.iterations))
-        self.state.calls.append(CallRecord(res.xyz.copy(), float(res.f), int(res.iterations),
-                                           int(res.evaluations), float(res.seconds),
-                                           None if res.statistics is None else dict(res.statistics)))
+        if self.writer is not None:
+            # the master's record, for its checkpoint; a continued run replays it on every rank
+            # (checkpoint.load_state). The workers keep none: a copy of the whole model for each
+            # minimisation of the macro-cycle (a weight trial's too), 24 MB each at a million atoms
+            self.state.calls.append(CallRecord(res.xyz.copy(), float(res.f), int(res.iterations),
+                                               int(res.evaluations), float(res.seconds),
+                                               None if res.statistics is None else dict(res.statistics)))
         self.boundary()
         return res
 
     def new_cycle(self) -> None:
         self.state.calls = []
         self.i = 0
+
+    def frame(self, xyz, meta: dict) -> None:
+        """A frame of the trajectory, for the master's checkpoint (the workers keep none: each
+        would hold a whole model to the end of the run)."""
+        if self.writer is not None:
+            self.state.frames.append((xyz, meta))
 
     def task_done(self, key, packed) -> None:
         """The master's record of a finished half-set task (the workers hold no state)."""
@@ -880,7 +890,7 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
 
     def frame(name, xyz, record):
         state.protocol.append(record)
-        state.frames.append((xyz, {"stage": "prepare", "step": name}))
+        steps.frame(xyz, {"stage": "prepare", "step": name})
         step_line(name, xyz, record)
     if pre and state.stage == "halfset" and state.prepared is None and not state.tasks:
         state.stage = "prepare"
@@ -987,10 +997,10 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
                      cycle, weight, res.iterations, res.seconds, st["bond_rmsd"], st["angle_rmsd"])
         state.cycle, state.xyz, state.weight = cycle + 1, xyz, weight
         steps.new_cycle()
-        state.frames.append((xyz, {"stage": "final", "cycle": cycle, "weight": round(weight, 4),
-                                   "target": round(float(res.f), 4), "iterations": res.iterations,
-                                   "seconds": round(res.seconds, 2), "bond_rmsd": cycles[-1]["bond_rmsd"],
-                                   "angle_rmsd": cycles[-1]["angle_rmsd"]}))
+        steps.frame(xyz, {"stage": "final", "cycle": cycle, "weight": round(weight, 4),
+                          "target": round(float(res.f), 4), "iterations": res.iterations,
+                          "seconds": round(res.seconds, 2), "bond_rmsd": cycles[-1]["bond_rmsd"],
+                          "angle_rmsd": cycles[-1]["angle_rmsd"]})
     if post:
         with timer("protocol"):
             if progress is not None:

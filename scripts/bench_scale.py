@@ -19,7 +19,8 @@ file. Then `mpiexec -n RANKS hpcrefine refine start.cif --half-maps h1 h2 --reso
 the start is the asymmetric unit with the file's first --operators assembly operators, shaken
 the same way, refined under --ncs constraints against the same maps), while a
 thread of this script samples every rank's /proc/<pid>/status (VmRSS, VmHWM) and smaps_rollup
-(Pss, which shares the pages of a map file mapped by several ranks among them) every
+(Pss, which shares the pages of a map file mapped by several ranks among them; Private_Clean +
+Private_Dirty, the pages of a rank's own, without the libraries and maps it shares) every
 --sample seconds. The rank of a process is read from its PMI_RANK environment variable.
 
 Printed and written to bench_scale.json in the run folder: the wall time of each stage (report.json
@@ -74,15 +75,21 @@ def _read_status(pid: int) -> dict:
     return out
 
 
-def _read_pss(pid: int) -> int:
+def _read_rollup(pid: int) -> tuple[int, int]:
+    """(PSS, private) kB of a process: its proportional share of every page it maps, and the
+    pages no other process maps (Private_Clean + Private_Dirty: what the rank adds to the node,
+    without the libraries' pages and the map store's, which the ranks share)."""
+    pss = private = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as fh:
             for line in fh:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                    pss = int(line.split()[1])
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    private += int(line.split()[1])
     except OSError:          # the rank has exited between the listing and the read
-        return 0
-    return 0                 # a kernel without Pss in smaps_rollup
+        return 0, 0
+    return pss, private      # (0 from a kernel without them in smaps_rollup)
 
 
 def _descendants(root: int) -> list[int]:
@@ -126,7 +133,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.root_pid = root_pid
         self.every = every
-        self.ranks: dict[int, dict] = {}       # rank -> {"pid", "hwm_kb", "rss_max_kb", "pss_max_kb"}
+        # rank -> {"pid", "hwm_kb", "rss_max_kb", "pss_max_kb", "private_max_kb"}
+        self.ranks: dict[int, dict] = {}
         self.sum_rss_max_kb = 0
         self.sum_pss_max_kb = 0
         self.samples = 0
@@ -146,11 +154,13 @@ class Sampler(threading.Thread):
                     st = _read_status(pid)
                 except OSError:
                     continue
-                pss = _read_pss(pid)
-                row = self.ranks.setdefault(rank, {"pid": pid, "hwm_kb": 0, "rss_max_kb": 0, "pss_max_kb": 0})
+                pss, private = _read_rollup(pid)
+                row = self.ranks.setdefault(rank, {"pid": pid, "hwm_kb": 0, "rss_max_kb": 0, "pss_max_kb": 0,
+                                                   "private_max_kb": 0})
                 row["hwm_kb"] = max(row["hwm_kb"], st.get("VmHWM", 0))
                 row["rss_max_kb"] = max(row["rss_max_kb"], st.get("VmRSS", 0))
                 row["pss_max_kb"] = max(row["pss_max_kb"], pss)
+                row["private_max_kb"] = max(row["private_max_kb"], private)
                 total_rss += st.get("VmRSS", 0)
                 total_pss += pss
             self.sum_rss_max_kb = max(self.sum_rss_max_kb, total_rss)
@@ -165,7 +175,9 @@ class Sampler(threading.Thread):
     def summary(self) -> dict:
         mb = 1024.0
         return {"ranks": {r: {"hwm_mb": round(v["hwm_kb"] / mb), "rss_max_mb": round(v["rss_max_kb"] / mb),
-                              "pss_max_mb": round(v["pss_max_kb"] / mb)} for r, v in sorted(self.ranks.items())},
+                              "pss_max_mb": round(v["pss_max_kb"] / mb),
+                              "private_max_mb": round(v["private_max_kb"] / mb)}
+                          for r, v in sorted(self.ranks.items())},
                 "sum_rss_max_mb": round(self.sum_rss_max_kb / mb),
                 "sum_pss_max_mb": round(self.sum_pss_max_kb / mb),
                 "sum_hwm_mb": round(sum(v["hwm_kb"] for v in self.ranks.values()) / mb),
@@ -290,7 +302,7 @@ def print_result(res: dict) -> None:
           f"voxels of {res['map']['pixel']} A; wall {res['wall_seconds']:.0f} s")
     print("stages (s): " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
     print(f"{'rank':>4} {'evals':>6} {'own s/eval':>10} {'us/atom-eval':>12} {'exchange s':>10} "
-          f"{'MB sent':>11} {'NBL builds/s':>12} {'maxrss MB':>9} {'VmHWM MB':>9} {'PSS max MB':>10}")
+          f"{'MB sent':>11} {'NBL builds/s':>12} {'maxrss MB':>9} {'VmHWM MB':>9} {'PSS max MB':>10} {'private max MB':>14}")
     mem = res["memory"]["ranks"]
     for r in res["rank_resources"]:
         m = mem.get(r["rank"], mem.get(str(r["rank"]), {}))
@@ -299,7 +311,7 @@ def print_result(res: dict) -> None:
               f"{1e6 * r['seconds_local'] / max(r['atom_evaluations'], 1):12.3f} {r['seconds_reduce']:10.1f} "
               f"{r['reduce_bytes'] / 1e6:11.1f} {str(r.get('nbl_builds', '-')) + '/' + str(r.get('seconds_nbl', '-')):>12} "
               f"{r['peak_rss_mb']:9.0f} {m.get('hwm_mb', 0):9} "
-              f"{m.get('pss_max_mb', 0):10}")
+              f"{m.get('pss_max_mb', 0):10} {m.get('private_max_mb', '-'):>14}")
     m = res["memory"]
     print(f"all ranks together: largest sum of RSS {m['sum_rss_max_mb']} MB, of PSS {m['sum_pss_max_mb']} MB, "
           f"sum of peaks {m['sum_hwm_mb']} MB")

@@ -229,6 +229,47 @@ def test_a_macro_cycles_minimisations_keep_their_statistics(tmp_path):
     assert np.array_equal(back.calls[0].xyz, xyz + 1)
 
 
+def test_only_the_rank_that_checkpoints_keeps_the_minimisations_and_frames(tmp_path):
+    """The master (the rank with the checkpoint writer) records every minimisation of the
+    macro-cycle in progress and the trajectory's frames for its checkpoint; a worker (no writer)
+    keeps none, yet replays a continued run's recorded minimisations as the master does. Before,
+    every worker kept a copy of the whole model for each minimisation of the macro-cycle (each
+    weight trial: 24 MB each at a million atoms) and every macro-cycle's frame to the run's end."""
+    from hpcrefine.checkpoint import CallRecord, CheckpointWriter, RunIdentity, RunState
+    from hpcrefine.engine import MinimiseResult
+    from hpcrefine.log import Timer
+    from hpcrefine.params import build_params
+    from hpcrefine.refine import _Steps
+
+    class Quiet:
+        def poll(self):
+            return False
+
+    runs = []
+
+    def inner(xyz0, term, geom, weight, iterations, params):
+        runs.append(weight)
+        return MinimiseResult(xyz=xyz0 + weight, f=-weight, iterations=3, evaluations=4, seconds=0.1)
+
+    xyz = np.zeros((5, 3))
+    ident = RunIdentity(model="m.cif", model_sha256="0", maps={}, params={}, ranks=1, command="refine")
+    writer = CheckpointWriter(str(tmp_path / "checkpoint.h5"), ident, {"workers": 1}, np.zeros(5), 0, 0.0)
+    params = build_params(3.5)
+    kept = {}
+    for name, w in (("master", writer), ("worker", None)):
+        # a continued run: one minimisation of the macro-cycle recorded before the stop
+        state = RunState(stage="final", cycle=1, xyz=xyz)
+        state.calls = [CallRecord(xyz + 7.0, -7.0, 3, 4, 0.1)]
+        steps = _Steps(None, state, w, Quiet(), params, inner, Timer())
+        replayed = steps.minimiser(xyz, None, None, 1.0, 3, params)
+        fresh = [steps.minimiser(xyz, None, None, k, 3, params) for k in (2.0, 3.0)]
+        steps.frame(fresh[-1].xyz, {"stage": "final", "cycle": 1})
+        assert replayed.f == -7.0 and [r.f for r in fresh] == [-2.0, -3.0]
+        kept[name] = (len(state.calls), len(state.frames))
+    assert runs == [2.0, 3.0, 2.0, 3.0]           # the same minimisations run on both
+    assert kept == {"master": (3, 1), "worker": (1, 0)}
+
+
 def test_inputs_hashed_ahead_in_a_thread(adk_case, tmp_path):
     """checkpoint.hash_ahead (rank 1 checksums the inputs while it waits for the others): the same
     checksums as file_sha256, the files it cannot read left out, and a RunIdentity made from them

@@ -421,3 +421,18 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         from .distributed import wait_quietly
         wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
         return float(buf[0]), buf[1:].reshape(xyz.shape)
+
+    def reduced(self, xyz: np.ndarray, fn) -> float:
+        """fn(f, g) of target(xyz), a number (engine.of_target): with a parallel store the master
+        evaluates and applies fn and every rank gets the number, not the gradient of every atom
+        (24 MB at a million atoms, on every worker, for a number)."""
+        store = self.store
+        if not store.parallel:
+            return float(fn(*super().target(xyz)))
+        ctx = store.ctx
+        buf = np.zeros(1)
+        if ctx.is_master:
+            buf[0] = fn(*super().target(np.ascontiguousarray(xyz, dtype=np.float64)))
+        from .distributed import wait_quietly
+        wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
+        return float(buf[0])
