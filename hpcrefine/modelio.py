@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gemmi
 import numpy as np
@@ -137,18 +137,27 @@ def model_from_structure(st: gemmi.Structure) -> Model:
                  res_is_polymer=np.array(res_poly, dtype=bool), res_first_atom=first)
 
 
-def read_model(path: str, comm=None) -> Model:
+def read_model(path: str, comm=None, structure_everywhere: bool = True) -> Model:
     """Read a PDB/mmCIF model into a Model (hydrogens removed).
 
     With a communicator of several ranks (collective over it), its rank 0 alone parses the file
     and sends the Model (gemmi's Structure pickles compactly) to the others, which wait without
     spinning: parsing an mmCIF file holds its whole text and tables at once (1.27 GB of peak
     memory for a million atoms, against 0.22 GB for the Model unpacked), so the other ranks
-    never do. A bad file raises the same InputError on every rank."""
+    never do. A bad file raises the same InputError on every rank. structure_everywhere=False:
+    the others get the Model without its gemmi Structure (st None), when only rank 0 reads it
+    (refine: the workers read it only to search for NCS)."""
     if comm is None or comm.Get_size() == 1:
         return _read_model(path)
     from .parallel.distributed import made_once
-    return made_once(comm, lambda: _read_model(path), what=f"reading model {path}")
+
+    whole = {}
+
+    def read():
+        whole["model"] = _read_model(path)
+        return whole["model"] if structure_everywhere else replace(whole["model"], st=None)
+    got = made_once(comm, read, what=f"reading model {path}")
+    return whole.get("model", got)
 
 
 def _read_model(path: str) -> Model:

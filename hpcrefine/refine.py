@@ -143,7 +143,8 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     which the other ranks then never hold (the workers wait without spinning). With
     share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
     in its MapStore once the inputs are checked)."""
-    model = read_model(model_path, comm)
+    # (the workers read the gemmi Structure only to search for NCS: 0.12 GB at a million atoms)
+    model = read_model(model_path, comm, structure_everywhere=params is None or params.ncs != "off")
     grid = None
     data = None
     halves = None
@@ -289,45 +290,39 @@ def _hold_part(ctx, inputs: Inputs, params: RefineParams):
     the start model into boxes (decompose.spatial_parts) when the minimisations would exchange
     halos, else into blocks in file order: on a worker its PartRestraints over the workers'
     communicator, with the model's name arrays dropped; the whole set on the master, which logs
-    the cut. Collective over the world. When the master alone holds the restraints
-    (_restraints_on_master), it cuts every part in one pass (decompose.split_restraints) and
-    sends each worker its own, with the per-atom tables all share; else each worker cuts its
-    part from the whole set it holds."""
+    the cut. Collective over the world. The master alone holds the restraints then
+    (_restraints_on_master: may_hold_parts holds): it cuts every part in one pass
+    (decompose.split_restraints) and sends each worker its own, and the per-atom tables all
+    share to all."""
     from .parallel.decompose import AtomTables, atom_blocks, owner_of_atoms, spatial_parts, split_restraints
     from .parallel.distributed import boxes_wanted, made_once, recv_object, send_object
 
+    if not inputs.held_back:
+        raise RuntimeError("the workers hold every restraint: they have no part to receive")
+    inputs.held_back = False
     model, r = inputs.model, inputs.restraints
     n, parts = model.n_atoms, ctx.n_workers
     boxes = params.target == "fast" and boxes_wanted(n, parts, params)
-
-    def owner():
-        return (spatial_parts(model.xyz, model.res_first_atom, parts) if boxes
-                else owner_of_atoms(atom_blocks(model.res_first_atom, parts), n))
     if ctx.is_master:
         log.info("workers: each holds the restraints of its %s of the start model (1/%d), not "
-                 "the whole set%s", "box" if boxes else "block", parts,
-                 ", cut by the master" if inputs.held_back else "")
-        if inputs.held_back:
-            t0 = time.perf_counter()
-            tables = made_once(ctx.world, lambda: AtomTables.of(r, owner(), parts), root=0,
-                               what="cutting the restraints")
-            sent = 0
-            for p, terms in split_restraints(r, tables.owner, parts):
-                # (worker p is rank p + 1 of the world: parallel.context.make_context)
-                send_object(ctx.world, terms, p + 1, PARTS_TAG)
-                sent += sum(a.nbytes for a in vars(terms).values() if isinstance(a, np.ndarray))
-            inputs.held_back = False
-            log.info("workers: their parts cut and sent in %.1f s (%.1f MB, %.1f MB the tables "
-                     "every worker receives)", time.perf_counter() - t0, sent / 1e6,
-                     sum(a.nbytes for a in vars(tables).values()) / 1e6)
+                 "the whole set", "box" if boxes else "block", parts)
+        t0 = time.perf_counter()
+        owner = (spatial_parts(model.xyz, model.res_first_atom, parts) if boxes
+                 else owner_of_atoms(atom_blocks(model.res_first_atom, parts), n))
+        tables = made_once(ctx.world, lambda: AtomTables.of(r, owner, parts), root=0,
+                           what="cutting the restraints")
+        sent = 0
+        for p, terms in split_restraints(r, tables.owner, parts):
+            # (worker p is rank p + 1 of the world: parallel.context.make_context)
+            send_object(ctx.world, terms, p + 1, PARTS_TAG)
+            sent += sum(a.nbytes for a in vars(terms).values() if isinstance(a, np.ndarray))
+        log.info("workers: their parts cut by the master and sent in %.1f s (%.1f MB, and %.1f MB "
+                 "of per-atom tables to every worker)", time.perf_counter() - t0, sent / 1e6,
+                 sum(a.nbytes for a in vars(tables).values()) / 1e6)
         return r
-    if inputs.held_back:
-        tables = made_once(ctx.world, lambda: None, root=0, what="cutting the restraints")
-        terms = recv_object(ctx.world, 0, PARTS_TAG)
-        part = PartRestraints.received(terms, tables, ctx.workers.Get_rank(), parts, ctx.workers)
-        inputs.held_back = False
-    else:
-        part = PartRestraints(r, owner(), ctx.workers.Get_rank(), parts, ctx.workers)
+    tables = made_once(ctx.world, lambda: None, root=0, what="cutting the restraints")
+    part = PartRestraints.received(recv_object(ctx.world, 0, PARTS_TAG), tables, ctx.workers.Get_rank(),
+                                   parts, ctx.workers)
     inputs.restraints, inputs.covalent, inputs.reference = part, None, None
     # nor the names of the atoms, residues and chains, which only the master's outputs and
     # validations read (50 MB at a million atoms), nor, when the data term is the fast target

@@ -415,3 +415,18 @@ def test_wait_quietly_times_out():
         wait_quietly(MPI.COMM_SELF, req, timeout=0.1)
     MPI.COMM_SELF.Send(np.zeros(1), dest=0, tag=12)      # complete it: nothing left pending
     req.Wait()
+
+
+def test_a_model_read_once_reaches_the_others_with_or_without_its_structure(case):
+    """read_model over the world: rank 0 parses the file and the others receive the same arrays;
+    with structure_everywhere=False they receive no gemmi Structure (refine: the workers read it
+    only to search for NCS), while rank 0 keeps its own."""
+    path = datasets.fetch(["adk_closed"])["adk_closed"]
+    ok = []
+    for everywhere in (True, False):
+        m = read_model(path, WORLD, structure_everywhere=everywhere)
+        has = m.st is not None
+        ok.append(has == (everywhere or WORLD.Get_rank() == 0))
+        ok.append(np.array_equal(m.xyz, case["model"].xyz) and np.array_equal(m.occ, case["model"].occ)
+                  and list(m.atom_name) == list(case["model"].atom_name))
+    assert all(WORLD.allgather(all(ok)))
