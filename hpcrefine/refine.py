@@ -292,9 +292,9 @@ def _hold_part(ctx, inputs: Inputs, params: RefineParams):
     communicator, with the model's name arrays dropped; the whole set on the master, which logs
     the cut. Collective over the world. The master alone holds the restraints then
     (_restraints_on_master: may_hold_parts holds): it cuts every part in one pass
-    (decompose.split_restraints) and sends each worker its own, and the per-atom tables all
+    (decompose.cut_parts) and sends each worker its own, and the per-atom tables all
     share to all."""
-    from .parallel.decompose import AtomTables, atom_blocks, owner_of_atoms, spatial_parts, split_restraints
+    from .parallel.decompose import AtomTables, atom_blocks, cut_parts, owner_of_atoms, spatial_parts
     from .parallel.distributed import boxes_wanted, made_once, recv_object, send_object
 
     if not inputs.held_back:
@@ -312,7 +312,7 @@ def _hold_part(ctx, inputs: Inputs, params: RefineParams):
         tables = made_once(ctx.world, lambda: AtomTables.of(r, owner, parts), root=0,
                            what="cutting the restraints")
         sent = 0
-        for p, terms in split_restraints(r, tables.owner, parts):
+        for p, terms in cut_parts(r, tables.owner, parts):
             # (worker p is rank p + 1 of the world: parallel.context.make_context)
             send_object(ctx.world, terms, p + 1, PARTS_TAG)
             sent += sum(a.nbytes for a in vars(terms).values() if isinstance(a, np.ndarray))

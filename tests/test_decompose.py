@@ -294,13 +294,13 @@ def test_a_box_numbered_on_its_own_gives_the_same_terms_and_pairs_bit_for_bit(ad
 
 
 def test_every_part_cut_in_one_pass_is_the_part_cut_alone_bit_for_bit(adk):
-    """split_restraints (the master cuts every worker's part at once, in one pass over the
+    """cut_parts (the master cuts every worker's part at once, in one pass over the
     terms) gives each part the terms, exclusions and 1-4 pairs that PartRestraints cuts from the
     whole set for that part alone, in the same order, low-resolution terms included; received
     with the shared AtomTables, the part is the same part."""
     from hpcrefine.lowres import add_lowres_restraints
     from hpcrefine.params import build_params
-    from hpcrefine.parallel.decompose import AtomTables, split_restraints
+    from hpcrefine.parallel.decompose import AtomTables, cut_parts
 
     model, r, xyz = adk
     full = add_lowres_restraints(model, r, model.xyz, build_params(6.0), reference=model)
@@ -310,7 +310,7 @@ def test_every_part_cut_in_one_pass_is_the_part_cut_alone_bit_for_bit(adk):
                            (1, np.zeros(model.n_atoms, dtype=np.int64))):
         tables = AtomTables.of(full, owner, n_parts)
         seen = 0
-        for p, terms in split_restraints(full, owner, n_parts):
+        for p, terms in cut_parts(full, owner, n_parts):
             assert p == seen
             seen += 1
             alone = PartRestraints(full, owner, p, n_parts)

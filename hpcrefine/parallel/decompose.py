@@ -89,15 +89,25 @@ def plane_owner(plane_atoms, plane_start, atom_owner) -> np.ndarray:
     return owner
 
 
+def _indices(keep) -> np.ndarray:
+    """Ascending row indices from a bool mask (or the indices themselves)."""
+    keep = np.asarray(keep)
+    return np.flatnonzero(keep) if keep.dtype == bool else keep
+
+
 def select_terms(r: Restraints, rows: dict, plane_keep: np.ndarray, remap=None) -> Restraints:
-    """The terms of r selected by rows[idx_name] (bool per term, for every index array of
-    _ROW_TERMS) and plane_keep (bool per plane), atom indices mapped through remap when given.
-    The per-atom and non-bonded arrays are r's own objects, not copies. A `chir_both` attribute,
-    when r has one, is selected with the chirality rows."""
+    """The terms of r selected by rows[idx_name] (for every index array of _ROW_TERMS: a bool
+    per term, or the ascending indices of the terms kept) and plane_keep (a bool per plane, or
+    ascending plane indices), atom indices mapped through remap when given. The per-atom and
+    non-bonded arrays are r's own objects, not copies. A `chir_both` attribute, when r has one,
+    is selected with the chirality rows."""
+    rows = {name: _indices(rows[name]) for name in _ROW_TERMS}
+    planes = _indices(plane_keep)
     # every term kept and no remapping (one part owns them all: a group of one worker, a
     # half-set task of the parallel layout): r's own arrays, not a copy of every term (123 MB
     # at a million atoms, made for each minimisation)
-    whole = remap is None and np.all(plane_keep) and all(np.all(keep) for keep in rows.values())
+    whole = remap is None and len(planes) == r.n_planes and all(
+        len(keep) == len(getattr(r, name)) for name, keep in rows.items())
     kept = {}
     if not whole:
         for idx_name, value_names in _ROW_TERMS.items():
@@ -105,12 +115,14 @@ def select_terms(r: Restraints, rows: dict, plane_keep: np.ndarray, remap=None) 
             kept[idx_name] = remap[idx] if remap is not None else idx
             for name in value_names:
                 kept[name] = getattr(r, name)[rows[idx_name]]
-        sizes = np.diff(r.plane_start)
-        per_atom = np.repeat(plane_keep, sizes)
-        pa = r.plane_atoms[per_atom]
+        sizes = np.diff(r.plane_start)[planes]
+        # the atoms of the kept planes, plane by plane: plane_start[q] + 0 .. size_q - 1
+        at = np.repeat(r.plane_start[:-1][planes] - (np.cumsum(sizes) - sizes), sizes) + \
+            np.arange(int(sizes.sum()))
+        pa = r.plane_atoms[at]
         kept["plane_atoms"] = remap[pa] if remap is not None else pa
-        kept["plane_sigma"] = r.plane_sigma[per_atom]
-        kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes[plane_keep]))).astype(np.int64)
+        kept["plane_sigma"] = r.plane_sigma[at]
+        kept["plane_start"] = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
     out = dataclasses.replace(r, **kept)
     both = getattr(r, "chir_both", None)
     if both is not None and len(both):
@@ -184,7 +196,7 @@ def _grouped(key, n_parts: int):
     return order, np.searchsorted(key[order], np.arange(n_parts + 1))
 
 
-def split_restraints(r: Restraints, owner, n_parts: int):
+def cut_parts(r: Restraints, owner, n_parts: int):
     """Every part's terms of r under owner, in one pass over the terms: yields (part, terms) for
     part 0 .. n_parts - 1, terms as PartRestraints holds them, the same bit for bit as
     PartRestraints(r, owner, part, n_parts) holds (the rows in the same order). Cutting each part
@@ -192,35 +204,17 @@ def split_restraints(r: Restraints, owner, n_parts: int):
     part (hpcrefine.refine), up to thousands of parts."""
     owner = np.asarray(owner)
     groups = {name: _grouped(term_owner(getattr(r, name)[:, 0], owner), n_parts) for name in _ROW_TERMS}
-    sizes = np.diff(r.plane_start)
     plane_groups = _grouped(plane_owner(r.plane_atoms, r.plane_start, owner), n_parts)
     excl, excl_part = _special_pairs(r.excl_pairs, owner)
     p14, p14_part = _special_pairs(r.pair14, owner)
     excl_groups, p14_groups = _grouped(excl_part, n_parts), _grouped(p14_part, n_parts)
-    both = getattr(r, "chir_both", None)
 
     def rows(group, p):
         order, bounds = group
         return order[bounds[p]:bounds[p + 1]]
 
     for p in range(n_parts):
-        kept = {}
-        for idx_name, value_names in _ROW_TERMS.items():
-            mine = rows(groups[idx_name], p)
-            kept[idx_name] = getattr(r, idx_name)[mine]
-            for name in value_names:
-                kept[name] = getattr(r, name)[mine]
-        planes = rows(plane_groups, p)
-        n = sizes[planes]
-        # the atoms of the part's planes, plane by plane: plane_start[q] + 0 .. n_q - 1
-        at = np.repeat(r.plane_start[:-1][planes] - np.concatenate(([0], np.cumsum(n)[:-1])), n) + \
-            np.arange(int(n.sum()))
-        kept["plane_atoms"] = r.plane_atoms[at]
-        kept["plane_sigma"] = r.plane_sigma[at]
-        kept["plane_start"] = np.concatenate(([0], np.cumsum(n))).astype(np.int64)
-        share = dataclasses.replace(r, **kept)
-        if both is not None and len(both):
-            share.chir_both = np.asarray(both)[rows(groups["chir_idx"], p)]
+        share = select_terms(r, {name: rows(g, p) for name, g in groups.items()}, rows(plane_groups, p))
         yield p, _part_terms(share, excl[rows(excl_groups, p)], p14[rows(p14_groups, p)])
 
 
@@ -243,7 +237,7 @@ class PartRestraints:
     At a million atoms the whole set is 230 MB; a part is 1/parts of it plus the 5 bytes an atom
     of AtomTables (28 bytes an atom as int64 and float64 arrays). PartRestraints(r, owner, part,
     n_parts) cuts a part from the whole set; received(terms, tables, part) makes it from a part's
-    terms cut elsewhere (split_restraints), so its holder never holds the whole set."""
+    terms cut elsewhere (cut_parts), so its holder never holds the whole set."""
 
     def __init__(self, r: Restraints, owner, part: int, n_parts: int, comm=None):
         tables = AtomTables.of(r, owner, n_parts)
@@ -256,7 +250,7 @@ class PartRestraints:
     @classmethod
     def received(cls, terms: Restraints, tables: AtomTables, part: int, n_parts: int,
                  comm=None) -> "PartRestraints":
-        """The part whose terms (as split_restraints yields them) and tables were cut elsewhere."""
+        """The part whose terms (as cut_parts yields them) and tables were cut elsewhere."""
         self = cls.__new__(cls)
         self._take(terms, tables, part, n_parts, comm)
         return self
