@@ -1876,9 +1876,10 @@ def setup(model, restraints, params, minimiser, ctx=None, interrupts=None):
     log.info("NCS mode: %s (search %.1f s)", why, time.perf_counter() - t0)
     report = {"mode": mode, "reason": why, "found": info.summary() if info is not None else None}
     if mode == "constraints":
+        counts = {"before": 0, "after": 0}
         if not info.virtual:
             restraints = restraints()
-        counts = symmetrise_restraints(restraints, info) if not info.virtual else {"before": 0, "after": 0}
+            counts = symmetrise_restraints(restraints, info)
         if counts["before"] != counts["after"]:
             log.info("NCS constraints: every copy takes its master's restraints (%s before, %s after)",
                      counts["before"], counts["after"])

@@ -408,31 +408,36 @@ class StoredRealSpaceTerm(RealSpaceTerm):
             _write_ahead(self.store, *self._blur(b_extra))
 
     def target(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        store = self.store
-        if not store.parallel:
-            return super().target(xyz)
-        ctx = store.ctx
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-        buf = np.empty(xyz.size + 1)
-        if ctx.is_master:
-            f, g = super().target(xyz)
+
+        def fill(buf, f, g):
             buf[0] = f
             buf[1:] = np.asarray(g, dtype=np.float64).ravel()
-        from .distributed import wait_quietly
-        wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
-        return float(buf[0]), buf[1:].reshape(xyz.shape)
+        buf = self._from_master(xyz, xyz.size + 1, fill)
+        return (float(buf[0]), buf[1:].reshape(xyz.shape)) if buf is not None else super().target(xyz)
 
     def reduced(self, xyz: np.ndarray, fn) -> float:
         """fn(f, g) of target(xyz), a number (engine.of_target): with a parallel store the master
         evaluates and applies fn and every rank gets the number, not the gradient of every atom
         (24 MB at a million atoms, on every worker, for a number)."""
+        xyz = np.ascontiguousarray(xyz, dtype=np.float64)
+
+        def fill(buf, f, g):
+            buf[0] = fn(f, g)
+        buf = self._from_master(xyz, 1, fill)
+        return float(buf[0]) if buf is not None else float(fn(*super().target(xyz)))
+
+    def _from_master(self, xyz: np.ndarray, size: int, fill) -> np.ndarray | None:
+        """With a parallel store (collective over the world): the master evaluates the target at
+        xyz, fill(buf, f, g) puts what the ranks need in a buffer of `size` doubles, and every rank
+        gets that buffer by one broadcast. None without one (the caller evaluates itself)."""
         store = self.store
         if not store.parallel:
-            return float(fn(*super().target(xyz)))
+            return None
         ctx = store.ctx
-        buf = np.zeros(1)
+        buf = np.empty(size)
         if ctx.is_master:
-            buf[0] = fn(*super().target(np.ascontiguousarray(xyz, dtype=np.float64)))
+            fill(buf, *super().target(xyz))
         from .distributed import wait_quietly
         wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
-        return float(buf[0])
+        return buf
