@@ -70,9 +70,19 @@ def refine_half(xyz0, term: RealSpaceTerm, geom, weight: float, params, minimise
     """Macro-cycles of blur 40 -> 0 A^2, params.iterations each, at a fixed weight. Returns the
     refined coordinates and their geometry statistics: the workers' own when they shared the
     minimisation, else the bonds and angles (all the weight choice reads: no clash count, whose
-    neighbour list of a million atoms took 13 % of a constrained task's time)."""
+    neighbour list of a million atoms took 13 % of a constrained task's time).
+
+    xyz0: the start, or a function that makes it. A minimiser that chains minimisations on its
+    ranks' parts (`chains(geom)` true: _GroupMinimiser over restraints held in boxes) gets the
+    function, so that the whole start lives only until its ranks have taken their atoms, and
+    returns the coordinates on its first rank only: the others get None."""
     minimiser = minimiser or minimise
-    xyz = np.asarray(xyz0, dtype=np.float64)
+    if getattr(minimiser, "chains", lambda g: False)(geom):
+        res = minimiser.chain(xyz0 if callable(xyz0) else lambda: xyz0,
+                              (term.blurred(b) if b > 0 else term for b in blurs), geom, weight,
+                              params.iterations, params)
+        return res.xyz, res.statistics
+    xyz = np.asarray(xyz0() if callable(xyz0) else xyz0, dtype=np.float64)
     # the start is not held past the first minimisation (the whole model's coordinates, 24 MB at
     # a million atoms, on every worker)
     xyz0 = None
@@ -100,7 +110,13 @@ def half_start(xyz0: np.ndarray, params, half: int, restraints=None, exact=None)
     the minimisations refine as their master: the master is displaced (and its chiral centres put
     back) and every copy made its image. Copies displaced each on its own would be averaged into
     the master, which would start only rms / sqrt(copies) away (0.04 A for 60 copies): the two
-    half sets would share nearly all of the start's errors."""
+    half sets would share nearly all of the start's errors.
+
+    xyz0 may be a parallel.distributed.BoxedCoordinates (the workers' parts of the start): its whole()
+    is made here (collective over its ranks), for this start only."""
+    whole_of = getattr(xyz0, "whole", None)
+    if whole_of is not None:
+        xyz0 = whole_of()
     rms = params.halfset_start_shake
     whole = xyz0
     g = None
@@ -443,8 +459,12 @@ def _half_task(inputs, geom, params, xyz0, h: int, w: float, minimiser, term, ha
     """Refine half set h's model at weight w against half map h alone (term), then (the
     refinement done) its geometry and, given the half maps' transforms (one process), the compare
     step for that model: FSC against its own half map (work) and the other (free). Returns the
-    packed result (with a map store, the master fills in the curves: compare_task)."""
-    xyz, st = refine_half(half_start(xyz0, params, h, geom.r, exact), term, geom, w, params, minimiser)
+    packed result (with a map store, the master fills in the curves: compare_task), or None
+    on a rank that shared the minimisation and does not send its result (refine_half)."""
+    xyz, st = refine_half(functools.partial(half_start, xyz0, params, h, geom.r, exact), term, geom,
+                          w, params, minimiser)
+    if xyz is None:
+        return None
     n_shells = shell_number(inputs.map.data.shape, inputs.map.voxel)
     buf = _pack(np.full(n_shells, np.nan), np.full(n_shells, np.nan), st, xyz)
     if halves is not None:
@@ -541,7 +561,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
         return finish()
     from mpi4py import MPI
 
-    from .parallel.distributed import distributed_minimise, wait_quietly
+    from .parallel.distributed import wait_quietly
 
     shared_layout = params.halfset_layout == "shared"
     layout = weight_layout(ctx.size, len(weights), shared_layout)
@@ -553,9 +573,7 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
         group = hc.Split(hc.Get_rank() % groups, hc.Get_rank())
         mine = [k for k in range(len(weights)) if k % groups == hc.Get_rank() % groups]
 
-        def shared(x, term, g, w, iterations, p):
-            return distributed_minimise(group, x, term, g.r, res_first_atom, w, iterations, p)[0]
-        minimiser = with_ncs(group, shared)
+        minimiser = with_ncs(group, _GroupMinimiser(group, res_first_atom))
         try:
             for h in my_halves:
                 for k in mine:
@@ -590,6 +608,30 @@ def run_halfset(ctx, inputs, geom, params, resolution: float, xyz0, atom_weight,
     _master_gather(ctx, layout, done, 2 * n_shells + 2 + 3 * len(xyz0), on_task, interrupts,
                    None if workers_compare else fill_curves)
     return finish()
+
+
+class _GroupMinimiser:
+    """The minimiser of a task's group of workers (collective over comm): each minimisation
+    shared by its ranks (distributed_minimise); over restraints held in boxes, the minimisations
+    of a task chained on the ranks' parts (chained_minimise: no whole model on any rank while
+    they run, the result on the group's first rank only)."""
+
+    def __init__(self, comm, res_first_atom):
+        self.comm = comm
+        self.res_first_atom = res_first_atom
+
+    def __call__(self, x, term, geom, weight, iterations, params):
+        from .parallel.distributed import distributed_minimise
+        return distributed_minimise(self.comm, x, term, geom.r, self.res_first_atom, weight,
+                                    iterations, params)[0]
+
+    def chains(self, geom) -> bool:
+        from .parallel.decompose import PartRestraints
+        return isinstance(geom.r, PartRestraints) and geom.r.blocks is None
+
+    def chain(self, start, terms, geom, weight, iterations, params):
+        from .parallel.distributed import chained_minimise
+        return chained_minimise(self.comm, start, terms, geom.r, weight, iterations, params)
 
 
 def _master_gather(ctx, layout: dict, done: dict, size: int, on_task, interrupts, complete=None) -> None:

@@ -45,7 +45,8 @@ class Model:
 
     @property
     def n_atoms(self) -> int:
-        return len(self.xyz)
+        # (a worker that holds the start in parts has no xyz: refine.run_refine)
+        return len(self.xyz) if self.xyz is not None else int(self.res_first_atom[-1])
 
     @property
     def n_residues(self) -> int:

@@ -339,8 +339,14 @@ def atom_weights(model: Model) -> np.ndarray:
     (clipped to [0, 1]), its share of the density at its centre. With weight 1 for every atom,
     a weak conformer was pulled into the stronger density (`python scripts/bench_occupancy.py
     --resolutions 3 --noise 0.3 --pipeline fast`: occupancies after minimise,occupancy MAE 0.097,
-    r 0.62, against 0.074, r 0.74 with these weights)."""
-    return np.clip(np.asarray(model.occ, dtype=np.float64), 0.0, 1.0)
+    r 0.62, against 0.074, r 0.74 with these weights).
+
+    The occupancies themselves (not a copy: 8 MB at a million atoms, on every rank) when they
+    all lie within [0, 1]; nothing writes into either."""
+    occ = np.asarray(model.occ, dtype=np.float64)
+    if len(occ) and occ.min() >= 0.0 and occ.max() <= 1.0:
+        return occ
+    return np.clip(occ, 0.0, 1.0)
 
 
 def model_statistics(model: Model, xyz: np.ndarray, geom: GeometryTerm, inputs: Inputs,
@@ -541,6 +547,12 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     geom = GeometryTerm(r, params)
     # (a worker holding a part reads the start only: no second copy of a million atoms' coordinates)
     xyz0 = model.xyz if isinstance(r, PartRestraints) else model.xyz.copy()
+    if isinstance(r, PartRestraints) and r.blocks is None:
+        # a worker holding a box keeps only its atoms' start through the half sets: each task's
+        # start and the final stage's make the whole model again from the parts
+        from .parallel.distributed import BoxedCoordinates
+        xyz0 = BoxedCoordinates(ctx.workers, xyz0, r.owner)
+        model.xyz = None
     before = None
     # the start model's statistics: the master's, or one worker's, made in a thread of its own
     # while the master prepares the half maps (the workers have nothing to do then) and sent to
@@ -929,12 +941,15 @@ def _refine_stages(ctx, inputs, geom, params, resolution, xyz0, outdir, state, s
             w_cap = w_half
             log.info("final refinement at the weight from the free residual, %.3f, or lower "
                      "where the geometry limits require", w_half)
+    boxed = hasattr(xyz0, "whole")          # a worker's parts of the start (BoxedCoordinates)
     # built after the half sets, which do not use it: its map (a full-grid copy) is not held then
-    data_term, blur_start = _data_term(inputs, params, resolution, xyz0)
+    # (boxes: the fast target, which reads no model)
+    data_term, blur_start = _data_term(inputs, params, resolution, None if boxed else xyz0)
     state.stage = "final"
     if state.xyz is None:
         # (a worker holding a part of the restraints writes no frames and changes no coordinates
-        # in place: no second copy of the start)
+        # in place: no second copy of the start; a worker holding a box keeps its parts of the
+        # start, and of every minimisation's result: RankMinimiser)
         state.xyz = xyz0 if isinstance(geom.r, PartRestraints) else xyz0.copy()
     xyz, weight, cycles = state.xyz, state.weight, state.cycles
     if params.cycle_rotamers and params.rotamer_restraints and 1 < state.cycle <= params.macro_cycles:
@@ -1032,13 +1047,17 @@ def _final_maps_ahead(inputs: Inputs, params: RefineParams, do_minimise: bool):
 
 def _put_back_chirals(xyz: np.ndarray, r, cycle: int) -> np.ndarray:
     """The macro-cycle's start with its inverted chiral centres put back (the same on every rank;
-    collective over the workers when they hold parts of the restraints)."""
-    from .parallel.distributed import correct_inversions
-    fixed, made, left = correct_inversions(xyz, r)
+    collective over the workers when they hold parts of the restraints). Parts of the start
+    (distributed.BoxedCoordinates) are made whole for it, and parts are returned."""
+    from .parallel.distributed import BoxedCoordinates, correct_inversions
+    held = xyz if isinstance(xyz, BoxedCoordinates) else None
+    fixed, made, left = correct_inversions(xyz if held is None else held.whole(), r)
     if made:
         log.info("cycle %d: inverted chiral centres put back: %d reflection(s), %d still inverted",
                  cycle, made, left)
-    return fixed if made else xyz
+    if not made:
+        return xyz
+    return fixed if held is None else BoxedCoordinates(held.comm, fixed, held.owner)
 
 
 VALIDATION_RANK = 1        # the worker that validates the start model (runs of several ranks;

@@ -351,3 +351,36 @@ def test_trajectory_written_before_with_gzip_is_continued(adk_case, tmp_path, mo
         for i, want in enumerate([xyz, xyz + 0.01, xyz + 0.02, xyz + 1.0]):
             assert np.abs(got[i] - want).max() < 1e-4, (old, i)
     assert os.path.getsize(str(tmp_path / "None.h5")) > os.path.getsize(str(tmp_path / "gzip.h5"))
+
+
+def test_workers_holding_boxes_resume_to_the_same_model(adk_case, tmp_path):
+    """Workers that hold the restraints and the start in boxes (shared layout,
+    whole_model_on_workers = false, decomposition "boxes": each task's start made whole again
+    from the workers' parts, distributed.BoxedCoordinates, each task's minimisations chained on the
+    parts, distributed.chained_minimise, and the final stage's minimisations kept as parts,
+    RankMinimiser), stopped by SIGUSR1 to every rank in the half-set stage and, in another run,
+    in the final stage (whose continued run replays the macro-cycle's minimisations as whole
+    models), continue to the model of the run never stopped."""
+    params = tmp_path / "boxes.toml"
+    params.write_text('[refine]\nhalfset_layout = "shared"\ncycle_rotamers = false\n'
+                      'whole_model_on_workers = false\ndecomposition = "boxes"\n')
+    plain = tmp_path / "plain"
+    p = subprocess.run(refine_cmd(adk_case, plain, 3, "--params", str(params)), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "each holds the restraints of its box" in (plain / "refine.log").read_text()
+    for stage, steps in (("halfset", 2), ("final", 12)):
+        out = tmp_path / stage
+        cmd = refine_cmd(adk_case, out, 3, "--params", str(params), "--resume")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_stage(out / ck.NAME, stage, min_steps=steps)
+        for pid in ranks_of(out):
+            os.kill(pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == ck.INTERRUPTED_EXIT, err[-2000:]
+        meta = ck.read_meta(str(out / ck.NAME))
+        assert meta["status"] == "interrupted"
+        assert meta["state_stage"] == stage or (stage, meta["state_stage"]) == ("halfset", "final")
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert np.array_equal(coords(out), coords(plain)), stage

@@ -235,6 +235,60 @@ def release_kept_list() -> None:
     _KEPT_LIST.clear()
 
 
+def _part_layout(owner: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, displacements) of the ranks' parts of a flat coordinate vector, rank p's part the
+    coordinates of the atoms with owner p, the parts in rank order (Allgatherv, Gatherv)."""
+    counts = np.bincount(owner, minlength=size).astype(np.int64)
+    return 3 * counts, 3 * (np.cumsum(counts) - counts)
+
+
+def _in_model_order(received: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """The whole coordinates (n, 3), in a new array, from the ranks' parts in rank order."""
+    whole = np.empty((len(owner), 3), dtype=np.float64)
+    whole[np.argsort(owner, kind="stable")] = received.reshape(-1, 3)
+    return whole
+
+
+class BoxedCoordinates:
+    """A model's coordinates held in parts by the ranks of comm (the workers holding the
+    restraints in boxes: decompose.PartRestraints.owner), a start or a minimisation's result
+    (distributed_minimise with keep_parts): each rank keeps only its own atoms' rows (24 MB /
+    workers at a million atoms, where every worker held the whole model), and whole() makes the
+    whole coordinates again, in a new array, for the step that needs them (collective,
+    Allgatherv): a half-set task's start (halfset.half_start), a macro-cycle's chiral centres
+    (refine._put_back_chirals). len() is the model's atoms."""
+
+    def __init__(self, comm, xyz: np.ndarray | None, owner: np.ndarray, rows: np.ndarray | None = None):
+        self.comm = comm
+        self.owner = owner
+        if rows is None:
+            rows = np.asarray(xyz, dtype=np.float64)[owner == comm.Get_rank()]
+        self.rows = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1, 3)
+        self.counts, self.starts = _part_layout(owner, comm.Get_size())
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def whole(self) -> np.ndarray:
+        received = np.empty(3 * len(self.owner), dtype=np.float64)
+        self.comm.Allgatherv([self.rows, MPI.DOUBLE], [received, (self.counts, self.starts), MPI.DOUBLE])
+        return _in_model_order(received, self.owner)
+
+    def gather_to(self, root: int) -> np.ndarray | None:
+        """whole() on rank `root` of comm only, None on the others (collective, Gatherv)."""
+        here = self.comm.Get_rank() == root
+        received = np.empty(3 * len(self.owner), dtype=np.float64) if here else None
+        self.comm.Gatherv([self.rows, MPI.DOUBLE],
+                          [received, (self.counts, self.starts), MPI.DOUBLE] if here else None, root=root)
+        return _in_model_order(received, self.owner) if here else None
+
+    def held_by(self, comm, restraints) -> bool:
+        """Whether these are the parts of comm's ranks holding `restraints` in boxes."""
+        return (isinstance(restraints, PartRestraints) and restraints.blocks is None
+                and comm.Get_size() == self.comm.Get_size() and comm.Get_rank() == self.comm.Get_rank()
+                and (restraints.owner is self.owner or np.array_equal(restraints.owner, self.owner)))
+
+
 class _RankTerms:
     """What the two forms of a rank's share of the target have in common: its terms (data,
     restraints, non-bonded pairs) at coordinates in the numbering of its own arrays, its
@@ -293,11 +347,9 @@ class _RankTerms:
         """The split form's parts (owned_call): rank p's part of the flat vector is the
         coordinates of the atoms it owns, in increasing order; gathered, the parts follow each
         other in rank order."""
-        counts = np.bincount(owner, minlength=self.comm.Get_size()).astype(np.int64)
         self.owned = np.flatnonzero(owner == self.part).astype(np.int64)
         self.n_owned = len(self.owned)
-        self.part_counts = 3 * counts
-        self.part_starts = 3 * (np.cumsum(counts) - counts)
+        self.part_counts, self.part_starts = _part_layout(owner, self.comm.Get_size())
 
     def _gathered(self, x_part: np.ndarray, into: np.ndarray) -> np.ndarray:
         """Every rank's part of the flat vector into `into`, in rank order (collective,
@@ -421,7 +473,9 @@ class BoxTarget(_RankTerms):
     with its box, not with the model. Sorted, the local numbering keeps the model's order: the
     energies and gradients are bitwise those of the same terms in the model's numbering.
 
-    xyz0: the whole start, the same on every rank; data_term: the data term over all atoms,
+    xyz0: the whole start, the same on every rank (or None and x_owned: this rank's own atoms'
+    coordinates, in increasing order, the start of a minimisation that continues the last one on
+    its part: chained_minimise); data_term: the data term over all atoms,
     whose form restricted to this rank's atoms (_local_term) reads only them, by the rows
     renumber() gives it; part: this rank's decompose.PartRestraints, made for comm (checked by
     distributed_target; its owner is the ranks' boxes), whose terms it numbers by its rows
@@ -432,11 +486,12 @@ class BoxTarget(_RankTerms):
     The halo is valid while no atom has moved buffer / 2 from the last build; when one has, the
     lists are made again from the ranks' own atoms (halo.HaloExchange.build) and, if the halo
     left the local atoms, the rank numbered again (and its neighbour list made again). Only the
-    start (xyz0) and the result (gather) are whole models."""
+    start (xyz0) and the result (gather) are whole models, and in a chain (chained_minimise)
+    neither is."""
 
     def __init__(self, comm, xyz0, data_term, part: PartRestraints, key, params: RefineParams,
-                 weight: float):
-        n = len(xyz0)
+                 weight: float, x_owned: np.ndarray | None = None):
+        n = part.n_atoms if xyz0 is None else len(xyz0)
         super().__init__(comm, n, None, None, params, weight)
         owner = part.owner
         self.terms = part
@@ -457,7 +512,9 @@ class BoxTarget(_RankTerms):
         kept = _KEPT_LIST.get(key, self.owned, _BOX_KEY)
         if kept is not None:                     # the previous minimisation's numbering and list
             self.local, self.nbl = kept
-        self._build(np.asarray(xyz0, dtype=np.float64).reshape(n, 3)[self.owned])
+        if x_owned is None:
+            x_owned = np.asarray(xyz0, dtype=np.float64).reshape(n, 3)[self.owned]
+        self._build(x_owned)
 
     def _build(self, x_owned: np.ndarray) -> None:
         """The halo lists made at this rank's own coordinates x_owned (collective: halo.build),
@@ -500,12 +557,7 @@ class BoxTarget(_RankTerms):
     def gather(self, x_part: np.ndarray) -> np.ndarray:
         """The whole flat coordinate vector from every rank's part (collective, Allgatherv), in
         a new array."""
-        received = self._gathered(x_part, np.empty(3 * self.shape[0], dtype=np.float64))
-        # (in rank order: each rank's atoms put in place)
-        whole = np.empty_like(received)
-        order = np.argsort(self.owner, kind="stable")
-        whole.reshape(self.shape)[order] = received.reshape(self.shape)
-        return whole
+        return _in_model_order(self._gathered(x_part, np.empty(3 * self.shape[0])), self.owner).ravel()
 
     def _local(self) -> float:
         """This rank's terms at its rows: f returned, the gradient left in self._grad."""
@@ -556,6 +608,21 @@ class BoxTarget(_RankTerms):
             self._build(xyz[self.owned])
         rows = np.ascontiguousarray(xyz[self.local])
         return gather_statistics(self.comm, rows, self.share, self.local_pairs(rows))
+
+    def part_statistics(self, x_part: np.ndarray) -> dict:
+        """statistics() from this rank's part of the coordinates (collective), no whole model
+        anywhere: the own rows set, the halo rows from their owners. The rows beyond the halo
+        keep their positions of the last build, as in every evaluation: while the halo is valid
+        no term or pair reaches them, so the numbers are those of statistics(whole)."""
+        mine = np.asarray(x_part, dtype=np.float64).reshape(-1, 3)
+        far = np.array([float(self.halo.moved_far(mine))])
+        self.comm.Allreduce(MPI.IN_PLACE, far, op=MPI.SUM)
+        if far[0] > 0:
+            self._build(mine)
+        else:
+            self._xyz[self.own_rows] = mine
+            self.halo.coords(self._xyz)
+        return gather_statistics(self.comm, self._xyz, self.share, self.local_pairs(self._xyz))
 
 
 def _rms(sum_sq: float, count: float) -> float:
@@ -632,18 +699,13 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
     part = comm.Get_rank()
     size = comm.Get_size()
     if isinstance(restraints, PartRestraints):
-        if restraints.n_parts != size or restraints.part != part or restraints.n_atoms != n:
-            raise ValueError(f"rank {part} of {size} holds part {restraints.part} of "
-                             f"{restraints.n_parts} of {restraints.n_atoms} atoms' restraints, "
-                             f"for {n} atoms")
+        _check_part(comm, restraints, n)
         if restraints.blocks is not None:
             share = restraints.share
             local = _local_term(data_term, slice(*restraints.blocks))
             return DistributedTarget(comm, (n, 3), local, share, share, params, weight,
                                      restraints.owner)
-        if not reads_own_atoms_only(data_term):
-            raise ValueError("restraints held in boxes need a data term that reads only the "
-                             "rank's own atoms")
+        _check_box_term(data_term)
         return BoxTarget(comm, xyz0, data_term, restraints, restraints, params, weight)
     bounds = atom_blocks(res_first_atom, comm.Get_size())
     if bounds[-1] != n:
@@ -657,6 +719,21 @@ def distributed_target(comm, xyz0: np.ndarray, data_term, restraints: Restraints
     owner = spatial_parts(xyz0, res_first_atom, comm.Get_size())
     return BoxTarget(comm, xyz0, data_term, PartRestraints(restraints, owner, part, size, comm),
                      restraints, params, weight)
+
+
+def _check_part(comm, restraints: PartRestraints, n: int) -> None:
+    """That restraints is this rank's part, for comm's ranks and n atoms."""
+    part, size = comm.Get_rank(), comm.Get_size()
+    if restraints.n_parts != size or restraints.part != part or restraints.n_atoms != n:
+        raise ValueError(f"rank {part} of {size} holds part {restraints.part} of "
+                         f"{restraints.n_parts} of {restraints.n_atoms} atoms' restraints, "
+                         f"for {n} atoms")
+
+
+def _check_box_term(data_term) -> None:
+    if not reads_own_atoms_only(data_term):
+        raise ValueError("restraints held in boxes need a data term that reads only the "
+                         "rank's own atoms")
 
 
 def boxes_wanted(n_atoms: int, ranks: int, params: RefineParams) -> bool:
@@ -696,43 +773,105 @@ class _PartsExchange:
 
 def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
                          weight: float, iterations: int, params: RefineParams,
-                         callback=None) -> tuple[MinimiseResult, DistributedTarget]:
+                         callback=None, keep_parts: bool = False) -> tuple[MinimiseResult, DistributedTarget]:
     """engine.minimise shared by the ranks of comm (collective): L-BFGS on the coordinates of
     T = weight * T_data + T_geometry, every evaluation summed over comm.
 
-    xyz0 must be the same on every rank (checked). The L-BFGS vectors are split between the
-    ranks by atom ownership (DistributedTarget.owned_call); a callback gets this rank's part of x
-    and must return the same answer on every rank. Returns the result, identical on every rank (checked), and the target (timings,
-    neighbour-list builds, statistics).
+    xyz0 must be the same on every rank (checked), or a BoxedCoordinates: the ranks' parts of the
+    start, held in the boxes their restraints are held in (no whole model on any rank). The
+    L-BFGS vectors are split between the ranks by atom ownership (DistributedTarget.owned_call);
+    a callback gets this rank's part of x and must return the same answer on every rank. Returns
+    the result, identical on every rank (checked), and the target (timings, neighbour-list
+    builds, statistics). keep_parts, with the restraints held in boxes: the result's xyz is the
+    ranks' parts of it (a BoxedCoordinates; its statistics from the parts), not gathered.
     """
-    xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
-    if not same_on_all_ranks(comm, xyz0):
-        raise ValueError("the start coordinates differ between the ranks of the communicator")
-    target = distributed_target(comm, xyz0, data_term, restraints, res_first_atom, weight, params,
-                                boxes=True)
+    if isinstance(xyz0, BoxedCoordinates):
+        # the start as the ranks hold it in their boxes: no whole model on any rank
+        if not xyz0.held_by(comm, restraints):
+            raise ValueError("a start held in parts needs the restraints held in the same boxes")
+        _check_part(comm, restraints, len(xyz0))
+        _check_box_term(data_term)
+        target = BoxTarget(comm, None, data_term, restraints, restraints, params, weight,
+                           x_owned=xyz0.rows)
+        x_start = xyz0.rows.ravel()
+    else:
+        xyz0 = np.ascontiguousarray(xyz0, dtype=np.float64)
+        if not same_on_all_ranks(comm, xyz0):
+            raise ValueError("the start coordinates differ between the ranks of the communicator")
+        target = distributed_target(comm, xyz0, data_term, restraints, res_first_atom, weight, params,
+                                    boxes=True)
+        x_start = target.own_part(xyz0)
+    shape = (len(xyz0), 3)
     t0 = time.perf_counter()
-    # the optimiser's vectors are split between the ranks: each keeps and updates only the
-    # coordinates of its own atoms (core.lbfgs with comm)
-    x_part, f, state, _ = lbfgs(target.owned_call, target.own_part(xyz0),
-                                maxiter=iterations, m=params.lbfgs_memory, max_step=params.max_step,
-                                callback=callback, comm=comm)
-    iterations, evaluations = state.iteration, state.n_evals
-    # the history (this rank's part of m pairs of vectors) is let go of before the whole model
-    # is gathered and its statistics made
-    del state
+    x_part, f, iterations, evaluations = _minimise_part(comm, target, x_start, iterations, params,
+                                                        callback)
+    # the geometry of the result from each rank's share of the terms and pairs (two Allreduce
+    # calls), so no rank needs the whole model's neighbour list to report it
+    if keep_parts and isinstance(target, BoxTarget):
+        statistics = target.part_statistics(x_part)
+        result = MinimiseResult(xyz=BoxedCoordinates(comm, None, target.owner, rows=x_part),
+                                f=f, iterations=iterations, evaluations=evaluations,
+                                seconds=time.perf_counter() - t0, statistics=statistics)
+        return result, target
     x = target.gather(x_part)
     if target.halo is None:          # (blocks gather into a buffer their next evaluation reuses)
         x = x.copy()
     seconds = time.perf_counter() - t0
+    result = MinimiseResult(xyz=x.reshape(shape), f=f, iterations=iterations,
+                            evaluations=evaluations, seconds=seconds,
+                            statistics=target.statistics(x.reshape(shape)))
+    return result, target
+
+
+def _minimise_part(comm, target, x_part: np.ndarray, iterations: int, params: RefineParams,
+                   callback=None) -> tuple[np.ndarray, float, int, int]:
+    """L-BFGS of target.owned_call from this rank's part x_part (collective): (this rank's part
+    of the result, f, iterations, evaluations), checked the same on every rank."""
+    # the optimiser's vectors are split between the ranks: each keeps and updates only the
+    # coordinates of its own atoms (core.lbfgs with comm)
+    x_part, f, state, _ = lbfgs(target.owned_call, x_part, maxiter=iterations, m=params.lbfgs_memory,
+                                max_step=params.max_step, callback=callback, comm=comm)
+    iterations, evaluations = state.iteration, state.n_evals
+    # the history (this rank's part of m pairs of vectors) is let go of before the caller
+    # gathers the whole model or makes its statistics
+    del state
     if not same_on_all_ranks(comm, np.array([f, iterations, evaluations])):
         raise RuntimeError("the ranks' minimisations diverged: the reduced values differed "
                            "between ranks")
-    # the geometry of the result from each rank's share of the terms and pairs (two Allreduce
-    # calls), so no rank needs the whole model's neighbour list to report it
-    result = MinimiseResult(xyz=x.reshape(xyz0.shape), f=f, iterations=iterations,
-                            evaluations=evaluations, seconds=seconds,
-                            statistics=target.statistics(x.reshape(xyz0.shape)))
-    return result, target
+    return x_part, f, iterations, evaluations
+
+
+def chained_minimise(comm, start, data_terms, restraints: PartRestraints, weight: float,
+                     iterations: int, params: RefineParams, root: int = 0) -> MinimiseResult:
+    """distributed_minimise against each of data_terms in turn, each from the last one's result
+    (collective), by ranks that hold the restraints in boxes (a decompose.PartRestraints cut in
+    boxes for comm): between and during the minimisations each rank holds only its own atoms'
+    coordinates (BoxedCoordinates, keep_parts). The whole model exists twice only: the start, made by
+    start() (the same on every rank) and let go of once this rank has taken its atoms from it,
+    and the result, gathered on rank `root` of comm alone (None elsewhere: its xyz is None
+    there). Returns the MinimiseResult of the last minimisation (f, statistics: every rank's;
+    iterations, evaluations and seconds: the whole chain's); its coordinates are bitwise those of
+    the same minimisations through distributed_minimise, each from the last one's gathered
+    result."""
+    if not isinstance(restraints, PartRestraints) or restraints.blocks is not None:
+        raise ValueError("chained_minimise needs the restraints held in boxes (a PartRestraints "
+                         "cut by decompose.spatial_parts)")
+    t0 = time.perf_counter()
+    xyz0 = np.ascontiguousarray(start(), dtype=np.float64)
+    _check_part(comm, restraints, len(xyz0))
+    if not same_on_all_ranks(comm, xyz0):
+        raise ValueError("the start coordinates differ between the ranks of the communicator")
+    x, xyz0 = BoxedCoordinates(comm, xyz0, restraints.owner), None
+    res, done, evaluations = None, 0, 0
+    for term in data_terms:
+        # (the target is not kept: its map sub-grid and numbered terms go before the next's)
+        res = distributed_minimise(comm, x, term, restraints, None, weight, iterations, params,
+                                   keep_parts=True)[0]
+        x, done, evaluations = res.xyz, done + res.iterations, evaluations + res.evaluations
+    if res is None:
+        raise ValueError("chained_minimise needs at least one data term")
+    return MinimiseResult(xyz=x.gather_to(root), f=res.f, iterations=done, evaluations=evaluations,
+                          seconds=time.perf_counter() - t0, statistics=res.statistics)
 
 
 # ------------------------------------------------------------------------ waiting and failing

@@ -419,9 +419,8 @@ class StoredRealSpaceTerm(RealSpaceTerm):
     def reduced(self, xyz: np.ndarray, fn) -> float:
         """fn(f, g) of target(xyz), a number (engine.of_target): with a parallel store the master
         evaluates and applies fn and every rank gets the number, not the gradient of every atom
-        (24 MB at a million atoms, on every worker, for a number)."""
-        xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-
+        (24 MB at a million atoms, on every worker, for a number). Only the master reads xyz then
+        (a worker may pass what it holds of the model: distributed.BoxedCoordinates)."""
         def fill(buf, f, g):
             buf[0] = fn(f, g)
         buf = self._from_master(xyz, 1, fill)
@@ -437,7 +436,7 @@ class StoredRealSpaceTerm(RealSpaceTerm):
         ctx = store.ctx
         buf = np.empty(size)
         if ctx.is_master:
-            fill(buf, *super().target(xyz))
+            fill(buf, *super().target(np.ascontiguousarray(xyz, dtype=np.float64)))
         from .distributed import wait_quietly
         wait_quietly(ctx.world, ctx.world.Ibcast(buf, root=0))
         return buf

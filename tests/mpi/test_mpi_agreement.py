@@ -225,6 +225,102 @@ def test_a_part_of_the_restraints_minimises_as_the_whole_set(ctx, case):
     assert np.all(same == 1.0), same
 
 
+def test_chained_minimisations_on_the_parts_end_where_the_gathered_ones_do(ctx, case):
+    """chained_minimise (a half-set task's minimisations against the map blurred, then sharp, each
+    rank holding only its own atoms between them) ends bitwise where distributed_minimise ends
+    run twice, the second from the first's gathered result: the coordinates on the first worker
+    alone (None on the others), f and the statistics on every worker. One worker holds its part
+    as a block, which the chain refuses."""
+    from hpcrefine.parallel import distributed
+    from hpcrefine.parallel.distributed import chained_minimise
+
+    same = np.ones(4)
+    if ctx.is_worker:
+        comm = ctx.workers
+        params = dataclasses.replace(case["params"], decomposition="boxes")
+        part = _parts(ctx, case, "boxes")
+        terms = [case["term"].blurred(40.0), case["term"]]
+        if comm.Get_size() == 1:
+            assert part.blocks is not None
+            with pytest.raises(ValueError, match="held in boxes"):
+                chained_minimise(comm, lambda: case["xyz0"], iter(terms), part, WEIGHT, 10, params)
+            terms = []
+    if ctx.is_worker and terms:
+        distributed.release_kept_list()
+        first, _ = distributed_minimise(comm, case["xyz0"], terms[0], part, None, WEIGHT, 10, params)
+        second, _ = distributed_minimise(comm, first.xyz, terms[1], part, None, WEIGHT, 10, params)
+        distributed.release_kept_list()
+        made = []
+        chained = chained_minimise(comm, lambda: made.append(1) or case["xyz0"], iter(terms), part,
+                                   WEIGHT, 10, params)
+        distributed.release_kept_list()
+        root = comm.Get_rank() == 0
+        same[:] = [made == [1], chained.f == second.f and chained.statistics == second.statistics,
+                   chained.iterations == first.iterations + second.iterations,
+                   np.array_equal(chained.xyz, second.xyz) if root else chained.xyz is None]
+    WORLD.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
+    assert np.all(same == 1.0), same
+
+
+def test_a_start_held_in_boxes_is_made_whole_again_bit_for_bit(ctx, case):
+    """distributed.BoxedCoordinates: each worker keeps only its box's rows of the start, whole() gives
+    every worker the start again, to the bit, in an array of its own; a half-set task's start
+    made from it (halfset.half_start: shaken, inverted centres put back over the parts) is the
+    one made from the whole start."""
+    from hpcrefine.halfset import half_start
+    from hpcrefine.parallel.distributed import BoxedCoordinates
+
+    same = np.ones(4)
+    if ctx.is_worker:
+        comm, xyz = ctx.workers, case["xyz0"]
+        part = _parts(ctx, case, "boxes")
+        held = BoxedCoordinates(comm, xyz, part.owner)
+        counts = np.array([len(held.rows)])
+        comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+        again = held.whole()
+        params = dataclasses.replace(case["params"], halfset_start_shake=0.3)
+        same[:] = [len(held) == len(xyz) and counts[0] == len(xyz),
+                   np.array_equal(again, xyz) and again is not xyz and again.base is None,
+                   len(held.rows) == np.count_nonzero(part.owner == comm.Get_rank()),
+                   np.array_equal(half_start(held, params, 2, part), half_start(xyz, params, 2, part))]
+    WORLD.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
+    assert np.all(same == 1.0), same
+
+
+def test_minimisations_kept_in_parts_end_where_the_gathered_ones_do(ctx, case):
+    """distributed_minimise from a start held in boxes (BoxedCoordinates) with keep_parts, then again
+    from its result's parts (a final stage's weight trial and the cycle continued from it, on
+    workers that never hold the whole model), ends bitwise where the same minimisations from whole
+    models end: coordinates (made whole), f and statistics on every worker. A start held in other
+    boxes than the restraints is refused."""
+    from hpcrefine.parallel import distributed
+    from hpcrefine.parallel.distributed import BoxedCoordinates
+
+    same = np.ones(4)
+    if ctx.is_worker and ctx.workers.Get_size() > 1:
+        comm = ctx.workers
+        params = dataclasses.replace(case["params"], decomposition="boxes")
+        part = _parts(ctx, case, "boxes")
+        args = (case["term"], part, None, WEIGHT, 10, params)
+        distributed.release_kept_list()
+        first, _ = distributed_minimise(comm, case["xyz0"], *args)
+        second, _ = distributed_minimise(comm, first.xyz, *args)
+        distributed.release_kept_list()
+        held = BoxedCoordinates(comm, case["xyz0"], part.owner)
+        first_p = distributed_minimise(comm, held, *args, keep_parts=True)[0]
+        second_p = distributed_minimise(comm, first_p.xyz, *args, keep_parts=True)[0]
+        distributed.release_kept_list()
+        other = BoxedCoordinates(comm, case["xyz0"], (part.owner + 1) % comm.Get_size())
+        with pytest.raises(ValueError, match="same boxes"):
+            distributed_minimise(comm, other, *args)
+        same[:] = [isinstance(first_p.xyz, BoxedCoordinates) and isinstance(second_p.xyz, BoxedCoordinates),
+                   np.array_equal(second_p.xyz.whole(), second.xyz),
+                   second_p.f == second.f and second_p.statistics == second.statistics,
+                   first_p.statistics == first.statistics]
+    WORLD.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
+    assert np.all(same == 1.0), same
+
+
 def test_inverted_centres_put_back_by_parts_as_by_the_whole_set(ctx, case):
     """distributed.correct_inversions of the workers' parts (each reflects its own centres, the
     moved atoms exchanged every pass) gives bitwise the coordinates and counts of
