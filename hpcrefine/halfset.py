@@ -112,8 +112,8 @@ def half_start(xyz0: np.ndarray, params, half: int, restraints=None, exact=None)
     the master, which would start only rms / sqrt(copies) away (0.04 A for 60 copies): the two
     half sets would share nearly all of the start's errors.
 
-    xyz0 may be a parallel.distributed.BoxedCoordinates (the workers' parts of the start): its whole()
-    is made here (collective over its ranks), for this start only."""
+    xyz0 may be a parallel.distributed.BoxedCoordinates (the workers' parts of the start): its
+    whole() is made here (collective over its ranks), for this start only."""
     whole_of = getattr(xyz0, "whole", None)
     if whole_of is not None:
         xyz0 = whole_of()

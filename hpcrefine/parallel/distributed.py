@@ -258,7 +258,8 @@ class BoxedCoordinates:
     Allgatherv): a half-set task's start (halfset.half_start), a macro-cycle's chiral centres
     (refine._put_back_chirals). len() is the model's atoms."""
 
-    def __init__(self, comm, xyz: np.ndarray | None, owner: np.ndarray, rows: np.ndarray | None = None):
+    def __init__(self, comm, xyz: np.ndarray | None, owner: np.ndarray,
+                 rows: np.ndarray | None = None):
         self.comm = comm
         self.owner = owner
         if rows is None:
@@ -271,7 +272,8 @@ class BoxedCoordinates:
 
     def whole(self) -> np.ndarray:
         received = np.empty(3 * len(self.owner), dtype=np.float64)
-        self.comm.Allgatherv([self.rows, MPI.DOUBLE], [received, (self.counts, self.starts), MPI.DOUBLE])
+        self.comm.Allgatherv([self.rows, MPI.DOUBLE],
+                             [received, (self.counts, self.starts), MPI.DOUBLE])
         return _in_model_order(received, self.owner)
 
     def gather_to(self, root: int) -> np.ndarray | None:
@@ -279,13 +281,15 @@ class BoxedCoordinates:
         here = self.comm.Get_rank() == root
         received = np.empty(3 * len(self.owner), dtype=np.float64) if here else None
         self.comm.Gatherv([self.rows, MPI.DOUBLE],
-                          [received, (self.counts, self.starts), MPI.DOUBLE] if here else None, root=root)
+                          [received, (self.counts, self.starts), MPI.DOUBLE] if here else None,
+                          root=root)
         return _in_model_order(received, self.owner) if here else None
 
     def held_by(self, comm, restraints) -> bool:
         """Whether these are the parts of comm's ranks holding `restraints` in boxes."""
         return (isinstance(restraints, PartRestraints) and restraints.blocks is None
-                and comm.Get_size() == self.comm.Get_size() and comm.Get_rank() == self.comm.Get_rank()
+                and comm.Get_size() == self.comm.Get_size()
+                and comm.Get_rank() == self.comm.Get_rank()
                 and (restraints.owner is self.owner or np.array_equal(restraints.owner, self.owner)))
 
 
@@ -773,7 +777,8 @@ class _PartsExchange:
 
 def distributed_minimise(comm, xyz0: np.ndarray, data_term, restraints: Restraints, res_first_atom,
                          weight: float, iterations: int, params: RefineParams,
-                         callback=None, keep_parts: bool = False) -> tuple[MinimiseResult, DistributedTarget]:
+                         callback=None, keep_parts: bool = False
+                         ) -> tuple[MinimiseResult, DistributedTarget]:
     """engine.minimise shared by the ranks of comm (collective): L-BFGS on the coordinates of
     T = weight * T_data + T_geometry, every evaluation summed over comm.
 

@@ -263,8 +263,8 @@ def test_chained_minimisations_on_the_parts_end_where_the_gathered_ones_do(ctx, 
 
 
 def test_a_start_held_in_boxes_is_made_whole_again_bit_for_bit(ctx, case):
-    """distributed.BoxedCoordinates: each worker keeps only its box's rows of the start, whole() gives
-    every worker the start again, to the bit, in an array of its own; a half-set task's start
+    """distributed.BoxedCoordinates: each worker keeps only its box's rows of the start,
+    whole() gives every worker the start again, to the bit, in an array of its own; a half-set task's start
     made from it (halfset.half_start: shaken, inverted centres put back over the parts) is the
     one made from the whole start."""
     from hpcrefine.halfset import half_start
