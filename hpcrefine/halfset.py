@@ -626,8 +626,8 @@ class _GroupMinimiser:
                                     iterations, params)[0]
 
     def chains(self, geom) -> bool:
-        from .parallel.decompose import PartRestraints
-        return isinstance(geom.r, PartRestraints) and geom.r.blocks is None
+        from .parallel.decompose import held_in_boxes
+        return held_in_boxes(geom.r)
 
     def chain(self, start, terms, geom, weight, iterations, params):
         from .parallel.distributed import chained_minimise

@@ -20,7 +20,7 @@ from .core.modelmap import DensityFitTerm
 from .mapstats import atom_mask, cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
 from .parallel.context import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, fixed_mmap_threshold, make_context
-from .parallel.decompose import PartRestraints
+from .parallel.decompose import PartRestraints, held_in_boxes
 from .parallel.distributed import install_abort_on_error
 from .parallel.runner import RankMinimiser
 from .params import RefineParams
@@ -547,7 +547,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     geom = GeometryTerm(r, params)
     # (a worker holding a part reads the start only: no second copy of a million atoms' coordinates)
     xyz0 = model.xyz if isinstance(r, PartRestraints) else model.xyz.copy()
-    if isinstance(r, PartRestraints) and r.blocks is None:
+    if held_in_boxes(r):
         # a worker holding a box keeps only its atoms' start through the half sets: each task's
         # start and the final stage's make the whole model again from the parts
         from .parallel.distributed import BoxedCoordinates

@@ -218,6 +218,13 @@ def cut_parts(r: Restraints, owner, n_parts: int):
         yield p, _part_terms(share, excl[rows(excl_groups, p)], p14[rows(p14_groups, p)])
 
 
+def held_in_boxes(restraints) -> bool:
+    """Whether restraints are a rank's PartRestraints cut in boxes (spatial_parts), not blocks:
+    then its ranks exchange halos and may hold the coordinates in parts too
+    (distributed.BoxedCoordinates)."""
+    return isinstance(restraints, PartRestraints) and restraints.blocks is None
+
+
 class PartRestraints:
     """One part's restraints under a decomposition fixed for the run, held instead of the whole
     set (the workers of a run with whole_model_on_workers off: hpcrefine.refine), or for one

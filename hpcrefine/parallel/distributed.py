@@ -44,8 +44,8 @@ from ..core.lbfgs import lbfgs
 from ..engine import MinimiseResult
 from ..params import RefineParams
 from ..restraints import Restraints
-from .decompose import (PairShare, PartRestraints, atom_blocks, owner_of_atoms, restraints_share,
-                        spatial_parts)
+from .decompose import (PairShare, PartRestraints, atom_blocks, held_in_boxes, owner_of_atoms,
+                        restraints_share, spatial_parts)
 from .halo import HaloExchange, halo_buffer
 
 POLL_SECONDS = 0.02
@@ -287,8 +287,7 @@ class BoxedCoordinates:
 
     def held_by(self, comm, restraints) -> bool:
         """Whether these are the parts of comm's ranks holding `restraints` in boxes."""
-        return (isinstance(restraints, PartRestraints) and restraints.blocks is None
-                and comm.Get_size() == self.comm.Get_size()
+        return (held_in_boxes(restraints) and comm.Get_size() == self.comm.Get_size()
                 and comm.Get_rank() == self.comm.Get_rank()
                 and (restraints.owner is self.owner or np.array_equal(restraints.owner, self.owner)))
 
@@ -561,7 +560,7 @@ class BoxTarget(_RankTerms):
     def gather(self, x_part: np.ndarray) -> np.ndarray:
         """The whole flat coordinate vector from every rank's part (collective, Allgatherv), in
         a new array."""
-        return _in_model_order(self._gathered(x_part, np.empty(3 * self.shape[0])), self.owner).ravel()
+        return BoxedCoordinates(self.comm, None, self.owner, rows=x_part).whole().ravel()
 
     def _local(self) -> float:
         """This rank's terms at its rows: f returned, the gradient left in self._grad."""
@@ -858,7 +857,7 @@ def chained_minimise(comm, start, data_terms, restraints: PartRestraints, weight
     iterations, evaluations and seconds: the whole chain's); its coordinates are bitwise those of
     the same minimisations through distributed_minimise, each from the last one's gathered
     result."""
-    if not isinstance(restraints, PartRestraints) or restraints.blocks is not None:
+    if not held_in_boxes(restraints):
         raise ValueError("chained_minimise needs the restraints held in boxes (a PartRestraints "
                          "cut by decompose.spatial_parts)")
     t0 = time.perf_counter()

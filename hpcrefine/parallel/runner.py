@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine import MinimiseResult, minimise, result_buffer, result_from_buffer, result_to_buffer
 from .context import Context
-from .decompose import PartRestraints
+from .decompose import held_in_boxes
 from .distributed import distributed_minimise, wait_quietly
 
 TAG_RESULT = 17
@@ -43,7 +43,7 @@ class RankMinimiser:
         if ctx.is_worker:
             # workers holding the restraints in boxes keep the result as their parts
             # (distributed.BoxedCoordinates), gathered on the first worker alone, for the master
-            parts = isinstance(geom.r, PartRestraints) and geom.r.blocks is None
+            parts = held_in_boxes(geom.r)
             res, _ = distributed_minimise(ctx.workers, xyz0, data_term, geom.r, self.res_first_atom,
                                           weight, iterations, params, keep_parts=parts)
             whole = res.xyz.gather_to(0) if parts else res.xyz
