@@ -6,8 +6,9 @@ Layout (read it with plain h5py; every attribute is a number or a JSON string):
                     ("running", "interrupted", "done"), stage, restarts, elapsed_seconds
   /inputs           attrs: model, model_sha256, maps (JSON: path -> sha256), monlib
   /params           attr json: the resolved parameters
-  /layout           attrs: ranks, workers, half_set_workers (JSON); dataset block_bounds (atom
-                    blocks of the workers sharing the final refinement)
+  /layout           attrs: ranks, workers, half_set_workers (JSON), halfset_layout and
+                    whole_model_on_workers (as the run chose them: parallel.budget);
+                    dataset block_bounds (atom blocks of the workers sharing the final refinement)
   /trajectory/xyz   (frames, atoms, 3) float32, chunked one frame per chunk, uncompressed
                     (gzip in files of earlier versions)
   /trajectory/b     (frames, atoms) float32, gzip
@@ -46,8 +47,9 @@ from .errors import InputError
 FORMAT = 1
 NAME = "checkpoint.h5"
 INTERRUPTED_EXIT = 75                  # EX_TEMPFAIL: interrupted, checkpoint written, resume
-# parameters that may differ in a restart (they do not change the result)
-RESTART_FREE_PARAMS = ("checkpoint_seconds", "checkpoint_steps")
+# parameters that may differ in a restart (they do not change the result: a continued run keeps
+# the half-set layout chosen at the start, /layout)
+RESTART_FREE_PARAMS = ("checkpoint_seconds", "checkpoint_steps", "worker_memory_gb")
 
 
 def file_sha256(path: str, block: int = 1 << 22) -> str:
@@ -175,6 +177,14 @@ def check_compatible(path: str, ident: RunIdentity, force: bool) -> None:
                          "Pass --force to continue anyway")
 
 
+def _layout_choice(attrs) -> dict | None:
+    """The half-set layout a checkpoint's run chose (None in files written before it was kept)."""
+    if "halfset_layout" not in attrs:
+        return None
+    return {"halfset_layout": str(attrs["halfset_layout"]),
+            "whole_model_on_workers": bool(attrs["whole_model_on_workers"])}
+
+
 def read_meta(path: str) -> dict:
     """The identity and position of a checkpoint; InputError when it is not a readable one."""
     import h5py
@@ -194,7 +204,8 @@ def read_meta(path: str) -> dict:
                     "ranks": int(f["layout"].attrs["ranks"]), "state_stage": str(st["stage"]),
                     "cycle": int(st["cycle"]), "elapsed": float(f.attrs["elapsed_seconds"]),
                     "restarts": int(f.attrs["restarts"]), "steps": int(st["steps"]),
-                    "updated": str(f.attrs["updated"]), "frames": int(f["trajectory/xyz"].shape[0])}
+                    "updated": str(f.attrs["updated"]), "frames": int(f["trajectory/xyz"].shape[0]),
+                    "layout_choice": _layout_choice(f["layout"].attrs)}
     except InputError:
         raise
     except (OSError, KeyError, ValueError) as exc:
@@ -357,6 +368,9 @@ class CheckpointWriter:
             g = f.create_group("layout")
             g.attrs.update({"ranks": self.ident.ranks, "workers": self.layout.get("workers", 1),
                             "half_set_workers": json.dumps(self.layout.get("half_set_workers", []))})
+            if "halfset_layout" in self.layout:
+                g.attrs.update({"halfset_layout": self.layout["halfset_layout"],
+                                "whole_model_on_workers": int(self.layout["whole_model_on_workers"])})
             g.create_dataset("block_bounds", data=np.asarray(self.layout.get("block_bounds", []),
                                                              dtype=np.int64))
             self._trajectory(f, old, state)

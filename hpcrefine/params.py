@@ -63,8 +63,15 @@ class RefineParams:
     # weight (fastest while there are no more workers than tasks; a group of one worker holds a
     # whole task: the whole model's optimiser history, neighbour list and map pages); "shared" =
     # every task refined by all the workers together, one after another (each worker holds its
-    # boxes' share of a task, so a worker's memory falls with the workers; slower by the exchanges)
-    halfset_layout: str = "parallel"
+    # boxes' share of a task, so a worker's memory falls with the workers; slower by the exchanges);
+    # "auto" = parallel while a worker's estimated peak fits in its share of its node's memory,
+    # else shared with whole_model_on_workers false (parallel.budget; logged, and kept by a
+    # continued run)
+    halfset_layout: str = "auto"
+    # the memory a worker may use, GB, for halfset_layout "auto"; 0 = measured on each node at the
+    # start (MemAvailable, or the cgroup's limit under SLURM, less the master's estimate, divided
+    # among the node's workers). May change in a restart.
+    worker_memory_gb: float = 0.0
     # whole-model figures made by spare workers while the master does other work: the start
     # model's statistics (the last worker, while the master prepares the half-set maps), its
     # validation (worker 1) and the final statistics (the last worker), each over the whole model
@@ -298,8 +305,11 @@ def build_params(resolution: float, param_file: str | None = None, overrides: di
         raise InputError(f"prepare_target must be fit or fast, got {values['prepare_target']!r}")
     if values.get("decomposition", "auto") not in ("auto", "boxes", "blocks"):
         raise InputError(f"decomposition must be auto, boxes or blocks, got {values['decomposition']!r}")
-    if values.get("halfset_layout", "parallel") not in ("parallel", "shared"):
-        raise InputError(f"halfset_layout must be parallel or shared, got {values['halfset_layout']!r}")
+    if values.get("halfset_layout", "auto") not in ("auto", "parallel", "shared"):
+        raise InputError(f"halfset_layout must be auto, parallel or shared, got {values['halfset_layout']!r}")
+    mem = values.get("worker_memory_gb", 0.0)
+    if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not mem >= 0:
+        raise InputError(f"worker_memory_gb must be >= 0 (0: measured), got {mem!r}")
     if values.get("adp_mode", "individual") not in ("individual", "group"):
         raise InputError(f"adp_mode must be individual or group, got {values['adp_mode']!r}")
     for name in ("ss_restraints", "rama_restraints", "rotamer_restraints", "cycle_rotamers",

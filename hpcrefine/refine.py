@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from .core.density import normalise_map
 from .core.modelmap import DensityFitTerm
 from .mapstats import atom_mask, cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
+from .parallel.budget import LayoutChoice
 from .parallel.context import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, fixed_mmap_threshold, make_context
 from .parallel.decompose import PartRestraints, held_in_boxes
 from .parallel.distributed import install_abort_on_error
@@ -62,6 +63,10 @@ class Inputs:
     # the master alone built the restraints and the workers have none yet (the same on every
     # rank): run_refine gives each its part or the whole set (_restraints_on_master)
     held_back: bool = False
+    # the parameters with the half-set layout chosen (parallel.budget.choose_layout), and the
+    # choice: what the run uses from here on (None without parameters)
+    params: RefineParams | None = None
+    layout: LayoutChoice | None = None
 
     def take_half_coefficients(self) -> tuple | None:
         kept, self.half_coefficients = self.half_coefficients, None
@@ -135,14 +140,16 @@ def check_rank_count(ctx, model: Model) -> None:
 
 def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | None,
                 ligands: list[str], need_map: bool, params: RefineParams | None = None,
-                comm=None, share_map: bool = True) -> Inputs:
+                comm=None, share_map: bool = True, stored_layout: dict | None = None) -> Inputs:
     """Read and check every input; raises InputError before anything is written. With params,
     the low-resolution restraints they ask for are added (hpcrefine.lowres). With a
     communicator of several ranks (collective over it), the FSC-weighted map of half maps is
     computed by its rank 0 alone and broadcast: its FFTs need several map-sized temporaries,
     which the other ranks then never hold (the workers wait without spinning). With
     share_map=False it is not broadcast: the other ranks get data None (the run publishes the map
-    in its MapStore once the inputs are checked)."""
+    in its MapStore once the inputs are checked). With params, the half-set layout is chosen
+    once the model and the map are known (choose_layout; stored_layout: a checkpoint's choice),
+    and Inputs.params holds the parameters with it."""
     # (the workers read the gemmi Structure only to search for NCS: 0.12 GB at a million atoms)
     model = read_model(model_path, comm, structure_everywhere=params is None or params.ncs != "off")
     grid = None
@@ -176,6 +183,9 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
         if halves and shared and share_map:
             from .parallel.distributed import wait_quietly
             wait_quietly(comm, comm.Ibcast(data, root=0))
+    layout = None
+    if params is not None:
+        params, layout = _choose_layout(params, model.n_atoms, grid, comm, stored_layout)
     held_back = params is not None and may_hold_parts(comm, params)
     if held_back:
         lib_dir, covalent, restraints, reference = _restraints_on_master(model, monlib, ligands, params, comm)
@@ -190,7 +200,18 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
     return Inputs(model=model, restraints=restraints, map=grid, data=data, half_maps=halves,
                   monlib_dir=lib_dir, covalent=covalent, reference=reference, half_map_fsc=half_fsc,
                   half_coefficients=tuple(kept) or None, map_coefficients=map_coefficients,
-                  held_back=held_back)
+                  held_back=held_back, params=params, layout=layout)
+
+
+def _choose_layout(params: RefineParams, n_atoms: int, grid, comm, stored: dict | None):
+    """(the parameters with the half-set layout of this run, the choice: parallel.budget)."""
+    from .parallel.budget import choose_layout
+
+    lean = replace(params, halfset_layout="shared", whole_model_on_workers=False)
+    n_voxels = 0 if grid is None else int(np.prod(grid.data.shape))
+    choice = choose_layout(params, n_atoms, n_voxels, comm, may_hold_parts(comm, lean), stored)
+    return replace(params, halfset_layout=choice.halfset_layout,
+                   whole_model_on_workers=choice.whole_model_on_workers), choice
 
 
 def _covalent_restraints(model: Model, monlib: str | None, ligands: list[str], comm=None):
@@ -421,7 +442,6 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
 
     t_start = time.perf_counter()
     timer = Timer()
-    lean = not params.whole_model_on_workers and fixed_mmap_threshold()
     ctx = make_context(world) if world is not None else None
     is_master = ctx is None or ctx.is_master
     ckpt_path = os.path.join(outdir, ck.NAME)
@@ -429,8 +449,10 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         restart = ckpt_path
     if restart is not None and idealize_only:
         raise InputError("idealize does not checkpoint: run it again instead of --restart")
+    stored_layout = None
     if restart is not None:
         meta = ck.read_meta(restart)
+        stored_layout = meta["layout_choice"]
         if resume and meta["state_stage"] == "done" and os.path.exists(os.path.join(outdir, "report.json")):
             if is_master:
                 print(f"hpcrefine: the run in {outdir} has finished already; nothing to resume")
@@ -448,15 +470,18 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         inputs = load_inputs(model_path, map_path, half_maps, monlib, ligands or [],
                              need_map=not idealize_only, params=params,
                              comm=ctx.world if ctx is not None else None,
-                             share_map=ctx is None or ctx.size == 1)
+                             share_map=ctx is None or ctx.size == 1, stored_layout=stored_layout)
         release_free_memory()
+    # the parameters as given identify the run (a checkpoint's); from here on, the layout chosen
+    requested, params = params, inputs.params
+    lean = not params.whole_model_on_workers and fixed_mmap_threshold()
     ident = None
     state = ck.RunState()
     if not idealize_only:
         maps = [p for p in [map_path, *(half_maps or [])] if p]
 
         def identity():
-            return ck.RunIdentity.of(model_path, maps, params.to_dict(), ctx.size if ctx else 1,
+            return ck.RunIdentity.of(model_path, maps, requested.to_dict(), ctx.size if ctx else 1,
                                      command, inputs.monlib_dir, None if hashes is None else hashes())
         if ctx is None or ctx.size == 1:
             ident = identity()
@@ -508,6 +533,13 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         log.info("ranks: %d (rank 0 master without numerics, %d worker(s) sharing each minimisation)",
                  ctx.size, ctx.n_workers)
     log.info("parameters: %s", json.dumps(params.to_dict()))
+    if ctx is not None and ctx.size > 2:
+        choice = inputs.layout
+        log.info("half-set layout: %s%s (halfset_layout %s: %s)", choice.halfset_layout,
+                 "" if choice.whole_model_on_workers else ", whole_model_on_workers = false",
+                 requested.halfset_layout, choice.reason)
+        if choice.warning and is_master:         # (the same on every rank)
+            log.warning(choice.warning)
     if lean:
         log.info("memory: glibc's mmap threshold fixed (%s bytes): freed arrays go back to the "
                  "system at once (whole_model_on_workers = false)",
@@ -577,7 +609,8 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
     writer = None
     if is_master and not idealize_only:
         from .parallel.decompose import atom_blocks
-        layout = {"workers": ctx.n_workers if ctx else 1,
+        layout = {"workers": ctx.n_workers if ctx else 1, "halfset_layout": params.halfset_layout,
+                  "whole_model_on_workers": params.whole_model_on_workers,
                   "block_bounds": atom_blocks(model.res_first_atom, ctx.n_workers if ctx else 1).tolist()}
         writer = ck.CheckpointWriter(ckpt_path, ident, layout, model.b, params.seed, t_start,
                                      source=restart)
@@ -713,6 +746,7 @@ def run_refine(model_path: str, outdir: str, resolution: float, params: RefinePa
         "model": os.path.abspath(model_path),
         "maps": {"map": map_path, "half_maps": list(half_maps) if half_maps else None},
         "resolution": resolution, "parameters": params.to_dict(),
+        "memory": inputs.layout.to_dict() if inputs.layout is not None else None,
         "n_atoms": model.n_atoms, "restraints": r.counts(),
         "before": before, "after": after, "rms_shift": round(rms_shift, 4),
         "weight": weight, "cycles": cycles, "ranks": ctx.size if ctx else 1, "outputs": [os.path.basename(p) for p in written],

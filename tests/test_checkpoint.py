@@ -384,3 +384,33 @@ def test_workers_holding_boxes_resume_to_the_same_model(adk_case, tmp_path):
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
         assert np.array_equal(coords(out), coords(plain)), stage
+
+
+def test_a_continued_run_keeps_the_layout_it_chose(adk_case, tmp_path):
+    """halfset_layout "auto" chose the shared layout for want of memory (worker_memory_gb); the
+    run, stopped in the half sets and continued where memory is plentiful (a requeued job on
+    another node), keeps the layout its checkpoint records and ends where the run never stopped
+    ends. worker_memory_gb may change in a restart."""
+    params = tmp_path / "tight.toml"
+    params.write_text("[refine]\ncycle_rotamers = false\nworker_memory_gb = 0.01\n")
+    plain = tmp_path / "plain"
+    p = subprocess.run(refine_cmd(adk_case, plain, 3, "--params", str(params)), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "stopped"
+    cmd = refine_cmd(adk_case, out, 3, "--params", str(params), "--resume")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_stage(out / ck.NAME, "halfset", min_steps=2)
+    for pid in ranks_of(out):
+        os.kill(pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == ck.INTERRUPTED_EXIT, err[-2000:]
+    assert ck.read_meta(str(out / ck.NAME))["layout_choice"] == {"halfset_layout": "shared",
+                                                                 "whole_model_on_workers": False}
+    params.write_text("[refine]\ncycle_rotamers = false\nworker_memory_gb = 64\n")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = (out / "refine.log").read_text()
+    assert ("half-set layout: shared, whole_model_on_workers = false (halfset_layout auto: as chosen "
+            "when the run began (checkpoint))") in log
+    assert np.array_equal(coords(out), coords(plain))

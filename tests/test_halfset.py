@@ -244,7 +244,7 @@ def test_weight_layout_spreads_weights_over_the_workers_of_each_half():
     # halfset_layout "shared": all the workers refine every task; the first worker sends
     assert set(halfset.weight_layout(5, n, shared=True).values()) == {1}
     assert build_params(3.5, overrides={"halfset_layout": "shared"}).halfset_layout == "shared"
-    with pytest.raises(InputError, match="halfset_layout must be parallel or shared"):
+    with pytest.raises(InputError, match="halfset_layout must be auto, parallel or shared"):
         build_params(3.5, overrides={"halfset_layout": "one"})
 
 

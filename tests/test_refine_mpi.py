@@ -221,6 +221,33 @@ def test_workers_holding_parts_of_the_restraints_refine_the_same_model(adk_case,
     assert w1 == pytest.approx(w0, rel=1e-6)
 
 
+def test_auto_layout_shares_the_tasks_when_a_worker_has_too_little_memory(adk_case, runs, tmp_path):
+    """halfset_layout "auto" (the default) keeps the parallel layout while a worker's estimated
+    peak fits in its share of the node's memory (the runs above), and with too little
+    (worker_memory_gb, else measured) refines as the shared layout with workers holding boxes
+    does when asked for: the same model to the last digit."""
+    base = 'cycle_rotamers = false\ndecomposition = "boxes"'
+    tight = refine_with_params(adk_case, tmp_path, "tight", base + "\nworker_memory_gb = 0.01")
+    given = refine_with_params(adk_case, tmp_path, "given", base + '\nhalfset_layout = "shared"\n'
+                               "whole_model_on_workers = false")
+    log = (tight / "refine.log").read_text()
+    assert ("half-set layout: shared, whole_model_on_workers = false (halfset_layout auto: a worker "
+            "of the parallel layout would peak near") in log
+    assert "each holds the restraints of its box of the start model (1/2)" in log
+    assert log.count("even sharing every task a worker may need") == 1      # (10 MB is too little)
+    assert (tight / "refined.cif").read_text() == (given / "refined.cif").read_text()
+    report = json.loads((tight / "report.json").read_text())
+    assert report["parameters"]["halfset_layout"] == "shared"
+    assert report["parameters"]["whole_model_on_workers"] is False
+    assert report["memory"]["worker_budget_mb"] == 10
+    # the default run had room: measured on this node, the parallel layout kept
+    default = json.loads((runs[3] / "report.json").read_text())["memory"]
+    assert default["halfset_layout"] == "parallel"
+    assert default["worker_budget_mb"] > default["estimated_peak_mb"]["parallel"] > 200
+    assert "half-set layout: parallel (halfset_layout auto: a worker's estimated peak" in \
+        (runs[3] / "refine.log").read_text()
+
+
 def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):
     p = mpirun(3, ["refine", str(tmp_path / "missing.cif"), "--map", adk_case["full"], "--resolution", "3.5",
                    "--output", str(tmp_path / "out")], timeout=120)
