@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint when S seconds have passed since the last one (default 120)")
     p.add_argument("--checkpoint-steps", type=int, metavar="N",
                    help="checkpoint every N steps as well (default 0: by time only)")
+    p.add_argument("--worker-memory", type=float, metavar="GB",
+                   help="memory a worker may use, which picks the half-set layout (default: "
+                        "measured on each node; parameter worker_memory_gb)")
     p.add_argument("--reference", metavar="MODEL",
                    help="reference model: torsions restrained to its values (atoms matched by chain, "
                         "residue number and name; topped out, so real differences are let go)")
@@ -167,6 +170,7 @@ def _refine(args, command: str) -> int:
                            "ncs": args.ncs,
                            "checkpoint_seconds": args.checkpoint_seconds,
                            "checkpoint_steps": args.checkpoint_steps,
+                           "worker_memory_gb": args.worker_memory,
                            "reference_model": args.reference,
                            "ss_restraints": _on_off(args.ss_restraints),
                            "rama_restraints": _on_off(args.rama_restraints),

@@ -99,3 +99,11 @@ def test_cgroup_limits_are_read_from_v2_and_v1(tmp_path):
     # this machine: at most what the kernel reports as available
     here = budget.available_bytes()
     assert here is not None and 0 < here <= budget._meminfo_available()
+
+
+def test_a_slurm_jobs_memory_request_is_read():
+    assert budget.slurm_node_bytes({"SLURM_MEM_PER_NODE": "16000"}) == 16000 * MB
+    assert budget.slurm_node_bytes({"SLURM_MEM_PER_CPU": "2000", "SLURM_CPUS_ON_NODE": "8"}) == 16000 * MB
+    assert budget.slurm_node_bytes({"SLURM_MEM_PER_CPU": "2000"}) is None
+    assert budget.slurm_node_bytes({}) is None
+

@@ -248,6 +248,32 @@ def test_auto_layout_shares_the_tasks_when_a_worker_has_too_little_memory(adk_ca
         (runs[3] / "refine.log").read_text()
 
 
+def test_a_slurm_jobs_memory_request_bounds_what_a_worker_may_use(adk_case, tmp_path):
+    """Under SLURM the job's memory on the node (SLURM_MEM_PER_NODE, MB) less what its ranks hold
+    there bounds the measured budget: 1,200 MB for 3 ranks leaves a worker less than the parallel
+    layout's estimate, so "auto" shares the tasks and warns once."""
+    out = tmp_path / "slurm"
+    cmd = [str(BIN / "mpiexec"), "-n", "3", str(BIN / "hpcrefine"), "refine", adk_case["start"],
+           "--half-maps", adk_case["half1"], adk_case["half2"], "--resolution", "3.5", "--output",
+           str(out), "--cycles", "1", "--iterations", "20"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "SLURM_MEM_PER_NODE": "1200"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    memory = json.loads((out / "report.json").read_text())["memory"]
+    assert memory["halfset_layout"] == "shared" and memory["whole_model_on_workers"] is False
+    # (1,200 MB less the ranks' resident memory, the master's estimate and its map store) / 2
+    assert 0 <= memory["worker_budget_mb"] < (1200 - memory["estimated_peak_mb"]["master"]) / 2
+    assert (out / "refine.log").read_text().count("even sharing every task") == 1
+    # and the command line sets the budget instead of measuring it
+    out2 = tmp_path / "given"
+    p = subprocess.run(cmd[:-5] + [str(out2), "--cycles", "1", "--iterations", "20", "--worker-memory", "64"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "SLURM_MEM_PER_NODE": "1200"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    memory = json.loads((out2 / "report.json").read_text())["memory"]
+    assert memory["halfset_layout"] == "parallel" and memory["worker_budget_mb"] == 64 * 1024
+
+
 def test_bad_input_under_mpiexec_one_message(adk_case, tmp_path):
     p = mpirun(3, ["refine", str(tmp_path / "missing.cif"), "--map", adk_case["full"], "--resolution", "3.5",
                    "--output", str(tmp_path / "out")], timeout=120)

@@ -117,9 +117,33 @@ def available_bytes() -> int | None:
     return min(values) if values else None
 
 
+def slurm_node_bytes(environ=None) -> int | None:
+    """The memory a SLURM job was given on this node (its --mem, or --mem-per-cpu times the CPUs it
+    has here), None outside SLURM or without a memory request. SLURM may kill a job above it
+    even where no cgroup enforces it."""
+    env = os.environ if environ is None else environ
+    per_node = env.get("SLURM_MEM_PER_NODE", "")
+    if per_node.isdigit():
+        return int(per_node) * MB
+    per_cpu, cpus = env.get("SLURM_MEM_PER_CPU", ""), env.get("SLURM_CPUS_ON_NODE", "")
+    if per_cpu.isdigit() and cpus.isdigit():
+        return int(per_cpu) * int(cpus) * MB
+    return None
+
+
+def _own_rss() -> int:
+    """This process's resident bytes now."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def worker_budget(world, master_bytes: int, per_worker_gb: float = 0.0) -> int | None:
     """Bytes a worker may use: per_worker_gb when it is > 0; else, on each node, the memory
-    available (available_bytes, read by the node's first rank) less master_bytes (the master's
+    available (available_bytes, read by the node's first rank; under SLURM no more than the
+    job's memory there less what its ranks hold, slurm_node_bytes) less master_bytes (the master's
     estimate and its map store) where the master runs, divided among that node's workers; the least over the nodes. None when no
     node could tell. Collective over world."""
     from mpi4py import MPI
@@ -129,6 +153,11 @@ def worker_budget(world, master_bytes: int, per_worker_gb: float = 0.0) -> int |
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     try:
         here = node.bcast(available_bytes() if node.Get_rank() == 0 else None, root=0)
+        # a SLURM job's memory on this node, less what its ranks here hold already
+        used_here = node.allreduce(_own_rss())
+        job = slurm_node_bytes()
+        if job is not None:
+            here = max(0, job - used_here) if here is None else min(here, max(0, job - used_here))
         master_here = node.allreduce(1 if world.Get_rank() == 0 else 0)
         workers_here = node.Get_size() - master_here
     finally:
