@@ -98,7 +98,7 @@ def test_cgroup_limits_are_read_from_v2_and_v1(tmp_path):
     assert budget.cgroup_room(str(tmp_path / "absent"), v1[1]) is None
     # this machine: at most what the kernel reports as available
     here = budget.available_bytes()
-    assert here is not None and 0 < here <= budget._meminfo_available()
+    assert here is not None and 0 < here <= budget.meminfo_available()
 
 
 def test_a_slurm_jobs_memory_request_is_read():

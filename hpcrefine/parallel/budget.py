@@ -38,9 +38,10 @@ MASTER_FIXED = 300 * MB
 MASTER_PER_ATOM = 3900
 # a map voxel as a float32 sub-grid (a whole task's sub-grid is the map)
 VOXEL_BYTES = 4
-# the maps of the run's map store (parallel.mapstore), in /dev/shm on one node: 9 at a million
-# atoms without NCS (3.4 GB), counted against the master's node
-STORE_MAPS = 9
+# the maps a run writes to its map store (parallel.mapstore, in /dev/shm on one node; it asks
+# room for STORE_MAPS there): 9 at a million atoms without NCS (3.4 GB), counted against the
+# master's node
+STORE_MAPS_WRITTEN = 9
 # the fraction of a worker's share an estimate may fill (the fits are within 15 % of the peaks)
 HEADROOM = 0.85
 
@@ -63,7 +64,8 @@ def estimates(n_atoms: int, n_voxels: int, n_workers: int, parts: bool) -> Estim
                      shared=int(shared), master=MASTER_FIXED + MASTER_PER_ATOM * n_atoms)
 
 
-def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+def meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    """The memory the kernel reports available for new work (MemAvailable), None when unknown."""
     try:
         with open(path) as f:
             for line in f:
@@ -97,7 +99,8 @@ def cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgr
         hier, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if hier == "0" and controllers == "":                              # v2
             d = os.path.join(root, path.lstrip("/"))
-            limit, used = _read_number(os.path.join(d, "memory.max")), _read_number(os.path.join(d, "memory.current"))
+            limit = _read_number(os.path.join(d, "memory.max"))
+            used = _read_number(os.path.join(d, "memory.current"))
         elif "memory" in controllers.split(","):                           # v1
             d = os.path.join(root, "memory", path.lstrip("/"))
             limit = _read_number(os.path.join(d, "memory.limit_in_bytes"))
@@ -113,7 +116,7 @@ def cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgr
 
 def available_bytes() -> int | None:
     """Memory this process's node can still give: MemAvailable, or less when a cgroup limits it."""
-    values = [v for v in (_meminfo_available(), cgroup_room()) if v is not None]
+    values = [v for v in (meminfo_available(), cgroup_room()) if v is not None]
     return min(values) if values else None
 
 
@@ -143,9 +146,9 @@ def _own_rss() -> int:
 def worker_budget(world, master_bytes: int, per_worker_gb: float = 0.0) -> int | None:
     """Bytes a worker may use: per_worker_gb when it is > 0; else, on each node, the memory
     available (available_bytes, read by the node's first rank; under SLURM no more than the
-    job's memory there less what its ranks hold, slurm_node_bytes) less master_bytes (the master's
-    estimate and its map store) where the master runs, divided among that node's workers; the least over the nodes. None when no
-    node could tell. Collective over world."""
+    job's memory there less what its ranks hold, slurm_node_bytes) less master_bytes (the
+    master's estimate and its map store) where the master runs, divided among that node's
+    workers; the least over the nodes. None when no node could tell. Collective over world."""
     from mpi4py import MPI
 
     if per_worker_gb > 0:
@@ -182,8 +185,8 @@ class LayoutChoice:
     warning: str | None = None          # logged by the run when the choice may not fit
 
     def to_dict(self) -> dict:
-        out = {"halfset_layout": self.halfset_layout, "whole_model_on_workers": self.whole_model_on_workers,
-               "reason": self.reason}
+        out = {"halfset_layout": self.halfset_layout,
+               "whole_model_on_workers": self.whole_model_on_workers, "reason": self.reason}
         if self.budget_bytes is not None:
             out["worker_budget_mb"] = round(self.budget_bytes / MB)
         if self.estimates is not None:
@@ -199,18 +202,19 @@ def choose_layout(params, n_atoms: int, n_voxels: int, world, parts_possible: bo
     layout's estimate exceeds a worker's share); "auto" is the parallel layout when its estimate
     fits in HEADROOM of a worker's share of its node's memory (worker_budget), else the shared
     layout with whole_model_on_workers off. With fewer than 3 ranks the layouts are one (a
-    single worker). stored: the choice a checkpoint recorded, which a continued run keeps (its
-    node may differ, and a different layout would not continue the same trajectory)."""
-    if stored and stored.get("halfset_layout") in ("parallel", "shared"):
+    single worker). stored: the choice a checkpoint recorded, which a continued run of "auto"
+    keeps (its node may differ, and a different layout would not continue the same trajectory)."""
+    requested = params.halfset_layout
+    if requested == "auto" and stored and stored.get("halfset_layout") in ("parallel", "shared"):
         return LayoutChoice(stored["halfset_layout"], bool(stored["whole_model_on_workers"]),
                             "as chosen when the run began (checkpoint)")
-    requested = params.halfset_layout
     size = 1 if world is None else world.Get_size()
     if size < 3:
         return LayoutChoice("parallel" if requested == "auto" else requested,
                             params.whole_model_on_workers, "one worker: the layouts are the same")
     est = estimates(n_atoms, n_voxels, size - 1, parts_possible)
-    budget = worker_budget(world, est.master + STORE_MAPS * VOXEL_BYTES * n_voxels, params.worker_memory_gb)
+    store = STORE_MAPS_WRITTEN * VOXEL_BYTES * n_voxels
+    budget = worker_budget(world, est.master + store, params.worker_memory_gb)
     fits = budget is None or est.parallel <= HEADROOM * budget
     if requested != "auto":
         warning = None

@@ -51,16 +51,16 @@ def _store_name(outdir: str) -> str:
 def _room_in_memory(path: str, need: int) -> bool:
     """Whether the memory filesystem `path` can take `need` bytes: its own free space, and at
     most half of the memory the node has available."""
+    from .budget import meminfo_available
+
     try:
         st = os.statvfs(path)
         if not os.access(path, os.W_OK):
             return False
-        with open("/proc/meminfo") as fh:
-            info = dict(line.split(":", 1) for line in fh)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
+    except OSError:
         return False
-    return st.f_bavail * st.f_frsize >= need and available >= 2 * need
+    available = meminfo_available()
+    return available is not None and st.f_bavail * st.f_frsize >= need and available >= 2 * need
 
 
 def store_dir(outdir: str, ctx=None, map_bytes: int = 0) -> str:
