@@ -19,7 +19,7 @@ from .core.density import normalise_map
 from .core.modelmap import DensityFitTerm
 from .mapstats import atom_mask, cc_mask, fsc_weighted
 from .modelio import Model, atomic_write_text, read_model, updated_structure, write_model
-from .parallel.budget import LayoutChoice
+from .parallel.budget import LayoutChoice, choose_layout
 from .parallel.context import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, fixed_mmap_threshold, make_context
 from .parallel.decompose import PartRestraints, held_in_boxes
 from .parallel.distributed import install_abort_on_error
@@ -205,8 +205,6 @@ def load_inputs(model_path: str, map_path: str | None, half_maps, monlib: str | 
 
 def _choose_layout(params: RefineParams, n_atoms: int, grid, comm, stored: dict | None):
     """(the parameters with the half-set layout of this run, the choice: parallel.budget)."""
-    from .parallel.budget import choose_layout
-
     lean = replace(params, halfset_layout="shared", whole_model_on_workers=False)
     n_voxels = 0 if grid is None else int(np.prod(grid.data.shape))
     choice = choose_layout(params, n_atoms, n_voxels, comm, may_hold_parts(comm, lean), stored)
